@@ -1,0 +1,36 @@
+# The fabric's Makefile. `make demo` and `make test` are the two set-up commands.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: deps test lint fmt typecheck unit demo bench clean-lab clean
+
+deps:
+	@scripts/install-deps.sh
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: deps
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: deps
+	$(VENV)/bin/mypy
+
+test: lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) -m lab.demo
+
+bench: deps
+	$(PY) -m lab.bench all
+
+clean-lab:
+	-$(PY) -m lab clean 2>/dev/null || scripts/clean-lab.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""bgp: peer plans, ExaBGP config rendering and API codec, the supervised speaker."""

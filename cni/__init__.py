@@ -1,0 +1,1 @@
+"""cni: the CNI plugin shim and the CNI spec types shared with fabricd."""

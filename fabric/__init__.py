@@ -1,0 +1,1 @@
+"""fabric: the node agent (fabricd), its composition root and the fabricctl CLI."""

@@ -1,0 +1,1 @@
+"""ipam: Calico-style block IPAM on etcd (pools, blocks with node affinity, handles)."""

@@ -1,0 +1,1 @@
+"""lab: topologies from network namespaces, real etcd/FRR/BIRD, and the benchmarks."""

@@ -1,0 +1,232 @@
+"""Real etcd servers for tests, benchmarks and the lab (Debian's ``etcd-server``).
+
+Every member listens on loopback (or inside a lab namespace, through ``netns``) with both
+client and peer URLs given explicitly, so nothing binds etcd's default ports. Data lives on
+tmpfs (``/dev/shm``) unless told otherwise: it makes fsync nearly free, which is what tests
+want. Every process is stopped by its PID; nothing is ever killed by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
+TMPFS = Path("/dev/shm")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    host: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log_path: Path
+    netns: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    def start(self, initial_cluster: str, token: str, state: str = "new") -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            ETCD_BIN,
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", initial_cluster,
+            "--initial-cluster-token", token,
+            "--initial-cluster-state", state,
+            "--heartbeat-interval", "100",
+            "--election-timeout", "1000",
+            "--log-outputs", "stderr",
+        ]  # fmt: skip
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        log = self.log_path.open("ab")
+        try:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        finally:
+            log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def status(self, timeout: float = 1.0) -> dict[str, object] | None:
+        """The member's maintenance status (leader, member id), or None when it does not answer."""
+        if self.netns:
+            return None
+        req = urllib.request.Request(
+            self.client_url + "/v3/maintenance/status", data=b"{}", method="POST"
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return dict(json.loads(r.read()))
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, "etcdctl", "--endpoints", self.endpoint,
+                   "--command-timeout", f"{timeout}s", "endpoint", "health"]  # fmt: skip
+            r = subprocess.run(cmd, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"})
+            return r.returncode == 0
+        req = urllib.request.Request(self.client_url + "/health")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return bool(json.loads(r.read()).get("health") == "true")
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Stop this member by PID: ``sig`` first, SIGKILL if it does not exit in ``timeout``.
+
+        A member whose peers are gone retries them for a while before it honours SIGTERM,
+        hence the escalation.
+        """
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(sig)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait(5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@dataclass
+class EtcdCluster:
+    """One or more etcd members on loopback, started together, stopped by PID."""
+
+    size: int = 1
+    host: str = "127.0.0.1"
+    base_dir: Path | None = None
+    netns: str | None = None
+    token: str = field(default_factory=lambda: f"fabric-{os.getpid()}-{time.monotonic_ns()}")
+    members: list[EtcdMember] = field(default_factory=list)
+    _own_dir: bool = False
+
+    def __post_init__(self) -> None:
+        if self.base_dir is None:
+            root = TMPFS if TMPFS.is_dir() else None
+            self.base_dir = Path(tempfile.mkdtemp(prefix="fabric-etcd-", dir=root))
+            self._own_dir = True
+        for i in range(self.size):
+            name = f"m{i}"
+            self.members.append(
+                EtcdMember(
+                    name=name,
+                    host=self.host,
+                    client_port=free_port(self.host) if not self.netns else 2379 + 10 * i,
+                    peer_port=free_port(self.host) if not self.netns else 2380 + 10 * i,
+                    data_dir=self.base_dir / f"{name}.data",
+                    log_path=self.base_dir / f"{name}.log",
+                    netns=self.netns,
+                )
+            )
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    @property
+    def initial_cluster(self) -> str:
+        return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+
+    def start(self, timeout: float = 30.0) -> EtcdCluster:
+        for m in self.members:
+            m.start(self.initial_cluster, self.token)
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0, members: list[EtcdMember] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        todo = list(members if members is not None else self.members)
+        while todo:
+            todo = [m for m in todo if not m.healthy()]
+            for m in todo:
+                if not m.alive:
+                    raise RuntimeError(f"etcd member {m.name} exited: {self.log_tail(m)}")
+            if not todo:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd members {[m.name for m in todo]} not healthy in time")
+            time.sleep(0.05)
+
+    def restart(self, member: EtcdMember, timeout: float = 30.0) -> None:
+        """Start a stopped member again on its own data dir."""
+        member.start(self.initial_cluster, self.token, state="existing")
+        self.wait_healthy(timeout, [member])
+
+    def leader(self) -> EtcdMember | None:
+        for m in self.members:
+            st = m.status()
+            if not st:
+                continue
+            leader_id = str(st.get("leader"))
+            for cand in self.members:
+                cst = cand.status()
+                header = cst.get("header") if cst else None
+                if isinstance(header, dict) and str(header.get("member_id")) == leader_id:
+                    return cand
+        return None
+
+    @staticmethod
+    def log_tail(m: EtcdMember, n: int = 2000) -> str:
+        try:
+            return m.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+        if self._own_dir and self.base_dir is not None:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Installs everything the fabric needs on a Debian 12 machine, as root: the Debian packages
+# (etcd, FRR, BIRD, iproute2, the reference CNI plugins) and a virtualenv .venv holding the
+# project with its test extras. Idempotent and quick when everything is already there.
+#
+# Installing etcd-server, frr or bird2 on a machine with systemd starts and enables their
+# system-wide daemons. The lab and the tests start their own instances, so this script keeps
+# package maintainer scripts from starting anything (policy-rc.d) and afterwards disables and
+# stops every one of those units that was not enabled before it ran.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+PKGS=(etcd-server etcd-client iproute2 iputils-ping frr bird2 containernetworking-plugins
+      iptables procps psmisc python3-venv python3-pip)
+UNITS=(etcd frr bird)
+
+log() { printf '[deps] %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: must run as root (apt-get and network namespaces need it)" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  have_systemd=0
+  [ -d /run/systemd/system ] && have_systemd=1
+  declare -A was_enabled=()
+  if [ $have_systemd -eq 1 ]; then
+    for u in "${UNITS[@]}"; do
+      systemctl is-enabled --quiet "$u" 2>/dev/null && was_enabled[$u]=1 || true
+    done
+  fi
+  policy_created=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# written by fabric install-deps.sh while it installs packages\nexit 101\n' \
+      > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    policy_created=1
+  fi
+  trap '[ $policy_created -eq 1 ] && rm -f /usr/sbin/policy-rc.d' EXIT
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ $have_systemd -eq 1 ]; then
+    for u in "${UNITS[@]}"; do
+      if [ -z "${was_enabled[$u]:-}" ] && systemctl list-unit-files "$u.service" >/dev/null 2>&1; then
+        systemctl disable --now "$u" >/dev/null 2>&1 || true
+      fi
+    done
+  fi
+else
+  log "Debian packages present"
+fi
+
+# The venv: rebuilt only when pyproject.toml changed since the last install.
+PY=${PYTHON:-python3}
+stamp=.venv/.fabric-deps-stamp
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "building .venv with $PY"
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+else
+  log ".venv up to date"
+fi
