@@ -85,8 +85,16 @@ def within(inner: IPNetwork, outer: IPNetwork) -> bool:
 
 
 def _check_handle(handle: str) -> None:
-    if not handle or "/" in handle or len(handle) > 253 or not handle.isprintable() or " " in handle:
-        raise ValidationError("handle", f"{handle!r} must be 1-253 printable characters without '/' or spaces")
+    if (
+        not handle
+        or "/" in handle
+        or len(handle) > 253
+        or not handle.isprintable()
+        or " " in handle
+    ):
+        raise ValidationError(
+            "handle", f"{handle!r} must be 1-253 printable characters without '/' or spaces"
+        )
 
 
 class Allocator:
@@ -138,14 +146,18 @@ class Allocator:
                     out.update(range(lo, hi + 1))
         return frozenset(out)
 
-    def _eligible(self, s: Settings, version: int, wanted: tuple[str, ...], labels: Mapping[str, str]) -> list[Pool]:
+    def _eligible(
+        self, s: Settings, version: int, wanted: tuple[str, ...], labels: Mapping[str, str]
+    ) -> list[Pool]:
         pools = [p for _, p in s.pools.values() if p.version == version]
         if wanted:
             chosen = []
             for w in wanted:
                 match = [p for p in pools if p.name == w or str(p.cidr) == w]
                 if not match:
-                    raise ValidationError(f"ipam.ipv{version}_pools", f"no IPv{version} pool named {w!r}")
+                    raise ValidationError(
+                        f"ipam.ipv{version}_pools", f"no IPv{version} pool named {w!r}"
+                    )
                 chosen.extend(match)
             pools = chosen
         else:
@@ -186,7 +198,9 @@ class Allocator:
 
     def _pick_affine(self, s: Settings, node: str, pools: list[Pool], count: int,
                      taken: set[IPNetwork]) -> _Choice | None:  # fmt: skip
-        for cidr in sorted(self._affine.get(node, ()), key=lambda c: (c.version, int(c.network_address))):
+        for cidr in sorted(
+            self._affine.get(node, ()), key=lambda c: (c.version, int(c.network_address))
+        ):
             if cidr in taken or cidr not in self._cache:
                 continue
             rev, blk = self._cache[cidr]
@@ -286,7 +300,9 @@ class Allocator:
 
         return await cas_retry(f"assign addresses to {req.handle}", attempt, self.retries)
 
-    async def _commit_new(self, s: Settings, handle_id: str, choices: list[_Choice]) -> list[AssignedIP]:
+    async def _commit_new(
+        self, s: Settings, handle_id: str, choices: list[_Choice]
+    ) -> list[AssignedIP]:
         handle = Handle(handle_id)
         for c in choices:
             handle = handle.plus(c.block.cidr, len(c.ordinals))
@@ -332,7 +348,10 @@ class Allocator:
         want = {4: 0, 6: 0}
         for c in choices:
             want[c.block.cidr.version] += len(c.ordinals)
-        have = {4: sum(1 for a in held if a.ip.version == 4), 6: sum(1 for a in held if a.ip.version == 6)}
+        have = {
+            4: sum(1 for a in held if a.ip.version == 4),
+            6: sum(1 for a in held if a.ip.version == 6),
+        }
         if held and all(have[v] >= want[v] for v in (4, 6)):
             return held
         raise AlreadyAllocatedError(
@@ -452,7 +471,9 @@ class Allocator:
 
         return await cas_retry(f"release handle {handle_id}", attempt, self.retries)
 
-    async def release_ips(self, ips: Mapping[IPAddr, int | None]) -> tuple[list[IPAddr], list[IPAddr]]:
+    async def release_ips(
+        self, ips: Mapping[IPAddr, int | None]
+    ) -> tuple[list[IPAddr], list[IPAddr]]:
         """Release addresses; each maps to the sequence number the caller saw, or None.
 
         Returns (released, stale). A free address is a no-op; a stale sequence number never
@@ -466,13 +487,20 @@ class Allocator:
         released: list[IPAddr] = []
         stale: list[IPAddr] = []
         for cidr, want in by_block.items():
-            rel, st = await cas_retry(f"release addresses in {cidr}",
-                                      lambda _n, c=cidr, w=want: self._release_in(c, w), self.retries)  # type: ignore[misc]
+
+            async def attempt(
+                _: int, c: IPNetwork = cidr, w: dict[IPAddr, int | None] = want
+            ) -> tuple[list[IPAddr], list[IPAddr]]:
+                return await self._release_in(c, w)
+
+            rel, st = await cas_retry(f"release addresses in {cidr}", attempt, self.retries)
             released += rel
             stale += st
         return released, stale
 
-    async def _release_in(self, cidr: IPNetwork, want: Mapping[IPAddr, int | None]) -> tuple[list[IPAddr], list[IPAddr]]:
+    async def _release_in(
+        self, cidr: IPNetwork, want: Mapping[IPAddr, int | None]
+    ) -> tuple[list[IPAddr], list[IPAddr]]:
         got = await self.blocks.get_block(cidr)
         if got is None:
             return [], []
@@ -512,7 +540,9 @@ class Allocator:
             if not affs:
                 return
             got = await self.blocks.get_block(cidr)
-            await self.blocks.release_affinity(affs[0], got[0] if got else 0, got[1] if got else None)
+            await self.blocks.release_affinity(
+                affs[0], got[0] if got else 0, got[1] if got else None
+            )
 
         await cas_retry(f"release affinity of {node} for {cidr}", attempt, self.retries)
         self._cache.pop(cidr, None)
@@ -527,4 +557,3 @@ def parse_pool_refs(values: list[str] | tuple[str, ...], field_name: str) -> tup
             parse_cidr(v, field_name)
         out.append(str(v))
     return tuple(out)
-

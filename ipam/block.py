@@ -147,7 +147,9 @@ class Block:
         if owner is not None:
             if owner.handle == attr.handle:
                 return self
-            raise AlreadyAllocatedError(f"{self.ip(ordinal)} is already allocated to {owner.handle}")
+            raise AlreadyAllocatedError(
+                f"{self.ip(ordinal)} is already allocated to {owner.handle}"
+            )
         return self._with_allocated([ordinal], attr)
 
     def release(self, ordinals: Mapping[int, int | None]) -> tuple[Block, list[int], list[int]]:
@@ -249,7 +251,9 @@ class Block:
             unallocated=tuple(d["unallocated"]),
             attributes=tuple(Attribute.from_json(a) for a in d.get("attributes") or ()),
             seq=int(d.get("sequenceNumber", 0)),
-            seq_for={int(k): int(v) for k, v in (d.get("sequenceNumberForAllocation") or {}).items()},
+            seq_for={
+                int(k): int(v) for k, v in (d.get("sequenceNumberForAllocation") or {}).items()
+            },
             deleted=bool(d.get("deleted", False)),
         )
 

@@ -86,7 +86,9 @@ class Handle:
     @classmethod
     def from_kv(cls, kv: KV) -> Handle:
         d = loads(kv.value)
-        return cls(kv.key[len(keys.HANDLES) :], {str(k): int(v) for k, v in d["block"].items()}, kv.mod)
+        return cls(
+            kv.key[len(keys.HANDLES) :], {str(k): int(v) for k, v in d["block"].items()}, kv.mod
+        )
 
 
 def affinity_label(node: str) -> str:
@@ -192,7 +194,9 @@ class BlockStore:
                              [Op.delete(keys.affinity(aff.node, aff.cidr))])  # fmt: skip
 
     async def mark_empty(self, aff: Affinity, block_rev: int) -> None:
-        new = Affinity(aff.node, aff.cidr, aff.state, empty_since=time.time(), empty_block_rev=block_rev)
+        new = Affinity(
+            aff.node, aff.cidr, aff.state, empty_since=time.time(), empty_block_rev=block_rev
+        )
         await self.store.txn([Cmp.mod(keys.affinity(aff.node, aff.cidr), aff.rev)],
                              [Op.put(keys.affinity(aff.node, aff.cidr), dumps(new.to_json()))])  # fmt: skip
 
@@ -203,7 +207,9 @@ class BlockStore:
         from cannot be released; use ``orphan``.
         """
         if block is not None and not block.empty:
-            raise InUseError(f"block {aff.cidr} of node {aff.node} still has {block.in_use} addresses")
+            raise InUseError(
+                f"block {aff.cidr} of node {aff.node} still has {block.in_use} addresses"
+            )
         akey, bkey = keys.affinity(aff.node, aff.cidr), keys.block(aff.cidr)
         marked = Affinity(aff.node, aff.cidr, AffinityState.PENDING_DELETION)
         step1 = [Op.put(akey, dumps(marked.to_json()))]
@@ -232,7 +238,9 @@ class BlockStore:
 
     async def delete_block(self, cidr: IPNetwork, block_rev: int, affs: list[Affinity]) -> None:
         ops = [Op.delete(keys.block(cidr))] + [Op.delete(keys.affinity(a.node, cidr)) for a in affs]
-        cmps = [Cmp.mod(keys.block(cidr), block_rev)] + [Cmp.mod(keys.affinity(a.node, cidr), a.rev) for a in affs]
+        cmps = [Cmp.mod(keys.block(cidr), block_rev)] + [
+            Cmp.mod(keys.affinity(a.node, cidr), a.rev) for a in affs
+        ]
         r = await self.store.txn(cmps, ops)
         if not r.succeeded:
             raise ConflictError(f"block {cidr} changed while deleting it")

@@ -54,14 +54,18 @@ def validate_name(name: str, resource: str = "IPPool") -> str:
 def parse_cidr(value: object, field_name: str, resource: str = "") -> IPNetwork:
     """A CIDR in canonical form; host bits set or garbage is a ValidationError naming the field."""
     if not isinstance(value, str) or "/" not in value:
-        raise ValidationError(field_name, f"{value!r} is not a CIDR (want e.g. 10.244.0.0/16)", resource)
+        raise ValidationError(
+            field_name, f"{value!r} is not a CIDR (want e.g. 10.244.0.0/16)", resource
+        )
     try:
         return ipaddress.ip_network(value, strict=True)
     except ValueError as e:
         try:
             loose = ipaddress.ip_network(value, strict=False)
         except ValueError:
-            raise ValidationError(field_name, f"{value!r} is not a valid CIDR: {e}", resource) from e
+            raise ValidationError(
+                field_name, f"{value!r} is not a valid CIDR: {e}", resource
+            ) from e
         raise ValidationError(
             field_name, f"{value!r} has host bits set (did you mean {loose}?)", resource
         ) from e
@@ -167,7 +171,9 @@ class Pool:
         """This pool with ``spec`` applied; cidr and blockSize are immutable once created."""
         new = Pool.from_spec(self.name, spec)
         if new.cidr != self.cidr:
-            raise ValidationError("spec.cidr", "is immutable; create a new pool", f"IPPool {self.name}")
+            raise ValidationError(
+                "spec.cidr", "is immutable; create a new pool", f"IPPool {self.name}"
+            )
         if new.block_size != self.block_size:
             raise ValidationError(
                 "spec.blockSize", "is immutable once the pool exists", f"IPPool {self.name}"
@@ -180,7 +186,11 @@ class Pool:
 
 def check_overlap(pool: Pool, others: list[Pool]) -> None:
     for o in others:
-        if o.name != pool.name and o.cidr.version == pool.cidr.version and o.cidr.overlaps(pool.cidr):
+        if (
+            o.name != pool.name
+            and o.cidr.version == pool.cidr.version
+            and o.cidr.overlaps(pool.cidr)
+        ):
             raise ValidationError(
                 "spec.cidr", f"{pool.cidr} overlaps pool {o.name} ({o.cidr})", f"IPPool {pool.name}"
             )
@@ -198,7 +208,10 @@ class IPAMConfig:
     max_blocks_per_host: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"strictAffinity": self.strict_affinity, "maxBlocksPerHost": self.max_blocks_per_host}
+        return {
+            "strictAffinity": self.strict_affinity,
+            "maxBlocksPerHost": self.max_blocks_per_host,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> IPAMConfig:
@@ -207,7 +220,9 @@ class IPAMConfig:
         if not isinstance(sa, bool):
             raise ValidationError("strictAffinity", f"{sa!r} is not true or false", "IPAMConfig")
         if not isinstance(mb, int) or isinstance(mb, bool) or mb < 0:
-            raise ValidationError("maxBlocksPerHost", f"{mb!r} is not an integer >= 0", "IPAMConfig")
+            raise ValidationError(
+                "maxBlocksPerHost", f"{mb!r} is not an integer >= 0", "IPAMConfig"
+            )
         return cls(strict_affinity=sa, max_blocks_per_host=mb)
 
 

@@ -121,7 +121,8 @@ class Resources:
             rev, old = await self.get_pool(pool.name)
             new = old.updated(pool.spec())
             r = await self.store.txn(
-                [Cmp.mod(keys.pool(pool.name), rev)], [Op.put(keys.pool(pool.name), dumps(new.spec()))]
+                [Cmp.mod(keys.pool(pool.name), rev)],
+                [Op.put(keys.pool(pool.name), dumps(new.spec()))],
             )
             if not r.succeeded:
                 raise ConflictError(f"IPPool {pool.name} changed concurrently")
@@ -149,7 +150,8 @@ class Resources:
             p = self._pool(kv)
             pools[p.name] = (kv.mod, p)
         reservations = tuple(
-            Reservation.from_spec(kv.key[len(keys.RESERVATIONS) :], loads(kv.value)) for kv in res_kv
+            Reservation.from_spec(kv.key[len(keys.RESERVATIONS) :], loads(kv.value))
+            for kv in res_kv
         )
         cfg = IPAMConfig.from_json(loads(cfg_kv[0].value)) if cfg_kv else IPAMConfig()
         return Settings(pools, reservations, r.revision, cfg, cfg_kv[0].mod if cfg_kv else 0)
@@ -163,7 +165,9 @@ class Resources:
 
     async def list_reservations(self) -> list[Reservation]:
         kvs, _ = await self.store.list(keys.RESERVATIONS)
-        return [Reservation.from_spec(kv.key[len(keys.RESERVATIONS) :], loads(kv.value)) for kv in kvs]
+        return [
+            Reservation.from_spec(kv.key[len(keys.RESERVATIONS) :], loads(kv.value)) for kv in kvs
+        ]
 
     async def put_reservation(self, res: Reservation) -> None:
         await self.store.put(keys.reservation(res.name), dumps(res.spec()))

@@ -22,7 +22,9 @@ MAX_RETRIES = 100
 MAX_BACKOFF = 0.05
 
 
-async def cas_retry(what: str, attempt: Callable[[int], Awaitable[T]], retries: int = MAX_RETRIES) -> T:
+async def cas_retry(
+    what: str, attempt: Callable[[int], Awaitable[T]], retries: int = MAX_RETRIES
+) -> T:
     """Run ``attempt(n)`` until it does not raise ConflictError, at most ``retries`` times.
 
     The first retry is immediate (jittered below a millisecond); later ones back off

@@ -233,7 +233,9 @@ class Store:
                 return await fn()
             except grpc.aio.AioRpcError as e:
                 if e.code() not in _UNAVAILABLE:
-                    raise IPAMError(f"failed to {what}: etcd said {e.code().name}: {e.details()}") from e
+                    raise IPAMError(
+                        f"failed to {what}: etcd said {e.code().name}: {e.details()}"
+                    ) from e
                 attempt += 1
                 if time.monotonic() >= end:
                     raise DatastoreUnavailable(
@@ -296,16 +298,16 @@ class Store:
             m.range_end = _range_end(self._k(c.key))
         if c.target is Target.MOD:
             m.target = rpc.Compare.MOD
-            m.mod_revision = int(c.value)  # type: ignore[arg-type]
+            m.mod_revision = int(c.value)
         elif c.target is Target.VERSION:
             m.target = rpc.Compare.VERSION
-            m.version = int(c.value)  # type: ignore[arg-type]
+            m.version = int(c.value)
         elif c.target is Target.CREATE:
             m.target = rpc.Compare.CREATE
-            m.create_revision = int(c.value)  # type: ignore[arg-type]
+            m.create_revision = int(c.value)
         else:
             m.target = rpc.Compare.VALUE
-            m.value = bytes(c.value)  # type: ignore[arg-type]
+            m.value = bytes(c.value)
         return m
 
     def _request(self, op: Op) -> Any:
@@ -326,7 +328,9 @@ class Store:
             success=[self._request(o) for o in success],
             failure=[self._request(o) for o in failure],
         )
-        resp = await self._call("commit transaction", lambda: self._kv.Txn(req, timeout=self.rpc_timeout))
+        resp = await self._call(
+            "commit transaction", lambda: self._kv.Txn(req, timeout=self.rpc_timeout)
+        )
         gets = tuple(
             tuple(self._kv_of(kv) for kv in r.response_range.kvs)
             for r in resp.responses
@@ -348,7 +352,9 @@ class Store:
     async def grant_lease(self, ttl: int) -> int:
         resp = await self._call(
             "grant lease",
-            lambda: self._lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl), timeout=self.rpc_timeout),
+            lambda: self._lease.LeaseGrant(
+                rpc.LeaseGrantRequest(TTL=ttl), timeout=self.rpc_timeout
+            ),
         )
         return int(resp.ID)
 
@@ -356,7 +362,9 @@ class Store:
         with contextlib.suppress(IPAMError):
             await self._call(
                 "revoke lease",
-                lambda: self._lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease), timeout=self.rpc_timeout),
+                lambda: self._lease.LeaseRevoke(
+                    rpc.LeaseRevokeRequest(ID=lease), timeout=self.rpc_timeout
+                ),
             )
 
     async def keep_alive(self, lease: int, interval: float) -> AsyncIterator[int]:
@@ -402,7 +410,9 @@ class Store:
             )
             stop = asyncio.Event()
 
-            async def requests(create: Any = create, stop: asyncio.Event = stop) -> AsyncIterator[Any]:
+            async def requests(
+                create: Any = create, stop: asyncio.Event = stop
+            ) -> AsyncIterator[Any]:
                 yield create
                 await stop.wait()
 
