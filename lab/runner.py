@@ -1,0 +1,396 @@
+"""``Lab``: bring a topology up from network namespaces, query it, tear it down.
+
+Contract:
+- ``up()`` creates the namespaces, wires, addresses, configs and processes of the plan,
+  recording each namespace before it exists and each process right after it starts
+  (``state.json`` in the lab directory). It returns once etcd is healthy and every
+  router answers on its control socket; BGP convergence is the caller's ``wait_for``.
+  If anything fails, what was created is torn down and the error re-raised.
+- ``down()`` (also ``teardown(dir)``, with no topology needed) stops recorded processes
+  whose PID still matches, then any process left inside the lab's namespaces, deletes
+  the namespaces and the lab directory. Idempotent; safe after a SIGKILLed ``up``.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from lab import netns, procs, render, routers
+from lab.etcd import EtcdCluster
+from lab.plan import MGMT_BRIDGE, NodePlan, Plan, build
+from lab.state import LabState, check_name, lab_dir
+from lab.topology import Role, Topology, load
+
+T = TypeVar("T")
+ROUTER_FORWARDING = {
+    "net.ipv4.ip_forward": "1",
+    "net.ipv4.conf.all.rp_filter": "0",
+    "net.ipv4.conf.default.rp_filter": "0",
+}
+
+
+class LabError(RuntimeError):
+    """A lab could not be brought up, queried or torn down."""
+
+
+def _node_commands(node: NodePlan) -> list[str]:
+    cmds = ["link set lo up"]
+    if node.role == Role.BRIDGE:
+        cmds += [f"link add {MGMT_BRIDGE} type bridge", f"link set {MGMT_BRIDGE} up"]
+        for port in node.bridge_ports:
+            cmds += [f"link set {port} master {MGMT_BRIDGE}", f"link set {port} up"]
+        return cmds
+    if node.mgmt is not None:
+        cmds += [f"addr add {node.mgmt} dev eth0", "link set eth0 up"]
+    for ifname, addr in node.ifaces.items():
+        if addr is not None:
+            cmds.append(f"addr add {addr} dev {ifname}")
+        cmds.append(f"link set {ifname} up")
+    if node.loopback is not None:
+        cmds.append(f"addr add {node.loopback}/32 dev lo")
+    if len(node.default_via) == 1:
+        cmds.append(f"route add default via {node.default_via[0]}")
+    elif node.default_via:
+        cmds.append("route add default " + " ".join(f"nexthop via {g}" for g in node.default_via))
+    return cmds
+
+
+def teardown(directory: Path, timeout: float = 5.0) -> bool:
+    """Remove everything recorded in ``directory``; returns False if there was no lab."""
+    try:
+        state = LabState.load(directory)
+    except FileNotFoundError:
+        if directory.is_dir():
+            shutil.rmtree(directory, ignore_errors=True)
+        return False
+    procs.terminate([r.pid for r in state.procs if procs.matches(r)], timeout)
+    for ns in state.namespaces:
+        procs.terminate(procs.netns_pids(ns), timeout)
+    errors = []
+    for ns in state.namespaces:
+        try:
+            netns.delete(ns)
+        except netns.NetnsError as e:
+            errors.append(str(e))
+    if errors:
+        raise LabError(f"failed to tear down lab {state.name}: {'; '.join(errors)}")
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
+class Lab:
+    """A topology run from network namespaces. Use as a context manager: up, then down."""
+
+    def __init__(
+        self,
+        topology: str | Path | Mapping[str, Any] | Topology,
+        name: str | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.topology = topology if isinstance(topology, Topology) else load(topology)
+        self.name = check_name(name or self.topology.name)
+        self.plan: Plan = build(self.topology, self.name)
+        self.dir = lab_dir(self.name)
+        self.progress = progress or (lambda _msg: None)
+        self.etcd: EtcdCluster | None = None
+        self._state: LabState | None = None
+
+    @classmethod
+    def attach(cls, name: str, progress: Callable[[str], None] | None = None) -> Lab:
+        """The Lab object of a lab that is already up (from its recorded topology)."""
+        try:
+            state = LabState.load(lab_dir(name))
+        except FileNotFoundError:
+            raise LabError(f"lab {name} is not up") from None
+        lab = cls(state.info["topology"], name=name, progress=progress)
+        lab._state = state
+        return lab
+
+    # ----------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    @property
+    def state(self) -> LabState:
+        if self._state is None:
+            try:
+                self._state = LabState.load(self.dir)
+            except FileNotFoundError:
+                raise LabError(f"lab {self.name} is not up") from None
+        return self._state
+
+    def up(self, timeout: float = 60.0) -> Lab:
+        """Create the lab; see the module docstring for the contract."""
+        if (self.dir / "state.json").exists():
+            raise LabError(f"lab {self.name} already exists; run `python -m lab down {self.name}`")
+        taken = [ns for ns in self.plan.namespaces if netns.exists(ns)]
+        if taken:
+            raise LabError(f"namespaces {taken} already exist; not touching them")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, mode=0o755)
+        self._state = LabState(name=self.name, prefix=self.plan.prefix, dir=self.dir)
+        self._state.info = {"topology": dict(self.topology.raw)}
+        self._state.save()
+        try:
+            self._build(timeout)
+        except BaseException:
+            self.progress("up failed; tearing down")
+            self.down()
+            raise
+        return self
+
+    def _build(self, timeout: float) -> None:
+        state = self.state
+        started = time.monotonic()
+        self.progress(f"creating {len(self.plan.namespaces)} namespaces ({self.plan.prefix}*)")
+        for ns in self.plan.namespaces:
+            state.namespaces.append(ns)
+        state.save()  # write-ahead: recorded before created
+        for ns in self.plan.namespaces:
+            netns.add(ns)
+        self.progress(f"wiring {len(self.plan.wires)} veth pairs")
+        netns.batch(
+            None, [netns.veth_command(w.a_ns, w.a_if, w.b_ns, w.b_if) for w in self.plan.wires]
+        )
+        self.progress("addressing interfaces and routes")
+        mgmt_ports = [w.b_if for w in self.plan.wires if w.b_ns == self.plan.mgmt_ns]
+        netns.batch(
+            self.plan.mgmt_ns,
+            [
+                "link set lo up",
+                f"link add {MGMT_BRIDGE} type bridge",
+                f"link set {MGMT_BRIDGE} up",
+                *(
+                    c
+                    for p in mgmt_ports
+                    for c in (f"link set {p} master {MGMT_BRIDGE}", f"link set {p} up")
+                ),
+            ],
+        )
+        for node in self.plan.nodes.values():
+            netns.batch(node.netns, _node_commands(node))
+            if node.role.is_router or node.role == Role.NODE:
+                netns.sysctls(node.netns, ROUTER_FORWARDING)
+        self._write_configs()
+        self._start_processes()
+        self._wait_ready(timeout)
+        state.phase = "up"
+        state.save()
+        self.progress(f"lab {self.name} is up ({time.monotonic() - started:.1f} s)")
+
+    def _node_dir(self, node: str) -> Path:
+        return self.dir / node
+
+    def _write_configs(self) -> None:
+        mgmt = self.topology.mgmt_subnet
+        (self.dir / "topology.clab.yml").write_text(yaml.safe_dump(dict(self.topology.raw)))
+        for node in self.plan.nodes.values():
+            d = self._node_dir(node.name)
+            d.mkdir(mode=0o755, exist_ok=True)
+            if node.role == Role.FRR:
+                (d / "zebra.conf").write_text(render.frr_zebra(node, d))
+                (d / "bgpd.conf").write_text(render.frr_bgpd(node, mgmt, d))
+                routers.prepare_frr_dir(d)
+            elif node.role == Role.BIRD:
+                (d / "bird.conf").write_text(render.bird(node, mgmt, d))
+            elif node.role == Role.NODE:
+                (d / "fabricd.yaml").write_text(render.fabricd_yaml(node, self.plan))
+
+    def _spawn(self, node: NodePlan, what: str, argv: list[str]) -> None:
+        _, rec = procs.spawn(
+            argv, node.netns, self._node_dir(node.name) / f"{what}.out", node.name, what
+        )
+        self.state.add_proc(rec)
+
+    def _start_processes(self) -> None:
+        for node in self.plan.nodes.values():
+            if node.role == Role.ETCD and node.mgmt is not None:
+                self.progress(f"starting etcd ({node.etcd_members} member(s)) in {node.name}")
+                self.etcd = EtcdCluster(
+                    size=node.etcd_members,
+                    host=str(node.mgmt.ip),
+                    base_dir=self._node_dir(node.name),
+                    netns=node.netns,
+                    token=f"fabric-lab-{self.name}",
+                )
+                for m in self.etcd.members:
+                    m.start(self.etcd.initial_cluster, self.etcd.token)
+                    assert m.proc is not None
+                    argv = procs.cmdline(m.proc.pid)
+                    if argv[:3] == ["ip", "netns", "exec"]:
+                        argv = argv[4:]
+                    self.state.add_proc(
+                        procs.record(m.proc.pid, argv, node.netns, node.name, f"etcd-{m.name}")
+                    )
+        for node in self.plan.nodes.values():
+            d = self._node_dir(node.name)
+            if node.role == Role.FRR:
+                self.progress(f"starting FRR (zebra, bgpd) in {node.name}")
+                for what, argv in routers.frr_commands(d):
+                    self._spawn(node, what, argv)
+            elif node.role == Role.BIRD:
+                self.progress(f"starting BIRD in {node.name}")
+                self._spawn(node, "bird", routers.bird_command(d))
+
+    def _wait_ready(self, timeout: float) -> None:
+        if self.etcd is not None:
+            self.progress("waiting for etcd")
+            self.etcd.wait_healthy(timeout)
+        for node in self.plan.nodes.values():
+            if node.role.is_router:
+                self.progress(f"waiting for {node.role} in {node.name}")
+                self.wait_for(
+                    functools.partial(self._router_ready, node),
+                    timeout,
+                    what=f"{node.role} in {node.name} to answer",
+                )
+
+    def _router_ready(self, node: NodePlan) -> bool:
+        dead = [r for r in self.state.procs if r.node == node.name and not procs.matches(r)]
+        if dead:
+            logs = [self._node_dir(node.name) / f"{r.what}.out" for r in dead]
+            tail = " | ".join(p.read_text(errors="replace")[-500:] for p in logs if p.exists())
+            raise LabError(f"{[r.what for r in dead]} in {node.name} exited: {tail}")
+        return routers.ready(node.role, self._node_dir(node.name))
+
+    def down(self) -> bool:
+        """Tear the lab down (idempotent); returns False when nothing was there."""
+        self.progress(f"tearing down lab {self.name}")
+        self._state = None
+        self.etcd = None
+        return teardown(self.dir)
+
+    def start_fabricd(self, node: str) -> None:
+        """Start fabricd in a linux node from its generated ``<labdir>/<node>/fabricd.yaml``."""
+        raise NotImplementedError(
+            f"fabricd does not exist yet (node agent issue); its config for {node} is at "
+            f"{self.fabricd_config_path(node)}"
+        )
+
+    # ----------------------------------------------------------------- queries
+    def node(self, name: str) -> NodePlan:
+        try:
+            return self.plan.nodes[name]
+        except KeyError:
+            raise LabError(f"no node {name!r} in lab {self.name}") from None
+
+    def netns(self, node: str) -> str:
+        return self.node(node).netns
+
+    def address(self, node: str) -> str:
+        """The node address (first data interface, else loopback, else mgmt) as a string."""
+        addr = self.node(node).address
+        if addr is None:
+            raise LabError(f"node {node} has no address")
+        return str(addr)
+
+    def addresses(self, node: str) -> dict[str, str]:
+        """Every address of ``node`` by interface (``eth0`` is management, ``lo`` loopback)."""
+        n = self.node(node)
+        out = {"eth0": str(n.mgmt)} if n.mgmt else {}
+        out.update({k: str(v) for k, v in n.ifaces.items() if v is not None})
+        if n.loopback is not None:
+            out["lo"] = f"{n.loopback}/32"
+        return out
+
+    def nodes(self, role: Role | str | None = None) -> list[str]:
+        return [n.name for n in self.plan.nodes.values() if role is None or n.role == role]
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        return list(self.plan.etcd_endpoints)
+
+    def fabricd_config_path(self, node: str) -> Path:
+        return self._node_dir(self.node(node).name) / "fabricd.yaml"
+
+    def exec(
+        self, node: str, cmd: Sequence[str] | str, timeout: float = 30.0, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` (argv, or a shell line) inside ``node``'s namespace."""
+        argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        r = netns.run_in(self.netns(node), argv, timeout)
+        if check and r.returncode != 0:
+            raise LabError(f"failed to run {shlex.join(argv)} in {node}: {r.stderr.strip()}")
+        return r
+
+    def wait_for(
+        self,
+        predicate: Callable[[], T],
+        timeout: float = 30.0,
+        interval: float = 0.2,
+        what: str = "condition",
+    ) -> T:
+        """Poll ``predicate`` until it returns a truthy value, which is returned.
+
+        Raises TimeoutError naming ``what`` after ``timeout`` seconds. LabError raised by
+        the predicate propagates at once (something died); other exceptions count as
+        "not yet" and the last one is chained to the timeout.
+        """
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except LabError:
+                raise
+            except Exception as e:
+                last = e
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}") from last
+            time.sleep(interval)
+
+    def bgp_sessions(self, router: str) -> dict[str, str]:
+        """BGP session states of a router keyed by neighbor node name (dynamic peers by
+        address for FRR, by protocol name for BIRD)."""
+        n = self.node(router)
+        d = self._node_dir(router)
+        by_addr = {str(nb.address): nb.name for nb in n.neighbors}
+        if n.role == Role.FRR:
+            return {by_addr.get(k, k): v for k, v in routers.frr_sessions(d).items()}
+        if n.role == Role.BIRD:
+            by_proto = {f"r_{nb.name.replace('-', '_')}": nb.name for nb in n.neighbors}
+            return {by_proto.get(k, k): v for k, v in routers.bird_sessions(d).items()}
+        raise LabError(f"node {router} is not a router")
+
+    def established(self, router: str) -> bool:
+        """True when every static BGP neighbor of ``router`` (other routers) is Established."""
+        sessions = self.bgp_sessions(router)
+        return all(sessions.get(nb.name) == "Established" for nb in self.node(router).neighbors)
+
+    def status(self) -> list[dict[str, Any]]:
+        """One row per node: role, namespace (and whether it exists), AS, addresses and
+        each started process with its liveness."""
+        return [
+            {
+                "node": n.name,
+                "role": str(n.role),
+                "netns": n.netns,
+                "netns_exists": netns.exists(n.netns),
+                "asn": n.asn if n.role in (Role.NODE, Role.FRR, Role.BIRD) else None,
+                "addresses": self.addresses(n.name),
+                "processes": self.processes(n.name),
+            }
+            for n in self.plan.nodes.values()
+        ]
+
+    def processes(self, node: str) -> dict[str, bool]:
+        """Each process the lab started in ``node`` and whether it is still alive."""
+        try:
+            recs = self.state.procs
+        except LabError:
+            return {}
+        return {r.what: procs.matches(r) for r in recs if r.node == node}

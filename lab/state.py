@@ -1,0 +1,106 @@
+"""The lab directory and its write-ahead state file.
+
+Every lab owns one directory, ``$FABRIC_LAB_RUN/<name>/`` (default ``/run/fabric-lab``, a
+tmpfs, so a reboot clears it together with the namespaces). ``state.json`` in it records
+each namespace *before* it is created and each process right after it is spawned, so
+``down`` can undo a run that was SIGKILLed at any point. The file is replaced atomically
+(write to a temporary file, then rename), so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RUN_ROOT_ENV = "FABRIC_LAB_RUN"
+DEFAULT_RUN_ROOT = Path("/run/fabric-lab")
+STATE_FILE = "state.json"
+_LAB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+
+
+def run_root() -> Path:
+    return Path(os.environ.get(RUN_ROOT_ENV) or DEFAULT_RUN_ROOT)
+
+
+def check_name(name: str) -> str:
+    """Validate a lab name (it becomes a directory name). Returns it unchanged."""
+    if not _LAB_NAME.match(name):
+        raise ValueError(f"invalid lab name {name!r}: use letters, digits, '-', '_', '.'")
+    return name
+
+
+@dataclass(slots=True)
+class ProcRecord:
+    """A process the lab started; ``starttime`` (clock ticks since boot) guards PID reuse."""
+
+    pid: int
+    starttime: int
+    argv: list[str]
+    node: str
+    what: str
+    netns: str
+
+
+@dataclass(slots=True)
+class LabState:
+    name: str
+    prefix: str
+    dir: Path
+    phase: str = "creating"
+    namespaces: list[str] = field(default_factory=list)
+    procs: list[ProcRecord] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    def save(self) -> None:
+        data = asdict(self)
+        data["dir"] = str(self.dir)
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def add_namespace(self, ns: str) -> None:
+        """Record ``ns`` before it exists (write-ahead)."""
+        if ns not in self.namespaces:
+            self.namespaces.append(ns)
+            self.save()
+
+    def add_proc(self, rec: ProcRecord) -> None:
+        self.procs.append(rec)
+        self.save()
+
+    @classmethod
+    def load(cls, lab_dir: Path) -> LabState:
+        """Read a lab's state; raises FileNotFoundError when the lab does not exist."""
+        data = json.loads((lab_dir / STATE_FILE).read_text())
+        return cls(
+            name=data["name"],
+            prefix=data["prefix"],
+            dir=lab_dir,
+            phase=data.get("phase", "creating"),
+            namespaces=list(data.get("namespaces", [])),
+            procs=[ProcRecord(**p) for p in data.get("procs", [])],
+            info=dict(data.get("info", {})),
+        )
+
+
+def lab_dir(name: str) -> Path:
+    return run_root() / check_name(name)
+
+
+def list_labs() -> list[str]:
+    """Names of every lab with a directory under the run root (up, half up or broken)."""
+    root = run_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _LAB_NAME.match(p.name))
