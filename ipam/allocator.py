@@ -173,7 +173,7 @@ class Allocator:
 
     # node's blocks ---------------------------------------------------------------------
 
-    async def _refresh_node(self, node: str) -> None:
+    async def resume_claims(self, node: str) -> None:
         """Re-read the node's affinities and blocks; finish pending claims left by a crash."""
         affs = await self.blocks.affinities(node)
         confirmed: set[IPNetwork] = set()
@@ -257,10 +257,10 @@ class Allocator:
         if not pools:
             raise ExhaustedError(f"no enabled IPv{version} pool can serve node {req.node}")
         if req.node not in self._affine:
-            await self._refresh_node(req.node)
+            await self.resume_claims(req.node)
         choice = self._pick_affine(s, req.node, pools, count, taken)
         if choice is None:
-            await self._refresh_node(req.node)
+            await self.resume_claims(req.node)
             choice = self._pick_affine(s, req.node, pools, count, taken)
         if choice is None:
             choice = await self._claim(s, req.node, pools)

@@ -157,6 +157,7 @@ class Maintenance:
         return released
 
     async def _gc_blocks(self, node: str, grace: float, result: GCResult) -> None:
+        await self.alloc.resume_claims(node)  # finish or drop claims a crash left pending
         affs = await self.blocks.affinities(node)
         got = await self.blocks.get_blocks([a.cidr for a in affs])
         live_blocks = [a for a in affs if a.state is AffinityState.CONFIRMED]
