@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shlex
 import shutil
@@ -103,6 +104,8 @@ class Lab:
         self.progress = progress or (lambda _msg: None)
         self.etcd: EtcdCluster | None = None
         self._state: LabState | None = None
+        # Popen objects of processes started by this object, reaped at down().
+        self._children: list[subprocess.Popen[bytes]] = []
 
     @classmethod
     def attach(cls, name: str, progress: Callable[[str], None] | None = None) -> Lab:
@@ -209,9 +212,10 @@ class Lab:
                 (d / "fabricd.yaml").write_text(render.fabricd_yaml(node, self.plan))
 
     def _spawn(self, node: NodePlan, what: str, argv: list[str]) -> None:
-        _, rec = procs.spawn(
+        child, rec = procs.spawn(
             argv, node.netns, self._node_dir(node.name) / f"{what}.out", node.name, what
         )
+        self._children.append(child)
         self.state.add_proc(rec)
 
     def _start_processes(self) -> None:
@@ -228,7 +232,8 @@ class Lab:
                 for m in self.etcd.members:
                     m.start(self.etcd.initial_cluster, self.etcd.token)
                     assert m.proc is not None
-                    argv = procs.cmdline(m.proc.pid)
+                    self._children.append(m.proc)
+                    argv = [str(a) for a in m.proc.args]  # type: ignore[union-attr]
                     if argv[:3] == ["ip", "netns", "exec"]:
                         argv = argv[4:]
                     self.state.add_proc(
@@ -270,7 +275,14 @@ class Lab:
         self.progress(f"tearing down lab {self.name}")
         self._state = None
         self.etcd = None
-        return teardown(self.dir)
+        try:
+            return teardown(self.dir)
+        finally:
+            for child in self._children:
+                if child.poll() is None:  # not ours any more to kill; just reap
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.wait(5)
+            self._children = [c for c in self._children if c.returncode is None]
 
     def start_fabricd(self, node: str) -> None:
         """Start fabricd in a linux node from its generated ``<labdir>/<node>/fabricd.yaml``."""

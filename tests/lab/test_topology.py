@@ -1,0 +1,100 @@
+"""Topology parsing, the plan and the rendered configs (no root, nothing started)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lab import render
+from lab.plan import build, lab_prefix
+from lab.topology import Role, TopologyError, load, parse
+
+BUNDLED = ["mesh3", "two-rack", "rr", "dual-homed"]
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_topology_plans_unique_addresses(name: str) -> None:
+    plan = build(load(name), "x")
+    addrs = [a.ip for n in plan.nodes.values() for a in n.ifaces.values() if a is not None]
+    addrs += [n.mgmt.ip for n in plan.nodes.values() if n.mgmt is not None]
+    assert len(addrs) == len(set(addrs))
+    assert all(ns.startswith(lab_prefix("x")) for ns in plan.namespaces)
+    assert all(len(w.a_if) <= 15 and len(w.b_if) <= 15 for w in plan.wires)
+    assert plan.etcd_endpoints
+
+
+def test_two_rack_peerings() -> None:
+    plan = build(load("two-rack"), "x")
+    tor1, tor2, spine = plan.nodes["tor1"], plan.nodes["tor2"], plan.nodes["spine"]
+    assert {nb.name for nb in spine.neighbors} == {"tor1", "tor2"}
+    assert [nb.name for nb in tor1.neighbors] == ["spine"]
+    assert {r.asn for r in tor2.ranges} == {65102}
+    node1 = plan.nodes["node1"]
+    assert [nb.name for nb in node1.neighbors] == ["tor1"]
+    assert node1.default_via == [tor1.ifaces["eth2"].ip]  # type: ignore[union-attr]
+
+
+def test_mesh3_full_mesh_and_rr_clients() -> None:
+    mesh = build(load("mesh3"), "x")
+    assert {nb.name for nb in mesh.nodes["node1"].neighbors} == {"node2", "node3"}
+    rr = build(load("rr"), "x")
+    assert all(r.rr_client for r in rr.nodes["rr1"].ranges)
+    assert len(rr.etcd_endpoints) == 3
+
+
+def test_fabricd_config_names_node_etcd_and_peers() -> None:
+    plan = build(load("two-rack"), "x")
+    cfg = render.fabricd_config(plan.nodes["node3"], plan)
+    assert cfg["nodeName"] == "node3"
+    assert cfg["asNumber"] == 65102
+    assert cfg["etcd"]["endpoints"] == ["http://10.255.0.2:2379"]
+    assert [p["name"] for p in cfg["peers"]] == ["tor2"]
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({}, "name"),
+        ({"name": "x", "topology": {"nodes": {}}}, "topology.nodes"),
+        (
+            {"name": "x", "topology": {"nodes": {"r": {"labels": {"fabric.role": "frr"}}}}},
+            "topology.nodes.r.labels.fabric.asn",
+        ),
+        (
+            {"name": "x", "topology": {"nodes": {"a": {}}, "links": [{"endpoints": ["a:eth1"]}]}},
+            "topology.links[0].endpoints",
+        ),
+        (
+            {
+                "name": "x",
+                "topology": {"nodes": {"a": {}}, "links": [{"endpoints": ["a:eth1", "b:eth1"]}]},
+            },
+            "topology.links[0].endpoints",
+        ),
+        (
+            {"name": "x", "topology": {"nodes": {"a": {"labels": {"fabric.role": "nope"}}}}},
+            "topology.nodes.a.labels.fabric.role",
+        ),
+    ],
+)
+def test_invalid_topology_names_the_field(doc: dict[str, object], field: str) -> None:
+    with pytest.raises(TopologyError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        parse(doc)
+
+
+def test_roles_from_kind_and_labels() -> None:
+    topo = load("mesh3")
+    assert topo.nodes["lan"].role == Role.BRIDGE
+    assert topo.nodes["node1"].role == Role.NODE
+
+
+@pytest.mark.skipif(not shutil.which("bird"), reason="bird2 not installed")
+def test_rendered_bird_config_parses(tmp_path: Path) -> None:
+    topo = load("two-rack")
+    conf = tmp_path / "bird.conf"
+    conf.write_text(render.bird(build(topo, "x").nodes["tor2"], topo.mgmt_subnet, tmp_path))
+    r = subprocess.run(["bird", "-p", "-c", str(conf)], check=False, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
