@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
+from lab import clab
 from lab.runner import Lab, LabError, teardown
 from lab.state import LabState, lab_dir, list_labs
-from lab.topology import TopologyError
+from lab.topology import TopologyError, load
 
 OUTPUT = click.Choice(["table", "json", "yaml"])
 
@@ -147,6 +149,25 @@ def exec_(name: str | None, node: str, cmd: tuple[str, ...]) -> None:
         raise click.ClickException(str(e)) from e
     sys.stdout.flush()
     os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
+
+
+@main.command()
+@click.argument("topology")
+@click.option(
+    "--out",
+    "-d",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("lab/out"),
+    show_default=True,
+    help="Output directory.",
+)
+def export(topology: str, out: Path) -> None:
+    """Write TOPOLOGY's configs and a containerlab file deployable on a Docker host."""
+    try:
+        path = clab.export(load(topology), out / load(topology).name)
+    except (TopologyError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"containerlab deploy -t {path}")
 
 
 @main.command()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import render
+from lab import clab, render
 from lab.plan import build, lab_prefix
 from lab.topology import Role, TopologyError, load, parse
 
@@ -98,3 +98,13 @@ def test_rendered_bird_config_parses(tmp_path: Path) -> None:
     conf.write_text(render.bird(build(topo, "x").nodes["tor2"], topo.mgmt_subnet, tmp_path))
     r = subprocess.run(["bird", "-p", "-c", str(conf)], check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_export_for_containerlab_binds_configs_and_addresses(tmp_path: Path) -> None:
+    path = clab.export(load("two-rack"), tmp_path)
+    doc = load(path)
+    tor1 = doc.raw["topology"]["nodes"]["tor1"]
+    assert any(b.endswith(":/etc/frr/frr.conf") for b in tor1["binds"])
+    assert "ip addr add 10.255.16.1/30 dev eth1" in tor1["exec"]
+    assert (tmp_path / "node1" / "fabricd.yaml").is_file()
+    assert (tmp_path / "tor2" / "bird.conf").is_file()
