@@ -8,6 +8,7 @@ held when it died:
     ? <handle>           about to assign (in flight)
     + <handle> <ip>...   assigned
     - <handle>           released
+    ~ <handle>           about to release (in flight)
     ! <handle> <reason>  anomaly: a release freed other addresses than the ones assigned
 
 The last line on stdout is a JSON summary.
@@ -38,7 +39,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     rng = random.Random(args.seed)
     store = Store(args.endpoints.split(","), args.prefix, deadline=args.deadline)
     alloc = Allocator(store)
-    log = Path(args.log).open("a", buffering=1) if args.log else None
+    log = Path(args.log).open("a", buffering=1) if args.log else None  # noqa: ASYNC230, SIM115
     held: dict[str, set[str]] = {}
     lat: list[float] = []
     releases = anomalies = 0
@@ -60,6 +61,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             note(f"+ {handle} {' '.join(sorted(held[handle]))}")
             if held and rng.random() < args.release_ratio:
                 victim = rng.choice(sorted(held))
+                note(f"~ {victim}")
                 freed = {str(ip) for ip in await alloc.release_handle(victim)}
                 if freed != held[victim]:
                     anomalies += 1
@@ -87,10 +89,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def parse_log(path: Path) -> tuple[dict[str, set[str]], set[str], list[str]]:
-    """(live handle -> IPs, handles in flight at the end, anomaly lines) from a worker log."""
+def parse_log(path: Path) -> tuple[dict[str, set[str]], set[str], list[str], dict[str, set[str]]]:
+    """From a worker log: live handle -> IPs, handles whose assignment was in flight at the
+    end, anomaly lines, and handles whose release was in flight (released or not: unknown)."""
     live: dict[str, set[str]] = {}
     inflight: set[str] = set()
+    releasing: dict[str, set[str]] = {}
     anomalies: list[str] = []
     for line in path.read_text().splitlines():
         op, _, rest = line.partition(" ")
@@ -102,11 +106,14 @@ def parse_log(path: Path) -> tuple[dict[str, set[str]], set[str], list[str]]:
         elif op == "+":
             inflight.discard(parts[0])
             live[parts[0]] = set(parts[1:])
+        elif op == "~":
+            releasing[parts[0]] = live.pop(parts[0], set())
         elif op == "-":
             live.pop(parts[0], None)
+            releasing.pop(parts[0], None)
         elif op == "!":
             anomalies.append(rest)
-    return live, inflight, anomalies
+    return live, inflight, anomalies, releasing
 
 
 def main() -> None:

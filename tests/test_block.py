@@ -71,7 +71,7 @@ def test_block_invariants_hold_under_any_sequence(seq: list[tuple[str, int, int]
 
 def test_free_list_is_fifo_reuse_last() -> None:
     b = Block.new(CIDR, None)
-    b, taken = b.assign(16, Attribute("a"))
+    b, _ = b.assign(16, Attribute("a"))
     b, _, _ = b.release({3: None})
     b, _, _ = b.release({7: None})
     b, got = b.assign(1, Attribute("b"))
