@@ -112,6 +112,9 @@ def status(name: str | None, output: str) -> None:
     """Show each node of lab NAME: role, addresses, processes alive. No NAME and several
     labs: list the labs."""
     labs = list_labs()
+    if name is None and not labs and output == "table":
+        click.echo("no lab is up")
+        return
     if name is None and len(labs) != 1:
         rows = [["LAB", "PHASE", "NAMESPACES", "PROCESSES"]]
         data = []
