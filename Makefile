@@ -30,7 +30,7 @@ bench: deps
 	$(PY) -m lab.bench all
 
 clean-lab:
-	-$(PY) -m lab clean 2>/dev/null || scripts/clean-lab.sh
+	$(PY) -m lab clean
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

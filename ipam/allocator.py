@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ipam import keys
-from ipam.block import Attribute, Block, IPAddr, IPNetwork
+from ipam.block import Attribute, Block, Excluded, IPAddr, IPNetwork, no_exclusions
 from ipam.blocks import AffinityState, BlockStore, Handle, candidate_blocks, node_of
 from ipam.errors import (
     AlreadyAllocatedError,
@@ -110,6 +110,8 @@ class Allocator:
         self._cache: dict[IPNetwork, tuple[int, Block]] = {}
         self._affine: dict[str, set[IPNetwork]] = {}
         self._labels: dict[str, Mapping[str, str]] = {}
+        self._excl_cache: dict[tuple[int, IPNetwork], Excluded] = {}
+        self._pool_memo: dict[tuple[int, IPNetwork], Pool | None] = {}
         self.conflicts = 0  # lost compare-and-swaps, for metrics and the benchmark
 
     # settings and caches ---------------------------------------------------------------
@@ -134,8 +136,12 @@ class Allocator:
             self._labels[req.node] = node.labels if node else {}
         return self._labels[req.node]
 
-    @staticmethod
-    def _excluded(s: Settings, cidr: IPNetwork) -> frozenset[int]:
+    def _excluded(self, s: Settings, cidr: IPNetwork) -> Excluded:
+        """Ordinals of ``cidr`` that reservations forbid, as a predicate (memoised per settings)."""
+        key = (id(s), cidr)
+        got = self._excl_cache.get(key)
+        if got is not None:
+            return got
         out: set[int] = set()
         base = int(cidr.network_address)
         for res in s.reservations:
@@ -144,7 +150,11 @@ class Allocator:
                     lo = max(int(r.network_address), base) - base
                     hi = min(int(r.broadcast_address), int(cidr.broadcast_address)) - base
                     out.update(range(lo, hi + 1))
-        return frozenset(out)
+        pred: Excluded = frozenset(out).__contains__ if out else no_exclusions
+        if len(self._excl_cache) > 4096:
+            self._excl_cache.clear()
+        self._excl_cache[key] = pred
+        return pred
 
     def _eligible(
         self, s: Settings, version: int, wanted: tuple[str, ...], labels: Mapping[str, str]
@@ -164,12 +174,16 @@ class Allocator:
             pools = [p for p in pools if p.selects(labels)]
         return [p for p in pools if not p.disabled]
 
-    @staticmethod
-    def _pool_of(s: Settings, cidr: IPNetwork) -> Pool | None:
-        for _, p in s.pools.values():
-            if within(cidr, p.cidr):
-                return p
-        return None
+    def _pool_of(self, s: Settings, cidr: IPNetwork) -> Pool | None:
+        """The pool ``cidr`` lies in under settings ``s`` (memoised per settings)."""
+        key = (id(s), cidr)
+        if key in self._pool_memo:
+            return self._pool_memo[key]
+        found = next((p for _, p in s.pools.values() if within(cidr, p.cidr)), None)
+        if len(self._pool_memo) > 4096:
+            self._pool_memo.clear()
+        self._pool_memo[key] = found
+        return found
 
     # node's blocks ---------------------------------------------------------------------
 
@@ -198,17 +212,17 @@ class Allocator:
 
     def _pick_affine(self, s: Settings, node: str, pools: list[Pool], count: int,
                      taken: set[IPNetwork]) -> _Choice | None:  # fmt: skip
-        for cidr in sorted(
-            self._affine.get(node, ()), key=lambda c: (c.version, int(c.network_address))
-        ):
-            if cidr in taken or cidr not in self._cache:
+        for cidr in self._affine.get(node, ()):
+            if cidr in taken:
                 continue
-            rev, blk = self._cache[cidr]
-            pool = next((p for p in pools if within(cidr, p.cidr)), None)
-            if pool is None or blk.deleted or node_of(blk) != node:
+            cached = self._cache.get(cidr)
+            if cached is None:
                 continue
-            ex = self._excluded(s, cidr)
-            if blk.free_count(ex.__contains__) >= count:
+            rev, blk = cached
+            if blk.deleted or len(blk.unallocated) < count or node_of(blk) != node:
+                continue
+            pool = self._pool_of(s, cidr)
+            if pool in pools and blk.free_count(self._excluded(s, cidr)) >= count:
                 return _Choice(rev, blk, [], pool, False)
         return None
 
@@ -222,8 +236,7 @@ class Allocator:
             for cidr in candidate_blocks(pool, node):
                 if cidr in existing:
                     continue
-                ex = self._excluded(s, cidr)
-                if len(ex) >= cidr.num_addresses:
+                if Block.new(cidr, None).free_count(self._excluded(s, cidr)) == 0:
                     continue  # fully reserved: never worth a block
                 claimed = await self.blocks.claim(node, cidr)
                 if claimed is None:
@@ -246,7 +259,7 @@ class Allocator:
             pool = next((p for p in pools if within(cidr, p.cidr)), None)
             if pool is None:
                 continue
-            if blk.free_count(self._excluded(s, cidr).__contains__) >= count:
+            if blk.free_count(self._excluded(s, cidr)) >= count:
                 return _Choice(rev, blk, [], pool, node_of(blk) != node)
         return None
 
@@ -292,7 +305,7 @@ class Allocator:
                 if count:
                     c = await self._choose(s, req, version, count, labels, taken)
                     c.block, c.ordinals = c.block.assign(
-                        count, attr, self._excluded(s, c.block.cidr).__contains__
+                        count, attr, self._excluded(s, c.block.cidr)
                     )
                     choices.append(c)
                     taken.add(c.block.cidr)

@@ -29,7 +29,7 @@ IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 Excluded = Callable[[int], bool]
 
 
-def _never(_: int) -> bool:
+def no_exclusions(_: int) -> bool:
     return False
 
 
@@ -85,7 +85,9 @@ class Block:
     def empty(self) -> bool:
         return len(self.unallocated) == self.size
 
-    def free_count(self, excluded: Excluded = _never) -> int:
+    def free_count(self, excluded: Excluded = no_exclusions) -> int:
+        if excluded is no_exclusions:
+            return len(self.unallocated)
         return sum(1 for o in self.unallocated if not excluded(o))
 
     def ip(self, ordinal: int) -> IPAddr:
@@ -121,7 +123,7 @@ class Block:
         self,
         count: int,
         attr: Attribute,
-        excluded: Excluded = _never,
+        excluded: Excluded = no_exclusions,
     ) -> tuple[Block, list[int]]:
         """Take up to ``count`` free ordinals for ``attr`` from the head of the free list.
 
@@ -188,9 +190,8 @@ class Block:
 
     def _with_allocated(self, ordinals: list[int], attr: Attribute) -> Block:
         attrs = list(self.attributes)
-        try:
-            idx = attrs.index(attr)
-        except ValueError:
+        idx = next((i for i, a in enumerate(attrs) if a.handle == attr.handle and a == attr), -1)
+        if idx < 0:
             attrs.append(attr)
             idx = len(attrs) - 1
         allocs = list(self.allocations)

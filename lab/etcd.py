@@ -104,7 +104,9 @@ class EtcdMember:
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, "etcdctl", "--endpoints", self.endpoint,
                    "--command-timeout", f"{timeout}s", "endpoint", "health"]  # fmt: skip
-            r = subprocess.run(cmd, check=False, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"})
+            r = subprocess.run(
+                cmd, check=False, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}
+            )
             return r.returncode == 0
         req = urllib.request.Request(self.client_url + "/health")
         try:
