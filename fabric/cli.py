@@ -710,7 +710,7 @@ def get_cmd(ctx: click.Context, kind: str, name: str | None, fmt: str) -> None:
     k = ry.kind_of(kind)
     ctx.meta[_RESOURCE] = f"{k} {name}" if name else k
     docs = run(ctx, lambda s: ry.get(s.res, k, name))
-    emit_resources(k, docs, fmt, single=name is not None)
+    emit_resources(k, docs, fmt, single=name is not None or k == ry.IPAMCONFIG)
 
 
 @main.command("delete")
