@@ -200,16 +200,18 @@ def emit_resources(kind: str, docs: Sequence[Mapping[str, Any]], fmt: str, singl
 )
 @click.option(
     "--etcd-cacert",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="CA certificate for etcd TLS.",
 )
 @click.option(
     "--etcd-cert",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Client certificate for etcd TLS.",
 )
 @click.option(
-    "--etcd-key", type=click.Path(dir_okay=False, path_type=Path), help="Client key for etcd TLS."
+    "--etcd-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Client key for etcd TLS.",
 )
 @click.option(
     "--prefix",
