@@ -38,7 +38,9 @@ async def _setup(endpoints: list[str], prefix: str) -> None:
             await a.resources.put_node(Node(f"n{i}"))
 
 
-def spawn(endpoints: list[str], prefix: str, node: int, count: int, start: int, log: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    endpoints: list[str], prefix: str, node: int, count: int, start: int, log: Path
+) -> subprocess.Popen[bytes]:
     eps = endpoints[node % len(endpoints) :] + endpoints[: node % len(endpoints)]
     cmd = [sys.executable, "-m", "lab.ipam_load", "--endpoints", ",".join(eps), "--prefix", prefix,
            "--node", f"n{node}", "--count", str(count), "--start", str(start), "--release-ratio", "0.5",
@@ -52,7 +54,9 @@ def finish(p: subprocess.Popen[bytes]) -> dict[str, object]:
     return dict(json.loads(out.decode().strip().splitlines()[-1]))
 
 
-async def _verify(endpoints: list[str], prefix: str, logs: dict[int, Path], killed_inflight: set[str]) -> dict[str, int]:
+async def _verify(
+    endpoints: list[str], prefix: str, logs: dict[int, Path], killed_inflight: set[str]
+) -> dict[str, int]:
     """Compare etcd with the workers' logs; GC what leaked; return counts."""
     live: dict[str, dict[str, set[str]]] = {}
     uncertain: dict[str, set[str]] = {}  # releases cut short by a kill
@@ -71,7 +75,11 @@ async def _verify(endpoints: list[str], prefix: str, logs: dict[int, Path], kill
         leaked = {e["handle"] for e in rep.leaked}
         assert leaked <= killed_inflight, f"leaks that no kill explains: {leaked - killed_inflight}"
         others = rep.to_json()
-        others = {k: v for k, v in others.items() if isinstance(v, list) and v and k not in ("leaked", "stuckAffinities")}
+        others = {
+            k: v
+            for k, v in others.items()
+            if isinstance(v, list) and v and k not in ("leaked", "stuckAffinities")
+        }
         assert others == {}, others
         # Zero duplicates, zero lost: etcd holds exactly what every live handle was given.
         blocks, _ = await a.blocks.list_blocks()
@@ -84,7 +92,9 @@ async def _verify(endpoints: list[str], prefix: str, logs: dict[int, Path], kill
         for per_node in live.values():
             for handle, ips in per_node.items():
                 for ip in ips:
-                    assert owner_of.get(ip) == handle, f"{handle} lost {ip} (etcd: {owner_of.get(ip)})"
+                    assert owner_of.get(ip) == handle, (
+                        f"{handle} lost {ip} (etcd: {owner_of.get(ip)})"
+                    )
         kept = 0
         for handle, ips in uncertain.items():
             still = {ip for ip, h in owner_of.items() if h == handle}
@@ -123,7 +133,14 @@ def run_load(endpoints: list[str], prefix: str, tmp: Path, kill: bool = False,
                 held, inflight, _, _ = parse_log(logs[i])
                 killed_inflight |= inflight
                 done = len(logs[i].read_text().splitlines())  # enough to move past used indices
-                procs[i] = spawn(endpoints, prefix, i, max(0, per - len(held)) // 2 + 1, 100_000 * kills + done, logs[i])
+                procs[i] = spawn(
+                    endpoints,
+                    prefix,
+                    i,
+                    max(0, per - len(held)) // 2 + 1,
+                    100_000 * kills + done,
+                    logs[i],
+                )
                 continue
             if p.poll() is not None:
                 stats = finish(p)
@@ -136,13 +153,17 @@ def run_load(endpoints: list[str], prefix: str, tmp: Path, kill: bool = False,
     return result
 
 
-def test_eight_nodes_twenty_thousand_allocations(etcd_endpoints: list[str], prefix: str, tmp_path: Path) -> None:
+def test_eight_nodes_twenty_thousand_allocations(
+    etcd_endpoints: list[str], prefix: str, tmp_path: Path
+) -> None:
     r = run_load(etcd_endpoints, prefix, tmp_path)
     assert r["leaked"] == 0
     assert r["in_use"] == r["live"] > 0
 
 
-def test_eight_nodes_with_sigkills_gc_repairs(etcd_endpoints: list[str], prefix: str, tmp_path: Path) -> None:
+def test_eight_nodes_with_sigkills_gc_repairs(
+    etcd_endpoints: list[str], prefix: str, tmp_path: Path
+) -> None:
     r = run_load(etcd_endpoints, prefix, tmp_path, kill=True)
     assert r["in_use"] == r["live"]
 
