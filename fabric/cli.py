@@ -651,21 +651,21 @@ def ipam_config(ctx: click.Context, strict_affinity: bool | None,
     """Show the IPAM configuration, or change the settings given."""
     ctx.meta[_RESOURCE] = "IPAMConfig default"
 
-    async def update(s: Services) -> IPAMConfig:
-        cfg = await s.res.get_config()
-        if strict_affinity is None and max_blocks_per_host is None:
-            return cfg
+    def change(cfg: IPAMConfig) -> IPAMConfig:
         d = cfg.to_json()
         if strict_affinity is not None:
             d["strictAffinity"] = strict_affinity
         if max_blocks_per_host is not None:
             d["maxBlocksPerHost"] = max_blocks_per_host
         try:
-            new = IPAMConfig.from_json(d)
+            return IPAMConfig.from_json(d)
         except ValidationError as e:
             raise ValidationError(f"--{_dashed(e.field)}", e.problem, e.resource) from e
-        await s.res.set_config(new)
-        return new
+
+    async def update(s: Services) -> IPAMConfig:
+        if strict_affinity is None and max_blocks_per_host is None:
+            return await s.res.get_config()
+        return await s.res.update_config(change)  # compare-and-swap: no lost concurrent change
 
     _show_config(run(ctx, update), fmt)
 

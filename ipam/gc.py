@@ -79,8 +79,26 @@ class CheckReport:
         if d.get("kind") != "IPAMCheckReport":
             raise ValueError("not an IPAM check report (kind must be IPAMCheckReport)")
         r = cls(blocks=int(d.get("blocks", 0)), ips_in_use=int(d.get("ipsInUse", 0)))
+        need = {"ips_without_handle": ("ip",), "leaked": ("ip",), "handles_without_ips": ("handle",),
+                "affinities_of_missing_nodes": ("node",), "stuck_affinities": ("node",),
+                "blocks_outside_pools": ("cidr",)}  # fmt: skip
         for f in cls.PROBLEM_FIELDS:
-            setattr(r, f, list(d.get(_camel(f)) or []))
+            items = d.get(_camel(f)) or []
+            if not isinstance(items, list):
+                raise ValueError(f"{_camel(f)}: must be a list")
+            for i, e in enumerate(items):
+                if not isinstance(e, dict) or any(k not in e for k in need[f]):
+                    raise ValueError(
+                        f"{_camel(f)}[{i}]: must be an object with {', '.join(need[f])}"
+                    )
+                if "ip" in need[f]:
+                    try:
+                        ipaddress.ip_address(e["ip"])
+                    except ValueError as err:
+                        raise ValueError(
+                            f"{_camel(f)}[{i}].ip: {e['ip']!r} is not an IP address"
+                        ) from err
+            setattr(r, f, list(items))
         return r
 
 
@@ -312,12 +330,20 @@ class Maintenance:
         """Delete a pool and its (empty) blocks. Refused while addresses are in use unless
         ``force``, which releases them first. Returns how many addresses were released."""
         _, pool = await self.resources.get_pool(name)
+        # Disable first: every allocation commit compares the pool's revision, so from here on
+        # nothing new lands in the pool and the in-use count below can only shrink.
+        if not pool.disabled:
+            await self.resources.set_pool_disabled(name, True)
         blocks, _ = await self.blocks.list_blocks()
         mine = {c: rb for c, rb in blocks.items() if within(c, pool.cidr)}
         in_use = sum(b.in_use for _, b in mine.values())
         if in_use and not force:
-            raise InUseError(f"IPPool {name} still has {in_use} addresses in use; disable it, "
-                             "or delete with --force to release them")  # fmt: skip
+            if not pool.disabled:
+                await self.resources.set_pool_disabled(name, False)
+            raise InUseError(
+                f"IPPool {name} still has {in_use} addresses in use; disable it, "
+                "or delete with --force to release them"
+            )
         released = 0
         for cidr in mine:
             handles = set()
@@ -336,6 +362,8 @@ class Maintenance:
                 owners = [a for a in await self.blocks.affinities() if a.cidr == cidr]
                 if cur is None and not owners:
                     return
+                if cur is not None and not cur[1].empty:
+                    raise ConflictError(f"block {cidr} got an address while being deleted")
                 await self.blocks.delete_block(cidr, cur[0] if cur else 0, owners)
 
             await cas_retry(f"delete block {cidr}", drop)

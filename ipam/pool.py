@@ -169,7 +169,7 @@ class Pool:
 
     def updated(self, spec: Mapping[str, Any]) -> Pool:
         """This pool with ``spec`` applied; cidr and blockSize are immutable once created."""
-        new = Pool.from_spec(self.name, spec)
+        new = Pool.from_spec(self.name, {"blockSize": self.block_size, **spec})
         if new.cidr != self.cidr:
             raise ValidationError(
                 "spec.cidr", "is immutable; create a new pool", f"IPPool {self.name}"

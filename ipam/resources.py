@@ -8,7 +8,7 @@ creations of overlapping pools cannot both succeed.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +162,20 @@ class Resources:
 
     async def set_config(self, cfg: IPAMConfig) -> None:
         await self.store.put(keys.CONFIG_IPAM, dumps(cfg.to_json()))
+
+    async def update_config(self, change: Callable[[IPAMConfig], IPAMConfig]) -> IPAMConfig:
+        """Read-modify-write of the IPAM config under compare-and-swap."""
+
+        async def attempt(_: int) -> IPAMConfig:
+            kv = await self.store.get(keys.CONFIG_IPAM)
+            new = change(IPAMConfig.from_json(loads(kv.value)) if kv else IPAMConfig())
+            r = await self.store.txn([Cmp.mod(keys.CONFIG_IPAM, kv.mod if kv else 0)],
+                                     [Op.put(keys.CONFIG_IPAM, dumps(new.to_json()))])  # fmt: skip
+            if not r.succeeded:
+                raise ConflictError("IPAM config changed concurrently")
+            return new
+
+        return await cas_retry("update IPAM config", attempt)
 
     async def list_reservations(self) -> list[Reservation]:
         kvs, _ = await self.store.list(keys.RESERVATIONS)

@@ -96,7 +96,8 @@ def parse_log(path: Path) -> tuple[dict[str, set[str]], set[str], list[str], dic
     inflight: set[str] = set()
     releasing: dict[str, set[str]] = {}
     anomalies: list[str] = []
-    for line in path.read_text().splitlines():
+    text = path.read_text() if path.exists() else ""  # killed before it wrote anything
+    for line in text.splitlines():
         op, _, rest = line.partition(" ")
         parts = rest.split()
         if not parts:

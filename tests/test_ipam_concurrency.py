@@ -118,34 +118,41 @@ def run_load(endpoints: list[str], prefix: str, tmp: Path, kill: bool = False,
     rng = random.Random(7)
     t0 = time.monotonic()
     leader_killed = False
-    while procs:
-        time.sleep(0.25)
-        if cluster is not None and not leader_killed and time.monotonic() - t0 > 4:
-            leader = cluster.leader()
-            assert leader is not None
-            leader.kill()
-            leader_killed = True
-        for i, p in list(procs.items()):
-            if kill and p.poll() is None and rng.random() < 0.04:
-                p.kill()
-                p.communicate()
-                kills += 1
-                held, inflight, _, _ = parse_log(logs[i])
-                killed_inflight |= inflight
-                done = len(logs[i].read_text().splitlines())  # enough to move past used indices
-                procs[i] = spawn(
-                    endpoints,
-                    prefix,
-                    i,
-                    max(0, per - len(held)) // 2 + 1,
-                    100_000 * kills + done,
-                    logs[i],
-                )
-                continue
-            if p.poll() is not None:
-                stats = finish(p)
-                assert stats["anomalies"] == 0
-                del procs[i]
+    try:
+        while procs:
+            time.sleep(0.25)
+            if cluster is not None and not leader_killed and time.monotonic() - t0 > 4:
+                leader = cluster.leader()
+                assert leader is not None
+                leader.kill()
+                leader_killed = True
+            for i, p in list(procs.items()):
+                if kill and p.poll() is None and rng.random() < 0.04:
+                    p.kill()
+                    p.communicate()
+                    kills += 1
+                    held, inflight, _, _ = parse_log(logs[i])
+                    killed_inflight |= inflight
+                    done = (
+                        len(logs[i].read_text().splitlines()) if logs[i].exists() else 0
+                    )  # enough to move past used indices
+                    procs[i] = spawn(
+                        endpoints,
+                        prefix,
+                        i,
+                        max(0, per - len(held)) // 2 + 1,
+                        100_000 * kills + done,
+                        logs[i],
+                    )
+                    continue
+                if p.poll() is not None:
+                    stats = finish(p)
+                    assert stats["anomalies"] == 0
+                    del procs[i]
+    finally:
+        for p in procs.values():  # only after a failure: stop what is left, by PID
+            p.kill()
+            p.communicate()
     result = asyncio.run(_verify(endpoints, prefix, logs, killed_inflight))
     result["kills"] = kills
     if kill:

@@ -324,3 +324,27 @@ def test_only_conflicts_are_retried(etcd_endpoints: list[str], prefix: str) -> N
     calls.clear()
     with pytest.raises(ConflictError, match="5 attempts"):
         asyncio.run(cas_retry("t", lambda n: flaky(-1 - n), retries=5))
+
+
+def test_refused_pool_delete_leaves_the_pool_as_it_was(
+    etcd_endpoints: list[str], prefix: str
+) -> None:
+    async def body(a: Allocator, m: Maintenance) -> None:
+        await pool(a, "p", "10.14.0.0/24")
+        await a.auto_assign(AssignRequest("h0", "n1"))
+        with pytest.raises(InUseError):
+            await m.delete_pool("p")
+        _, p = await a.resources.get_pool("p")
+        assert not p.disabled, "a refused delete must not leave the pool disabled"
+        assert (await a.auto_assign(AssignRequest("h1", "n1")))[0].pool == "p"
+        # update keeps the existing block size when the spec leaves it out
+        await a.resources.update_pool(
+            Pool.from_spec("p", {"cidr": "10.14.0.0/24", "blockSize": 26})
+        )
+        assert (await a.resources.get_pool("p"))[1].updated(
+            {"cidr": "10.14.0.0/24"}
+        ).block_size == 26
+        cfg = await a.resources.update_config(lambda c: IPAMConfig(True, c.max_blocks_per_host + 3))
+        assert cfg == await a.resources.get_config() == IPAMConfig(True, 3)
+
+    run(etcd_endpoints, prefix, body)
