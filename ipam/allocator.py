@@ -71,7 +71,7 @@ class AssignRequest:
 
 
 @dataclass
-class _Choice:
+class Choice:
     rev: int
     block: Block
     ordinals: list[int]
@@ -82,6 +82,12 @@ class _Choice:
 def within(inner: IPNetwork, outer: IPNetwork) -> bool:
     """``inner`` lies inside ``outer`` (False across address families)."""
     return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]
+
+
+def validate_request(req: AssignRequest) -> None:
+    _check_handle(req.handle)
+    if req.num_v4 < 0 or req.num_v6 < 0 or req.num_v4 + req.num_v6 == 0:
+        raise ValidationError("num", "ask for at least one address")
 
 
 def _check_handle(handle: str) -> None:
@@ -211,7 +217,7 @@ class Allocator:
         self._affine[node] = confirmed
 
     def _pick_affine(self, s: Settings, node: str, pools: list[Pool], count: int,
-                     taken: set[IPNetwork]) -> _Choice | None:  # fmt: skip
+                     taken: set[IPNetwork]) -> Choice | None:  # fmt: skip
         for cidr in self._affine.get(node, ()):
             if cidr in taken:
                 continue
@@ -223,10 +229,10 @@ class Allocator:
                 continue
             pool = self._pool_of(s, cidr)
             if pool in pools and blk.free_count(self._excluded(s, cidr)) >= count:
-                return _Choice(rev, blk, [], pool, False)
+                return Choice(rev, blk, [], pool, False)
         return None
 
-    async def _claim(self, s: Settings, node: str, pools: list[Pool]) -> _Choice | None:
+    async def _claim(self, s: Settings, node: str, pools: list[Pool]) -> Choice | None:
         if s.config.max_blocks_per_host:
             mine = await self.blocks.affinities(node)
             if len(mine) >= s.config.max_blocks_per_host:
@@ -246,11 +252,11 @@ class Allocator:
                 await self.blocks.confirm(aff)
                 self._cache[cidr] = (rev, blk)
                 self._affine.setdefault(node, set()).add(cidr)
-                return _Choice(rev, blk, [], pool, False)
+                return Choice(rev, blk, [], pool, False)
         return None
 
     async def _borrow(self, s: Settings, node: str, pools: list[Pool], count: int,
-                      taken: set[IPNetwork]) -> _Choice | None:  # fmt: skip
+                      taken: set[IPNetwork]) -> Choice | None:  # fmt: skip
         all_blocks, _ = await self.blocks.list_blocks()
         self._cache.update(all_blocks)
         for cidr, (rev, blk) in sorted(all_blocks.items(), key=lambda kv: -kv[1][1].free_count()):
@@ -260,11 +266,11 @@ class Allocator:
             if pool is None:
                 continue
             if blk.free_count(self._excluded(s, cidr)) >= count:
-                return _Choice(rev, blk, [], pool, node_of(blk) != node)
+                return Choice(rev, blk, [], pool, node_of(blk) != node)
         return None
 
     async def _choose(self, s: Settings, req: AssignRequest, version: int, count: int,
-                      labels: Mapping[str, str], taken: set[IPNetwork]) -> _Choice:  # fmt: skip
+                      labels: Mapping[str, str], taken: set[IPNetwork]) -> Choice:  # fmt: skip
         wanted = req.pools_v4 if version == 4 else req.pools_v6
         pools = self._eligible(s, version, wanted, labels)
         if not pools:
@@ -291,30 +297,33 @@ class Allocator:
     async def auto_assign(self, req: AssignRequest) -> list[AssignedIP]:
         """Assign addresses to ``req.handle``. Idempotent: a handle that already holds
         addresses gets those back (a second CNI ADD never takes a second IP)."""
-        _check_handle(req.handle)
-        if req.num_v4 < 0 or req.num_v6 < 0 or req.num_v4 + req.num_v6 == 0:
-            raise ValidationError("num", "ask for at least one address")
-        attr = Attribute(req.handle, {"node": req.node, **req.attrs})
+        validate_request(req)
 
         async def attempt(n: int) -> list[AssignedIP]:
             s = await self.settings(fresh=n > 0 and n % 10 == 0)
-            labels = await self._node_labels(req)
-            choices: list[_Choice] = []
-            taken: set[IPNetwork] = set()
-            for version, count in ((4, req.num_v4), (6, req.num_v6)):
-                if count:
-                    c = await self._choose(s, req, version, count, labels, taken)
-                    c.block, c.ordinals = c.block.assign(
-                        count, attr, self._excluded(s, c.block.cidr)
-                    )
-                    choices.append(c)
-                    taken.add(c.block.cidr)
-            return await self._commit_new(s, req.handle, choices)
+            return await self._commit_new(s, req.handle, await self.plan(s, req))
 
         return await cas_retry(f"assign addresses to {req.handle}", attempt, self.retries)
 
+    async def plan(self, s: Settings, req: AssignRequest) -> list[Choice]:
+        """Choose blocks for ``req`` and assign in memory (nothing written yet).
+
+        The cache is not changed: the caller commits (or, batching, stages) the result.
+        """
+        attr = Attribute(req.handle, {"node": req.node, **req.attrs})
+        labels = await self._node_labels(req)
+        choices: list[Choice] = []
+        taken: set[IPNetwork] = set()
+        for version, count in ((4, req.num_v4), (6, req.num_v6)):
+            if count:
+                c = await self._choose(s, req, version, count, labels, taken)
+                c.block, c.ordinals = c.block.assign(count, attr, self._excluded(s, c.block.cidr))
+                choices.append(c)
+                taken.add(c.block.cidr)
+        return choices
+
     async def _commit_new(
-        self, s: Settings, handle_id: str, choices: list[_Choice]
+        self, s: Settings, handle_id: str, choices: list[Choice]
     ) -> list[AssignedIP]:
         handle = Handle(handle_id)
         for c in choices:
@@ -356,7 +365,7 @@ class Allocator:
             self._settings = None  # a pool, reservation or the config moved
         raise ConflictError(f"blocks for {handle_id} changed concurrently")
 
-    async def _existing(self, handle_id: str, choices: list[_Choice]) -> list[AssignedIP]:
+    async def _existing(self, handle_id: str, choices: list[Choice]) -> list[AssignedIP]:
         held = await self.ips_by_handle(handle_id)
         want = {4: 0, 6: 0}
         for c in choices:

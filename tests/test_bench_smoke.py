@@ -16,6 +16,7 @@ def test_ipam_bench_smoke() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     last = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("floor_txn_per_s", "allocs_per_s_1", "ratio_1_to_floor", "allocs_per_s_8",
+                "allocs_per_s_1_sequential", "ratio_1_sequential_to_floor",
                 "conflicts_per_alloc_8", "p50_ms", "p99_ms", "duplicates"):  # fmt: skip
         assert key in last, key
     assert last["bench"] == "ipam"

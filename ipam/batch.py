@@ -1,0 +1,162 @@
+"""Coalescing of assignments that arrive together on one node into one transaction.
+
+A node starting many pods at once sends many CNI ADDs in parallel. Committed one by one they
+would all pick the node's current block and lose compare-and-swaps against each other;
+coalesced, they cost one block write for the whole group. Requests for a node queue up while
+a commit is in flight; the next commit takes everything queued (up to MAX_BATCH, one request
+per handle) and plans each request on the in-memory result of the previous ones.
+
+Any failure of a combined commit (a lost compare, an exhausted pool for one of the requests)
+falls back to committing the requests one by one through the allocator, so every request gets
+exactly the answer it would have had alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ipam import keys
+from ipam.allocator import Allocator, AssignedIP, AssignRequest, Choice, validate_request
+from ipam.block import Block, IPNetwork
+from ipam.blocks import Handle
+from ipam.errors import IPAMError
+from ipam.resources import Settings, dumps
+from ipam.store import Cmp, Op
+
+# Large enough to absorb a burst of pod starts, small enough to keep one transaction (and its
+# block values) well under etcd's request size limit.
+MAX_BATCH = 32
+
+Item = tuple[AssignRequest, "asyncio.Future[list[AssignedIP]]"]
+
+
+@dataclass
+class _Staged:
+    req: AssignRequest
+    choices: list[Choice]
+    seqs: list[int]
+
+
+class BatchingAllocator:
+    """``assign`` has the contract of ``Allocator.auto_assign``, coalescing per node."""
+
+    def __init__(self, alloc: Allocator) -> None:
+        self.alloc = alloc
+        self._queues: dict[str, list[Item]] = {}
+        self._drainers: dict[str, asyncio.Task[None]] = {}
+        self.batches = 0  # combined commits that succeeded, for metrics
+
+    async def assign(self, req: AssignRequest) -> list[AssignedIP]:
+        validate_request(req)
+        fut: asyncio.Future[list[AssignedIP]] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(req.node, []).append((req, fut))
+        if req.node not in self._drainers:
+            self._drainers[req.node] = asyncio.create_task(self._drain(req.node))
+        return await fut
+
+    async def _drain(self, node: str) -> None:
+        queue = self._queues[node]
+        try:
+            while queue:
+                batch: list[Item] = []
+                rest: list[Item] = []
+                seen: set[str] = set()
+                for item in queue:
+                    if len(batch) < MAX_BATCH and item[0].handle not in seen:
+                        batch.append(item)
+                        seen.add(item[0].handle)
+                    else:
+                        rest.append(item)
+                queue[:] = rest
+                try:
+                    await self._run(batch)
+                except BaseException as e:  # a bug, or cancellation: never leave a caller hanging
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    raise
+        finally:
+            del self._drainers[node]
+
+    async def _run(self, batch: list[Item]) -> None:
+        results = None
+        if len(batch) > 1:
+            try:
+                results = await self._commit_together([req for req, _ in batch])
+            except IPAMError:
+                results = None
+        if results is not None:
+            self.batches += 1
+            for (_, fut), res in zip(batch, results, strict=True):
+                fut.set_result(res)
+            return
+        for req, fut in batch:  # one by one: each gets its own answer or error
+            try:
+                fut.set_result(await self.alloc.auto_assign(req))
+            except IPAMError as e:
+                fut.set_exception(e)
+
+    async def _commit_together(self, reqs: list[AssignRequest]) -> list[list[AssignedIP]] | None:
+        a = self.alloc
+        s = await a.settings()
+        originals: dict[IPNetwork, tuple[int, Block] | None] = {}
+        base_rev: dict[IPNetwork, int] = {}
+        staged: list[_Staged] = []
+        try:
+            for req in reqs:
+                choices = await a.plan(s, req)
+                for c in choices:
+                    cidr = c.block.cidr
+                    originals.setdefault(cidr, a._cache.get(cidr))
+                    base_rev.setdefault(cidr, c.rev)
+                    a._cache[cidr] = (c.rev, c.block)  # later requests plan on top of this one
+                staged.append(_Staged(req, choices, [c.block.seq for c in choices]))
+            r = await a.store.txn(*self._txn(s, staged, base_rev))
+        except BaseException:
+            self._restore(originals)
+            raise
+        if not r.succeeded:
+            a.conflicts += 1
+            self._restore(originals)
+            return None
+        for cidr in base_rev:
+            a._cache[cidr] = (r.revision, a._cache[cidr][1])
+        return [
+            [
+                AssignedIP(c.block.ip(o), c.block.cidr, c.pool.name, seq, c.borrowed, st.req.handle)
+                for c, seq in zip(st.choices, st.seqs, strict=True)
+                for o in c.ordinals
+            ]
+            for st in staged
+        ]
+
+    def _txn(
+        self, settings: Settings, staged: list[_Staged], base_rev: dict[IPNetwork, int]
+    ) -> tuple[list[Cmp], list[Op]]:
+        a = self.alloc
+        cmps = [
+            Cmp.prefix_unchanged_since(keys.RESERVATIONS, settings.reservations_rev),
+            Cmp.mod(keys.CONFIG_IPAM, settings.config_rev),
+        ]
+        ops = []
+        pools = set()
+        for cidr, rev in base_rev.items():
+            cmps.append(Cmp.mod(keys.block(cidr), rev))
+            ops.append(Op.put(keys.block(cidr), a._cache[cidr][1].dumps()))
+        for st in staged:
+            handle = Handle(st.req.handle)
+            for c in st.choices:
+                handle = handle.plus(c.block.cidr, len(c.ordinals))
+                pools.add(c.pool.name)
+            cmps.append(Cmp.absent(keys.handle(st.req.handle)))
+            ops.append(Op.put(keys.handle(st.req.handle), dumps(handle.to_json())))
+        cmps += [Cmp.mod(keys.pool(p), settings.pools[p][0]) for p in sorted(pools)]
+        return cmps, ops
+
+    def _restore(self, originals: dict[IPNetwork, tuple[int, Block] | None]) -> None:
+        for cidr, orig in originals.items():
+            if orig is None:
+                self.alloc._cache.pop(cidr, None)
+            else:
+                self.alloc._cache[cidr] = orig
