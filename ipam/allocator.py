@@ -27,7 +27,7 @@ from ipam.errors import (
     ExhaustedError,
     ValidationError,
 )
-from ipam.pool import Pool, parse_cidr
+from ipam.pool import Pool
 from ipam.resources import Resources, Settings, dumps
 from ipam.retry import MAX_RETRIES, cas_retry
 from ipam.store import Cmp, Op, Store
@@ -116,8 +116,10 @@ class Allocator:
         self._cache: dict[IPNetwork, tuple[int, Block]] = {}
         self._affine: dict[str, set[IPNetwork]] = {}
         self._labels: dict[str, Mapping[str, str]] = {}
-        self._excl_cache: dict[tuple[int, IPNetwork], Excluded] = {}
-        self._pool_memo: dict[tuple[int, IPNetwork], Pool | None] = {}
+        # Per-block facts derived from one Settings object; dropped when another is used.
+        self._memo_for: Settings | None = None
+        self._excl_memo: dict[IPNetwork, Excluded] = {}
+        self._pool_memo: dict[IPNetwork, Pool | None] = {}
         self.conflicts = 0  # lost compare-and-swaps, for metrics and the benchmark
 
     # settings and caches ---------------------------------------------------------------
@@ -142,10 +144,18 @@ class Allocator:
             self._labels[req.node] = node.labels if node else {}
         return self._labels[req.node]
 
+    def _use_memo(self, s: Settings) -> None:
+        """Start fresh memos when ``s`` is not the settings they were derived from. Holding
+        ``s`` itself (not its id) means a new Settings can never hit an old entry."""
+        if s is not self._memo_for:
+            self._memo_for = s
+            self._excl_memo.clear()
+            self._pool_memo.clear()
+
     def _excluded(self, s: Settings, cidr: IPNetwork) -> Excluded:
         """Ordinals of ``cidr`` that reservations forbid, as a predicate (memoised per settings)."""
-        key = (id(s), cidr)
-        got = self._excl_cache.get(key)
+        self._use_memo(s)
+        got = self._excl_memo.get(cidr)
         if got is not None:
             return got
         out: set[int] = set()
@@ -157,9 +167,7 @@ class Allocator:
                     hi = min(int(r.broadcast_address), int(cidr.broadcast_address)) - base
                     out.update(range(lo, hi + 1))
         pred: Excluded = frozenset(out).__contains__ if out else no_exclusions
-        if len(self._excl_cache) > 4096:
-            self._excl_cache.clear()
-        self._excl_cache[key] = pred
+        self._excl_memo[cidr] = pred
         return pred
 
     def _eligible(
@@ -182,13 +190,11 @@ class Allocator:
 
     def _pool_of(self, s: Settings, cidr: IPNetwork) -> Pool | None:
         """The pool ``cidr`` lies in under settings ``s`` (memoised per settings)."""
-        key = (id(s), cidr)
-        if key in self._pool_memo:
-            return self._pool_memo[key]
+        self._use_memo(s)
+        if cidr in self._pool_memo:
+            return self._pool_memo[cidr]
         found = next((p for _, p in s.pools.values() if within(cidr, p.cidr)), None)
-        if len(self._pool_memo) > 4096:
-            self._pool_memo.clear()
-        self._pool_memo[key] = found
+        self._pool_memo[cidr] = found
         return found
 
     # node's blocks ---------------------------------------------------------------------
@@ -569,13 +575,3 @@ class Allocator:
         await cas_retry(f"release affinity of {node} for {cidr}", attempt, self.retries)
         self._cache.pop(cidr, None)
         self._affine.get(node, set()).discard(cidr)
-
-
-def parse_pool_refs(values: list[str] | tuple[str, ...], field_name: str) -> tuple[str, ...]:
-    """Validate pool references (names or CIDRs) from a CNI config or CLI flag."""
-    out = []
-    for v in values:
-        if "/" in v:
-            parse_cidr(v, field_name)
-        out.append(str(v))
-    return tuple(out)

@@ -22,7 +22,7 @@ from typing import Any
 
 from ipam import keys
 from ipam.block import Block, IPNetwork
-from ipam.errors import ConflictError, InUseError, NotFoundError
+from ipam.errors import ConflictError, InUseError
 from ipam.pool import Pool
 from ipam.resources import dumps, loads
 from ipam.store import KV, Cmp, Op, Store
@@ -244,9 +244,3 @@ class BlockStore:
         r = await self.store.txn(cmps, ops)
         if not r.succeeded:
             raise ConflictError(f"block {cidr} changed while deleting it")
-
-    async def require_block(self, cidr: IPNetwork) -> tuple[int, Block]:
-        got = await self.get_block(cidr)
-        if got is None:
-            raise NotFoundError(f"block {cidr} not found")
-        return got

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ipam.errors import ValidationError
 
@@ -59,6 +60,7 @@ class Selector:
         return self.text
 
 
+@lru_cache(maxsize=1024)  # pools are matched on every allocation: parse each text once
 def parse(text: str | None, field: str = "selector") -> Selector:
     """Parse ``text``; raises ValidationError naming ``field`` when it is malformed."""
     if text is None or not text.strip():

@@ -151,24 +151,16 @@ class Demo:
 
 
 def _blocks_by_node(out: str) -> dict[str, list[str]]:
-    """Node -> blocks from `ipam show --show-blocks -o json` (whatever row shape it uses)."""
-    found: dict[str, list[str]] = {}
-
-    def walk(x: object) -> None:
-        if isinstance(x, dict):
-            node = x.get("node") or x.get("affinity")
-            if node and "cidr" in x:
-                found.setdefault(str(node).removeprefix("host:"), []).append(str(x["cidr"]))
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-
+    """Node -> blocks from `fabricctl ipam show --show-blocks -o json`."""
     try:
-        walk(json.loads(out))
-    except ValueError:
+        pools = json.loads(out)["pools"]
+    except (ValueError, KeyError):
         return {}
+    found: dict[str, list[str]] = {}
+    for p in pools:
+        for b in p["blocks"]:
+            if b["node"]:
+                found.setdefault(b["node"], []).append(b["cidr"])
     return found
 
 

@@ -348,3 +348,19 @@ def test_refused_pool_delete_leaves_the_pool_as_it_was(
         assert cfg == await a.resources.get_config() == IPAMConfig(True, 3)
 
     run(etcd_endpoints, prefix, body)
+
+
+def test_reservation_added_later_is_honoured_by_a_warm_allocator(
+    etcd_endpoints: list[str], prefix: str
+) -> None:
+    async def body(a: Allocator, m: Maintenance) -> None:
+        await pool(a, "p", "10.15.0.0/28", blockSize=28)
+        first = await a.auto_assign(AssignRequest("h0", "n1"))  # warms caches and memos
+        nxt = first[0].ip + 1
+        await a.resources.put_reservation(
+            Reservation.from_spec("late", {"reservedCIDRs": [f"{nxt}/32"]})
+        )
+        got = await a.auto_assign(AssignRequest("h1", "n1"))
+        assert got[0].ip != nxt, "the reservation made after the cache was warm was ignored"
+
+    run(etcd_endpoints, prefix, body)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from ipam.errors import DatastoreUnavailable
-from ipam.store import Cmp, EventType, Op, Store
+from ipam.store import Cmp, Op, Store
 from lab.etcd import EtcdCluster, free_port
 
 pytestmark = pytest.mark.etcd
@@ -104,7 +104,3 @@ def test_prefix_compare_and_txn_gets(etcd_endpoints: list[str], prefix: str) -> 
             assert [kv.key for kv in r.gets[0]] == ["p/a", "p/b"]
 
     asyncio.run(main())
-
-
-def test_event_type_names() -> None:
-    assert {str(t) for t in EventType} == {"put", "delete"}
