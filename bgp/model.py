@@ -499,9 +499,13 @@ Event = PeerUpdate | PeerState | EndOfRib | PeerNotification | SpeakerRestarted
 
 @dataclass(frozen=True, slots=True)
 class Advert:
-    """A route the local node announces: prefix, next hop (the node's address of the
-    prefix's family), communities (literal values)."""
+    """A route the local node announces: prefix, next hop, communities (literal values).
+
+    ``next_hop`` None means "self": each session uses its own local address, which is what
+    a node homed to several routers on different subnets needs. IPv6 prefixes carried over
+    an IPv4 session need an explicit IPv6 next hop (ExaBGP refuses "self" across families).
+    """
 
     prefix: IPNetwork
-    next_hop: IPAddress
+    next_hop: IPAddress | None = None
     communities: tuple[str, ...] = ()
