@@ -18,6 +18,9 @@ PEERS = "peers/"
 BLOCKS = "ipam/blocks/"
 AFFINITIES = "ipam/affinity/"
 HANDLES = "ipam/handles/"
+# What each fabricd publishes about itself (BGP sessions, installed routes), under its
+# node lease: fabricctl bgp status / routes read it.
+STATUS = "status/"
 
 
 def cidr_key(cidr: IPNetwork) -> str:
@@ -61,3 +64,11 @@ def parse_affinity(key: str) -> tuple[str, IPNetwork]:
 
 def handle(handle_id: str) -> str:
     return HANDLES + handle_id
+
+
+def peer(name: str) -> str:
+    return PEERS + name
+
+
+def status(node_name: str) -> str:
+    return STATUS + node_name
