@@ -35,6 +35,8 @@ LOOPBACKS = IPv4Net("10.255.255.0/24")
 # etcd.py gives member i the ports 2379 + 10 i / 2380 + 10 i inside a namespace.
 ETCD_CLIENT_PORT = 2379
 MGMT_BRIDGE = "br0"
+# Labels that describe the lab itself, not the node: not handed on to fabricd.
+TOPOLOGY_LABELS = frozenset({"fabric.role", "fabric.asn", "fabric.accept", "fabric.etcd.members"})
 
 
 def lab_prefix(name: str) -> str:
@@ -89,6 +91,7 @@ class NodePlan:
     bridge_ports: list[str] = field(default_factory=list)
     accept: tuple[IPv4Net, ...] = ()
     etcd_members: int = 0
+    labels: dict[str, str] = field(default_factory=dict)  # the node's own (fabric.rack, ...)
 
     @property
     def address(self) -> IPv4 | None:
@@ -241,6 +244,7 @@ def build(topo: Topology, name: str | None = None) -> Plan:
             asn=n.asn,
             accept=n.accept if n.role.is_router else (),
             etcd_members=n.etcd_members if n.role == Role.ETCD else 0,
+            labels={k: v for k, v in n.labels.items() if k not in TOPOLOGY_LABELS},
         )
         for n in topo.nodes.values()
     }

@@ -91,7 +91,7 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _reap(pid: int) -> None:
+def reap(pid: int) -> None:
     """Reap ``pid`` when it is our own child (a Lab object in this process started it)."""
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
@@ -108,7 +108,7 @@ def terminate(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while todo and time.monotonic() < deadline:
         for p in todo:
-            _reap(p)
+            reap(p)
         todo = [p for p in todo if alive(p)]
         if todo:
             time.sleep(0.05)
@@ -116,7 +116,7 @@ def terminate(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
         _signal(p, signal.SIGKILL)
     for p in todo:
         for _ in range(100):
-            _reap(p)
+            reap(p)
             if not alive(p):
                 break
             time.sleep(0.02)

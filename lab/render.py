@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from lab.plan import NodePlan, Plan
+from lab.topology import Role
 
 LAB_NET = ipaddress.IPv4Network("10.255.0.0/16")
 ETCD_PREFIX = "/fabric/v1"
@@ -177,25 +178,81 @@ def bird(node: NodePlan, mgmt: ipaddress.IPv4Network, log_dir: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def fabricd_config(node: NodePlan, plan: Plan) -> dict[str, Any]:
-    """The agent's config for a host: who it is, where etcd is, whom it peers with."""
+POD_POOL = "10.244.0.0/16"
+ROUTE_PROTOCOL = 201
+
+
+def fabricd_config(node: NodePlan, plan: Plan, run_dir: Path | None = None) -> dict[str, Any]:
+    """The agent's config for a host: who it is, where etcd is, where it keeps its state.
+
+    Whom it peers with is not here: that is datastore state (``fabric_resources``).
+    """
     addr = node.address
-    return {
+    ifaces = [str(v) for k, v in sorted(node.ifaces.items()) if v is not None]
+    main = next((str(v) for v in node.ifaces.values() if v is not None and v.ip == addr), None)
+    run = run_dir or Path("/run/fabric")
+    cfg: dict[str, Any] = {
         "nodeName": node.name,
-        "nodeAddress": str(addr) if addr else None,
-        "asNumber": node.asn,
-        "interfaces": {k: str(v) for k, v in sorted(node.ifaces.items()) if v is not None},
+        "addresses": {"ipv4": main or (f"{addr}/32" if addr else None)},
+        "interfaces": [i for i in ifaces if i != main],
+        "labels": dict(node.labels),
         "etcd": {
             "endpoints": [f"http://{e}" for e in plan.etcd_endpoints],
             "prefix": ETCD_PREFIX,
         },
-        "peers": [
-            {"name": nb.name, "peerIP": str(nb.address), "asNumber": nb.asn}
-            for nb in node.neighbors
-        ],
-        "defaultRoute": [str(g) for g in node.default_via],
+        "health": {"listen": "127.0.0.1:9099"},
+        "routes": {"protocol": ROUTE_PROTOCOL},
+        "bgp": {"gracefulRestartTime": 120},
+        "cni": {"socket": str(run / "cni.sock"), "stateDir": str(run / "state")},
+        "runDir": str(run),
+        "leaseTTL": 15,
+        "log": {"level": "info"},
     }
+    if node.asn is not None:
+        cfg["asNumber"] = node.asn
+    return cfg
 
 
-def fabricd_yaml(node: NodePlan, plan: Plan) -> str:
-    return yaml.safe_dump(fabricd_config(node, plan), sort_keys=False)
+def fabricd_yaml(node: NodePlan, plan: Plan, run_dir: Path | None = None) -> str:
+    return yaml.safe_dump(fabricd_config(node, plan, run_dir), sort_keys=False)
+
+
+def fabric_resources(plan: Plan, pool: str = POD_POOL) -> list[dict[str, Any]]:
+    """Datastore resources that make the lab a fabric: the BGP configuration (full mesh
+    only when no host has a router to peer with), one node-scoped BGPPeer per host-router
+    adjacency (the router's address on the link, its AS) and one IP pool."""
+    hosts = [n for n in plan.nodes.values() if n.role == Role.NODE]
+    routed = any(n.neighbors and plan.nodes[n.neighbors[0].name].role.is_router for n in hosts)
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "fabric/v1",
+            "kind": "BGPConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"nodeToNodeMeshEnabled": not routed, "asNumber": 64512},
+        },
+        {
+            "apiVersion": "fabric/v1",
+            "kind": "IPPool",
+            "metadata": {"name": "pods"},
+            "spec": {"cidr": pool, "blockSize": 26, "natOutgoing": False},
+        },
+    ]
+    for n in hosts:
+        for nb in n.neighbors:
+            if not plan.nodes[nb.name].role.is_router:
+                continue
+            docs.append(
+                {
+                    "apiVersion": "fabric/v1",
+                    "kind": "BGPPeer",
+                    "metadata": {"name": f"{n.name}-{nb.name}"},
+                    "spec": {
+                        "node": n.name,
+                        "peerIP": str(nb.address),
+                        "asNumber": nb.asn,
+                        "holdTime": 9,
+                        "keepaliveTime": 3,
+                    },
+                }
+            )
+    return docs

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,10 +31,11 @@ import yaml
 from lab import netns, procs, render, routers
 from lab.etcd import EtcdCluster
 from lab.plan import MGMT_BRIDGE, NodePlan, Plan, build
-from lab.state import LabState, check_name, lab_dir
+from lab.state import LabState, ProcRecord, check_name, lab_dir
 from lab.topology import Role, Topology, load
 
 T = TypeVar("T")
+BIN = Path(sys.executable).parent
 ROUTER_FORWARDING = {
     "net.ipv4.ip_forward": "1",
     "net.ipv4.conf.all.rp_filter": "0",
@@ -209,7 +213,9 @@ class Lab:
             elif node.role == Role.BIRD:
                 (d / "bird.conf").write_text(render.bird(node, mgmt, d))
             elif node.role == Role.NODE:
-                (d / "fabricd.yaml").write_text(render.fabricd_yaml(node, self.plan))
+                (d / "fabricd.yaml").write_text(render.fabricd_yaml(node, self.plan, d / "run"))
+        docs = render.fabric_resources(self.plan)
+        (self.dir / "fabric-resources.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
 
     def _spawn(self, node: NodePlan, what: str, argv: list[str]) -> None:
         child, rec = procs.spawn(
@@ -284,12 +290,112 @@ class Lab:
                         child.wait(5)
             self._children = [c for c in self._children if c.returncode is None]
 
+    # ----------------------------------------------------------------- the fabric
+
+    def fabricctl(
+        self, args: Sequence[str], node: str | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``fabricctl`` against the lab's etcd from inside a host's namespace."""
+        host = node or self.nodes(Role.NODE)[0]
+        argv = [str(BIN / "fabricctl"), "--etcd-endpoints", ",".join(self.etcd_endpoints), *args]
+        return self.exec(host, argv, timeout=timeout)
+
+    def configure_fabric(self) -> None:
+        """Write the lab's BGP configuration, BGP peers and IP pool into etcd (idempotent)."""
+        r = self.fabricctl(["apply", "-f", str(self.dir / "fabric-resources.yaml")])
+        if r.returncode != 0:
+            raise LabError(
+                f"failed to configure the fabric: {r.stderr.strip() or r.stdout.strip()}"
+            )
+
     def start_fabricd(self, node: str) -> None:
         """Start fabricd in a linux node from its generated ``<labdir>/<node>/fabricd.yaml``."""
-        raise NotImplementedError(
-            f"fabricd does not exist yet (node agent issue); its config for {node} is at "
-            f"{self.fabricd_config_path(node)}"
+        n = self.node(node)
+        if n.role != Role.NODE:
+            raise LabError(f"{node} is not a host node")
+        if self.fabricd_running(node):
+            raise LabError(f"fabricd already runs in {node}")
+        self.state.procs = [
+            r for r in self.state.procs if not (r.node == node and r.what == "fabricd")
+        ]
+        self._spawn(
+            n, "fabricd", [str(BIN / "fabricd"), "--config", str(self.fabricd_config_path(node))]
         )
+
+    def fabricd_record(self, node: str) -> ProcRecord | None:
+        for r in self.state.procs:
+            if r.node == node and r.what == "fabricd" and procs.matches(r):
+                return r
+        return None
+
+    def fabricd_running(self, node: str) -> bool:
+        return self.fabricd_record(node) is not None
+
+    def fabricd_pid(self, node: str) -> int:
+        rec = self.fabricd_record(node)
+        if rec is None:
+            raise LabError(f"fabricd is not running in {node}")
+        return int(rec.pid)
+
+    def stop_fabricd(self, node: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """Signal fabricd in ``node`` (by its recorded PID) and wait until it is gone."""
+        rec = self.fabricd_record(node)
+        if rec is None:
+            return
+        os.kill(rec.pid, sig)
+        end = time.monotonic() + timeout
+        while procs.alive(rec.pid):
+            procs.reap(rec.pid)
+            if time.monotonic() > end:
+                raise LabError(f"fabricd in {node} did not exit within {timeout:.0f} s of {sig}")
+            time.sleep(0.05)
+
+    def health(self, node: str, path: str = "/readyz") -> tuple[int, str]:
+        """GET ``path`` from fabricd's health server inside ``node``: (status, body); 0 if down."""
+        code = (
+            "import sys,urllib.request,urllib.error\n"
+            "try:\n r=urllib.request.urlopen('http://127.0.0.1:9099'+sys.argv[1]+'?verbose',timeout=3)\n"
+            " print(r.status);print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n print(e.code);print(e.read().decode())\n"
+            "except OSError as e:\n print(0);print(e)\n"
+        )
+        r = self.exec(node, ["/usr/bin/python3", "-IS", "-c", code, path], timeout=10)
+        first, _, rest = r.stdout.partition("\n")
+        return (int(first) if first.strip().isdigit() else 0), rest
+
+    def start_fabric(self, timeout: float = 60.0) -> None:
+        """Configure the datastore, start fabricd on every host, wait until all are ready."""
+        self.configure_fabric()
+        hosts = self.nodes(Role.NODE)
+        for h in hosts:
+            self.progress(f"starting fabricd in {h}")
+            self.start_fabricd(h)
+        for h in hosts:
+            self.wait_for(
+                functools.partial(self._fabricd_ready, h), timeout, what=f"fabricd in {h} ready"
+            )
+
+    def _fabricd_ready(self, node: str) -> bool:
+        if not self.fabricd_running(node):
+            log = self._node_dir(node) / "fabricd.out"
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            raise LabError(f"fabricd in {node} exited: {tail}")
+        return self.health(node, "/readyz")[0] == 200
+
+    def kernel_routes(self, node: str, proto: int | str = render.ROUTE_PROTOCOL) -> dict[str, str]:
+        """Routes of ``proto`` in ``node``'s main table: destination -> rest of the line."""
+        r = self.exec(node, ["ip", "-4", "route", "show", "proto", str(proto)], check=True)
+        r6 = self.exec(node, ["ip", "-6", "route", "show", "proto", str(proto)], check=True)
+        out = {}
+        for line in (r.stdout + r6.stdout).splitlines():
+            if line.startswith((" ", "\t")) or not line.strip():
+                continue
+            parts = line.split(None, 1)
+            if parts[0] == "blackhole":
+                out[parts[1].split()[0]] = "blackhole"
+            else:
+                out[parts[0]] = parts[1] if len(parts) > 1 else ""
+        return out
 
     # ----------------------------------------------------------------- queries
     def node(self, name: str) -> NodePlan:

@@ -45,13 +45,29 @@ def test_mesh3_full_mesh_and_rr_clients() -> None:
     assert len(rr.etcd_endpoints) == 3
 
 
-def test_fabricd_config_names_node_etcd_and_peers() -> None:
+def test_fabricd_config_names_node_etcd_and_address() -> None:
     plan = build(load("two-rack"), "x")
     cfg = render.fabricd_config(plan.nodes["node3"], plan)
     assert cfg["nodeName"] == "node3"
     assert cfg["asNumber"] == 65102
+    assert cfg["labels"] == {"fabric.rack": "2"}
     assert cfg["etcd"]["endpoints"] == ["http://10.255.0.2:2379"]
-    assert [p["name"] for p in cfg["peers"]] == ["tor2"]
+    assert cfg["addresses"]["ipv4"] == str(plan.nodes["node3"].ifaces["eth1"])
+
+
+def test_fabric_resources_peer_each_host_with_its_tor() -> None:
+    plan = build(load("two-rack"), "x")
+    docs = render.fabric_resources(plan)
+    bgp = next(d for d in docs if d["kind"] == "BGPConfiguration")
+    assert bgp["spec"]["nodeToNodeMeshEnabled"] is False
+    peers = {d["spec"]["node"]: d["spec"] for d in docs if d["kind"] == "BGPPeer"}
+    assert sorted(peers) == ["node1", "node2", "node3", "node4"]
+    tor2 = plan.nodes["tor2"]
+    assert peers["node3"]["asNumber"] == 65002
+    assert peers["node3"]["peerIP"] in {str(a.ip) for a in tor2.ifaces.values() if a}
+    mesh = render.fabric_resources(build(load("mesh3"), "y"))
+    assert next(d for d in mesh if d["kind"] == "BGPConfiguration")["spec"]["nodeToNodeMeshEnabled"]
+    assert not [d for d in mesh if d["kind"] == "BGPPeer"]
 
 
 @pytest.mark.parametrize(

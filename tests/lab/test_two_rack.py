@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from lab.runner import Lab
+from lab.runner import Lab, LabError
 from lab.topology import Role
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
@@ -72,10 +72,9 @@ def test_etcd_answers_from_every_node(lab: Lab) -> None:
 def test_fabricd_config_generated_for_hosts(lab: Lab) -> None:
     cfg = yaml.safe_load(lab.fabricd_config_path("node1").read_text())
     assert cfg["nodeName"] == "node1"
-    assert cfg["nodeAddress"] == lab.address("node1")
-    assert cfg["peers"][0]["peerIP"] == lab.addresses("tor1")["eth2"].split("/")[0]
-    with pytest.raises(NotImplementedError, match="fabricd"):
-        lab.start_fabricd("node1")
+    assert cfg["addresses"]["ipv4"].split("/")[0] == lab.address("node1")
+    with pytest.raises(LabError, match="not a host"):
+        lab.start_fabricd("tor1")
 
 
 def test_forwarding_only_inside_lab_namespaces(lab: Lab) -> None:
