@@ -268,10 +268,15 @@ class Peer:
     max_restart_time: int | None = None
     max_prefixes: int | None = None
     required: bool | None = None
+    # Calico's numAllowedLocalASNumbers (BIRD "allow local as", FRR "allowas-in"): accept
+    # routes whose AS path holds our own AS up to this many times. Needed with one AS per
+    # rack, where routes between hosts of the same rack come back through the ToR.
+    num_allowed_local_as: int = 0
 
     FIELDS = (
         "peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "localASNumber",
         "passwordFile", "holdTime", "keepaliveTime", "maxRestartTime", "maxPrefixes", "required",
+        "numAllowedLocalASNumbers",
     )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -297,6 +302,7 @@ class Peer:
             "maxRestartTime": self.max_restart_time,
             "maxPrefixes": self.max_prefixes,
             "required": self.required,
+            "numAllowedLocalASNumbers": self.num_allowed_local_as or None,
         }
         return {k: v for k, v in out.items() if v is not None}
 
@@ -366,6 +372,10 @@ class Peer:
             max_restart_time=_int(d.get("maxRestartTime"), "maxRestartTime", res, 1, 4095),
             max_prefixes=_int(d.get("maxPrefixes"), "maxPrefixes", res, 1, 2**31),
             required=required,
+            num_allowed_local_as=_int(
+                d.get("numAllowedLocalASNumbers"), "numAllowedLocalASNumbers", res, 0, 10
+            )
+            or 0,
         )
 
 
@@ -429,6 +439,7 @@ class Session:
     max_prefixes: int | None = None
     required: bool = False
     peer_node: str | None = None  # the fabric node on the far side, if any
+    allow_local_as: int = 0  # Peer.num_allowed_local_as
     families: tuple[str, ...] = ("ipv4 unicast", "ipv6 unicast")
 
     @property
