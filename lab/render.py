@@ -252,6 +252,9 @@ def fabric_resources(plan: Plan, pool: str = POD_POOL) -> list[dict[str, Any]]:
                         "asNumber": nb.asn,
                         "holdTime": 9,
                         "keepaliveTime": 3,
+                        # hosts of one rack share an AS: their routes to each other come
+                        # back through the ToR with that AS in the path
+                        "numAllowedLocalASNumbers": 1,
                     },
                 }
             )
