@@ -1,9 +1,10 @@
-"""fabricctl: pools, IPAM and YAML resources against the fabric's etcd.
+"""fabricctl: pools, IPAM, BGP and YAML resources against the fabric's etcd.
 
 Every command builds one Store for its run (short deadline, so an unreachable etcd is exit 2
 within seconds), runs one coroutine with asyncio.run and closes the store. Errors become one
 line on stderr and an exit code, both decided in fabric.errors. Shared plumbing lives in
-fabric.cli_common; the ipam group in fabric.cli_ipam.
+fabric.cli_common; the ipam group in fabric.cli_ipam; peers, bgp, routes and node show/label
+in fabric.cli_bgp.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import click
 
 from fabric import resources_yaml as ry
+from fabric.cli_bgp import bgp, node_label, node_show, peer, routes
 from fabric.cli_common import (
     DEFAULT_ENDPOINTS,
     DEFAULT_TIMEOUT,
@@ -83,7 +85,7 @@ from ipam.store import DEFAULT_PREFIX, TLSConfig
 @click.pass_context
 def main(ctx: click.Context, etcd_endpoints: str, etcd_cacert: Path | None,
          etcd_cert: Path | None, etcd_key: Path | None, prefix: str, timeout: float) -> None:  # fmt: skip
-    """Manage the fabric's IP pools, IPAM data and resources in etcd.
+    """Manage the fabric's IP pools, IPAM data, BGP peers and configuration in etcd.
 
     Exit codes: 0 ok, 1 user error, 2 etcd unreachable, 3 `ipam check` found problems.
     """
@@ -231,8 +233,13 @@ def pool_delete(ctx: click.Context, name: str, force: bool) -> None:
 )
 @click.pass_context
 def apply_cmd(ctx: click.Context, path: str) -> None:
-    """Create or update resources (IPPool, IPReservation, IPAMConfig, Node) from YAML."""
+    """Create or update resources from YAML.
+
+    Kinds: IPPool, IPReservation, IPAMConfig, Node, BGPPeer, BGPConfiguration.
+    """
     docs = ry.parse_documents(read_input(path, "resources"), "stdin" if path == "-" else path)
+    for d in docs:
+        ry.check(d)
 
     async def apply_all(s: Services) -> None:
         for d in docs:
@@ -248,14 +255,16 @@ def apply_cmd(ctx: click.Context, path: str) -> None:
 @output_option
 @click.pass_context
 def get_cmd(ctx: click.Context, kind: str, name: str | None, fmt: str) -> None:
-    """Show resources of KIND (ippool, ipreservation, ipamconfig, node), or the one NAME.
+    """Show resources of KIND, or the one NAME.
+
+    KIND: ippool, ipreservation, ipamconfig, node, bgppeer, bgpconfiguration.
 
     `get KIND -o yaml` prints documents that `apply -f` accepts.
     """
     k = ry.kind_of(kind)
     ctx.meta[RESOURCE] = f"{k} {name}" if name else k
     docs = run(ctx, lambda s: ry.get(s.res, k, name))
-    emit_resources(k, docs, fmt, single=name is not None or k == ry.IPAMCONFIG)
+    emit_resources(k, docs, fmt, single=name is not None or k in ry.SINGLETONS)
 
 
 @main.command("delete")
@@ -290,9 +299,15 @@ def node_list(ctx: click.Context, fmt: str) -> None:
 @click.argument("name")
 @click.pass_context
 def node_delete(ctx: click.Context, name: str) -> None:
-    """Delete node NAME after releasing its addresses and blocks."""
+    """Delete node NAME after releasing its addresses and blocks (and its BGP status)."""
     ctx.meta[RESOURCE] = f"Node {name}"
     click.echo(run(ctx, lambda s: ry.delete(s.maint, ry.NODE, name, progress)))
 
 
+node.add_command(node_show)
+node.add_command(node_label)
+
 main.add_command(ipam)
+main.add_command(peer)
+main.add_command(bgp)
+main.add_command(routes)

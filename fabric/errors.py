@@ -5,7 +5,7 @@ Exit codes::
     0  success
     1  user error: bad input, unknown or conflicting resource, refused operation
        (ipam ValidationError, NotFoundError, InUseError, AlreadyAllocatedError, ExhaustedError,
-       StaleError; a bad file or document; a bad command line)
+       StaleError; bgp ValidationError; a bad file or document; a bad command line)
     2  the datastore is unreachable (ipam DatastoreUnavailable)
     3  ``ipam check`` found problems (not an error: the report says what they are)
     70 internal error (a bug: set FABRIC_DEBUG=1 for the traceback)
@@ -16,6 +16,7 @@ Errors are matched by type, never by their text.
 
 from __future__ import annotations
 
+from bgp import errors as bgp_errors
 from ipam import errors as ipam_errors
 
 EXIT_OK = 0
@@ -43,6 +44,7 @@ class CLIError(Exception):
 _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ipam_errors.DatastoreUnavailable, EXIT_UNAVAILABLE),
     (ipam_errors.ValidationError, EXIT_USER),
+    (bgp_errors.ValidationError, EXIT_USER),
     (ipam_errors.NotFoundError, EXIT_USER),
     (ipam_errors.InUseError, EXIT_USER),
     (ipam_errors.AlreadyAllocatedError, EXIT_USER),
@@ -69,7 +71,7 @@ def is_known(exc: BaseException) -> bool:
 
 def message(exc: BaseException, resource: str = "") -> str:
     """One line naming the resource (``resource`` fills in when the error names none)."""
-    if isinstance(exc, ipam_errors.ValidationError | CLIError):
+    if isinstance(exc, ipam_errors.ValidationError | bgp_errors.ValidationError | CLIError):
         text = _join(exc.resource or resource, exc.field, exc.problem)
     elif is_known(exc):
         text = str(exc) or type(exc).__name__

@@ -1,4 +1,5 @@
-"""YAML resources for ``fabricctl apply|get|delete``: IPPool, IPReservation, IPAMConfig, Node.
+"""YAML resources for ``fabricctl apply|get|delete``: IPPool, IPReservation, IPAMConfig, Node,
+and (converted in fabric.resources_bgp) BGPPeer and BGPConfiguration.
 
 Documents look like Calico's (``apiVersion``, ``kind``, ``metadata.name``, ``spec`` with
 Calico's field names); ``apiVersion`` may be ``projectcalico.org/v3`` or ``fabric/v1``. What
@@ -13,12 +14,16 @@ Node follows Calico's shape: labels in ``metadata.labels``, ``spec.addresses`` a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from bgp.model import Peer
+from fabric import resources_bgp as rb
+from fabric.bgpstore import BGPStore
 from fabric.errors import CLIError
 from ipam import keys
 from ipam.errors import NotFoundError, ValidationError
@@ -31,12 +36,15 @@ OUTPUT_API_VERSION = "fabric/v1"
 IPAM_CONFIG_NAME = "default"  # the singleton's name, as Calico's IPAMConfiguration
 
 IPPOOL, IPRESERVATION, IPAMCONFIG, NODE = "IPPool", "IPReservation", "IPAMConfig", "Node"
-KINDS = (IPPOOL, IPRESERVATION, IPAMCONFIG, NODE)
+BGPPEER, BGPCONFIG = rb.BGPPEER, rb.BGPCONFIG
+KINDS = (IPPOOL, IPRESERVATION, IPAMCONFIG, NODE, *rb.KINDS)
+SINGLETONS = (IPAMCONFIG, BGPCONFIG)  # one resource named "default"; `get` shows it alone
 _ALIASES = {
     IPPOOL: ("ippool", "ippools", "pool", "pools", "ipp", "ipps"),
     IPRESERVATION: ("ipreservation", "ipreservations", "reservation", "reservations"),
     IPAMCONFIG: ("ipamconfig", "ipamconfigs", "ipamconfiguration", "ipamconfigurations"),
     NODE: ("node", "nodes", "no"),
+    **rb.ALIASES,
 }
 KIND_NAMES = {alias: kind for kind, aliases in _ALIASES.items() for alias in aliases}
 
@@ -48,7 +56,7 @@ def kind_of(text: str) -> str:
     kind = KIND_NAMES.get(text.lower())
     if kind is None:
         raise CLIError(f"unknown kind {text!r} (use one of: ippool, ipreservation, ipamconfig, "
-                       "node, or their plurals)")  # fmt: skip
+                       "node, bgppeer, bgpconfiguration, or their plurals)")  # fmt: skip
     return kind
 
 
@@ -118,7 +126,7 @@ def _document(d: object, where: str) -> Document:
     labels = meta.get("labels") or {}
     if not isinstance(labels, Mapping):
         raise CLIError("must be a mapping of strings", f"{kind} {name}", "metadata.labels")
-    spec = d.get("spec", {}) if kind == IPAMCONFIG else d.get("spec")
+    spec = d.get("spec", {}) if kind in SINGLETONS else d.get("spec")
     if not isinstance(spec, Mapping):
         raise CLIError("is required (a mapping)", f"{kind} {name}", "spec")
     return Document(kind, name, spec, {str(k): str(v) for k, v in labels.items()}, where)
@@ -157,6 +165,10 @@ def node_resource(node: Node) -> dict[str, Any]:
     if bgp:
         spec["bgp"] = bgp
     return _resource(NODE, node.name, spec, node.labels)
+
+
+def peer_resource(peer: Peer) -> dict[str, Any]:
+    return _resource(BGPPEER, peer.name, rb.peer_spec(peer))
 
 
 def config_from(doc: Document) -> IPAMConfig:
@@ -202,6 +214,44 @@ def node_from(doc: Document) -> Node:
         raise ValidationError(fld, e.problem, doc.resource) from e
 
 
+_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")  # fmt: skip
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+
+
+def parse_labels(resource: str, args: Iterable[str]) -> tuple[dict[str, str], set[str]]:
+    """kubectl-style ``key=value`` (set) and ``key-`` (remove) arguments, validated."""
+    sets: dict[str, str] = {}
+    removes: set[str] = set()
+    for a in args:
+        if "=" in a:
+            k, _, v = a.partition("=")
+            if not _LABEL_VALUE.fullmatch(v):
+                raise CLIError(
+                    f"{v!r} is not a valid label value", resource, f"metadata.labels.{k}"
+                )
+            sets[k] = v
+        elif a.endswith("-"):
+            k = a[:-1]
+            removes.add(k)
+        else:
+            raise CLIError(f"{a!r} is neither KEY=VALUE nor KEY-", resource)
+        if not _LABEL_KEY.fullmatch(k):
+            raise CLIError(f"{k!r} is not a valid label key", resource, f"metadata.labels.{k}")
+        if k in sets and k in removes:
+            raise CLIError("both set and removed", resource, f"metadata.labels.{k}")
+    return sets, removes
+
+
+def check(doc: Document) -> None:
+    """Validate what can be checked without the datastore (BGP kinds), so `apply -f` writes
+    nothing when any BGP document is bad."""
+    if doc.kind == BGPPEER:
+        rb.peer_from_spec(doc.name, doc.spec)
+    elif doc.kind == BGPCONFIG:
+        rb.config_from_spec(doc.name, doc.spec)
+
+
 # apply / get / delete ------------------------------------------------------------------------
 
 
@@ -220,6 +270,8 @@ async def apply(res: Resources, doc: Document) -> str:
 
 
 async def _apply(res: Resources, doc: Document) -> str:
+    if doc.kind in rb.KINDS:
+        return await rb.apply(BGPStore(res.store), doc.kind, doc.name, doc.spec)
     if doc.kind == IPPOOL:
         return await _apply_pool(res, doc)
     if doc.kind == IPRESERVATION:
@@ -262,6 +314,8 @@ async def get(res: Resources, kind: str, name: str | None) -> list[dict[str, Any
     """Resources of ``kind`` (all, or the one named), as documents; NotFoundError if named
     and absent."""
     out: list[dict[str, Any]]
+    if kind in rb.KINDS:
+        return [_resource(kind, n, s) for n, s in await rb.get(BGPStore(res.store), kind, name)]
     if kind == IPPOOL:
         if name is not None:
             return [pool_resource((await res.get_pool(name))[1])]
@@ -283,6 +337,8 @@ async def delete(maint: Maintenance, kind: str, name: str, progress: Progress) -
     """Delete one resource; a pool in use is refused (InUseError), a node's addresses and
     blocks are released first. Returns a line saying what was done."""
     res = maint.resources
+    if kind in rb.KINDS:
+        return await rb.delete(BGPStore(res.store), kind, name)
     if kind == IPPOOL:
         await maint.delete_pool(name, force=False)
         return f"IPPool {name} deleted"
@@ -300,7 +356,7 @@ async def delete(maint: Maintenance, kind: str, name: str, progress: Progress) -
 
 
 async def delete_node(maint: Maintenance, name: str, progress: Progress) -> GCResult:
-    """Release a node's allocations and blocks, then delete its key.
+    """Release a node's allocations and blocks, then delete its key and BGP status document.
 
     Also cleans up after a node whose key is already gone but whose blocks remain; a name
     with neither is NotFoundError.
@@ -312,6 +368,7 @@ async def delete_node(maint: Maintenance, name: str, progress: Progress) -> GCRe
     progress(f"Releasing addresses and blocks of node {name} ({len(affs)} blocks)...")
     result = await maint.release_node(name)
     await maint.resources.store.delete(keys.node(name))
+    await maint.resources.store.delete(keys.status(name))
     return result
 
 
@@ -319,7 +376,9 @@ async def delete_node(maint: Maintenance, name: str, progress: Progress) -> GCRe
 
 
 def table_rows(kind: str, docs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Headers and rows for ``get KIND`` (and ``pool list``/``node list``)."""
+    """Headers and rows for ``get KIND`` (and ``pool list``/``node list``/``peer list``)."""
+    if kind in rb.KINDS:
+        return rb.table_rows(kind, docs)
     if kind == IPPOOL:
         headers = ["NAME", "CIDR", "BLOCKSIZE", "NAT", "DISABLED", "DISABLEBGPEXPORT", "SELECTOR"]
         rows = [[d["metadata"]["name"], s["cidr"], s["blockSize"], s["natOutgoing"],
