@@ -324,6 +324,10 @@ def _ago(ts: object, now: float) -> str:
     return f"{age}s ago"
 
 
+def _n(count: object, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 def _summary(doc: Status, now: float) -> list[tuple[str, object]]:
     """What a node's status document says, in a few lines (``node show``, ``bgp status``)."""
     sp = doc.get("speaker") or {}
@@ -337,7 +341,7 @@ def _summary(doc: Status, now: float) -> list[tuple[str, object]]:
     return [("fabricd", f"running, status updated {_ago(doc.get('updated'), now)}"),
             ("BGP speaker", speaker),
             ("BGP sessions", f"{len(sessions)}, {up} up; {req_up} of {len(required)} required up"),
-            ("Routes installed", f"{rt.get('installed', 0)} ({rt.get('blackholes', 0)} blackholes)")]  # fmt: skip
+            ("Routes installed", f"{rt.get('installed', 0)} ({_n(rt.get('blackholes', 0), 'blackhole')})")]  # fmt: skip
 
 
 def _absent(name: str, known: bool) -> str:
@@ -369,8 +373,8 @@ def render_routes(name: str, doc: Status | None, known: bool) -> str:
         return f"Node {name}: {doc['error']}"
     rt = doc.get("routes") or {}
     items = rt.get("items") or []
-    lines = [f"Node {name}: {rt.get('installed', len(items))} routes installed "
-             f"({rt.get('blackholes', 0)} blackholes)"]  # fmt: skip
+    lines = [f"Node {name}: {_n(rt.get('installed', len(items)), 'route')} installed "
+             f"({_n(rt.get('blackholes', 0), 'blackhole')})"]  # fmt: skip
     rows = [[r.get("dst"), r.get("type"), ",".join(str(v) for v in r.get("via") or ()),
              r.get("dev")] for r in items]  # fmt: skip
     lines.append(table(["DESTINATION", "TYPE", "VIA", "DEV"], rows))

@@ -504,7 +504,7 @@ def test_routes(cli: Cli, call: Call) -> None:
     put_status(call, _status("node1", now))
     out = cli("routes").stdout
     lines = out.splitlines()
-    assert lines[0] == "Node node1: 5 routes installed (1 blackholes)"
+    assert lines[0] == "Node node1: 5 routes installed (1 blackhole)"
     assert lines[1].split() == ["DESTINATION", "TYPE", "VIA", "DEV"]
     assert lines[2].split() == ["10.244.1.0/26", "unicast", "10.255.16.1,10.255.16.2"]
     assert lines[3].split() == ["10.244.0.0/26", "blackhole"]
@@ -534,7 +534,7 @@ def test_node_show(cli: Cli, call: Call) -> None:
     assert "no status published (not running)" in out
     put_status(call, _status("node1", time.time()))
     out = cli("node", "show", "node1").stdout
-    assert "running (pid 123, 0 restarts)" in out and "3, 1 up" in out and "5 (1 blackholes)" in out
+    assert "running (pid 123, 0 restarts)" in out and "3, 1 up" in out and "5 (1 blackhole)" in out
     data = json.loads(cli("node", "show", "node1", "-o", "json").stdout)
     assert data["kind"] == "Node" and data["status"]["speaker"]["pid"] == 123
     assert yaml.safe_load(cli("node", "show", "node2", "-o", "yaml").stdout)["status"] is None
