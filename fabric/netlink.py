@@ -32,13 +32,13 @@ from pyroute2 import netns as pyroute2_netns
 IPNetwork = IPv4Network | IPv6Network
 IPAddress = IPv4Address | IPv6Address
 T = TypeVar("T")
-NameOf = Callable[[int], str]  # ifindex -> interface name
 
 RT_TABLE_MAIN = 254
 IP6_DEFAULT_METRIC = 1024  # the kernel's for metric 0 (IP6_RT_PRIO_USER): dumps compare equal
 
 # rtnetlink constants (linux/netlink.h, linux/rtnetlink.h); NLM_F_ACK_TLVS is on NLMSG_ERROR
 NLMSG_ERROR, NLMSG_DONE, RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 2, 3, 24, 25, 26
+RTM_NEWLINK, RTM_GETLINK, IFLA_IFNAME = 16, 18, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP_INTR, NLM_F_ACK_TLVS = 0x1, 0x4, 0x10, 0x200
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x200, 0x400, 0x300
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 9, 15
@@ -51,6 +51,7 @@ _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table proto scope type flags
 _ATTR, _U32_ATTR = struct.Struct("=HH"), struct.Struct("=HHI")
 _RTNH = struct.Struct("=HBBi")  # rtnexthop: len, flags, hops, ifindex
+_IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _ERR, _U32 = struct.Struct("=i"), struct.Struct("=I")
 _SOCKET_BUFFER = 8 << 20  # holds the acks of a 1000-message send (each ack skb costs ~1 KiB)
 _TIMEOUT = 30.0
@@ -101,33 +102,27 @@ def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
         os.close(fd)
 
 
-def netlink_socket(netns: str | None = None, sock_type: int = socket.SOCK_RAW) -> socket.socket:
+def netlink_socket(netns: str | None = None, kind: int = socket.SOCK_RAW) -> socket.socket:
     """A ``NETLINK_ROUTE`` socket living in ``netns``."""
-
-    def create() -> socket.socket:
-        return socket.socket(socket.AF_NETLINK, sock_type, socket.NETLINK_ROUTE)
-
     try:
-        return in_netns(netns, create)
+        return in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, kind, socket.NETLINK_ROUTE))
     except OSError as e:
         raise NetlinkError(f"failed to open netlink socket in {netns}: {e}", e.errno or 0) from e
 
 
 @contextmanager
 def iproute(netns: str | None = None) -> Iterator[Any]:
-    """A pyroute2 ``IPRoute`` in ``netns``, closed on exit (blocking: call it from a thread)."""
-    sock = netlink_socket(netns, socket.SOCK_DGRAM)
-    ipr = IPRoute(fileno=sock.detach())
-    try:
+    """A pyroute2 ``IPRoute`` in ``netns``, closed on exit. Blocking, and refused in a thread
+    running an asyncio loop: call it under ``asyncio.to_thread``.
+    """
+    with closing(IPRoute(fileno=netlink_socket(netns, socket.SOCK_DGRAM).detach())) as ipr:
         yield ipr
-    finally:
-        ipr.close()
 
 
 def link_indexes(netns: str | None = None) -> dict[str, int]:
     """Interface name -> ifindex in ``netns``."""
-    with iproute(netns) as ipr:
-        return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
+    with closing(RouteSocket(netns)) as sock:
+        return sock.link_indexes()
 
 
 # ---------------------------------------------------------------- routes: model
@@ -253,7 +248,7 @@ def _gateways(attrs: dict[int, memoryview]) -> list[IPAddress]:
     return gws
 
 
-def decode_route(msg: memoryview, name_of: NameOf) -> DumpedRoute | None:
+def decode_route(msg: memoryview, names: Mapping[int, str]) -> DumpedRoute | None:
     """The route in one RTM_NEWROUTE message (header included); None for routes this model
     does not represent (other types such as local or unreachable, source-specific, TOS).
     """
@@ -273,7 +268,7 @@ def decode_route(msg: memoryview, name_of: NameOf) -> DumpedRoute | None:
     if RTA_OIF not in attrs:
         return None
     oif = _U32.unpack(attrs[RTA_OIF])[0]
-    return DumpedRoute(proto, KernelRoute(dst, dev=name_of(oif), metric=metric))
+    return DumpedRoute(proto, KernelRoute(dst, dev=names.get(oif, f"if{oif}"), metric=metric))
 
 
 # ---------------------------------------------------------------- routes: socket
@@ -287,34 +282,29 @@ class RouteSocket:
     """
 
     def __init__(self, netns: str | None = None) -> None:
-        self.netns = netns
-        self._sock = netlink_socket(netns)
-        self._seq = 0
+        self.netns, self._seq = netns, 0
         self._buf = bytearray(1 << 20)  # reused: a fresh 1 MiB bytes per ack costs page faults
+        self._sock = s = netlink_socket(netns)
         try:
-            self._setup()
+            for force, plain in _BUFFER_OPTIONS:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, force, _SOCKET_BUFFER)
+                except PermissionError:  # needs CAP_NET_ADMIN; plain is capped by rmem_max
+                    s.setsockopt(socket.SOL_SOCKET, plain, _SOCKET_BUFFER)
+            for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK):
+                with suppress(OSError):  # older kernels: only less detail, or a wider dump
+                    s.setsockopt(SOL_NETLINK, opt, 1)
+            s.bind((0, 0))
+            s.settimeout(_TIMEOUT)
         except OSError as e:
-            self._sock.close()
+            s.close()
             raise NetlinkError(f"failed to set up netlink socket: {e}", e.errno or 0) from e
-
-    def _setup(self) -> None:
-        s = self._sock
-        for force, plain in _BUFFER_OPTIONS:
-            try:
-                s.setsockopt(socket.SOL_SOCKET, force, _SOCKET_BUFFER)
-            except PermissionError:  # needs CAP_NET_ADMIN; the plain one is capped by rmem_max
-                s.setsockopt(socket.SOL_SOCKET, plain, _SOCKET_BUFFER)
-        for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK):
-            with suppress(OSError):  # older kernels: only less detail, or a wider dump
-                s.setsockopt(SOL_NETLINK, opt, 1)
-        s.bind((0, 0))
-        s.settimeout(_TIMEOUT)
 
     def close(self) -> None:
         self._sock.close()
 
     def _next_seq(self) -> int:
-        self._seq = self._seq % 0x7FFFFFFF + 1
+        self._seq = self._seq % 0x7FFFFFFF + 1  # never 0: the kernel's own messages use it
         return self._seq
 
     def write(
@@ -369,49 +359,59 @@ class RouteSocket:
         """Every unicast and blackhole route of ``table`` (both families); only ``proto``'s
         when given. A dump the kernel marks interrupted (table changed meanwhile) is redone.
         """
-        names: dict[int, str] = {}
-
-        def name_of(index: int) -> str:  # links are listed once, when a device route shows up
-            if not names:
-                names.update({i: n for n, i in self.link_indexes().items()})
-            return names.get(index, f"if{index}")
-
         for _ in range(5):
-            routes: list[DumpedRoute] = []
-            interrupted = False
-            with _gc_paused():
-                for family in (socket.AF_INET, socket.AF_INET6):
-                    interrupted |= self._dump_family(family, table, proto, name_of, routes)
-            if not interrupted:
-                return routes
+            with suppress(_Interrupted), _gc_paused():
+                return self._dump_routes(table, proto)
         raise NetlinkError(f"failed to dump table {table}: interrupted 5 times", errno_mod.EINTR)
 
-    def _dump_family(
-        self, family: int, table: int, proto: int | None, name_of: NameOf, out: list[DumpedRoute]
-    ) -> bool:
-        """Append ``family``'s routes to ``out``; True when the kernel says it was interrupted."""
-        seq = self._next_seq()
-        rtm = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0) + _U32_ATTR.pack(8, RTA_TABLE, table)
-        flags = NLM_F_REQUEST | NLM_F_DUMP
-        self._send(_HDR.pack(16 + len(rtm), RTM_GETROUTE, flags, seq, 0) + rtm, "dump routes")
-        interrupted = False
-        while True:
-            for kind, flags, mseq, msg in _messages(self._recv("dump routes")):
-                if mseq != seq:
-                    continue  # a late ack of an earlier, timed-out request
-                interrupted |= bool(flags & NLM_F_DUMP_INTR)
-                if kind == NLMSG_DONE:
-                    return interrupted
-                if kind == NLMSG_ERROR:
-                    code = -_ERR.unpack_from(msg, 16)[0]
-                    raise NetlinkError(f"failed to dump routes: {os.strerror(code)}", code)
+    def _dump_routes(self, table: int, proto: int | None) -> list[DumpedRoute]:
+        names = {index: name for name, index in self.link_indexes().items()}
+        out = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            request = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0) + _U32_ATTR.pack(
+                8, RTA_TABLE, table
+            )
+            for kind, msg in self._dump(RTM_GETROUTE, request):
                 if kind == RTM_NEWROUTE and _wanted(msg, table, proto):
                     with suppress(ValueError):  # a shape KernelRoute refuses is not ours
-                        if (dumped := decode_route(msg, name_of)) is not None:
+                        if (dumped := decode_route(msg, names)) is not None:
                             out.append(dumped)
+        return out
 
     def link_indexes(self) -> dict[str, int]:
-        return link_indexes(self.netns)
+        """Interface name -> ifindex in this socket's netns."""
+        out = {}
+        for kind, msg in self._dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0)):
+            name = _attrs(msg, 32, len(msg)).get(IFLA_IFNAME) if kind == RTM_NEWLINK else None
+            if name is not None:
+                out[bytes(name).rstrip(b"\0").decode()] = _ERR.unpack_from(msg, 20)[0]
+        return out
+
+    def _dump(self, kind: int, body: bytes) -> Iterator[tuple[int, memoryview]]:
+        """The messages answering one dump request, each valid until the next is taken.
+        _Interrupted at the end when the kernel flagged the dump inconsistent.
+        """
+        seq = self._next_seq()
+        flags = NLM_F_REQUEST | NLM_F_DUMP
+        self._send(_HDR.pack(16 + len(body), kind, flags, seq, 0) + body, "dump")
+        interrupted = False
+        while True:
+            for mkind, mflags, mseq, msg in _messages(self._recv("dump")):
+                if mseq != seq:
+                    continue  # a late answer to an earlier, timed-out request
+                interrupted |= bool(mflags & NLM_F_DUMP_INTR)
+                if mkind == NLMSG_DONE and interrupted:
+                    raise _Interrupted
+                if mkind == NLMSG_DONE:
+                    return
+                if mkind == NLMSG_ERROR:
+                    code = -_ERR.unpack_from(msg, 16)[0]
+                    raise NetlinkError(f"failed to dump: {os.strerror(code)}", code)
+                yield mkind, msg
+
+
+class _Interrupted(Exception):
+    """NLM_F_DUMP_INTR: the table changed during the dump."""
 
 
 def _messages(data: memoryview) -> Iterator[tuple[int, int, int, memoryview]]:

@@ -119,7 +119,7 @@ def test_codec_round_trip(route: KernelRoute, proto: int, table: int) -> None:
     indexes = {"v1": 7, "fab0123abcd": 4242}
     names = {i: n for n, i in indexes.items()}
     msg = netlink.encode_route(RouteOp(route), 9, proto, table, indexes)
-    decoded = netlink.decode_route(memoryview(msg), names.__getitem__)
+    decoded = netlink.decode_route(memoryview(msg), names)
     assert decoded == netlink.DumpedRoute(proto, route)
     assert netlink._wanted(memoryview(msg), table, proto)
     assert not netlink._wanted(memoryview(msg), table + 1 if table < 2**32 - 1 else 1, proto)

@@ -1,0 +1,365 @@
+"""The kernel route reconciler: desired routes by prefix -> one routing table, batched.
+
+Ownership is by route protocol number: a RouteTable writes, replaces and deletes only routes
+carrying its ``proto`` in its ``table``, and a route of any other protocol at a prefix it wants
+is reported as a conflict, never replaced. Design, invariants and failure handling:
+docs/routes.md.
+
+Typical use by the agent::
+
+    table = RouteTable(proto=201)
+    await table.adopt()                 # routes of a previous run stay; nothing is flushed
+    runner = asyncio.create_task(table.run())
+    table.set(prefix, KernelRoute(prefix, (node_ip,)))   # cheap; coalesced per prefix
+    table.replace_all(desired)          # periodic full resync: only the difference is written
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from fabric.netlink import (
+    RT_TABLE_MAIN,
+    DumpedRoute,
+    IPNetwork,
+    KernelRoute,
+    NetlinkError,
+    RouteError,
+    RouteOp,
+    RouteSocket,
+)
+
+# Fewer writes than this run on the event loop (about 30 us each); more go to a thread.
+INLINE_OPS = 64
+# Flush this long after the first change of a burst: long enough to gather a burst of BGP
+# updates into one batch, short enough not to matter for a new pod or a withdrawn node.
+FLUSH_DELAY = 0.005
+# Failed routes (gateway not reachable yet, device not created yet) are retried after
+# RETRY_MIN, doubling up to RETRY_MAX while they keep failing.
+RETRY_MIN, RETRY_MAX = 0.5, 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class FlushResult:
+    """What one flush did. ``failed`` gives the reason per prefix (``errnos`` its errno; a
+    conflict with another protocol's route is EEXIST); failed prefixes stay pending.
+    """
+
+    added: int = 0
+    replaced: int = 0
+    removed: int = 0
+    failed: dict[IPNetwork, str] = field(default_factory=dict)
+    errnos: dict[IPNetwork, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteStats:
+    """Counters for /metrics."""
+
+    installed: int
+    blackholes: int
+    pending: int
+    failed: int
+    conflicts: int
+    flushes: int
+    last_flush_seconds: float
+    added_total: int
+    replaced_total: int
+    removed_total: int
+
+
+@dataclass(slots=True)
+class _Plan:
+    ops: list[RouteOp] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # "add" | "replace" | "remove" | "stray"
+    # make-before-break: a route whose metric changes is added first; its old one is deleted
+    # only once the new one is in (second write)
+    old: dict[IPNetwork, KernelRoute] = field(default_factory=dict)
+
+
+class RouteTable:
+    """Desired routes of one (proto, table) in one netns, applied to the kernel in batches.
+
+    Invariants: only routes with ``proto`` are ever written over or deleted; ``installed()``
+    is what the kernel has (as of the last write or dump) for prefixes of ours; a prefix is
+    pending from ``set``/``replace_all`` until a flush gets the kernel to match or reports it.
+    One instance per (proto, table): two would see each other's routes as their own.
+    """
+
+    def __init__(
+        self,
+        proto: int,
+        table: int = RT_TABLE_MAIN,
+        netns: str | None = None,
+        batch: int = 1000,
+        log: logging.Logger | None = None,
+    ) -> None:
+        if not 0 < proto < 256:
+            raise ValueError(f"route protocol {proto}: must be 1..255")
+        self.proto, self.table, self.netns, self.batch = proto, table, netns, max(1, batch)
+        self.log = log or logging.getLogger(__name__)
+        self._sock: RouteSocket | None = None
+        self._desired: dict[IPNetwork, KernelRoute] = {}
+        self._installed: dict[IPNetwork, KernelRoute] = {}
+        self._foreign: dict[IPNetwork, int] = {}  # prefix -> protocol of a route not ours
+        self._strays: list[KernelRoute] = []  # ours, a second metric for an installed prefix
+        self._dirty: set[IPNetwork] = set()
+        self._failed: dict[IPNetwork, RouteError] = {}
+        self._authoritative = False  # replace_all() seen: _desired is the whole table
+        self._need_dump = False
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._flushes = 0
+        self._last_flush = 0.0
+        self._totals = {"add": 0, "replace": 0, "remove": 0}
+
+    # ------------------------------------------------------------------ desired state
+
+    def set(self, dst: IPNetwork, route: KernelRoute | None) -> None:
+        """Want ``route`` at ``dst`` (None: no route of ours there). Cheap; the last call per
+        prefix before a flush wins.
+        """
+        if route is not None and route.dst != dst:
+            raise ValueError(f"route for {route.dst} set at {dst}")
+        if route is None:
+            self._desired.pop(dst, None)
+        else:
+            self._desired[dst] = route
+        self._dirty.add(dst)
+        self._wake.set()
+
+    def replace_all(self, desired: Mapping[IPNetwork, KernelRoute]) -> None:
+        """The table becomes exactly ``desired``. The next flush dumps the kernel first, so
+        routes of ours removed or changed behind our back are repaired, and then writes only
+        the difference.
+        """
+        for dst, route in desired.items():
+            if route.dst != dst:
+                raise ValueError(f"route for {route.dst} set at {dst}")
+        self._desired = dict(desired)
+        self._authoritative = self._need_dump = True
+        self._wake.set()
+
+    def installed(self) -> dict[IPNetwork, KernelRoute]:
+        return dict(self._installed)
+
+    def pending(self) -> frozenset[IPNetwork]:
+        return frozenset(self._dirty)
+
+    def stats(self) -> RouteStats:
+        return RouteStats(
+            installed=len(self._installed),
+            blackholes=sum(r.blackhole for r in self._installed.values()),
+            pending=len(self._dirty),
+            failed=len(self._failed),
+            conflicts=sum(dst in self._foreign for dst in self._failed),
+            flushes=self._flushes,
+            last_flush_seconds=self._last_flush,
+            added_total=self._totals["add"],
+            replaced_total=self._totals["replace"],
+            removed_total=self._totals["remove"],
+        )
+
+    # ------------------------------------------------------------------ kernel side
+
+    async def adopt(self) -> int:
+        """Take the routes of our protocol already in the table as installed (a previous
+        run's). Nothing is deleted; the first ``replace_all`` decides what stays.
+        """
+        async with self._lock:
+            await self._dump()
+            self.log.info("adopted %d routes with protocol %d", len(self._installed), self.proto)
+            return len(self._installed)
+
+    async def flush(self) -> FlushResult:
+        """Apply pending changes in batches; failed prefixes stay pending for the next flush.
+
+        Raises NetlinkError when the socket fails; what was applied is then re-read from the
+        kernel before the next flush.
+        """
+        async with self._lock:
+            started = time.monotonic()
+            try:
+                return await self._flush()
+            finally:
+                self._flushes += 1
+                self._last_flush = time.monotonic() - started
+
+    async def run(self, delay: float = FLUSH_DELAY) -> None:
+        """Flush ``delay`` after changes arrive (a burst becomes one batch) and retry failed
+        routes with backoff. Runs until cancelled.
+        """
+        backoff = RETRY_MIN
+        while True:
+            timeout = backoff if self._failed or self._need_dump else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            await asyncio.sleep(delay)
+            self._wake.clear()
+            try:
+                result = await self.flush()
+            except NetlinkError as e:
+                self.log.warning("failed to flush routes: %s", e)
+                backoff = min(backoff * 2, RETRY_MAX)
+                continue
+            backoff = min(backoff * 2, RETRY_MAX) if result.failed else RETRY_MIN
+
+    def close(self) -> None:
+        """Close the socket; the kernel routes stay (a restart adopts them)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # ------------------------------------------------------------------ internals
+
+    async def _socket(self) -> RouteSocket:
+        if self._sock is None:
+            self._sock = await asyncio.to_thread(RouteSocket, self.netns)
+        return self._sock
+
+    async def _dump(self) -> None:
+        sock = await self._socket()
+        try:
+            dumped = await asyncio.to_thread(sock.dump, self.table)
+        except NetlinkError:
+            self.close()
+            raise
+        self._absorb(dumped)
+
+    def _absorb(self, dumped: list[DumpedRoute]) -> None:
+        """Take a dump as the truth about the kernel."""
+        installed: dict[IPNetwork, KernelRoute] = {}
+        foreign: dict[IPNetwork, int] = {}
+        strays: list[KernelRoute] = []
+        for proto, route in dumped:
+            if proto != self.proto:
+                foreign.setdefault(route.dst, proto)
+            elif route.dst not in installed:
+                installed[route.dst] = route
+            else:  # the kernel lists a prefix's routes by metric: keep the one in use
+                strays.append(route)
+        self._installed, self._foreign, self._strays = installed, foreign, strays
+        self._need_dump = False
+        if self._authoritative:
+            self._dirty |= installed.keys() | self._desired.keys()
+
+    async def _flush(self) -> FlushResult:
+        if self._need_dump:
+            await self._dump()
+        counts = {"add": 0, "replace": 0, "remove": 0}
+        failed: dict[IPNetwork, RouteError] = {}
+        exists: list[IPNetwork] = []
+        plan = self._plan(failed)
+        await self._execute(plan, counts, failed, exists)
+        if exists:  # a route we did not know sits there: learn whose, then try once more
+            await self._dump()
+            await self._execute(self._plan(failed, frozenset(exists)), counts, failed, [])
+        self._failed = {dst: e for dst, e in failed.items() if dst in self._dirty}
+        if self._dirty - self._failed.keys():
+            self._wake.set()  # changed meanwhile, or dirtied by a dump: another flush is due
+        for kind, n in counts.items():
+            self._totals[kind] += n
+        if failed:
+            self.log.warning("failed to apply %d routes, e.g. %s", len(failed), _sample(failed))
+        return FlushResult(
+            added=counts["add"],
+            replaced=counts["replace"],
+            removed=counts["remove"],
+            failed={dst: str(e) for dst, e in self._failed.items()},
+            errnos={dst: e.errno for dst, e in self._failed.items()},
+        )
+
+    def _plan(
+        self, failed: dict[IPNetwork, RouteError], only: frozenset[IPNetwork] | None = None
+    ) -> _Plan:
+        """Turn pending prefixes (those in ``only`` if given) into writes; the planned ones
+        leave the pending set (they come back on failure, or when set() changes them again
+        while the write runs).
+        """
+        plan = _Plan()
+        for dst in list(self._dirty if only is None else self._dirty & only):
+            want, have = self._desired.get(dst), self._installed.get(dst)
+            if want == have:
+                self._dirty.discard(dst)
+                continue
+            if want is not None and dst in self._foreign:
+                proto = self._foreign[dst]
+                failed[dst] = RouteError(errno.EEXIST, f"a route with protocol {proto} exists")
+                continue
+            self._dirty.discard(dst)
+            if want is None:
+                assert have is not None
+                plan.ops.append(RouteOp(have, delete=True))
+                plan.kinds.append("remove")
+            elif have is None or have.metric != want.metric:
+                plan.ops.append(RouteOp(want, exclusive=True))
+                plan.kinds.append("add" if have is None else "replace")
+                if have is not None:
+                    plan.old[dst] = have
+            else:
+                plan.ops.append(RouteOp(want))
+                plan.kinds.append("replace")
+        if self._authoritative:
+            plan.ops += [RouteOp(r, delete=True) for r in self._strays]
+            plan.kinds += ["stray"] * len(self._strays)
+            self._strays = []
+        return plan
+
+    async def _execute(
+        self,
+        plan: _Plan,
+        counts: dict[str, int],
+        failed: dict[IPNetwork, RouteError],
+        exists: list[IPNetwork],
+    ) -> None:
+        errors = await self._write(plan.ops)
+        olds: list[RouteOp] = []
+        for i, (op, kind) in enumerate(zip(plan.ops, plan.kinds, strict=True)):
+            dst = op.route.dst
+            err = errors.get(i)
+            if kind == "stray":
+                if err is not None:
+                    self._strays.append(op.route)
+            elif err is None:
+                failed.pop(dst, None)
+                counts[kind] += 1
+                if op.delete:
+                    self._installed.pop(dst, None)
+                else:
+                    self._installed[dst] = op.route
+                    if dst in plan.old:
+                        olds.append(RouteOp(plan.old[dst], delete=True))
+            else:
+                self._dirty.add(dst)
+                failed[dst] = err
+                if err.errno == errno.EEXIST and op.exclusive:
+                    exists.append(dst)
+        # the old metric's route of a replaced prefix; if this delete fails, the next dump
+        # finds it as a stray and a resync deletes it
+        await self._write(olds)
+
+    async def _write(self, ops: list[RouteOp]) -> dict[int, RouteError]:
+        if not ops:
+            return {}
+        sock = await self._socket()
+        try:
+            if len(ops) < INLINE_OPS:
+                return sock.write(ops, self.proto, self.table, self.batch)
+            return await asyncio.to_thread(sock.write, ops, self.proto, self.table, self.batch)
+        except NetlinkError:
+            # what the kernel applied is unknown: re-read it, and redo every planned prefix
+            self._dirty |= {op.route.dst for op in ops}
+            self._need_dump = True
+            self.close()
+            raise
+
+
+def _sample(failed: Mapping[IPNetwork, RouteError], n: int = 3) -> str:
+    items: Iterable[tuple[IPNetwork, RouteError]] = list(failed.items())[:n]
+    return ", ".join(f"{dst}: {e}" for dst, e in items)
