@@ -1,0 +1,498 @@
+"""Received routes: import policy, Adj-RIB-In per peer, best path with ECMP, graceful restart.
+Pure: no I/O, no clock (time is passed in), no datastore.
+
+Invariants:
+
+- Every announcement received is kept (accepted or not) until the peer withdraws it, its
+  session is lost, or it is swept as stale, so a policy or limit change can accept it later.
+- A route is *accepted* when it passes the policy and fits in the peer's prefix limit. The
+  limit admits the earliest passing prefixes: an accepted prefix is never displaced by a
+  newer one, and a freed slot goes to the oldest waiting one (deterministic, and O(1)).
+- ``best()`` holds, for each prefix with at least one accepted route (stale ones included:
+  RFC 4724 keeps forwarding on them), the next hops of the routes with the shortest AS path.
+- Every mutating call returns exactly the difference of ``best()`` before and after it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from bgp.model import (
+    DEFAULT_AS,
+    DEFAULT_RESTART_TIME,
+    Announce,
+    BGPConfig,
+    EndOfRib,
+    Event,
+    IPAddress,
+    IPNetwork,
+    PeerNotification,
+    PeerState,
+    PeerUpdate,
+    SessionState,
+    SpeakerRestarted,
+)
+
+Changes = dict[IPNetwork, frozenset[IPAddress] | None]
+# Prefixes whose candidate routes changed during one call -> their candidates now (a dict
+# emptied and dropped from Rib._paths stays referenced here, and means "no route").
+_Touched = dict[IPNetwork, dict[IPAddress, Announce]]
+RejectHook = Callable[[IPAddress, IPNetwork, str], None]
+# ((version, pool prefix length, {pool network >> host bits}), ...)
+_Inside = tuple[tuple[int, int, frozenset[int]], ...]
+# (version, prefix length p) -> {own block's network >> (width - p): that block}
+_Covers = dict[tuple[int, int], dict[int, IPNetwork]]
+
+OUTSIDE_POOLS = "outside pools"
+DEFAULT_ROUTE = "default route"
+OWN_AS_IN_PATH = "own AS in path"
+NEXT_HOP_IS_SELF = "next hop is self"
+ORIGINATOR_IS_SELF = "originator is self"
+MAX_PREFIXES = "max prefixes"
+
+_FAMILIES = {"ipv4 unicast": 4, "ipv6 unicast": 6}
+# Session-loss reasons (ExaBGP's wording) that drop the peer's routes at once. RFC 4724 keeps
+# routes only across a loss *without* NOTIFICATION; RFC 8538 extends that to NOTIFICATIONs
+# (hold timer expiry, reported as "notification sent (4,0)") only with its "N" bit, which
+# ExaBGP does not negotiate. "stop": a deliberate teardown (neighbour removed, shutdown).
+_NOT_GRACEFUL = ("notification sent", "notification received", "stop")
+
+
+def graceful_down(reason: str) -> bool:
+    """Whether a session lost for ``reason`` keeps its routes as stale (RFC 4724 helper).
+
+    True for a TCP loss without NOTIFICATION ("closing connection", a collision, an unknown
+    reason); False for a NOTIFICATION sent or received, hold timer expiry and a deliberate stop.
+    """
+    text = reason.strip().lower()
+    return not any(text.startswith(p) or f"[{p}" in text for p in _NOT_GRACEFUL)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportPolicy:
+    """What the local node accepts from its peers. ``check`` is O(1) in the number of own
+    blocks (their supernets are precomputed) and O(distinct pool prefix lengths)."""
+
+    allowed: tuple[IPNetwork, ...] = ()
+    own: frozenset[IPNetwork] = frozenset()
+    allow_default: bool = False
+    local_as: int = DEFAULT_AS
+    router_id: ipaddress.IPv4Address | None = None
+    own_addresses: frozenset[IPAddress] = frozenset()
+    # Per peer: how many times the local AS may appear in a path (Session.allow_local_as,
+    # Calico's numAllowedLocalASNumbers: one AS per rack, routes come back via the ToR).
+    allow_local_as: Mapping[IPAddress, int] = field(default_factory=dict, hash=False)
+    _inside: _Inside = field(init=False, repr=False, compare=False)
+    _covers: _Covers = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        groups: dict[tuple[int, int], set[int]] = {}
+        for net in self.allowed:
+            shifted = int(net.network_address) >> (net.max_prefixlen - net.prefixlen)
+            groups.setdefault((net.version, net.prefixlen), set()).add(shifted)
+        inside = tuple((v, plen, frozenset(s)) for (v, plen), s in sorted(groups.items()))
+        covers: _Covers = {}
+        # Most specific own block first, so a supernet names the smallest block it covers.
+        for block in sorted(
+            self.own, key=lambda n: (n.version, -n.prefixlen, int(n.network_address))
+        ):
+            n, width = int(block.network_address), block.max_prefixlen
+            for plen in range(block.prefixlen, -1, -1):
+                covers.setdefault((block.version, plen), {}).setdefault(n >> (width - plen), block)
+        object.__setattr__(self, "_inside", inside)
+        object.__setattr__(self, "_covers", covers)
+
+    @classmethod
+    def for_node(
+        cls,
+        config: BGPConfig,
+        pools: Iterable[IPNetwork],
+        own: Iterable[IPNetwork],
+        local_as: int,
+        router_id: ipaddress.IPv4Address | None,
+        own_addresses: Iterable[IPAddress],
+        allow_local_as: Mapping[IPAddress, int] | None = None,
+    ) -> ImportPolicy:
+        """The policy of one node: its IP pools plus ``config.import_cidrs``, and the default
+        route as ``config.import_default_route`` says."""
+        return cls(
+            allowed=(*pools, *config.import_cidrs),
+            own=frozenset(own),
+            allow_default=config.import_default_route,
+            local_as=local_as,
+            router_id=router_id,
+            own_addresses=frozenset(own_addresses),
+            allow_local_as=dict(allow_local_as or {}),
+        )
+
+    def check(self, peer: IPAddress, announce: Announce) -> str | None:
+        """None if ``announce`` from ``peer`` is acceptable, else a short reason.
+
+        An own AS in the path (beyond the peer's allowance) is a loop whether the route came
+        over eBGP or iBGP: inside one AS a route carrying it has left the AS and come back
+        (RFC 4271 §9.1.2)."""
+        a = announce.attrs
+        if self.router_id is not None and a.originator_id == self.router_id:
+            return ORIGINATOR_IS_SELF
+        if self.local_as in a.as_path and a.as_path.count(self.local_as) > self.allow_local_as.get(
+            peer, 0
+        ):
+            return OWN_AS_IN_PATH
+        if announce.next_hop in self.own_addresses:
+            return NEXT_HOP_IS_SELF
+        prefix = announce.prefix
+        if prefix.prefixlen == 0:
+            # The one prefix allowed outside the pools (a ToR's default), and it covers
+            # every own block by definition: the blocks stay more specific.
+            return None if self.allow_default else DEFAULT_ROUTE
+        n, plen, version = int(prefix.network_address), prefix.prefixlen, prefix.version
+        width = prefix.max_prefixlen
+        below = self._covers.get((version, plen))
+        if below is not None:
+            block = below.get(n >> (width - plen))
+            if block is not None:
+                return f"covers own block {block}"
+        for v, alen, nets in self._inside:
+            if v == version and alen <= plen and n >> (width - alen) in nets:
+                return None
+        return OUTSIDE_POOLS
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStats:
+    """Current counts of one peer's Adj-RIB-In; ``rejected_total`` is cumulative."""
+
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    stale: int = 0
+    rejected_total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One received route as ``routes_from`` shows it. ``reason`` None: accepted."""
+
+    announce: Announce
+    reason: str | None
+    stale: bool
+
+
+class _Table:
+    """One peer's Adj-RIB-In. Every key of ``routes`` is in exactly one of ``refused``
+    (failed the policy), ``accepted`` or ``overflow`` (passed, over the prefix limit); the
+    two ordered sets are in admission order, every overflow entry younger than every
+    accepted one."""
+
+    __slots__ = ("accepted", "deadline", "limit", "overflow", "refused", "routes", "stale")
+
+    def __init__(self, limit: int | None) -> None:
+        self.routes: dict[IPNetwork, Announce] = {}
+        self.refused: dict[IPNetwork, str] = {}
+        self.accepted: OrderedDict[IPNetwork, None] = OrderedDict()
+        self.overflow: OrderedDict[IPNetwork, None] = OrderedDict()
+        self.stale: set[IPNetwork] = set()
+        self.deadline: float | None = None
+        self.limit = limit
+
+    def has_room(self) -> bool:
+        return self.limit is None or len(self.accepted) < self.limit
+
+    def reason(self, prefix: IPNetwork) -> str | None:
+        return self.refused.get(prefix) or (MAX_PREFIXES if prefix in self.overflow else None)
+
+
+class Rib:
+    """The received-route table of the local node (see the module invariants)."""
+
+    def __init__(self, policy: ImportPolicy, on_reject: RejectHook | None = None) -> None:
+        self._policy = policy
+        self._on_reject = on_reject
+        self._tables: dict[IPAddress, _Table] = {}
+        self._limits: dict[IPAddress, int | None] = {}
+        self._restart: dict[IPAddress, float] = {}
+        self._rejected_total: dict[IPAddress, int] = {}
+        self._notified: set[IPAddress] = set()
+        self._paths: dict[IPNetwork, dict[IPAddress, Announce]] = {}
+        self._best: dict[IPNetwork, frozenset[IPAddress]] = {}
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def policy(self) -> ImportPolicy:
+        return self._policy
+
+    def best(self) -> dict[IPNetwork, frozenset[IPAddress]]:
+        return dict(self._best)
+
+    def peers(self) -> list[IPAddress]:
+        """Peers with an Adj-RIB-In (routes received and not yet removed)."""
+        return sorted(self._tables, key=lambda p: (p.version, int(p)))
+
+    def routes_from(self, peer: IPAddress) -> list[Route]:
+        """Everything received from ``peer``, accepted or not, in address order."""
+        t = self._tables.get(peer) or _Table(None)
+        order = sorted(t.routes, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
+        return [Route(t.routes[p], t.reason(p), p in t.stale) for p in order]
+
+    def stats(self, peer: IPAddress) -> PeerStats:
+        total = self._rejected_total.get(peer, 0)
+        t = self._tables.get(peer)
+        if t is None:
+            return PeerStats(rejected_total=total)
+        return PeerStats(
+            received=len(t.routes),
+            accepted=len(t.accepted),
+            rejected=len(t.refused) + len(t.overflow),
+            stale=len(t.stale),
+            rejected_total=total,
+        )
+
+    def stale_count(self) -> int:
+        return sum(len(t.stale) for t in self._tables.values())
+
+    def restart_time(self, peer: IPAddress) -> float:
+        return self._restart.get(peer, DEFAULT_RESTART_TIME)
+
+    # ----------------------------------------------------------------- mutating
+
+    def apply(self, event: Event, now: float) -> Changes:
+        """Feed one speaker event; ``now`` is a monotonic time in seconds."""
+        if isinstance(event, PeerUpdate):
+            return self._update(event)
+        if isinstance(event, PeerState):
+            if event.state is SessionState.DOWN:
+                graceful = event.peer not in self._notified and graceful_down(event.reason)
+                self._notified.discard(event.peer)
+                return self.peer_down(event.peer, graceful, now, self.restart_time(event.peer))
+            if event.state is SessionState.ESTABLISHED:
+                self._notified.discard(event.peer)
+            return {}
+        if isinstance(event, EndOfRib):
+            version = _FAMILIES.get(event.family)
+            return {} if version is None else self.sweep_stale(event.peer, version)
+        if isinstance(event, PeerNotification):
+            self._notified.add(event.peer)  # the session is going down, and not gracefully
+            return {}
+        if isinstance(event, SpeakerRestarted):
+            self._notified.clear()
+            for peer, t in self._tables.items():
+                self._mark_stale(t, now, self.restart_time(peer))
+            return {}
+        raise TypeError(f"not a speaker event: {event!r}")
+
+    def peer_down(
+        self, peer: IPAddress, graceful: bool, now: float, restart_time: float
+    ) -> Changes:
+        """The session with ``peer`` was lost. Graceful: its routes turn stale and stay in
+        use until it re-announces them and sends End-of-RIB, or until ``now + restart_time``
+        (a second loss before that never pushes the deadline later, so a flapping peer
+        cannot keep stale routes forever). Not graceful: they are removed now."""
+        t = self._tables.get(peer)
+        if t is None:
+            return {}
+        if graceful and restart_time > 0:
+            self._mark_stale(t, now, restart_time)
+            return {}
+        touched: _Touched = {}
+        for prefix in t.accepted:
+            self._del_path(prefix, peer, touched)
+        del self._tables[peer]
+        return self._commit(touched)
+
+    def sweep_stale(self, peer: IPAddress, version: int | None = None) -> Changes:
+        """Remove the routes of ``peer`` still stale (of one IP version, or all)."""
+        touched: _Touched = {}
+        self._sweep(peer, version, touched)
+        return self._commit(touched)
+
+    def expire(self, now: float) -> Changes:
+        """Sweep the stale routes of every peer whose restart deadline has passed."""
+        touched: _Touched = {}
+        due = [p for p, t in self._tables.items() if t.deadline is not None and t.deadline <= now]
+        for peer in due:
+            self._sweep(peer, None, touched)
+        return self._commit(touched)
+
+    def set_policy(self, policy: ImportPolicy) -> Changes:
+        """Replace the policy and re-evaluate every route received so far."""
+        self._policy = policy
+        touched: _Touched = {}
+        for peer, t in self._tables.items():
+            passing: list[IPNetwork] = []
+            for prefix, ann in t.routes.items():
+                reason = policy.check(peer, ann)
+                old = t.refused.get(prefix)
+                if reason is None:
+                    if old is not None:
+                        del t.refused[prefix]
+                        passing.append(prefix)
+                    continue
+                if old is None:
+                    self._unadmit(peer, t, prefix, touched, refill=False)
+                t.refused[prefix] = reason
+                if old != reason:
+                    self._reject(peer, prefix, reason)
+            self._refill(peer, t, touched)  # older waiting prefixes before newly passing ones
+            for prefix in passing:
+                self._admit(peer, t, prefix, t.routes[prefix], touched)
+        return self._commit(touched)
+
+    def set_limits(self, limits: Mapping[IPAddress, int | None]) -> Changes:
+        """Replace every peer's prefix limit (a peer not named has none)."""
+        self._limits = dict(limits)
+        touched: _Touched = {}
+        for peer, t in self._tables.items():
+            t.limit = self._limits.get(peer)
+            while t.limit is not None and len(t.accepted) > t.limit:
+                prefix, _ = t.accepted.popitem(last=True)  # the youngest go back to waiting
+                t.overflow[prefix] = None
+                t.overflow.move_to_end(prefix, last=False)
+                self._del_path(prefix, peer, touched)
+                self._reject(peer, prefix, MAX_PREFIXES)
+            self._refill(peer, t, touched)
+        return self._commit(touched)
+
+    def set_restart_times(self, times: Mapping[IPAddress, float]) -> None:
+        """How long each peer's routes stay stale after a graceful loss (default
+        ``DEFAULT_RESTART_TIME``): the restart time of its session."""
+        self._restart = dict(times)
+
+    # ------------------------------------------------------------------ internals
+
+    def _update(self, event: PeerUpdate) -> Changes:
+        peer = event.peer
+        t = self._tables.get(peer)
+        if t is None:
+            if not event.announced:
+                return {}
+            t = self._tables[peer] = _Table(self._limits.get(peer))
+        touched: _Touched = {}
+        # Withdrawals first: RFC 4271 treats a prefix in both lists as announced.
+        for prefix in event.withdrawn:
+            if prefix in t.routes:
+                self._drop(peer, t, prefix, touched)
+        check = self._policy.check
+        for ann in event.announced:
+            prefix = ann.prefix
+            t.routes[prefix] = ann
+            if t.stale:
+                t.stale.discard(prefix)
+            reason = check(peer, ann)
+            if reason is not None:
+                if prefix not in t.refused:
+                    self._unadmit(peer, t, prefix, touched)
+                t.refused[prefix] = reason
+                self._reject(peer, prefix, reason)
+            elif prefix in t.accepted:
+                self._add_path(prefix, peer, ann, touched)
+            elif prefix in t.overflow:
+                self._reject(peer, prefix, MAX_PREFIXES)
+            else:
+                if t.refused:
+                    t.refused.pop(prefix, None)
+                self._admit(peer, t, prefix, ann, touched)
+        if not t.stale:
+            t.deadline = None
+        if not t.routes:
+            del self._tables[peer]
+        return self._commit(touched)
+
+    def _sweep(self, peer: IPAddress, version: int | None, touched: _Touched) -> None:
+        t = self._tables.get(peer)
+        if t is None or not t.stale:
+            return
+        for prefix in [p for p in t.stale if version is None or p.version == version]:
+            self._drop(peer, t, prefix, touched)
+        if not t.stale:
+            t.deadline = None
+        if not t.routes:
+            del self._tables[peer]
+
+    def _admit(
+        self, peer: IPAddress, t: _Table, prefix: IPNetwork, ann: Announce, touched: _Touched
+    ) -> None:
+        """A prefix newly passing the policy: accepted if there is room, else waiting."""
+        if t.has_room():
+            t.accepted[prefix] = None
+            self._add_path(prefix, peer, ann, touched)
+        else:
+            t.overflow[prefix] = None
+            self._reject(peer, prefix, MAX_PREFIXES)
+
+    def _drop(self, peer: IPAddress, t: _Table, prefix: IPNetwork, touched: _Touched) -> None:
+        del t.routes[prefix]
+        t.stale.discard(prefix)
+        if t.refused.pop(prefix, None) is None:
+            self._unadmit(peer, t, prefix, touched)
+
+    def _unadmit(
+        self, peer: IPAddress, t: _Table, prefix: IPNetwork, touched: _Touched, refill: bool = True
+    ) -> None:
+        if prefix in t.accepted:
+            del t.accepted[prefix]
+            self._del_path(prefix, peer, touched)
+            if refill:
+                self._refill(peer, t, touched)
+        else:
+            t.overflow.pop(prefix, None)
+
+    def _refill(self, peer: IPAddress, t: _Table, touched: _Touched) -> None:
+        while t.overflow and t.has_room():
+            prefix, _ = t.overflow.popitem(last=False)
+            t.accepted[prefix] = None
+            self._add_path(prefix, peer, t.routes[prefix], touched)
+
+    def _mark_stale(self, t: _Table, now: float, restart_time: float) -> None:
+        t.stale = set(t.routes)
+        end = now + restart_time
+        t.deadline = end if t.deadline is None else min(t.deadline, end)
+
+    def _reject(self, peer: IPAddress, prefix: IPNetwork, reason: str) -> None:
+        self._rejected_total[peer] = self._rejected_total.get(peer, 0) + 1
+        if self._on_reject is not None:
+            self._on_reject(peer, prefix, reason)
+
+    def _add_path(
+        self, prefix: IPNetwork, peer: IPAddress, ann: Announce, touched: _Touched
+    ) -> None:
+        paths = self._paths.get(prefix)
+        if paths is None:
+            paths = self._paths[prefix] = {peer: ann}
+        else:
+            paths[peer] = ann
+        touched[prefix] = paths
+
+    def _del_path(self, prefix: IPNetwork, peer: IPAddress, touched: _Touched) -> None:
+        paths = self._paths.get(prefix)
+        if paths is not None and paths.pop(peer, None) is not None:
+            if not paths:
+                del self._paths[prefix]
+            touched[prefix] = paths
+
+    def _commit(self, touched: _Touched) -> Changes:
+        out: Changes = {}
+        best = self._best
+        for prefix, paths in touched.items():
+            new = _select(paths)
+            if new != best.get(prefix):
+                if new is None:
+                    del best[prefix]
+                else:
+                    best[prefix] = new
+                out[prefix] = new
+        return out
+
+
+def _select(paths: dict[IPAddress, Announce]) -> frozenset[IPAddress] | None:
+    """The ECMP set: next hops of the routes with the shortest AS path."""
+    if not paths:
+        return None
+    if len(paths) == 1:
+        for ann in paths.values():
+            return frozenset((ann.next_hop,))
+    shortest = min(len(a.attrs.as_path) for a in paths.values())
+    return frozenset(a.next_hop for a in paths.values() if len(a.attrs.as_path) == shortest)
