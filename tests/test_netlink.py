@@ -1,6 +1,6 @@
 """fabric.netlink against the real kernel, in throwaway namespaces (trt + 4 hex digits).
 
-Each namespace has a veth pair v0/v1 with 10.78.0.1/24 and fd78::1/64 on v0, so gateways
+Each namespace has a veth pair v0/v1 with 10.78.0.1/24 and fd78::1/112 on v0, so gateways
 10.78.0.x and fd78::x are reachable. Routes are cross-checked with iproute2's JSON output.
 The codec round trip (encode -> decode) needs no root.
 """
@@ -47,7 +47,7 @@ def make_ns() -> str:
         "link set v0 up",
         "link set v1 up",
         "addr add 10.78.0.1/24 dev v0",
-        "addr add fd78::1/64 dev v0 nodad",
+        "addr add fd78::1/112 dev v0 nodad",
     ])  # fmt: skip
     return name
 
@@ -81,10 +81,10 @@ SHAPES = [
     KernelRoute(N("10.78.3.0/26"), blackhole=True),
     KernelRoute(N("10.78.4.5/32"), dev="v1"),
     KernelRoute(N("10.78.5.0/24"), (A("10.78.0.2"),), metric=50),
-    KernelRoute(N("fd78:1::/64"), (A("fd78::2"),)),
-    KernelRoute(N("fd78:2::/64"), (A("fd78::2"), A("fd78::3"), A("fd78::4"))),
-    KernelRoute(N("fd78:3::/122"), blackhole=True),
-    KernelRoute(N("fd78:4::5/128"), dev="v1"),
+    KernelRoute(N("fd78::1:0/112"), (A("fd78::2"),)),
+    KernelRoute(N("fd78::2:0/112"), (A("fd78::2"), A("fd78::3"), A("fd78::4"))),
+    KernelRoute(N("fd78::3:0/122"), blackhole=True),
+    KernelRoute(N("fd78::4:5/128"), dev="v1"),
 ]
 
 
@@ -128,7 +128,7 @@ def test_codec_round_trip(route: KernelRoute, proto: int, table: int) -> None:
 def test_kernel_route_contract() -> None:
     r = KernelRoute(N("10.78.2.0/24"), (A("10.78.0.3"), A("10.78.0.2"), A("10.78.0.3")))
     assert r.gateways == (A("10.78.0.2"), A("10.78.0.3"))  # sorted, no duplicates
-    assert KernelRoute(N("fd78::/64"), blackhole=True).metric == 1024  # as the kernel stores it
+    assert KernelRoute(N("fd78::/112"), blackhole=True).metric == 1024  # as the kernel stores it
     with pytest.raises(ValueError, match="exactly one"):
         KernelRoute(N("10.78.2.0/24"))
     with pytest.raises(ValueError, match="exactly one"):
@@ -168,16 +168,16 @@ def test_write_and_dump_every_shape(ns: str) -> None:
     assert v4["10.78.4.5"]["dev"] == "v1" and v4["10.78.4.5"]["scope"] == "link"
     assert v4["10.78.5.0/24"]["metric"] == 50
     v6 = {r["dst"]: r for r in ip_json(ns, "-6", "route", "show", "proto", str(PROTO))}
-    assert len(v6["fd78:2::/64"]["nexthops"]) == 3
-    assert v6["fd78:3::/122"]["type"] == "blackhole"
-    assert v6["fd78:4::5"]["dev"] == "v1"
+    assert len(v6["fd78::2:0/112"]["nexthops"]) == 3
+    assert v6["fd78::3:0/122"]["type"] == "blackhole"
+    assert v6["fd78::4:5"]["dev"] == "v1"
     # routes of other protocols are not ours
     assert all(r.dst != N("10.78.0.0/24") for r in dump_routes(PROTO, netns=ns))
 
 
 @pytest.mark.root
 def test_replace_changes_shape_in_place(ns: str) -> None:
-    dst4, dst6 = N("10.78.9.0/24"), N("fd78:9::/64")
+    dst4, dst6 = N("10.78.9.0/24"), N("fd78::9:0/112")
     for gws4, gws6 in [
         (("10.78.0.2",), ("fd78::2",)),
         (("10.78.0.2", "10.78.0.3"), ("fd78::2", "fd78::3")),  # single -> ECMP
@@ -216,11 +216,11 @@ def test_per_route_errors_by_index_across_batches(ns: str) -> None:
 def test_delete_and_replace_never_touch_other_protocols(ns: str) -> None:
     labns.batch(ns, [
         "route add 10.78.7.0/24 via 10.78.0.7 proto static",
-        "route add fd78:7::/64 via fd78::7 proto static",
+        "route add fd78::7:0/112 via fd78::7 proto static",
     ])  # fmt: skip
     mine = [
         KernelRoute(N("10.78.7.0/24"), gw("10.78.0.2")),
-        KernelRoute(N("fd78:7::/64"), gw("fd78::2")),
+        KernelRoute(N("fd78::7:0/112"), gw("fd78::2")),
     ]
     assert write_routes([RouteOp(r, delete=True) for r in mine], PROTO, netns=ns) == {}
     errors = write_routes([RouteOp(r, exclusive=True) for r in mine], PROTO, netns=ns)
@@ -234,7 +234,7 @@ def test_delete_and_replace_never_touch_other_protocols(ns: str) -> None:
 @pytest.mark.root
 def test_tables_above_255_and_main_kept_apart(ns: str) -> None:
     r = KernelRoute(N("10.78.8.0/24"), gw("10.78.0.2"))
-    r6 = KernelRoute(N("fd78:8::/64"), blackhole=True)
+    r6 = KernelRoute(N("fd78::8:0/112"), blackhole=True)
     assert write_routes([RouteOp(r), RouteOp(r6)], PROTO, table=1000, netns=ns) == {}
     assert sorted(dump_routes(PROTO, table=1000, netns=ns), key=str) == sorted([r, r6], key=str)
     assert dump_routes(PROTO, netns=ns) == []
@@ -245,7 +245,7 @@ def test_tables_above_255_and_main_kept_apart(ns: str) -> None:
 def test_socket_is_in_the_netns_and_the_caller_stays_put(ns: str) -> None:
     before = os.readlink("/proc/thread-self/ns/net")
     with closing(netlink.RouteSocket(ns)) as sock:
-        assert {d.route.dst for d in sock.dump()} >= {N("10.78.0.0/24"), N("fd78::/64")}
+        assert {d.route.dst for d in sock.dump()} >= {N("10.78.0.0/24"), N("fd78::/112")}
     assert os.readlink("/proc/thread-self/ns/net") == before
     assert netlink.link_indexes(ns).keys() == {"lo", "v0", "v1"}
     with pytest.raises(NetlinkError) as info:

@@ -1,6 +1,6 @@
 """RouteTable against the real kernel, in throwaway namespaces (trt + 4 hex digits).
 
-Each namespace has a veth pair v0/v1 with 10.78.0.1/24 and fd78::1/64 on v0. What a flush
+Each namespace has a veth pair v0/v1 with 10.78.0.1/24 and fd78::1/112 on v0. What a flush
 changes is observed with ``ip monitor route`` between two marker routes, so "only the
 difference is written" is checked on the kernel's own change notifications.
 """
@@ -61,7 +61,7 @@ def ns() -> Iterator[str]:
             "link set v0 up",
             "link set v1 up",
             "addr add 10.78.0.1/24 dev v0",
-            "addr add fd78::1/64 dev v0 nodad",
+            "addr add fd78::1/112 dev v0 nodad",
         ])  # fmt: skip
         yield name
     finally:
@@ -139,9 +139,9 @@ def test_set_coalesces_and_flush_applies_every_shape(ns: str) -> None:
                 ecmp,
                 KernelRoute(N("10.78.2.0/26"), blackhole=True),
                 KernelRoute(N("10.78.3.4/32"), dev="v1"),
-                KernelRoute(N("fd78:1::/64"), gw("fd78::2", "fd78::3")),
-                KernelRoute(N("fd78:2::/122"), blackhole=True),
-                KernelRoute(N("fd78:3::4/128"), dev="v1"),
+                KernelRoute(N("fd78::1:0/112"), gw("fd78::2", "fd78::3")),
+                KernelRoute(N("fd78::2:0/122"), blackhole=True),
+                KernelRoute(N("fd78::3:4/128"), dev="v1"),
             ]
             for r in shapes[1:]:
                 t.set(r.dst, r)
@@ -199,8 +199,8 @@ def test_replace_all_writes_only_the_difference(ns: str, monitor: Monitor) -> No
 def test_adopt_then_resync_changes_nothing(ns: str, monitor: Monitor) -> None:
     routes = many(500)
     labns.batch(ns, [f"route add {d} via 10.78.0.2 proto {PROTO}" for d in routes])
-    labns.batch(ns, ["route add fd78:5::/64 proto 201 nexthop via fd78::2 nexthop via fd78::3"])
-    routes[N("fd78:5::/64")] = KernelRoute(N("fd78:5::/64"), gw("fd78::3", "fd78::2"))
+    labns.batch(ns, ["route add fd78::5:0/112 proto 201 nexthop via fd78::2 nexthop via fd78::3"])
+    routes[N("fd78::5:0/112")] = KernelRoute(N("fd78::5:0/112"), gw("fd78::3", "fd78::2"))
 
     async def go() -> None:
         with closing(RouteTable(PROTO, netns=ns)) as t:
@@ -228,7 +228,7 @@ def test_other_protocols_are_never_touched(ns: str) -> None:
     labns.batch(ns, [
         "route add 10.78.7.0/24 via 10.78.0.7 proto static",
         "route add 10.78.8.0/24 via 10.78.0.8 metric 30 proto static",
-        "route add fd78:7::/64 via fd78::7 proto static",
+        "route add fd78::7:0/112 via fd78::7 proto static",
     ])  # fmt: skip
     before = subprocess.run(
         ["ip", "-n", ns, "route"], capture_output=True, text=True, check=True
@@ -240,7 +240,7 @@ def test_other_protocols_are_never_touched(ns: str) -> None:
             wanted = {
                 N("10.78.7.0/24"): KernelRoute(N("10.78.7.0/24"), gw("10.78.0.2")),
                 N("10.78.8.0/24"): KernelRoute(N("10.78.8.0/24"), gw("10.78.0.2")),  # other metric
-                N("fd78:7::/64"): KernelRoute(N("fd78:7::/64"), gw("fd78::2")),
+                N("fd78::7:0/112"): KernelRoute(N("fd78::7:0/112"), gw("fd78::2")),
                 N("10.78.9.0/24"): KernelRoute(N("10.78.9.0/24"), gw("10.78.0.2")),
             }
             t.replace_all(wanted)
@@ -259,7 +259,7 @@ def test_other_protocols_are_never_touched(ns: str) -> None:
     ).stdout
     assert after == before
     assert (
-        "fd78:7::/64 via fd78::7"
+        "fd78::7:0/112 via fd78::7"
         in subprocess.run(
             ["ip", "-n", ns, "-6", "route"], capture_output=True, text=True, check=True
         ).stdout
@@ -297,7 +297,7 @@ def test_unreachable_gateway_fails_then_is_retried(ns: str) -> None:
     async def go() -> None:
         with closing(RouteTable(PROTO, netns=ns)) as t:
             r4 = KernelRoute(N("10.78.10.0/24"), gw("10.78.1.2"))
-            r6 = KernelRoute(N("fd78:10::/64"), gw("fd78:1::2"))
+            r6 = KernelRoute(N("fd78::10:0/112"), gw("fd78::1:2"))
             dev = KernelRoute(N("10.78.11.5/32"), dev="v2")  # the veth is created later
             ok = KernelRoute(N("10.78.12.0/24"), gw("10.78.0.2"))
             for r in (r4, r6, dev, ok):
@@ -313,7 +313,7 @@ def test_unreachable_gateway_fails_then_is_retried(ns: str) -> None:
             assert (await t.flush()).errnos.keys() == {r4.dst, r6.dst, dev.dst}  # still failing
             labns.batch(ns, [
                 "addr add 10.78.1.1/24 dev v0",
-                "addr add fd78:1::1/64 dev v0 nodad",
+                "addr add fd78::1:1/112 dev v0 nodad",
                 "link add v2 type veth peer name v3",
                 "link set v2 up",
                 "link set v3 up",
