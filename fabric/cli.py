@@ -9,12 +9,15 @@ in fabric.cli_bgp.
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from fabric import resources_yaml as ry
+from fabric import systemd
 from fabric.cli_bgp import bgp, node_label, node_show, peer, routes
 from fabric.cli_common import (
     DEFAULT_ENDPOINTS,
@@ -32,6 +35,7 @@ from fabric.cli_common import (
     usage_json,
 )
 from fabric.cli_ipam import ipam
+from fabric.errors import CLIError
 from fabric.output import (
     percent,
     properties,
@@ -306,6 +310,42 @@ def node_delete(ctx: click.Context, name: str) -> None:
 
 node.add_command(node_show)
 node.add_command(node_label)
+
+
+# install-unit --------------------------------------------------------------------------------
+
+
+@main.command("install-unit")
+@click.option("--dest", default="/etc/systemd/system", show_default=True, metavar="DIR",
+              help=f'Directory to write {systemd.UNIT_NAME} into ("-": print the unit).')  # fmt: skip
+@click.option("--config", "config_path", default=systemd.DEFAULT_CONFIG, show_default=True,
+              help="fabricd's configuration file, as the unit passes it.")  # fmt: skip
+@click.option("--fabricd", "fabricd_path", metavar="PATH",
+              help="The fabricd executable (default: the one beside fabricctl).")  # fmt: skip
+def install_unit(dest: str, config_path: str, fabricd_path: str | None) -> None:
+    """Write the systemd unit fabricd.service (then `systemctl daemon-reload` and
+    `systemctl enable --now fabricd`)."""
+    beside = Path(sys.executable).parent / "fabricd"
+    exe = fabricd_path or (str(beside) if beside.exists() else shutil.which("fabricd"))
+    if not exe:
+        raise CLIError("fabricd not found: pass its absolute path", systemd.UNIT_NAME, "--fabricd")
+    for option, paths in (("--config", (config_path, systemd.DEFAULT_FABRICD)),
+                          ("--fabricd", (systemd.DEFAULT_CONFIG, exe))):  # fmt: skip
+        try:
+            systemd.unit_text(*paths)
+        except ValueError as e:
+            raise CLIError(str(e), systemd.UNIT_NAME, option) from e
+    if dest == "-":
+        click.echo(systemd.unit_text(config_path, exe), nl=False)
+        return
+    try:
+        path = systemd.install_unit(Path(dest), config_path, exe)
+    except OSError as e:
+        raise CLIError(
+            f"cannot write the unit: {e.strerror}", str(Path(dest) / systemd.UNIT_NAME)
+        ) from e
+    click.echo(f"Wrote {path}; run: systemctl daemon-reload && systemctl enable --now fabricd")
+
 
 main.add_command(ipam)
 main.add_command(peer)

@@ -99,7 +99,7 @@ def cells(line: str) -> list[str]:
 COMMANDS = [["peer"], ["peer", "add"], ["peer", "list"], ["peer", "show"], ["peer", "delete"],
             ["bgp"], ["bgp", "config"], ["bgp", "config", "show"], ["bgp", "config", "set"],
             ["bgp", "status"], ["routes"], ["node", "show"], ["node", "label"],
-            ]  # fmt: skip
+            ["install-unit"]]  # fmt: skip
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
@@ -621,3 +621,32 @@ def test_etcd_unreachable_is_exit_2(etcd_env: dict[str, str], args: list[str]) -
                        text=True, timeout=60, check=False)  # fmt: skip
     assert p.returncode == 2, (p.stdout, p.stderr)
     one_line_error(p.stderr, "no etcd endpoint answered")
+
+
+# install-unit --------------------------------------------------------------------------------
+
+
+def test_install_unit(tmp_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(main, ["install-unit", "--dest", str(tmp_path), "--config",
+                             "/etc/fabric/node.yaml"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    unit = (tmp_path / "fabricd.service").read_text()
+    fabricd = Path(sys.executable).parent / "fabricd"
+    assert f"ExecStart={fabricd} --config /etc/fabric/node.yaml" in unit
+    assert "Type=notify" in unit and "WatchdogSec=" in unit and "Restart=on-failure" in unit
+    assert (tmp_path / "fabricd.service").stat().st_mode & 0o777 == 0o644
+    assert f"Wrote {tmp_path}/fabricd.service" in r.stdout and "daemon-reload" in r.stdout
+
+    r = runner.invoke(main, ["install-unit", "--dest", "-", "--fabricd", "/opt/fabric/bin/fabricd"])
+    assert r.exit_code == 0 and r.stdout.startswith("# fabricd.service")
+    assert "ExecStart=/opt/fabric/bin/fabricd --config /etc/fabric/fabricd.yaml" in r.stdout
+
+    for args, field in ((["--config", "fabricd.yaml"], "--config"),
+                        (["--fabricd", "/opt/my fabricd"], "--fabricd"),
+                        (["--dest", str(tmp_path / "missing")], None)):  # fmt: skip
+        r = runner.invoke(main, ["install-unit", *args])
+        assert r.exit_code == 1, r.output
+        one_line_error(
+            r.stderr, "fabricd.service", *([f"'{field}'"] if field else ["cannot write"])
+        )
