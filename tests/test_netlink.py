@@ -251,3 +251,11 @@ def test_socket_is_in_the_netns_and_the_caller_stays_put(ns: str) -> None:
     with pytest.raises(NetlinkError) as info:
         netlink.RouteSocket(ns + "-missing")
     assert info.value.errno == errno.ENOENT
+
+
+@pytest.mark.root
+def test_iproute_helper_is_bound_to_the_netns(ns: str) -> None:
+    """The pyroute2 entry point later link/address functions build on."""
+    with netlink.iproute(ns) as ipr:
+        names = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    assert names == {"lo", "v0", "v1"}

@@ -397,3 +397,23 @@ def test_run_coalesces_a_burst_and_retries(ns: str) -> None:
         assert len(dump_routes(PROTO, netns=ns)) == 20001
 
     run(go())
+
+
+def test_missing_netns_is_a_netlink_error_and_gc_stays_on() -> None:
+    import gc
+
+    from fabric.netlink import NetlinkError
+
+    async def go() -> None:
+        with closing(RouteTable(PROTO, netns="trt-no-such-netns")) as t:
+            with pytest.raises(NetlinkError) as info:
+                await t.adopt()
+            assert info.value.errno == errno.ENOENT
+            t.set(N("10.78.1.0/24"), KernelRoute(N("10.78.1.0/24"), blackhole=True))
+            with pytest.raises(NetlinkError):
+                await t.flush()
+            assert t.pending() == {N("10.78.1.0/24")}
+
+    assert gc.isenabled()
+    run(go())
+    assert gc.isenabled()
