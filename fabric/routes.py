@@ -61,10 +61,11 @@ class FlushResult:
 
 @dataclass(frozen=True, slots=True)
 class RouteStats:
-    """Counters for /metrics."""
+    """Counters for /metrics (``installed`` = unicast via gateways + blackholes + devices)."""
 
     installed: int
     blackholes: int
+    devices: int
     pending: int
     failed: int
     conflicts: int
@@ -73,6 +74,7 @@ class RouteStats:
     added_total: int
     replaced_total: int
     removed_total: int
+    failed_total: int  # route changes the kernel refused (each attempt counts)
 
 
 @dataclass(slots=True)
@@ -118,7 +120,7 @@ class RouteTable:
         self._wake = asyncio.Event()
         self._flushes = 0
         self._last_flush = 0.0
-        self._totals = {"add": 0, "replace": 0, "remove": 0}
+        self._totals = {"add": 0, "replace": 0, "remove": 0, "failed": 0}
 
     # ------------------------------------------------------------------ desired state
 
@@ -157,6 +159,7 @@ class RouteTable:
         return RouteStats(
             installed=len(self._installed),
             blackholes=sum(r.blackhole for r in self._installed.values()),
+            devices=sum(r.dev is not None for r in self._installed.values()),
             pending=len(self._dirty),
             failed=len(self._failed),
             conflicts=sum(dst in self._foreign for dst in self._failed),
@@ -165,6 +168,7 @@ class RouteTable:
             added_total=self._totals["add"],
             replaced_total=self._totals["replace"],
             removed_total=self._totals["remove"],
+            failed_total=self._totals["failed"],
         )
 
     # ------------------------------------------------------------------ kernel side
@@ -272,6 +276,7 @@ class RouteTable:
             self._wake.set()  # changed meanwhile, or dirtied by a dump: another flush is due
         for kind, n in counts.items():
             self._totals[kind] += n
+        self._totals["failed"] += len(failed)
         if failed:
             self.log.warning("failed to apply %d routes, e.g. %s", len(failed), _sample(failed))
         return FlushResult(

@@ -150,7 +150,7 @@ def test_set_coalesces_and_flush_applies_every_shape(ns: str) -> None:
             assert t.installed() == {r.dst: r for r in shapes}
             assert sorted(dump_routes(PROTO, netns=ns), key=str) == sorted(shapes, key=str)
             stats = t.stats()
-            assert (stats.installed, stats.blackholes, stats.pending) == (6, 2, 0)
+            assert (stats.installed, stats.blackholes, stats.devices, stats.pending) == (6, 2, 2, 0)
             # a second flush has nothing to do
             res = await t.flush()
             assert (res.added, res.replaced, res.removed) == (0, 0, 0)
@@ -310,6 +310,7 @@ def test_unreachable_gateway_fails_then_is_retried(ns: str) -> None:
                 dev.dst: errno.ENODEV,
             }
             assert t.pending() == {r4.dst, r6.dst, dev.dst} and t.stats().failed == 3
+            assert t.stats().failed_total == 3
             assert (await t.flush()).errnos.keys() == {r4.dst, r6.dst, dev.dst}  # still failing
             labns.batch(ns, [
                 "addr add 10.78.1.1/24 dev v0",
