@@ -319,7 +319,15 @@ class Lab:
             r for r in self.state.procs if not (r.node == node and r.what == "fabricd")
         ]
         self._spawn(
-            n, "fabricd", [str(BIN / "fabricd"), "--config", str(self.fabricd_config_path(node))]
+            n,
+            "fabricd",
+            [
+                sys.executable,
+                "-m",
+                "fabric.daemon",
+                "--config",
+                str(self.fabricd_config_path(node)),
+            ],
         )
 
     def fabricd_record(self, node: str) -> ProcRecord | None:
@@ -349,6 +357,23 @@ class Lab:
             if time.monotonic() > end:
                 raise LabError(f"fabricd in {node} did not exit within {timeout:.0f} s of {sig}")
             time.sleep(0.05)
+
+    def restart_router(self, node: str) -> None:
+        """Stop a router's processes (by recorded PID) and start them again."""
+        n = self.node(node)
+        if not n.role.is_router:
+            raise LabError(f"{node} is not a router")
+        mine = [r for r in self.state.procs if r.node == node]
+        procs.terminate([r.pid for r in mine if procs.matches(r)], 10)
+        self.state.procs = [r for r in self.state.procs if r.node != node]
+        self.state.save()
+        d = self._node_dir(node)
+        if n.role == Role.FRR:
+            for what, argv in routers.frr_commands(d):
+                self._spawn(n, what, argv)
+        else:
+            self._spawn(n, "bird", routers.bird_command(d))
+        self.wait_for(functools.partial(self._router_ready, n), 30, what=f"{node} to answer")
 
     def health(self, node: str, path: str = "/readyz") -> tuple[int, str]:
         """GET ``path`` from fabricd's health server inside ``node``: (status, body); 0 if down."""

@@ -1,0 +1,411 @@
+"""The node agent: the composition root that runs everything a node does.
+
+Start-up order (each step finishes before the next starts):
+1. config (already validated by the caller);
+2. kernel: adopt the routes that carry our protocol number (never flushed);
+3. etcd: connect, register the Node under a lease;
+4. full resync: list every watched prefix, compute the intent, program blackholes;
+5. BGP: start ExaBGP with the planned sessions and the desired announcements;
+6. health server, READY=1 to systemd, then the event loop: one watch per prefix (with a
+   periodic full resync), the reconciler, the route flusher, the status publisher and
+   the watchdog.
+
+Learned routes adopted from the kernel at start (a restart) stay installed until the RIB
+has converged: every established session has sent End-of-RIB, or the graceful-restart
+time has passed. Only then are adopted routes nobody announced any more removed. So a
+restart of fabricd (or of ExaBGP) never takes a route away that is still valid.
+
+Stop (``stop()``; SIGTERM): stop taking work, stop ExaBGP (sessions close without a
+NOTIFICATION, so graceful-restart helpers keep our routes), leave kernel routes in place,
+do not revoke the node lease (a restart within its TTL keeps the node known).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bgp.model import (
+    EndOfRib,
+    Event,
+    IPAddress,
+    IPNetwork,
+    NodeInfo,
+    PeerState,
+    PeerUpdate,
+    SessionState,
+    SpeakerRestarted,
+)
+from bgp.rib import ImportPolicy, Rib
+from bgp.speaker import Speaker
+from fabric import systemd
+from fabric.config import AgentConfig, RequiredPeers
+from fabric.health import Check, HealthServer
+from fabric.intent import BlockIndex, Intent, compute, decode
+from fabric.metrics import Metrics
+from fabric.nat import NatTable
+from fabric.netlink import KernelRoute, ensure_rt_proto_name
+from fabric.registration import Registration
+from fabric.routes import RouteTable
+from fabric.status import StatusPublisher
+from fabric.watch import Cache
+from ipam import keys
+from ipam.errors import IPAMError
+from ipam.resources import Node, loads
+from ipam.selector import parse as parse_selector
+from ipam.store import Store, TLSConfig
+
+log = logging.getLogger("fabric.agent")
+
+RECONCILE_DEBOUNCE = 0.01  # coalesces a burst of watch events into one reconcile
+STATUS_INTERVAL = 2.0
+
+
+def _match(selector: str, labels: Any) -> bool:
+    return bool(parse_selector(selector).matches(labels))
+
+
+def _check_selector(selector: str) -> None:
+    parse_selector(selector)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        tls = None
+        if cfg.etcd.use_tls:
+            tls = TLSConfig(cfg.etcd.ca_file, cfg.etcd.cert_file, cfg.etcd.key_file)
+        self.store = Store(cfg.etcd.endpoints, cfg.etcd.prefix, tls, deadline=cfg.etcd.timeout)
+        self.local = NodeInfo(
+            name=cfg.node_name,
+            ipv4=cfg.addresses.ipv4,
+            ipv6=cfg.addresses.ipv6,
+            as_number=cfg.as_number,
+            labels=dict(cfg.labels),
+            rr_cluster_id=cfg.route_reflector_cluster_id,
+        )
+        self.interfaces = tuple(
+            i for i in (cfg.addresses.ipv4, cfg.addresses.ipv6, *cfg.interfaces) if i is not None
+        )
+        self.node = Node(
+            name=cfg.node_name,
+            labels=dict(cfg.labels),
+            addresses=tuple(str(i) for i in self.interfaces),
+            as_number=cfg.as_number,
+            route_reflector_cluster_id=cfg.route_reflector_cluster_id,
+        )
+        self.registration = Registration(
+            self.store, self.node, cfg.lease_ttl, self.metrics.etcd_error
+        )
+        self.cache = Cache(
+            self.store,
+            [
+                keys.POOLS,
+                keys.CONFIG_BGP,
+                keys.PEERS,
+                keys.NODES,
+                keys.node_affinities(cfg.node_name),
+                keys.BLOCKS,
+            ],
+            self._changed,
+            cfg.resync_interval,
+            self.metrics.etcd_error,
+        )
+        self.blocks = BlockIndex()
+        self.rib = Rib(
+            ImportPolicy(
+                allowed=(),
+                own=frozenset(),
+                allow_default=False,
+                local_as=cfg.as_number or 0,
+                router_id=self.local.router_id,
+                own_addresses=frozenset(),
+            ),
+            self._rejected,
+        )
+        self.routes = RouteTable(cfg.routes.protocol, cfg.routes.table)
+        self.nat = NatTable()
+        run_dir = Path(cfg.run_dir)
+        self.speaker = Speaker(
+            run_dir / "bgp", self._on_bgp_event, cfg.bgp.exabgp, log.getChild("speaker")
+        )
+        self.health = HealthServer(cfg.health.listen, self.live, self.ready, self.metrics.registry)
+        self.status = StatusPublisher(self)
+        self.intent: Intent | None = None
+        self.adopted: dict[IPNetwork, KernelRoute] = {}
+        self.converged = False
+        self.converge_deadline = 0.0
+        self.eor: set[IPAddress] = set()
+        self._dirty = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._etcd_ok = (0.0, False)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        log.info("fabricd starting as node %s", cfg.node_name)
+        ensure_rt_proto_name(cfg.routes.protocol, cfg.routes.protocol_name)
+        n = await self.routes.adopt()
+        self.adopted = {
+            dst: r
+            for dst, r in self.routes.installed().items()
+            if not r.blackhole and r.dev is None
+        }
+        log.info("adopted %d kernel routes with protocol %d", n, cfg.routes.protocol)
+        await self.registration.register()
+        await self.cache.load()
+        self.converge_deadline = time.monotonic() + cfg.bgp.graceful_restart_time
+        intent = self._compute()
+        await self._apply(intent, first=True)
+        await self.speaker.start(list(intent.sessions), self.local.router_id)
+        self.speaker.set_announcements(intent.adverts)
+        await self.health.start()
+        self._tasks = [
+            asyncio.create_task(self.cache.run(), name="cache"),
+            asyncio.create_task(self.registration.keep_alive(), name="lease"),
+            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
+            asyncio.create_task(self._converge_loop(), name="converge"),
+            asyncio.create_task(self.routes.run(), name="routes"),
+            asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
+        ]
+        interval = systemd.watchdog_interval()
+        if cfg.watchdog and interval:
+            self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+        systemd.ready()
+        log.info(
+            "fabricd ready: %d sessions, %d announcements",
+            len(intent.sessions),
+            len(intent.adverts),
+        )
+
+    async def run(self) -> None:
+        """Start, then run until ``stop()``; a failing background task stops the agent."""
+        await self.start()
+        stop = asyncio.create_task(self._stopping.wait())
+        done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stop and not t.cancelled() and t.exception() is not None:
+                log.error("task %s failed: %s", t.get_name(), t.exception())
+                await self.shutdown()
+                raise RuntimeError(f"task {t.get_name()} failed") from t.exception()
+        await self.shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        systemd.stopping()
+        log.info("fabricd stopping; kernel routes stay in place")
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        with contextlib.suppress(Exception):
+            await self.routes.flush()
+        await self.speaker.stop()
+        await self.health.stop()
+        with contextlib.suppress(Exception):
+            await self.store.close()
+
+    # ----------------------------------------------------------------- reconcile
+
+    def _changed(self, prefix: str) -> None:
+        if prefix == keys.NODES and keys.node(self.cfg.node_name) not in self.cache.items(
+            keys.NODES
+        ):
+            asyncio.get_running_loop().create_task(self._reregister())
+        self._dirty.set()
+
+    async def _reregister(self) -> None:
+        with contextlib.suppress(IPAMError):
+            await self.registration.ensure()
+
+    def _compute(self) -> Intent:
+        mine = self.cache.items(keys.NODES).get(keys.node(self.cfg.node_name))
+        if mine is not None:  # labels set with `fabricctl node label` count for selectors
+            with contextlib.suppress(ValueError, IPAMError):
+                doc = Node.from_json(self.cfg.node_name, loads(mine.value))
+                self.local = replace(self.local, labels=dict(doc.labels))
+        inputs = decode(self.local, self.interfaces, self.cache.data, self.blocks, _check_selector)
+        return compute(inputs, _match)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(RECONCILE_DEBOUNCE)
+            self._dirty.clear()
+            started = time.monotonic()
+            try:
+                await self._apply(self._compute())
+            except Exception:
+                log.exception("reconcile failed; retrying at the next change or resync")
+            self.metrics.observe_reconcile("announcements", time.monotonic() - started)
+
+    async def _apply(self, intent: Intent, first: bool = False) -> None:
+        old = self.intent
+        self.intent = intent
+        if old is None or old.policy != intent.policy:
+            self._route_changes(self.rib.set_policy(intent.policy))
+        if old is None or old.limits != intent.limits:
+            self._route_changes(self.rib.set_limits(dict(intent.limits)))
+        if old is None or old.sessions != intent.sessions:
+            self.rib.set_restart_times({s.peer_ip: s.restart_time for s in intent.sessions})
+        old_bh = old.blackholes if old is not None else frozenset()
+        for dst in old_bh - intent.blackholes:
+            self.routes.set(dst, None)
+        for dst in intent.blackholes - old_bh:
+            self.routes.set(dst, KernelRoute(dst=dst, blackhole=True))
+        if first:
+            # Own blocks are blackholed, everything else learned is adopted until converged.
+            desired = {dst: KernelRoute(dst=dst, blackhole=True) for dst in intent.blackholes}
+            for dst, r in self.adopted.items():
+                desired.setdefault(dst, r)
+            keep_local = {d: r for d, r in self.routes.installed().items() if r.dev is not None}
+            desired.update(keep_local)
+            self.routes.replace_all(desired)
+            await self.routes.flush()
+        if old is not None and old.sessions != intent.sessions:
+            log.info("BGP sessions changed: reconfiguring the speaker")
+            await self.speaker.reconfigure(list(intent.sessions))
+        if old is not None and old.adverts != intent.adverts:
+            self.speaker.set_announcements(intent.adverts)
+        if old is None or (old.nat_cidrs, old.pool_cidrs) != (intent.nat_cidrs, intent.pool_cidrs):
+            try:
+                await self.nat.apply(intent.nat_cidrs, intent.pool_cidrs)
+            except Exception as e:  # nft missing or refused: routes must still work
+                log.error("failed to program NAT for natOutgoing pools: %s", e)
+
+    # ----------------------------------------------------------------- BGP events
+
+    def _rejected(self, peer: IPAddress, prefix: IPNetwork, reason: str) -> None:
+        self.metrics.prefixes_rejected(str(peer))
+        log.info("rejected %s from %s: %s", prefix, peer, reason)
+
+    def _on_bgp_event(self, ev: Event) -> None:
+        if isinstance(ev, SpeakerRestarted):
+            self.metrics.exabgp_restart()
+            self.eor.clear()
+            log.warning("ExaBGP restarted (%d restarts); learned routes kept as stale", ev.restarts)
+        elif isinstance(ev, EndOfRib):
+            self.eor.add(ev.peer)
+        elif isinstance(ev, PeerState) and ev.state != SessionState.ESTABLISHED:
+            self.eor.discard(ev.peer)
+        self._route_changes(self.rib.apply(ev, time.monotonic()))
+        if isinstance(ev, PeerUpdate | EndOfRib) and not self.converged:
+            self._check_converged()
+
+    def _route_changes(self, changes: dict[IPNetwork, frozenset[IPAddress] | None]) -> None:
+        own = self.intent.blackholes if self.intent is not None else frozenset()
+        for dst, hops in changes.items():
+            if dst in own:
+                continue
+            if hops:
+                self.routes.set(dst, KernelRoute(dst=dst, gateways=tuple(sorted(hops, key=str))))
+            elif not self.converged and dst in self.adopted:
+                continue  # keep the adopted route until the RIB has converged
+            else:
+                self.routes.set(dst, None)
+
+    def _check_converged(self) -> None:
+        up = [
+            ip
+            for ip, st in self.speaker.sessions_status().items()
+            if st.state == SessionState.ESTABLISHED
+        ]
+        sessions = self.intent.sessions if self.intent is not None else ()
+        if (not sessions or (up and all(ip in self.eor for ip in up))) or (
+            time.monotonic() >= self.converge_deadline
+        ):
+            self._converge()
+
+    def _converge(self) -> None:
+        if self.converged:
+            return
+        self.converged = True
+        best = self.rib.best()
+        stale = [d for d in self.adopted if d not in best]
+        for dst in stale:
+            self.routes.set(dst, None)
+        log.info("RIB converged; removing %d adopted routes nobody announces", len(stale))
+        self.adopted = {}
+
+    async def _converge_loop(self) -> None:
+        while not self.converged:
+            await asyncio.sleep(0.5)
+            self._check_converged()
+        while True:
+            await asyncio.sleep(1.0)
+            self._route_changes(self.rib.expire(time.monotonic()))
+
+    # ----------------------------------------------------------------- health
+
+    async def _etcd_reachable(self) -> bool:
+        at, ok = self._etcd_ok
+        if time.monotonic() - at < 2.0:
+            return ok
+        try:
+            await self.store.status(deadline=1.0)
+            ok = True
+        except IPAMError:
+            self.metrics.etcd_error("status")
+            ok = False
+        self._etcd_ok = (time.monotonic(), ok)
+        return ok
+
+    async def live(self) -> Check:
+        speaker = await self.speaker.ping(timeout=1.5)
+        return Check(speaker, {"eventLoop": "ok", "exabgp": "ok" if speaker else "not answering"})
+
+    async def ready(self) -> Check:
+        detail: dict[str, str] = {}
+        etcd = await self._etcd_reachable()
+        detail["etcd"] = "ok" if etcd else "unreachable"
+        speaker = await self.speaker.ping(timeout=1.5)
+        detail["exabgp"] = "ok" if speaker else "not answering"
+        peers_ok, why = self._required_peers_up()
+        detail["peers"] = why
+        return Check(etcd and speaker and peers_ok, detail)
+
+    def _required_peers_up(self) -> tuple[bool, str]:
+        sessions = self.intent.sessions if self.intent is not None else ()
+        status = self.speaker.sessions_status()
+
+        def up(ip: IPAddress) -> bool:
+            st = status.get(ip)
+            return st is not None and st.state == SessionState.ESTABLISHED
+
+        mode = self.cfg.bgp.required_peers
+        if mode == RequiredPeers.NONE:
+            return True, "not required"
+        if isinstance(mode, RequiredPeers):  # "auto": at least one required (ToR / RR) session up
+            required = [s.peer_ip for s in sessions if s.required]
+            if not required:
+                return True, "no required peers configured"
+            n = sum(1 for ip in required if up(ip))
+            return n > 0, f"{n}/{len(required)} required peers established"
+        missing = [str(ip) for ip in mode if not up(ip)]
+        return not missing, "missing: " + ", ".join(missing) if missing else "all established"
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            systemd.watchdog_ping()
+            await asyncio.sleep(interval)
+
+
+async def run_agent(
+    cfg: AgentConfig, on_started: Callable[[Agent], Awaitable[None]] | None = None
+) -> None:
+    agent = Agent(cfg)
+    if on_started is not None:
+        await on_started(agent)
+    await agent.run()

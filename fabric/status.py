@@ -1,0 +1,143 @@
+"""What a node publishes about itself: BGP sessions and installed routes.
+
+The document lives at ``status/<node>`` under the node's lease (it disappears with the
+node) and is rewritten only when its content changed, at most every couple of seconds.
+``fabricctl bgp status`` and ``fabricctl routes`` read it. The route list is capped so the
+document stays far below etcd's request size limit; ``truncated`` says when it was cut.
+The same pass refreshes the Prometheus gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from bgp.model import SessionState
+from fabric.metrics import SessionSample
+from ipam import keys
+from ipam.errors import IPAMError
+from ipam.resources import dumps
+
+if TYPE_CHECKING:
+    from fabric.agent import Agent
+
+log = logging.getLogger("fabric.status")
+
+MAX_ROUTES = 2000  # about 150 kB of JSON; etcd refuses requests above 1.5 MiB by default
+
+
+def _info(state: SessionState, info: str) -> str:
+    return info or {"up": "Established", "connected": "OpenSent", "down": "Active"}.get(
+        str(state), str(state)
+    )
+
+
+def build(agent: Agent) -> dict[str, Any]:
+    status = agent.speaker.sessions_status()
+    sessions = []
+    for s in agent.intent.sessions if agent.intent is not None else ():
+        st = status.get(s.peer_ip)
+        stats = agent.rib.stats(s.peer_ip)
+        state = st.state if st is not None else SessionState.IDLE
+        sessions.append(
+            {
+                "name": s.name,
+                "peerIP": str(s.peer_ip),
+                "peerAS": s.peer_as,
+                "localAS": s.local_as,
+                "type": str(s.kind),
+                "state": str(state),
+                "since": st.since if st is not None else None,
+                "info": _info(state, st.info if st is not None else "Idle"),
+                "required": s.required,
+                "passive": s.passive,
+                "received": stats.received,
+                "accepted": stats.accepted,
+                "rejected": stats.rejected,
+            }
+        )
+    installed = agent.routes.installed()
+    items: list[dict[str, Any]] = []
+    blackholes = 0
+    for dst, r in sorted(installed.items(), key=lambda kv: (kv[0].version, kv[0])):
+        kind = "blackhole" if r.blackhole else "local" if r.dev is not None else "unicast"
+        blackholes += r.blackhole
+        if len(items) < MAX_ROUTES:
+            item: dict[str, Any] = {
+                "dst": str(dst),
+                "type": kind,
+                "via": [str(g) for g in r.gateways],
+            }
+            if r.dev is not None:
+                item["dev"] = r.dev
+            items.append(item)
+    return {
+        "node": agent.cfg.node_name,
+        "speaker": {
+            "running": agent.speaker.pid is not None,
+            "pid": agent.speaker.pid,
+            "restarts": agent.speaker.restarts,
+        },
+        "sessions": sessions,
+        "announcements": sorted(str(a.prefix) for a in agent.speaker.announced()),
+        "routes": {
+            "installed": len(installed),
+            "blackholes": blackholes,
+            "truncated": len(installed) > MAX_ROUTES,
+            "items": items,
+        },
+        "converged": agent.converged,
+        "pid": os.getpid(),
+    }
+
+
+def update_metrics(agent: Agent, doc: dict[str, Any]) -> None:
+    m = agent.metrics
+    m.set_sessions(
+        SessionSample(
+            s["peerIP"], s["type"], s["state"], s["received"], s["accepted"], s["rejected"]
+        )
+        for s in doc["sessions"]
+    )
+    counts = {"unicast": 0, "blackhole": 0, "local": 0}
+    for r in agent.routes.installed().values():
+        counts["blackhole" if r.blackhole else "local" if r.dev is not None else "unicast"] += 1
+    m.set_routes(**counts)
+    m.set_announcements(len(doc["announcements"]))
+    if agent.intent is not None:
+        m.set_ipam(len(agent.intent.blackholes))
+
+
+class StatusPublisher:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._last = b""
+
+    async def publish(self) -> None:
+        doc = build(self.agent)
+        update_metrics(self.agent, doc)
+        body = json.dumps(doc, sort_keys=True).encode()
+        if body == self._last:
+            return
+        doc["updated"] = time.time()
+        key = keys.status(self.agent.cfg.node_name)
+        await self.agent.store.put(key, dumps(doc), self.agent.registration.lease)
+        self._last = body
+
+    async def run(self, interval: float) -> None:
+        while True:
+            try:
+                await self.publish()
+            except IPAMError as e:
+                self.agent.metrics.etcd_error("status")
+                log.warning("failed to publish node status: %s", e)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.agent.registration.renewed.wait(), interval)
+            if self.agent.registration.renewed.is_set():
+                self.agent.registration.renewed.clear()
+                self._last = b""  # re-register: write again under the new lease

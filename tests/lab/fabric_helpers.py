@@ -1,0 +1,49 @@
+"""Helpers for the lab tests of the running fabric: allocate addresses on a node through the
+IPAM library (the CNI plugin does this through fabricd; these tests exercise BGP and
+routes, not the plugin), read blocks, routes and status documents."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from typing import Any
+
+from lab.runner import Lab
+
+ALLOC = """
+import asyncio, json, sys
+from ipam.allocator import Allocator, AssignRequest
+from ipam.store import Store
+async def main(eps, node, handle, v4, v6):
+    async with Store(eps.split(','), '/fabric/v1') as s:
+        got = await Allocator(s).auto_assign(AssignRequest(handle, node, num_v4=int(v4),
+            num_v6=int(v6), attrs={'pod': handle, 'namespace': 'test'}))
+        print(json.dumps([[str(a.ip), str(a.block)] for a in got]))
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def allocate(lab: Lab, node: str, handle: str, v4: int = 1, v6: int = 0) -> list[tuple[str, str]]:
+    """Allocate addresses for ``handle`` on ``node``: [(ip, block)]."""
+    eps = ",".join(lab.etcd_endpoints)
+    r = lab.exec(node, [sys.executable, "-c", ALLOC, eps, node, handle, str(v4), str(v6)], 60, True)
+    return [(ip, block) for ip, block in json.loads(r.stdout)]
+
+
+def status(lab: Lab, node: str) -> dict[str, Any]:
+    r = lab.fabricctl(["bgp", "status", "--node", node, "-o", "json"])
+    assert r.returncode == 0, r.stderr
+    docs = json.loads(r.stdout)
+    if isinstance(docs, list):
+        docs = docs[0] if docs else {}
+    return dict(docs)
+
+
+def route_via(lab: Lab, node: str, prefix: str) -> str | None:
+    """The rest of ``ip route`` for ``prefix`` installed by fabricd on ``node``, or None."""
+    return lab.kernel_routes(node).get(prefix)
+
+
+def in_net(ip: str, net: str) -> bool:
+    return ipaddress.ip_address(ip) in ipaddress.ip_network(net)

@@ -1,0 +1,100 @@
+"""mesh3: fabricd on three hosts in a BGP full mesh (no routers). Blocks are announced and
+installed with the owner's address as next hop on every other host; the owner blackholes
+its block; deleting a node withdraws its blocks everywhere; an IPv6 pool works alongside."""
+
+from __future__ import annotations
+
+import pytest
+from fabric_helpers import allocate, status
+
+from lab.runner import Lab
+
+pytestmark = [pytest.mark.lab, pytest.mark.root]
+HOSTS = ("node1", "node2", "node3")
+
+
+@pytest.fixture(scope="module")
+def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
+    lab: Lab = make_lab("mesh3")
+    # IPv6 on the shared segment, so the IPv6 pool has next hops (the lab plan is IPv4).
+    for i, h in enumerate(HOSTS, start=1):
+        lab.exec(
+            h, ["ip", "-6", "addr", "add", f"fd00:8::{i}/64", "dev", "eth1", "nodad"], check=True
+        )
+        cfg = lab.fabricd_config_path(h)
+        text = cfg.read_text().replace("addresses:\n", f"addresses:\n  ipv6: fd00:8::{i}/64\n", 1)
+        cfg.write_text(text)
+    lab.start_fabric()
+    return lab
+
+
+@pytest.fixture(scope="module")
+def blocks(lab: Lab) -> dict[str, str]:
+    """One IPv4 block per host (host -> block)."""
+    return {h: allocate(lab, h, f"t.{h}.eth0")[0][1] for h in HOSTS}
+
+
+def test_every_block_installed_on_every_other_host_via_its_owner(
+    lab: Lab, blocks: dict[str, str]
+) -> None:
+    for owner, block in blocks.items():
+        nh = lab.address(owner)
+        for other in HOSTS:
+            if other == owner:
+                continue
+            lab.wait_for(
+                lambda o=other, b=block, n=nh: (
+                    f"via {n} " in (lab.kernel_routes(o).get(b) or "") + " "
+                ),
+                20,
+                what=f"{block} via {nh} on {other}",
+            )
+        assert lab.kernel_routes(owner)[block] == "blackhole"
+
+
+def test_status_shows_established_mesh_sessions(lab: Lab, blocks: dict[str, str]) -> None:
+    doc = status(lab, "node1")
+    types = {s["type"] for s in doc["sessions"]}
+    assert types == {"node-to-node mesh"}
+    assert sorted(s["peerIP"] for s in doc["sessions"]) == sorted(
+        lab.address(h) for h in ("node2", "node3")
+    )
+    lab.wait_for(
+        lambda: all(s["state"] == "up" for s in status(lab, "node1")["sessions"]),
+        20,
+        what="mesh up",
+    )
+    # Exactly one side of each pair is passive, so sessions never collide.
+    passive = {(h, s["peerIP"]) for h in HOSTS for s in status(lab, h)["sessions"] if s["passive"]}
+    assert len(passive) == 3
+
+
+def test_ipv6_pool_alongside_ipv4(lab: Lab, blocks: dict[str, str]) -> None:
+    r = lab.fabricctl(["pool", "add", "pods6", "--cidr", "fd00:244::/56", "--block-size", "122"])
+    assert r.returncode == 0, r.stderr
+    got = allocate(lab, "node2", "t.node2.v6", v4=0, v6=1)
+    block6 = got[0][1]
+    for other in ("node1", "node3"):
+        lab.wait_for(
+            lambda o=other: "via fd00:8::2" in (lab.kernel_routes(o).get(block6) or ""),
+            20,
+            what=f"{block6} via fd00:8::2 on {other}",
+        )
+    # The pod address answers across the fabric once it exists on node2.
+    ip6 = got[0][0]
+    lab.exec("node2", ["ip", "-6", "addr", "add", f"{ip6}/128", "dev", "lo"], check=True)
+    r = lab.exec("node1", ["ping", "-6", "-c", "1", "-W", "2", ip6])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_node_delete_withdraws_its_blocks_everywhere(lab: Lab, blocks: dict[str, str]) -> None:
+    block = blocks["node3"]
+    for other in ("node1", "node2"):
+        lab.wait_for(lambda o=other: block in lab.kernel_routes(o), 20, what=f"{block} on {other}")
+    r = lab.fabricctl(["node", "delete", "node3"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    for other in ("node1", "node2"):
+        lab.wait_for(
+            lambda o=other: block not in lab.kernel_routes(o), 20, what=f"{block} gone on {other}"
+        )
+    lab.wait_for(lambda: block not in lab.kernel_routes("node3"), 20, what="blackhole removed")
