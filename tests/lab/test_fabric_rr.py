@@ -26,10 +26,11 @@ def test_route_reflector_plan_all_routes_present(lab: Lab) -> None:
         assert [s["peerIP"] for s in doc["sessions"]] == [str(lab.node(h).neighbors[0].address)]
         assert doc["sessions"][0]["type"] == "node specific"
     for owner, block in blocks.items():
+        nh = lab.address(owner)
         for other in HOSTS:
             if other != owner:
                 lab.wait_for(
-                    lambda o=other, b=block, n=lab.address(owner): (
+                    lambda o=other, b=block, n=nh: (
                         f"via {n} " in lab.kernel_routes(o).get(b, "") + " "
                     ),
                     30,

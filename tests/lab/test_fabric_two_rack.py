@@ -86,7 +86,7 @@ def test_prefix_outside_pools_is_rejected_and_counted(lab: Lab, blocks: dict[str
             "address-family ipv4 unicast",
             "-c",
             "network 10.250.0.0/24",
-        ],  # fmt: skip
+        ],
     )
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -138,7 +138,7 @@ def test_readyz_needs_a_required_peer(lab: Lab, blocks: dict[str, str]) -> None:
     assert r.returncode == 0, r.stderr
     try:
         lab.wait_for(lambda: lab.health("node2", "/readyz")[0] == 503, 30, what="node2 unready")
-        code, body = lab.health("node2", "/readyz")
+        _, body = lab.health("node2", "/readyz")
         assert "0/1" in body
     finally:
         lab.fabricctl(["peer", "delete", peer])
