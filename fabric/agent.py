@@ -317,15 +317,17 @@ class Agent:
                 self.routes.set(dst, None)
 
     def _check_converged(self) -> None:
-        up = [
-            ip
-            for ip, st in self.speaker.sessions_status().items()
-            if st.state == SessionState.ESTABLISHED
-        ]
+        """Converged: every planned session is up and has sent End-of-RIB, or the
+        graceful-restart time since start has passed (a peer that stays down)."""
+        status = self.speaker.sessions_status()
         sessions = self.intent.sessions if self.intent is not None else ()
-        if (not sessions or (up and all(ip in self.eor for ip in up))) or (
-            time.monotonic() >= self.converge_deadline
-        ):
+        complete = all(
+            s.peer_ip in self.eor
+            and (st := status.get(s.peer_ip)) is not None
+            and st.state == SessionState.ESTABLISHED
+            for s in sessions
+        )
+        if complete or time.monotonic() >= self.converge_deadline:
             self._converge()
 
     def _converge(self) -> None:

@@ -53,6 +53,7 @@ def test_every_block_installed_on_every_other_host_via_its_owner(
 
 
 def test_status_shows_established_mesh_sessions(lab: Lab, blocks: dict[str, str]) -> None:
+    lab.wait_for(lambda: len(status(lab, "node1")["sessions"]) == 2, 20, what="2 sessions")
     doc = status(lab, "node1")
     types = {s["type"] for s in doc["sessions"]}
     assert types == {"node-to-node mesh"}
