@@ -236,6 +236,7 @@ def compute(inp: Inputs, match: Matcher) -> Intent:
         local_as=local.as_number or inp.bgp.as_number,
         router_id=local.router_id,
         own_addresses=frozenset(own_addresses),
+        allow_local_as={s.peer_ip: s.allow_local_as for s in sessions if s.allow_local_as},
     )
     return Intent(
         sessions=tuple(sessions),
