@@ -161,30 +161,43 @@ def test_readyz_needs_a_required_peer(lab: Lab, blocks: dict[str, str]) -> None:
     lab.wait_for(lambda: lab.health("node2", "/readyz")[0] == 200, 60, what="node2 ready again")
 
 
-def test_wrong_md5_password_never_establishes(lab: Lab, blocks: dict[str, str], tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """tor1 requires a password from node1; node1's peer carries a different one."""
-    d = lab.dir / "tor1"
-    node1_ip = lab.address("node1")
-    tor_ip = str(lab.node("node1").neighbors[0].address)
-    cmds = ["conf t", "router bgp 65001", f"neighbor {node1_ip} remote-as 65101",
-            f"neighbor {node1_ip} password right-secret", f"neighbor {node1_ip} timers 3 9",
-            "address-family ipv4 unicast", f"neighbor {node1_ip} activate",
-            f"neighbor {node1_ip} route-map HOSTS-IN in", f"neighbor {node1_ip} route-map ALL out"]  # fmt: skip
-    argv = ["vtysh", "--vty_socket", str(d)]
-    for c in cmds:
-        argv += ["-c", c]
-    assert lab.exec("tor1", argv).returncode == 0
-    wrong = lab.dir / "node1" / "md5-wrong"
-    wrong.write_text("wrong-secret\n")
-    wrong.chmod(0o600)
-    lab.fabricctl(["peer", "delete", "node1-tor1"])
-    r = lab.fabricctl(["peer", "add", "node1-tor1", "--node", "node1", "--peer-ip", tor_ip,
-                       "--as-number", "65001", "--hold-time", "9", "--password-file", str(wrong)])  # fmt: skip
+def _set_peer(lab: Lab, node: str, password: str | None) -> None:
+    name = f"{node}-tor1"
+    tor_ip = str(lab.node(node).neighbors[0].address)
+    argv = ["peer", "add", name, "--node", node, "--peer-ip", tor_ip, "--as-number", "65001",
+            "--hold-time", "9", "--num-allowed-local-as", "1"]  # fmt: skip
+    if password is not None:
+        f = lab.dir / node / f"md5-{password}"
+        f.write_text(password + "\n")
+        f.chmod(0o600)
+        argv += ["--password-file", str(f)]
+    assert lab.fabricctl(["peer", "delete", name]).returncode == 0
+    r = lab.fabricctl(argv)
     assert r.returncode == 0, r.stderr
+
+
+def _session(lab: Lab, node: str) -> dict[str, str]:
+    tor_ip = str(lab.node(node).neighbors[0].address)
+    sess = [s for s in status(lab, node)["sessions"] if s["peerIP"] == tor_ip]
+    assert sess, f"no session to {tor_ip} on {node}"
+    return sess[0]
+
+
+def test_md5_right_password_establishes_wrong_never(lab: Lab, blocks: dict[str, str]) -> None:
+    """tor1 requires a password from its hosts (rack 1's listen range); node2's peer
+    carries it, node1's a different one: node2 comes back up, node1 never does."""
+    d = lab.dir / "tor1"
+    argv = ["vtysh", "--vty_socket", str(d), "-c", "conf t", "-c", "router bgp 65001",
+            "-c", "neighbor HOSTS0 password right-secret"]  # fmt: skip
+    r = lab.exec("tor1", argv)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _set_peer(lab, "node2", "right-secret")
+    _set_peer(lab, "node1", "wrong-secret")
+    lab.wait_for(lambda: _session(lab, "node2")["state"] == "up", 90, what="node2 up with MD5")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        sess = [s for s in status(lab, "node1")["sessions"] if s["peerIP"] == tor_ip]
-        assert sess and sess[0]["state"] != "up", sess
+        assert _session(lab, "node1")["state"] != "up"
         time.sleep(1)
-    log = (lab.dir / "node1" / "fabricd.out").read_text()
-    assert "wrong-secret" not in log
+    for node in ("node1", "node2"):
+        log = (lab.dir / node / "fabricd.out").read_text()
+        assert "secret" not in log, f"a password reached {node}'s log"
