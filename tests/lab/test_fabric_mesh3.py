@@ -4,7 +4,10 @@ its block; deleting a node withdraws its blocks everywhere; an IPv6 pool works a
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import yaml
 from fabric_helpers import allocate, status
 
 from lab.runner import Lab
@@ -86,6 +89,59 @@ def test_ipv6_pool_alongside_ipv4(lab: Lab, blocks: dict[str, str]) -> None:
     lab.exec("node2", ["ip", "-6", "addr", "add", f"{ip6}/128", "dev", "lo"], check=True)
     r = lab.exec("node1", ["ping", "-6", "-c", "1", "-W", "2", ip6])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _pool_spec(lab: Lab, **changes: object) -> None:
+    spec = {"cidr": "10.244.0.0/16", "blockSize": 26, **changes}
+    doc = {"apiVersion": "fabric/v1", "kind": "IPPool", "metadata": {"name": "pods"}, "spec": spec}
+    f = lab.dir / "pool-pods.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    r = lab.fabricctl(["apply", "-f", str(f)])
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pool_disabled_for_export_is_withdrawn(lab: Lab, blocks: dict[str, str]) -> None:
+    block = blocks["node1"]
+    lab.wait_for(lambda: block in lab.kernel_routes("node2"), 20, what=f"{block} on node2")
+    _pool_spec(lab, disableBGPExport=True)
+    try:
+        lab.wait_for(lambda: block not in lab.kernel_routes("node2"), 20, what="withdrawn")
+        assert lab.kernel_routes("node1")[block] == "blackhole"  # still routed locally
+    finally:
+        _pool_spec(lab, disableBGPExport=False)
+    lab.wait_for(lambda: block in lab.kernel_routes("node2"), 20, what="announced again")
+
+
+def test_nat_outgoing_masquerades_only_leaving_the_pools(lab: Lab, blocks: dict[str, str]) -> None:
+    _pool_spec(lab, natOutgoing=True)
+    try:
+        lab.wait_for(
+            lambda: (
+                "10.244.0.0/16"
+                in lab.exec("node1", ["nft", "list", "table", "inet", "fabric_nat"]).stdout
+            ),
+            20,
+            what="NAT table with the pool",
+        )
+        pod_ip = allocate(lab, "node1", "t.node1.nat")[0][0]
+        lab.exec("node1", ["ip", "addr", "add", f"{pod_ip}/32", "dev", "lo"], check=True)
+        # To a node address (outside every pool): masqueraded, so counted by the rule.
+        r = lab.exec("node1", ["ping", "-c", "2", "-W", "2", "-I", pod_ip, lab.address("node2")])
+        assert r.returncode == 0, r.stdout
+        table = lab.exec("node1", ["nft", "list", "table", "inet", "fabric_nat"]).stdout
+        assert re.search(r"ip saddr @nat_v4 ip daddr != @pools_v4 counter packets [1-9]", table), (
+            table
+        )
+    finally:
+        _pool_spec(lab, natOutgoing=False)
+    lab.wait_for(lambda: _nat_set(lab, "node1") == "", 20, what="natOutgoing set emptied")
+
+
+def _nat_set(lab: Lab, node: str) -> str:
+    """The elements of the nat_v4 set in fabricd's NAT table ('' when empty)."""
+    table = lab.exec(node, ["nft", "list", "set", "inet", "fabric_nat", "nat_v4"]).stdout
+    m = re.search(r"elements = \{([^}]*)\}", table)
+    return m.group(1).strip() if m else ""
 
 
 def test_node_delete_withdraws_its_blocks_everywhere(lab: Lab, blocks: dict[str, str]) -> None:

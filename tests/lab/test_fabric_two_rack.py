@@ -161,6 +161,30 @@ def test_readyz_needs_a_required_peer(lab: Lab, blocks: dict[str, str]) -> None:
     lab.wait_for(lambda: lab.health("node2", "/readyz")[0] == 200, 60, what="node2 ready again")
 
 
+def test_prefix_advertisement_carries_its_community(lab: Lab, blocks: dict[str, str]) -> None:
+    """A BGPConfiguration prefix advertisement reaches the ToRs with its community."""
+    prefix = "10.244.255.0/24"
+    r = lab.fabricctl(["bgp", "config", "set", "--community", "svc=64512:300",
+                       "--advertise", f"{prefix}=svc"])  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        d = lab.dir / "tor1"
+
+        def community() -> str:
+            out = routers.vtysh(d, f"show ip bgp {prefix} json").stdout
+            return out if "64512:300" in out else ""
+
+        lab.wait_for(community, 20, what=f"{prefix} with community 64512:300 on tor1")
+        lab.wait_for(
+            lambda: prefix in status(lab, "node1")["announcements"], 10, what="status lists it"
+        )
+        assert prefix not in lab.kernel_routes("node1")  # our own advert is never imported
+    finally:
+        r = lab.fabricctl(["bgp", "config", "set", "--clear", "advertise"])
+        assert r.returncode == 0, r.stdout + r.stderr
+    lab.wait_for(lambda: prefix not in tor_prefixes(lab, "tor1"), 20, what="withdrawn from tor1")
+
+
 def _set_peer(lab: Lab, node: str, password: str | None) -> None:
     name = f"{node}-tor1"
     tor_ip = str(lab.node(node).neighbors[0].address)
@@ -194,6 +218,9 @@ def test_md5_right_password_establishes_wrong_never(lab: Lab, blocks: dict[str, 
     _set_peer(lab, "node2", "right-secret")
     _set_peer(lab, "node1", "wrong-secret")
     lab.wait_for(lambda: _session(lab, "node2")["state"] == "up", 90, what="node2 up with MD5")
+    lab.wait_for(
+        lambda: _session(lab, "node1")["state"] != "up", 30, what="node1's old session gone"
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         assert _session(lab, "node1")["state"] != "up"
