@@ -31,6 +31,7 @@ from fabric.netlink import (
     dump_routes,
     write_routes,
 )
+from fabric.netlink.routes import _wanted
 from lab import netns as labns
 
 PROTO = 201
@@ -121,8 +122,8 @@ def test_codec_round_trip(route: KernelRoute, proto: int, table: int) -> None:
     msg = netlink.encode_route(RouteOp(route), 9, proto, table, indexes)
     decoded = netlink.decode_route(memoryview(msg), names)
     assert decoded == netlink.DumpedRoute(proto, route)
-    assert netlink._wanted(memoryview(msg), table, proto)
-    assert not netlink._wanted(memoryview(msg), table + 1 if table < 2**32 - 1 else 1, proto)
+    assert _wanted(memoryview(msg), table, proto)
+    assert not _wanted(memoryview(msg), table + 1 if table < 2**32 - 1 else 1, proto)
 
 
 def test_kernel_route_contract() -> None:

@@ -1,12 +1,9 @@
-"""The node's kernel side over rtnetlink: the only module that imports pyroute2.
+"""Kernel routes over rtnetlink: model, codec, batched writer and dumper.
 
-* Namespaces and sockets: :func:`in_netns` runs a function in a short-lived thread switched into
-  a netns (sockets keep the netns they were made in); :func:`iproute` yields a pyroute2
-  ``IPRoute`` there. Links, addresses and veths belong beside :func:`link_indexes`.
-* Routes: :class:`KernelRoute`, :class:`RouteSocket` (batched writes, dumps), :func:`write_routes`,
-  :func:`dump_routes`. Encoded and decoded with ``struct``: pyroute2 0.9.7 writes ~1.4k routes/s
-  and dumps ~12k/s, this >100k/s (docs/routes.md). Each message asks for an ack and the acks of
-  a send are drained before the next, so each failure is known per route.
+:class:`KernelRoute`, :class:`RouteSocket` (batched writes, dumps), :func:`write_routes`,
+:func:`dump_routes`. Encoded and decoded with ``struct``: pyroute2 0.9.7 writes ~1.4k routes/s
+and dumps ~12k/s, this >100k/s (docs/routes.md). Each message asks for an ack and the acks of
+a send are drained before the next, so each failure is known per route.
 """
 
 from __future__ import annotations
@@ -16,52 +13,46 @@ import os
 import re
 import socket
 import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager, suppress
+from collections.abc import Mapping, Sequence
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from errno import ENODEV, ESRCH
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple
 
-from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
+from fabric.netlink.core import (
+    _ERR,
+    _HDR,
+    _U32,
+    _U32_ATTR,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    NetlinkError,
+    NetlinkSocket,
+    _attr,
+    _attrs,
+    _ext_ack_message,
+    _Interrupted,
+    _messages,
+)
 
 IPNetwork = IPv4Network | IPv6Network
 IPAddress = IPv4Address | IPv6Address
-T = TypeVar("T")
 
 RT_TABLE_MAIN = 254
 IP6_DEFAULT_METRIC = 1024  # the kernel's for metric 0 (IP6_RT_PRIO_USER): dumps compare equal
 
-# rtnetlink constants (linux/netlink.h, linux/rtnetlink.h); NLM_F_ACK_TLVS is on NLMSG_ERROR
-NLMSG_ERROR, NLMSG_DONE, RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 2, 3, 24, 25, 26
-RTM_NEWLINK, RTM_GETLINK, IFLA_IFNAME = 16, 18, 3
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP_INTR, NLM_F_ACK_TLVS = 0x1, 0x4, 0x10, 0x200
-NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x200, 0x400, 0x300
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 9, 15
 RTN_UNICAST, RTN_BLACKHOLE, RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 1, 6, 0, 253, 255
-SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK = 270, 10, 11, 12
-SO_SNDBUFFORCE, SO_RCVBUFFORCE, NLMSGERR_ATTR_MSG = 32, 33, 1
-_BUFFER_OPTIONS = ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF))
 
-_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table proto scope type flags
-_ATTR, _U32_ATTR = struct.Struct("=HH"), struct.Struct("=HHI")
 _RTNH = struct.Struct("=HBBi")  # rtnexthop: len, flags, hops, ifindex
-_IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
-_ERR, _U32 = struct.Struct("=i"), struct.Struct("=I")
-_SOCKET_BUFFER = 8 << 20  # holds the acks of a 1000-message send (each ack skb costs ~1 KiB)
-_TIMEOUT = 30.0
-
-
-class NetlinkError(Exception):
-    """A netlink operation failed as a whole (socket, namespace, dump). ``errno`` when known."""
-
-    def __init__(self, message: str, errno: int = 0) -> None:
-        super().__init__(message)
-        self.errno = errno
 
 
 class RouteError(NamedTuple):
@@ -73,55 +64,6 @@ class RouteError(NamedTuple):
     def __str__(self) -> str:
         name = errno_mod.errorcode.get(self.errno, self.errno)
         return f"{self.message or os.strerror(self.errno)} ({name})"
-
-
-# ---------------------------------------------------------------- namespaces and sockets
-
-
-def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in ``netns`` (a name under /run/netns, or a path; None: right here), in a
-    thread of its own that then ends: no other thread ever changes netns.
-    """
-    if netns is None:
-        return fn()
-    path = netns if "/" in netns else f"/run/netns/{netns}"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise NetlinkError(f"failed to open netns {netns}: {e.strerror}", e.errno or 0) from e
-
-    def run() -> T:
-        pyroute2_netns.setns(fd, flags=0)
-        return fn()
-
-    try:  # a pool of its own: its one thread ends with the block
-        with ThreadPoolExecutor(1, thread_name_prefix=f"netns-{netns}") as pool:
-            return pool.submit(run).result()
-    finally:
-        os.close(fd)
-
-
-def netlink_socket(netns: str | None = None, kind: int = socket.SOCK_RAW) -> socket.socket:
-    """A ``NETLINK_ROUTE`` socket living in ``netns``."""
-    try:
-        return in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, kind, socket.NETLINK_ROUTE))
-    except OSError as e:
-        raise NetlinkError(f"failed to open netlink socket in {netns}: {e}", e.errno or 0) from e
-
-
-@contextmanager
-def iproute(netns: str | None = None) -> Iterator[Any]:
-    """A pyroute2 ``IPRoute`` in ``netns``, closed on exit. Blocking, and refused in a thread
-    running an asyncio loop: call it under ``asyncio.to_thread``.
-    """
-    with closing(IPRoute(fileno=netlink_socket(netns, socket.SOCK_DGRAM).detach())) as ipr:
-        yield ipr
-
-
-def link_indexes(netns: str | None = None) -> dict[str, int]:
-    """Interface name -> ifindex in ``netns``."""
-    with closing(RouteSocket(netns)) as sock:
-        return sock.link_indexes()
 
 
 # ---------------------------------------------------------------- routes: model
@@ -176,11 +118,6 @@ class RouteOp:
 # ---------------------------------------------------------------- routes: encoding
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    size = 4 + len(payload)
-    return _ATTR.pack(size, kind) + payload + b"\0" * (-size & 3)
-
-
 def encode_route(
     op: RouteOp, seq: int, proto: int, table: int, ifindexes: Mapping[str, int] | None = None
 ) -> bytes:
@@ -218,17 +155,6 @@ def encode_route(
 
 
 # ---------------------------------------------------------------- routes: decoding
-
-
-def _attrs(data: memoryview, off: int, end: int) -> dict[int, memoryview]:
-    out = {}
-    while off + 4 <= end:
-        size, kind = _ATTR.unpack_from(data, off)
-        if size < 4:
-            break
-        out[kind & 0x3FFF] = data[off + 4 : off + size]
-        off += (size + 3) & ~3
-    return out
 
 
 def _address(raw: memoryview | bytes) -> IPAddress:
@@ -273,38 +199,12 @@ def decode_route(msg: memoryview, names: Mapping[int, str]) -> DumpedRoute | Non
 # ---------------------------------------------------------------- routes: socket
 
 
-class RouteSocket:
+class RouteSocket(NetlinkSocket):
     """A raw rtnetlink socket in one namespace that writes routes in batches and dumps them.
 
     Blocking and not thread-safe: use one from one thread at a time (RouteTable runs it under
     ``asyncio.to_thread`` behind a lock).
     """
-
-    def __init__(self, netns: str | None = None) -> None:
-        self.netns, self._seq = netns, 0
-        self._buf = bytearray(1 << 20)  # reused: a fresh 1 MiB bytes per ack costs page faults
-        self._sock = s = netlink_socket(netns)
-        try:
-            for force, plain in _BUFFER_OPTIONS:
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, force, _SOCKET_BUFFER)
-                except PermissionError:  # needs CAP_NET_ADMIN; plain is capped by rmem_max
-                    s.setsockopt(socket.SOL_SOCKET, plain, _SOCKET_BUFFER)
-            for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK):
-                with suppress(OSError):  # older kernels: only less detail, or a wider dump
-                    s.setsockopt(SOL_NETLINK, opt, 1)
-            s.bind((0, 0))
-            s.settimeout(_TIMEOUT)
-        except OSError as e:
-            s.close()
-            raise NetlinkError(f"failed to set up netlink socket: {e}", e.errno or 0) from e
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def _next_seq(self) -> int:
-        self._seq = self._seq % 0x7FFFFFFF + 1  # never 0: the kernel's own messages use it
-        return self._seq
 
     def write(
         self, ops: Sequence[RouteOp], proto: int, table: int = RT_TABLE_MAIN, batch: int = 1000
@@ -330,19 +230,6 @@ class RouteSocket:
                 self._send(b"".join(parts), "write routes")
                 self._drain_acks(pending, ops, errors)
         return errors
-
-    def _send(self, data: bytes, what: str) -> None:
-        try:
-            self._sock.sendall(data)
-        except OSError as e:
-            raise NetlinkError(f"failed to {what}: {e}", e.errno or errno_mod.EIO) from e
-
-    def _recv(self, what: str) -> memoryview:
-        try:
-            n = self._sock.recv_into(self._buf)
-        except OSError as e:  # ENOBUFS: the kernel dropped messages; timeout: no answer
-            raise NetlinkError(f"failed to {what}: {e}", e.errno or errno_mod.ETIMEDOUT) from e
-        return memoryview(self._buf)[:n]
 
     def _drain_acks(
         self, pending: dict[int, int], ops: Sequence[RouteOp], errors: dict[int, RouteError]
@@ -378,52 +265,6 @@ class RouteSocket:
                             out.append(dumped)
         return out
 
-    def link_indexes(self) -> dict[str, int]:
-        """Interface name -> ifindex in this socket's netns."""
-        out = {}
-        for kind, msg in self._dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0)):
-            name = _attrs(msg, 32, len(msg)).get(IFLA_IFNAME) if kind == RTM_NEWLINK else None
-            if name is not None:
-                out[bytes(name).rstrip(b"\0").decode()] = _ERR.unpack_from(msg, 20)[0]
-        return out
-
-    def _dump(self, kind: int, body: bytes) -> Iterator[tuple[int, memoryview]]:
-        """The messages answering one dump request, each valid until the next is taken.
-        _Interrupted at the end when the kernel flagged the dump inconsistent.
-        """
-        seq = self._next_seq()
-        flags = NLM_F_REQUEST | NLM_F_DUMP
-        self._send(_HDR.pack(16 + len(body), kind, flags, seq, 0) + body, "dump")
-        interrupted = False
-        while True:
-            for mkind, mflags, mseq, msg in _messages(self._recv("dump")):
-                if mseq != seq:
-                    continue  # a late answer to an earlier, timed-out request
-                interrupted |= bool(mflags & NLM_F_DUMP_INTR)
-                if mkind == NLMSG_DONE and interrupted:
-                    raise _Interrupted
-                if mkind == NLMSG_DONE:
-                    return
-                if mkind == NLMSG_ERROR:
-                    code = -_ERR.unpack_from(msg, 16)[0]
-                    raise NetlinkError(f"failed to dump: {os.strerror(code)}", code)
-                yield mkind, msg
-
-
-class _Interrupted(Exception):
-    """NLM_F_DUMP_INTR: the table changed during the dump."""
-
-
-def _messages(data: memoryview) -> Iterator[tuple[int, int, int, memoryview]]:
-    """(type, flags, seq, whole message) for each netlink message in one datagram."""
-    off = 0
-    while off + 16 <= len(data):
-        size, kind, flags, seq, _ = _HDR.unpack_from(data, off)
-        if size < 16:
-            return
-        yield kind, flags, seq, data[off : off + size]
-        off += (size + 3) & ~3
-
 
 def _wanted(msg: memoryview, table: int, proto: int | None) -> bool:
     """Whether a route message is of ``table`` (and ``proto`` when given)."""
@@ -431,14 +272,6 @@ def _wanted(msg: memoryview, table: int, proto: int | None) -> bool:
         return False
     raw = _attrs(msg, 28, len(msg)).get(RTA_TABLE) if table > 255 else None
     return (_U32.unpack(raw)[0] if raw is not None else msg[20]) == table
-
-
-def _ext_ack_message(msg: memoryview, flags: int) -> str:
-    """The kernel's extended-ack text, when it sent one (needs NETLINK_CAP_ACK: no echo)."""
-    if not flags & NLM_F_ACK_TLVS:
-        return ""
-    raw = _attrs(msg, 16 + 4 + 16, len(msg)).get(NLMSGERR_ATTR_MSG)
-    return bytes(raw).rstrip(b"\0").decode(errors="replace") if raw is not None else ""
 
 
 # ---------------------------------------------------------------- routes: one-shot helpers

@@ -1,0 +1,252 @@
+"""What every rtnetlink user here shares: namespaces, raw sockets, message framing.
+
+* Namespaces: :func:`in_netns` runs a function in a short-lived thread switched into a netns
+  (sockets keep the netns they were made in, so a socket made there can be used from any
+  thread); :func:`open_netns` opens and checks a netns path once; :func:`iproute` yields a
+  pyroute2 ``IPRoute`` there.
+* :class:`NetlinkSocket`: a raw ``NETLINK_ROUTE`` socket with large buffers, extended acks
+  and strict dumps; :mod:`fabric.netlink.routes` and :mod:`fabric.netlink.links` build on it.
+* Framing helpers (``_attr``, ``_attrs``, ``_messages``, ``_ext_ack_message``): package
+  private, shared by the codecs of this package.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager, suppress
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
+
+T = TypeVar("T")
+
+# rtnetlink constants (linux/netlink.h, linux/rtnetlink.h); NLM_F_ACK_TLVS is on NLMSG_ERROR
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWLINK, RTM_GETLINK, IFLA_IFNAME = 16, 18, 3
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO, NLM_F_DUMP_INTR, NLM_F_ACK_TLVS = 0x1, 0x4, 0x8, 0x10, 0x200
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x200, 0x400, 0x300
+SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK = 270, 10, 11, 12
+SO_SNDBUFFORCE, SO_RCVBUFFORCE, NLMSGERR_ATTR_MSG = 32, 33, 1
+_BUFFER_OPTIONS = ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF))
+NS_GET_NSTYPE, CLONE_NEWNET = 0xB703, 0x40000000  # linux/nsfs.h ioctl, linux/sched.h
+
+_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_ATTR, _U32_ATTR = struct.Struct("=HH"), struct.Struct("=HHI")
+_IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
+_ERR, _U32 = struct.Struct("=i"), struct.Struct("=I")
+_SOCKET_BUFFER = 8 << 20  # holds the acks of a 1000-message send (each ack skb costs ~1 KiB)
+_TIMEOUT = 30.0
+
+
+class NetlinkError(Exception):
+    """A netlink operation failed as a whole (socket, namespace, dump). ``errno`` when known."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+# ---------------------------------------------------------------- namespaces and sockets
+
+
+def in_netns(netns: str | int | None, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in ``netns`` (a name under /run/netns, a path, or an open netns fd, which
+    stays open; None: right here), in a thread of its own that then ends: no other thread
+    ever changes netns.
+    """
+    if netns is None:
+        return fn()
+    if isinstance(netns, int):
+        return _in_netns_fd(netns, str(netns), fn)
+    path = netns if "/" in netns else f"/run/netns/{netns}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NetlinkError(f"failed to open netns {netns}: {e.strerror}", e.errno or 0) from e
+    try:
+        return _in_netns_fd(fd, netns, fn)
+    finally:
+        os.close(fd)
+
+
+def _in_netns_fd(fd: int, name: str, fn: Callable[[], T]) -> T:
+    def run() -> T:
+        pyroute2_netns.setns(fd, flags=0)
+        return fn()
+
+    # a pool of its own: its one thread ends with the block
+    with ThreadPoolExecutor(1, thread_name_prefix=f"netns-{name}") as pool:
+        return pool.submit(run).result()
+
+
+def open_netns(path: str) -> int:
+    """An O_CLOEXEC fd for the network namespace at ``path`` (the caller closes it).
+
+    NetlinkError with errno ENOENT when nothing is there, EINVAL when it is not a network
+    namespace (a plain file, a directory, another kind of namespace).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        code = e.errno or errno_mod.ENOENT
+        raise NetlinkError(f"failed to open netns {path}: {e.strerror}", code) from e
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)  # ENOTTY: not a namespace file at all
+    except OSError:
+        kind = 0
+    if kind != CLONE_NEWNET:
+        os.close(fd)
+        raise NetlinkError(f"{path} is not a network namespace", errno_mod.EINVAL)
+    return fd
+
+
+def netlink_socket(netns: str | None = None, kind: int = socket.SOCK_RAW) -> socket.socket:
+    """A ``NETLINK_ROUTE`` socket living in ``netns``."""
+    try:
+        return in_netns(netns, lambda: socket.socket(socket.AF_NETLINK, kind, socket.NETLINK_ROUTE))
+    except OSError as e:
+        raise NetlinkError(f"failed to open netlink socket in {netns}: {e}", e.errno or 0) from e
+
+
+@contextmanager
+def iproute(netns: str | None = None) -> Iterator[Any]:
+    """A pyroute2 ``IPRoute`` in ``netns``, closed on exit. Blocking, and refused in a thread
+    running an asyncio loop: call it under ``asyncio.to_thread``.
+    """
+    with closing(IPRoute(fileno=netlink_socket(netns, socket.SOCK_DGRAM).detach())) as ipr:
+        yield ipr
+
+
+def link_indexes(netns: str | None = None) -> dict[str, int]:
+    """Interface name -> ifindex in ``netns``."""
+    with closing(NetlinkSocket(netns)) as sock:
+        return sock.link_indexes()
+
+
+# ---------------------------------------------------------------- framing
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    size = 4 + len(payload)
+    return _ATTR.pack(size, kind) + payload + b"\0" * (-size & 3)
+
+
+def _attrs(data: memoryview, off: int, end: int) -> dict[int, memoryview]:
+    out = {}
+    while off + 4 <= end:
+        size, kind = _ATTR.unpack_from(data, off)
+        if size < 4:
+            break
+        out[kind & 0x3FFF] = data[off + 4 : off + size]
+        off += (size + 3) & ~3
+    return out
+
+
+class _Interrupted(Exception):
+    """NLM_F_DUMP_INTR: the table changed during the dump."""
+
+
+def _messages(data: memoryview) -> Iterator[tuple[int, int, int, memoryview]]:
+    """(type, flags, seq, whole message) for each netlink message in one datagram."""
+    off = 0
+    while off + 16 <= len(data):
+        size, kind, flags, seq, _ = _HDR.unpack_from(data, off)
+        if size < 16:
+            return
+        yield kind, flags, seq, data[off : off + size]
+        off += (size + 3) & ~3
+
+
+def _ext_ack_message(msg: memoryview, flags: int) -> str:
+    """The kernel's extended-ack text, when it sent one (needs NETLINK_CAP_ACK: no echo)."""
+    if not flags & NLM_F_ACK_TLVS:
+        return ""
+    raw = _attrs(msg, 16 + 4 + 16, len(msg)).get(NLMSGERR_ATTR_MSG)
+    return bytes(raw).rstrip(b"\0").decode(errors="replace") if raw is not None else ""
+
+
+# ---------------------------------------------------------------- socket
+
+
+class NetlinkSocket:
+    """A raw rtnetlink socket in one namespace: sends, receives, dumps.
+
+    Blocking and not thread-safe: use one from one thread at a time.
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns, self._seq = netns, 0
+        self._buf = bytearray(1 << 20)  # reused: a fresh 1 MiB bytes per ack costs page faults
+        self._sock = s = netlink_socket(netns)
+        try:
+            for force, plain in _BUFFER_OPTIONS:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, force, _SOCKET_BUFFER)
+                except PermissionError:  # needs CAP_NET_ADMIN; plain is capped by rmem_max
+                    s.setsockopt(socket.SOL_SOCKET, plain, _SOCKET_BUFFER)
+            for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK):
+                with suppress(OSError):  # older kernels: only less detail, or a wider dump
+                    s.setsockopt(SOL_NETLINK, opt, 1)
+            s.bind((0, 0))
+            s.settimeout(_TIMEOUT)
+        except OSError as e:
+            s.close()
+            raise NetlinkError(f"failed to set up netlink socket: {e}", e.errno or 0) from e
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _next_seq(self) -> int:
+        self._seq = self._seq % 0x7FFFFFFF + 1  # never 0: the kernel's own messages use it
+        return self._seq
+
+    def _send(self, data: bytes, what: str) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            raise NetlinkError(f"failed to {what}: {e}", e.errno or errno_mod.EIO) from e
+
+    def _recv(self, what: str) -> memoryview:
+        try:
+            n = self._sock.recv_into(self._buf)
+        except OSError as e:  # ENOBUFS: the kernel dropped messages; timeout: no answer
+            raise NetlinkError(f"failed to {what}: {e}", e.errno or errno_mod.ETIMEDOUT) from e
+        return memoryview(self._buf)[:n]
+
+    def link_indexes(self) -> dict[str, int]:
+        """Interface name -> ifindex in this socket's netns."""
+        out = {}
+        for kind, msg in self._dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0)):
+            name = _attrs(msg, 32, len(msg)).get(IFLA_IFNAME) if kind == RTM_NEWLINK else None
+            if name is not None:
+                out[bytes(name).rstrip(b"\0").decode()] = _ERR.unpack_from(msg, 20)[0]
+        return out
+
+    def _dump(self, kind: int, body: bytes) -> Iterator[tuple[int, memoryview]]:
+        """The messages answering one dump request, each valid until the next is taken.
+        _Interrupted at the end when the kernel flagged the dump inconsistent.
+        """
+        seq = self._next_seq()
+        flags = NLM_F_REQUEST | NLM_F_DUMP
+        self._send(_HDR.pack(16 + len(body), kind, flags, seq, 0) + body, "dump")
+        interrupted = False
+        while True:
+            for mkind, mflags, mseq, msg in _messages(self._recv("dump")):
+                if mseq != seq:
+                    continue  # a late answer to an earlier, timed-out request
+                interrupted |= bool(mflags & NLM_F_DUMP_INTR)
+                if mkind == NLMSG_DONE and interrupted:
+                    raise _Interrupted
+                if mkind == NLMSG_DONE:
+                    return
+                if mkind == NLMSG_ERROR:
+                    code = -_ERR.unpack_from(msg, 16)[0]
+                    raise NetlinkError(f"failed to dump: {os.strerror(code)}", code)
+                yield mkind, msg
