@@ -10,8 +10,8 @@ Contract:
   one complete line per write (ExaBGP reads commands line by line).
 - Stdin is drained by a dedicated thread at all times: ExaBGP blocks on a full pipe and
   then misses keepalives (the probe lost a session to "hold timer expired" in 8 s).
-  While the socket is absent or slow, lines are buffered up to ``BUFFER_BYTES``; beyond
-  that the oldest are dropped and counted.
+  While the socket is absent or slow, lines are buffered up to ``BUFFER_BYTES`` (give or
+  take one read of ``READ_SIZE``); beyond that the oldest are dropped and counted.
 - On every connect the relay first sends
   ``{"type": "relay", "pid": P, "connected": true, "dropped": N}``; after drops while
   connected it sends the same with ``"connected": false``. N is cumulative.

@@ -109,9 +109,7 @@ class Speaker:
         self._pings: deque[asyncio.Future[bool]] = deque()
         self._relay_seen: dict[int, int] = {}  # relay pid -> lines it reported dropped
         self._retry_timer: asyncio.TimerHandle | None = None
-        self._synced = self._synced_once = self._barrier_reply = False
         self._inflight: deque[Command] = deque()
-        self._version_acks = 0
         self._reload: str | None = None  # send, sent, verify, verifying, wait; None: done
         self._reload_tries = 0
         self._collect: list[str] | None = None
@@ -240,7 +238,8 @@ class Speaker:
     # ------------------------------------------------------------------ process
 
     def _render(self, sessions: list[Session], generation: int) -> str:
-        assert self._router_id is not None
+        if self._router_id is None:
+            raise SpeakerError("failed to configure ExaBGP: the speaker was not started")
         return render_config(sessions, self.relay_argv, self._router_id, generation)
 
     def _write_config(self, text: str) -> None:
@@ -260,6 +259,9 @@ class Speaker:
         self._rib.keep_peers(set(self._sessions))
 
     def _exited(self, status: int | None) -> None:
+        if self._writer is not None:  # what the dead process's relay still holds is stale
+            self._writer.close()
+            self._writer = None
         self._reset_process_state()
         now = time.time()
         for ip in self._status:
@@ -283,8 +285,7 @@ class Speaker:
 
     def _fail_pings(self) -> None:
         while self._pings:
-            fut = self._pings.popleft()
-            if not fut.done():
+            if not (fut := self._pings.popleft()).done():
                 fut.set_result(False)
 
     # ------------------------------------------------------------------ relay socket
@@ -296,7 +297,7 @@ class Speaker:
         self._start_barrier()
         buf = b""
         try:
-            while data := await reader.read(READ_SIZE):
+            while (data := await reader.read(READ_SIZE)) and self._writer is writer:
                 lines = (buf + data).split(b"\n")
                 buf = lines.pop()
                 for line in lines:
@@ -362,10 +363,8 @@ class Speaker:
                 self._barrier_reply = True
                 return
             self._version_acks += 1
-            if self._pings:
-                fut = self._pings.popleft()
-                if not fut.done():
-                    fut.set_result(True)
+            if self._pings and not (fut := self._pings.popleft()).done():
+                fut.set_result(True)
         elif self._collect is not None:
             self._collect.append(text)
 

@@ -90,12 +90,16 @@ def test_drops_oldest_when_full_and_reports_it(tmp_path: Path) -> None:
     thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
     try:
-        for i in range(1000):  # about 20 KB, twice the limit, written in separate chunks
-            os.write(w_in, b"line %05d .........\n" % i)
-        deadline = time.monotonic() + 5
-        while relay.dropped == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        written = 0
+        for batch in range(20):  # about 21 KB, twice the limit, read as separate chunks
+            data = b"".join(b"line %05d .........\n" % (batch * 50 + i) for i in range(50))
+            os.write(w_in, data)
+            written += len(data)
+            deadline = time.monotonic() + 5
+            while relay.size + 21 * relay.dropped < written:  # wait until it was read
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        assert relay.dropped > 0 and relay.size <= 10_000
         with listen(tmp_path / "relay.sock") as srv:
             conn, rd = accept(srv)
             with conn, rd:
