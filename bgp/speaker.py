@@ -92,6 +92,7 @@ class Speaker:
         self._sessions: dict[IPAddress, Session] = {}
         self._router_id: IPAddress | None = None
         self._generation = 0
+        self._config = ""  # the text in conf_path
         self._rib = AdjRibOut()
         self._status: dict[IPAddress, SessionStatus] = {}
         env = {**os.environ, **exabgp_env(self.log_path), RELAY_ENV: str(self.sock_path)}
@@ -154,21 +155,20 @@ class Speaker:
             raise SpeakerError(f"failed to start ExaBGP: no answer within {timeout} s ({logs})")
 
     async def reconfigure(self, sessions: Sequence[Session], timeout: float = 10.0) -> bool:
-        """Apply a new session plan; unchanged sessions stay up and keep their routes.
-        ExaBGP's reload gives added or changed neighbors an empty RIB: they get the whole
-        announced set when they come up. True once ExaBGP runs the plan (checked), False
-        after ``timeout`` s (retried in the background). ``ConfigRenderError``: no change."""
+        """Apply a new plan (MD5 files are read again); unchanged sessions stay up with their
+        routes. Added or changed neighbors get the whole announced set when they come up.
+        True once ExaBGP runs the plan (checked), False after ``timeout`` s (retried in the
+        background). ``ConfigRenderError``: nothing changed."""
         new = {s.peer_ip: s for s in sessions}
-        if new == self._sessions:
-            return True
-        text = self._render(list(new.values()), self._generation + 1)
-        self._generation += 1
-        self._rib.mark_fresh(ip for ip, s in new.items() if self._sessions.get(ip) != s)
-        self._write_config(text)
-        self._set_sessions(sessions)
-        self._reload, self._reload_tries = "send", 0
-        self._reloaded.clear()
-        self._schedule_pump()
+        if self._render(list(new.values()), self._generation) != self._config:
+            text = self._render(list(new.values()), self._generation + 1)
+            self._generation += 1
+            self._rib.mark_fresh(ip for ip, s in new.items() if self._sessions.get(ip) != s)
+            self._write_config(text)
+            self._set_sessions(sessions)
+            self._reload, self._reload_tries = "send", 0
+            self._reloaded.clear()
+            self._schedule_pump()
         if not await _wait(self._reloaded, timeout):
             self.log.warning("ExaBGP does not run configuration %d yet", self._generation)
             return False
@@ -248,6 +248,7 @@ class Speaker:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, self.conf_path)
+        self._config = text
 
     def _set_sessions(self, sessions: Sequence[Session]) -> None:
         self._sessions = {s.peer_ip: s for s in sessions}

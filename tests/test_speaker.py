@@ -520,6 +520,16 @@ def test_passive_and_md5_sessions(topo: Topo) -> None:
             assert f"{s1.local_address}:179" in out  # r1 connected to us
             sp.set_announcements(ADVERTS[:1])
             await until(lambda: topo.r2.routes() == {"10.99.1.0/26"}, what="route over md5")
+            # key rotation: same plan, new file content; reconfigure must pick it up
+            conf.write_text(text.replace(key, "rotated"))
+            assert "Reconfigur" in topo.r2.birdc("configure")
+            await until(lambda: not established(sp, topo.r2.addr), what="old key refused")
+            await asyncio.sleep(2)
+            assert not established(sp, topo.r2.addr)
+            pw.write_text("rotated\n")
+            assert await sp.reconfigure([s1, s2])
+            await until(lambda: established(sp, topo.r2.addr), what="session with the new key")
+            await until(lambda: topo.r2.routes() == {"10.99.1.0/26"}, what="route, new key")
         finally:
             await sp.stop()
         assert key not in (topo.dir / "node" / "exabgp.log").read_text()
