@@ -4,8 +4,11 @@
   :func:`iproute`), :class:`NetlinkSocket` and the message framing the codecs share.
 * :mod:`fabric.netlink.routes`: :class:`KernelRoute`, :class:`RouteSocket` (batched route
   writes and dumps), :func:`write_routes`, :func:`dump_routes`, :func:`ensure_rt_proto_name`.
+* :mod:`fabric.netlink.links`: veth pairs, link state, addresses and pod routes, batched
+  (:class:`~fabric.netlink.links.LinkSocket`); used by :mod:`fabric.dataplane`.
+* :mod:`fabric.netlink.sysctls`: ``net.*`` sysctls of the calling thread's namespace.
 
-Everything public in those modules is re-exported here, so ``from fabric.netlink import
+Everything public in core and routes is re-exported here, so ``from fabric.netlink import
 KernelRoute`` keeps working for the code written against the single module this was.
 """
 

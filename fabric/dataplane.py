@@ -1,0 +1,460 @@
+"""Pod attachment for the CNI verbs: a veth pair, the pod's addresses and routes, sysctls.
+
+Layout (Calico's, docs/cni-dataplane.md)::
+
+    pod netns                                   host netns (fabricd's)
+    <ifname>  10.0.0.5/32, fd00::5/128 nodad    fab<11 hex>  ee:ee:ee:ee:ee:ee, up
+      169.254.1.1 dev <ifname> scope link         proxy_arp=1, neigh proxy_delay=0, forwarding=1
+      default via 169.254.1.1 dev <ifname>        v6: fe80::ecee:eeff:feee:eeee/64 nodad,
+      default via fe80::ecee:eeff:feee:eeee       addrgenmode none, proxy_ndp=1, forwarding=1
+                                                  accept_ra=0
+The host route ``<pod ip>/32 dev fab...`` is NOT made here: the caller adds it through
+:class:`fabric.routes.RouteTable`, so fabricd owns it under its route protocol.
+
+Contracts:
+
+* :meth:`Dataplane.attach` makes all of it or nothing: on any failure what it made is removed
+  before the error is raised (pod-side sysctls, which belong to the runtime's namespace, are
+  not restored).
+* :meth:`Dataplane.detach` is idempotent: a missing netns or link is success.
+* Attach and detach of one (container, ifname) must not overlap; a second one that does is
+  refused with EBUSY rather than allowed to tear down the first one's veth.
+* This module never imports pyroute2; the kernel side is :mod:`fabric.netlink.links`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_network
+from types import MappingProxyType
+from typing import TypeVar
+
+from fabric.netlink import IPAddress, IPNetwork, NetlinkError, in_netns, open_netns
+from fabric.netlink.links import (
+    IPInterface,
+    Link,
+    LinkSocket,
+    Request,
+    address_request,
+    no_ipv6_autoconf_request,
+    random_mac,
+    route_request,
+    up_request,
+)
+from fabric.netlink.sysctls import Sysctl, sysctl_path, sysctl_problems, write_sysctls
+
+T = TypeVar("T")
+
+HOST_MAC = "ee:ee:ee:ee:ee:ee"  # every host end: pods see one gateway MAC wherever they move
+HOST_LL = IPv6Interface("fe80::ecee:eeff:feee:eeee/64")  # EUI-64 of HOST_MAC
+GATEWAY_V4 = IPv4Address("169.254.1.1")  # never answered by anyone but proxy ARP
+IFNAMSIZ = 16  # with the NUL: names are 1..15 bytes
+MIN_MTU, MIN_MTU_V6, MAX_MTU = 68, 1280, 65535
+
+
+class DataplaneError(Exception):
+    """Attaching or detaching a pod failed; ``errno`` when the kernel said why.
+
+    Tree: DataplaneError > InvalidAttachment (bad input, ``field`` names it), NetnsNotFound
+    (the netns path is missing or not a network namespace), InterfaceExists (the pod already
+    has an interface of that name). Anything else is a kernel refusal or a failed sysctl.
+    """
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class InvalidAttachment(DataplaneError, ValueError):
+    """A value the dataplane refuses before touching the kernel. ``field``: which one."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"invalid {field}: {problem}", errno.EINVAL)
+        self.field = field
+
+
+class NetnsNotFound(DataplaneError):
+    """The netns path does not exist or is not a network namespace."""
+
+
+class InterfaceExists(DataplaneError):
+    """The pod's netns has an interface of the requested name already (nothing was made)."""
+
+
+def host_ifname(container_id: str, ifname: str) -> str:
+    """The host end's name: ``fab`` + 11 hex digits of sha1("<container_id>.<ifname>")."""
+    digest = hashlib.sha1(f"{container_id}.{ifname}".encode(), usedforsecurity=False)
+    return "fab" + digest.hexdigest()[:11]
+
+
+def validate_ifname(ifname: str, field: str = "ifname") -> None:
+    """InvalidAttachment unless ``ifname`` is a name the kernel accepts (dev_valid_name)."""
+    if not 0 < len(ifname.encode()) < IFNAMSIZ:
+        raise InvalidAttachment(field, f"{ifname!r} must be 1..{IFNAMSIZ - 1} bytes")
+    if ifname in (".", "..") or "/" in ifname or ":" in ifname:
+        raise InvalidAttachment(field, f"{ifname!r} must not be '.', '..' or hold '/' or ':'")
+    if any(c.isspace() or not c.isprintable() for c in ifname):
+        raise InvalidAttachment(field, f"{ifname!r} must not hold whitespace")
+
+
+def _sysctl_key(key: str) -> None:
+    try:
+        sysctl_path(key)
+    except ValueError as e:
+        raise InvalidAttachment(f"sysctls[{key!r}]", str(e)) from e
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """One pod interface to make. ``netns`` is a path (/run/netns/x, /proc/<pid>/ns/net).
+
+    ``ips`` become /32 and /128 (Calico forces them too: the pod has no on-link subnet).
+    ``sysctls`` are written in the pod's netns; only ``net.*`` keys. Raises InvalidAttachment.
+    """
+
+    container_id: str
+    ifname: str
+    netns: str
+    ips: tuple[IPv4Interface | IPv6Interface, ...]
+    mtu: int = 1500
+    sysctls: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.container_id or not self.container_id.isprintable():
+            raise InvalidAttachment("container_id", f"{self.container_id!r} must be printable")
+        validate_ifname(self.ifname)
+        if not self.netns:
+            raise InvalidAttachment("netns", "a path is needed")
+        ips = tuple(type(ip)(ip.ip) for ip in self.ips)  # /32, /128
+        if not ips or len(set(ips)) != len(ips):
+            raise InvalidAttachment("ips", "one or more addresses, each once")
+        low = MIN_MTU_V6 if any(ip.version == 6 for ip in ips) else MIN_MTU
+        if not low <= self.mtu <= MAX_MTU:
+            raise InvalidAttachment("mtu", f"{self.mtu} must be {low}..{MAX_MTU}")
+        for key, value in self.sysctls.items():
+            _sysctl_key(key)
+            if not value or "\n" in value or "\0" in value:
+                raise InvalidAttachment(f"sysctls[{key!r}]", f"bad value {value!r}")
+        object.__setattr__(self, "ips", ips)
+        object.__setattr__(self, "sysctls", MappingProxyType(dict(self.sysctls)))
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """What :meth:`Dataplane.attach` made (for the CNI result: interfaces and ips)."""
+
+    host_ifname: str
+    host_mac: str
+    pod_ifname: str
+    pod_mac: str
+    netns: str
+    ips: tuple[IPv4Interface | IPv6Interface, ...]
+    pod_ifindex: int
+
+
+class Dataplane:
+    """Attaches pods to this node. One per fabricd; the async methods may run concurrently.
+
+    ``netns``: the namespace host ends go to (a name or path; None: the caller's own, which
+    is what fabricd uses). Tests run it in a "node" namespace that way. Blocking work runs in
+    worker threads; one persistent netlink socket serves the host side of attach.
+    """
+
+    def __init__(self, log: logging.Logger | None = None, *, netns: str | None = None) -> None:
+        self.log = log or logging.getLogger(__name__)
+        self.netns = netns
+        self._sock: LinkSocket | None = None
+        self._lock = threading.Lock()  # the socket: one request batch at a time
+        self._busy: set[str] = set()  # host ends being attached or detached
+        self._busy_lock = threading.Lock()
+
+    async def attach(self, a: Attachment) -> Attached:
+        """Make the veth pair, addresses, routes and sysctls of ``a``; all or nothing.
+
+        NetnsNotFound, InterfaceExists or DataplaneError; nothing of this call is left then.
+        A stale host end of the same name (an earlier attach never detached) is replaced.
+        """
+        return await asyncio.to_thread(self._attach, a)
+
+    async def detach(self, container_id: str, ifname: str, netns: str | None) -> bool:
+        """Remove the pod's veth pair; whether something was removed. Idempotent: a missing
+        netns, a missing link or a never-seen container is success (False).
+        """
+        validate_ifname(ifname)
+        return await asyncio.to_thread(self._detach, container_id, ifname, netns)
+
+    async def check(self, a: Attachment) -> list[str]:
+        """What differs from what :meth:`attach` makes (empty: all there). NetnsNotFound when
+        the pod's netns is gone.
+        """
+        return await asyncio.to_thread(self._check, a)
+
+    async def close(self) -> None:
+        """Close the netlink socket. Idempotent."""
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    # ------------------------------------------------------------ attach
+
+    def _attach(self, a: Attachment) -> Attached:
+        host = host_ifname(a.container_id, a.ifname)
+        pod_mac = random_mac()
+        with self._claimed(host), _pod_netns(a.netns) as fd:
+            if _same_file(fd, self.netns or "/proc/thread-self/ns/net"):
+                raise InvalidAttachment("netns", f"{a.netns} is the host's own namespace")
+            link = self._create(a, host, pod_mac, fd)
+            try:
+                self._configure_host(a, host, link.ifindex)
+                _in_pod(fd, lambda: _configure_pod(a, link.peer_index))
+            except BaseException:
+                self._roll_back(host)
+                raise
+        return Attached(host, HOST_MAC, a.ifname, pod_mac, a.netns, a.ips, link.peer_index)
+
+    def _create(self, a: Attachment, host: str, pod_mac: str, fd: int) -> Link:
+        def create(sock: LinkSocket) -> Link:
+            return sock.create_veth(host, HOST_MAC, a.mtu, a.ifname, pod_mac, fd)
+
+        try:
+            return self._host_call(create)
+        except DataplaneError as e:
+            if e.errno != errno.EEXIST:
+                raise
+        if self._remove(host):  # EEXIST from the host end: an old pair, never detached
+            self.log.warning("attach %s: replaced the stale veth %s", a.container_id, host)
+            try:
+                return self._host_call(create)
+            except DataplaneError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+        raise InterfaceExists(
+            f"failed to create {a.ifname} in {a.netns}: an interface of that name exists",
+            errno.EEXIST,
+        )
+
+    def _configure_host(self, a: Attachment, host: str, index: int) -> None:
+        v6 = _has(a, 6)
+        try:
+            self._in_host(lambda: write_sysctls(_host_sysctls(a, host)))
+        except NetlinkError as e:
+            raise DataplaneError(str(e), e.errno) from e
+        requests = [no_ipv6_autoconf_request(index, host)] if v6 else []
+        requests.append(up_request(index, host))
+        if v6:
+            requests.append(address_request(index, host, HOST_LL))
+        self._host_call(lambda sock: sock.apply(requests))
+
+    # ------------------------------------------------------------ detach
+
+    def _detach(self, container_id: str, ifname: str, netns: str | None) -> bool:
+        host = host_ifname(container_id, ifname)
+        with self._claimed(host):
+            if self._remove(host):
+                return True
+            if not netns:
+                return False
+            try:
+                fd = open_netns(netns)
+            except NetlinkError as e:  # gone, or nothing of ours can be in it
+                self.log.debug("detach %s: netns %s: %s", host, netns, e)
+                return False
+            try:
+                return _in_pod(fd, lambda: _remove_pod_end(ifname))
+            finally:
+                os.close(fd)
+
+    # ------------------------------------------------------------ check
+
+    def _check(self, a: Attachment) -> list[str]:
+        host = host_ifname(a.container_id, a.ifname)
+        v6 = _has(a, 6)
+
+        def read_host(sock: LinkSocket) -> tuple[Link | None, list[IPInterface]]:
+            link = sock.get_link(host)
+            return link, sock.addresses(link.ifindex) if link is not None and v6 else []
+
+        link, addresses = self._host_call(read_host)
+        out = []
+        if link is None:
+            out.append(f"host end {host} is missing")
+        else:
+            out += link.problems("veth", HOST_MAC, a.mtu)
+            if v6 and HOST_LL not in addresses:
+                out.append(f"{host} lacks its address {HOST_LL}")
+            out += self._in_host(lambda: sysctl_problems(_host_sysctls(a, host)))
+        with _pod_netns(a.netns) as fd:
+            out += _in_pod(fd, lambda: _pod_problems(a, link.ifindex if link else None))
+        return out
+
+    # ------------------------------------------------------------ helpers
+
+    def _remove(self, host: str) -> bool:
+        """Delete host end ``host`` (its peer goes with it); False when there is none. On a
+        socket of its own: a veth deletion waits ~15 ms for the kernel, which must not hold up
+        other attaches.
+        """
+        try:
+            with closing(LinkSocket(self.netns)) as sock:
+                return sock.delete_link(host)
+        except NetlinkError as e:
+            raise DataplaneError(f"failed to delete veth {host}: {e}", e.errno) from e
+
+    def _roll_back(self, host: str) -> None:
+        try:
+            self._remove(host)
+        except DataplaneError as e:  # the error that made us roll back matters more
+            self.log.error("failed to roll back veth %s: %s", host, e)
+
+    def _host_call(self, fn: Callable[[LinkSocket], T]) -> T:
+        with self._lock:
+            try:
+                if self._sock is None:
+                    self._sock = LinkSocket(self.netns)
+                return fn(self._sock)
+            except NetlinkError as e:
+                raise DataplaneError(str(e), e.errno) from e
+
+    def _in_host(self, fn: Callable[[], T]) -> T:
+        return in_netns(self.netns, fn) if self.netns else fn()
+
+    @contextmanager
+    def _claimed(self, host: str) -> Iterator[None]:
+        with self._busy_lock:
+            if host in self._busy:
+                raise DataplaneError(f"failed to claim {host}: in use by another call", errno.EBUSY)
+            self._busy.add(host)
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                self._busy.discard(host)
+
+
+# ---------------------------------------------------------------- pod side (in its netns)
+
+
+def _configure_pod(a: Attachment, index: int) -> None:
+    """Up, addresses, routes, then sysctls: run in a thread inside the pod's netns."""
+    requests: list[Request] = [up_request(index, a.ifname)]
+    requests += [address_request(index, a.ifname, ip) for ip in a.ips]
+    requests += [route_request(dst, index, a.ifname, via) for dst, via in _pod_routes(a)]
+    # runtimes may disable IPv6 in pods; its addresses would be refused
+    enable_v6 = [(f"net/ipv6/conf/{a.ifname}/disable_ipv6", "0", True)] if _has(a, 6) else []
+    try:
+        write_sysctls(enable_v6, only_if_differs=True)
+        with closing(LinkSocket()) as sock:
+            sock.apply(requests)
+        write_sysctls([(key, value, True) for key, value in a.sysctls.items()])
+    except NetlinkError as e:
+        raise DataplaneError(f"{e} (in {a.netns})", e.errno) from e
+
+
+def _pod_routes(a: Attachment) -> list[tuple[IPNetwork, IPAddress | None]]:
+    """(destination, gateway) of the pod's routes; no gateway: a device route."""
+    out: list[tuple[IPNetwork, IPAddress | None]] = []
+    if _has(a, 4):
+        out += [(ip_network(GATEWAY_V4), None), (ip_network("0.0.0.0/0"), GATEWAY_V4)]
+    if _has(a, 6):
+        out.append((ip_network("::/0"), HOST_LL.ip))
+    return out
+
+
+def _remove_pod_end(ifname: str) -> bool:
+    """Delete the veth ``ifname`` in this thread's netns (never a link of another kind)."""
+    try:
+        with closing(LinkSocket()) as sock:
+            link = sock.get_link(ifname)
+            return link is not None and link.kind == "veth" and sock.delete_link("", link.ifindex)
+    except NetlinkError as e:
+        raise DataplaneError(f"failed to delete {ifname} in the pod: {e}", e.errno) from e
+
+
+def _pod_problems(a: Attachment, host_index: int | None) -> list[str]:
+    """What :func:`_configure_pod` would make and is not there: run in the pod's netns."""
+    try:
+        with closing(LinkSocket()) as sock:
+            link = sock.get_link(a.ifname)
+            if link is None:
+                return [f"{a.ifname} is missing in {a.netns}"]
+            addresses = set(sock.addresses(link.ifindex))
+            routes = {(d.route.dst, d.route.gateways, d.route.dev) for d in sock.dump()}
+    except NetlinkError as e:
+        raise DataplaneError(f"failed to read {a.ifname} in {a.netns}: {e}", e.errno) from e
+    out = link.problems("veth", None, a.mtu)
+    if host_index is not None and link.peer_index != host_index:
+        out.append(f"{a.ifname} is not the peer of the host end")
+    out += [f"{a.ifname} lacks its address {ip}" for ip in a.ips if ip not in addresses]
+    for dst, via in _pod_routes(a):
+        if (dst, (via,) if via else (), None if via else a.ifname) not in routes:
+            how = f"via {via}" if via else f"dev {a.ifname}"
+            out.append(f"route {dst} {how} is missing in {a.netns}")
+    return out + sysctl_problems([(key, value, True) for key, value in a.sysctls.items()])
+
+
+# ---------------------------------------------------------------- sysctls
+
+
+def _host_sysctls(a: Attachment, host: str) -> list[Sysctl]:
+    """(key with '/', value, required) for the host end; accept_ra=0 is best effort when the
+    pod has no IPv6 (the node may have no IPv6 at all).
+    """
+    v6 = _has(a, 6)
+    out = [(f"net/ipv6/conf/{host}/accept_ra", "0", v6)]  # a pod must not route the node
+    if _has(a, 4):
+        out += [
+            (f"net/ipv4/conf/{host}/proxy_arp", "1", True),  # answers for 169.254.1.1
+            (f"net/ipv4/neigh/{host}/proxy_delay", "0", True),  # ... at once
+            (f"net/ipv4/conf/{host}/forwarding", "1", True),
+        ]
+    if v6:
+        out += [
+            (f"net/ipv6/conf/{host}/disable_ipv6", "0", True),
+            (f"net/ipv6/conf/{host}/proxy_ndp", "1", True),
+            (f"net/ipv6/conf/{host}/forwarding", "1", True),
+        ]
+    return out
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+@contextmanager
+def _pod_netns(path: str) -> Iterator[int]:
+    try:
+        fd = open_netns(path)
+    except NetlinkError as e:
+        raise NetnsNotFound(str(e), e.errno) from e
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _has(a: Attachment, version: int) -> bool:
+    return any(ip.version == version for ip in a.ips)
+
+
+def _same_file(fd: int, netns: str) -> bool:
+    """Whether ``fd`` is the namespace ``netns`` (a name under /run/netns or a path)."""
+    try:
+        host = os.stat(netns if "/" in netns else f"/run/netns/{netns}")
+    except OSError:  # the host netns is unknown: what follows fails with a clear error
+        return False
+    return os.path.samestat(os.fstat(fd), host)
+
+
+def _in_pod(fd: int, fn: Callable[[], T]) -> T:
+    try:
+        return in_netns(fd, fn)
+    except OSError as e:  # setns refused, no thread
+        raise DataplaneError(f"failed to enter the pod netns: {e}", e.errno or 0) from e
