@@ -4,26 +4,30 @@ Start-up order (each step finishes before the next starts):
 1. config (already validated by the caller);
 2. kernel: adopt the routes that carry our protocol number (never flushed);
 3. etcd: connect, register the Node under a lease;
-4. full resync: list every watched prefix, compute the intent, program blackholes;
-5. BGP: start ExaBGP with the planned sessions and the desired announcements;
-6. health server, READY=1 to systemd, then the event loop: one watch per prefix (with a
-   periodic full resync), the reconciler, the route flusher, the status publisher and
-   the watchdog.
+4. local pods: load the CNI state dir, finish ADDs and DELs a crash interrupted;
+5. full resync: list every watched prefix, compute the intent, program blackholes and the
+   local pods' host routes (every other route of ours with a device goes);
+6. BGP: start ExaBGP with the planned sessions and the desired announcements;
+7. health server, the CNI socket, READY=1 to systemd, then the event loop: one watch per
+   prefix (with a periodic full resync), the reconciler, the route flusher, the status
+   publisher and the watchdog.
 
 Learned routes adopted from the kernel at start (a restart) stay installed until the RIB
 has converged: every established session has sent End-of-RIB, or the graceful-restart
 time has passed. Only then are adopted routes nobody announced any more removed. So a
 restart of fabricd (or of ExaBGP) never takes a route away that is still valid.
 
-Stop (``stop()``; SIGTERM): stop taking work, stop ExaBGP (sessions close without a
-NOTIFICATION, so graceful-restart helpers keep our routes), leave kernel routes in place,
-do not revoke the node lease (a restart within its TTL keeps the node known).
+Stop (``stop()``; SIGTERM): stop taking CNI requests (those in flight finish), stop ExaBGP
+(sessions close without a NOTIFICATION, so graceful-restart helpers keep our routes), leave
+kernel routes in place, do not revoke the node lease (a restart within its TTL keeps the
+node known).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -45,7 +49,9 @@ from bgp.model import (
 from bgp.rib import ImportPolicy, Rib
 from bgp.speaker import Speaker
 from fabric import systemd
+from fabric.cni_server import CNIServer, answer
 from fabric.config import AgentConfig, RequiredPeers
+from fabric.dataplane import Dataplane
 from fabric.health import Check, HealthServer
 from fabric.intent import BlockIndex, Intent, compute, decode
 from fabric.metrics import Metrics
@@ -55,7 +61,12 @@ from fabric.registration import Registration
 from fabric.routes import RouteTable
 from fabric.status import StatusPublisher
 from fabric.watch import Cache
+from fabric.workload_ipam import PodIPAM
+from fabric.workload_state import StateDir
+from fabric.workloads import Deps, Workloads
 from ipam import keys
+from ipam.allocator import Allocator
+from ipam.batch import BatchingAllocator
 from ipam.errors import IPAMError
 from ipam.resources import Node, loads
 from ipam.selector import parse as parse_selector
@@ -132,6 +143,23 @@ class Agent:
         )
         self.routes = RouteTable(cfg.routes.protocol, cfg.routes.table)
         self.nat = NatTable()
+        self.dataplane = Dataplane(log.getChild("dataplane"))
+        alloc = Allocator(self.store)
+        self.workloads = Workloads(
+            Deps(
+                node=cfg.node_name,
+                ipam=PodIPAM(alloc, BatchingAllocator(alloc), cfg.node_name),
+                dataplane=self.dataplane,
+                routes=self.routes,
+                state=StateDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
+                datastore_ok=self._etcd_reachable,
+            ),
+            log.getChild("workloads"),
+        )
+        self.cni = CNIServer(
+            Path(cfg.cni.socket),
+            functools.partial(answer, self.workloads, self.metrics.cni_request),
+        )
         run_dir = Path(cfg.run_dir)
         self.speaker = Speaker(
             run_dir / "bgp", self._on_bgp_event, cfg.bgp.exabgp, log.getChild("speaker")
@@ -163,12 +191,14 @@ class Agent:
         log.info("adopted %d kernel routes with protocol %d", n, cfg.routes.protocol)
         await self.registration.register()
         await self.cache.load()
+        await self.workloads.recover()  # local pods' host routes, before the first resync
         self.converge_deadline = time.monotonic() + cfg.bgp.graceful_restart_time
         intent = self._compute()
         await self._apply(intent, first=True)
         await self.speaker.start(list(intent.sessions), self.local.router_id)
         self.speaker.set_announcements(intent.adverts)
         await self.health.start()
+        await self.cni.start()
         self._tasks = [
             asyncio.create_task(self.cache.run(), name="cache"),
             asyncio.create_task(self.registration.keep_alive(), name="lease"),
@@ -205,6 +235,7 @@ class Agent:
     async def shutdown(self) -> None:
         systemd.stopping()
         log.info("fabricd stopping; kernel routes stay in place")
+        await self.cni.stop()  # first: no new CNI work; requests in flight finish
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -214,6 +245,7 @@ class Agent:
             await self.routes.flush()
         await self.speaker.stop()
         await self.health.stop()
+        await self.dataplane.close()
         with contextlib.suppress(Exception):
             await self.store.close()
 
@@ -266,12 +298,12 @@ class Agent:
         for dst in intent.blackholes - old_bh:
             self.routes.set(dst, KernelRoute(dst=dst, blackhole=True))
         if first:
-            # Own blocks are blackholed, everything else learned is adopted until converged.
+            # Own blocks are blackholed, everything else learned is adopted until converged,
+            # local pods keep their host routes (from the CNI state dir); stale dev routes go.
             desired = {dst: KernelRoute(dst=dst, blackhole=True) for dst in intent.blackholes}
             for dst, r in self.adopted.items():
                 desired.setdefault(dst, r)
-            keep_local = {d: r for d, r in self.routes.installed().items() if r.dev is not None}
-            desired.update(keep_local)
+            desired.update(self.workloads.routes())
             self.routes.replace_all(desired)
             await self.routes.flush()
         if old is not None and old.sessions != intent.sessions:

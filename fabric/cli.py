@@ -19,6 +19,7 @@ import click
 from fabric import resources_yaml as ry
 from fabric import systemd
 from fabric.cli_bgp import bgp, node_label, node_show, peer, routes
+from fabric.cli_cni import cni
 from fabric.cli_common import (
     DEFAULT_ENDPOINTS,
     DEFAULT_TIMEOUT,
@@ -351,3 +352,4 @@ main.add_command(ipam)
 main.add_command(peer)
 main.add_command(bgp)
 main.add_command(routes)
+main.add_command(cni)

@@ -1,0 +1,145 @@
+"""What `fabricctl cni install` writes: the two plugin binaries and the network config list.
+
+Pure rendering plus atomic writes (temporary file in the target directory, fsync, rename),
+so a runtime reading the directory never sees half a file, and a plugin being replaced keeps
+running from its old inode. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SHIM = Path(__file__).with_name("shim.py")
+PLUGINS = ("fabric", "fabric-ipam")
+CONFLIST = "10-fabric.conflist"
+REFERENCE_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
+REFERENCE_PLUGINS = ("portmap", "bandwidth", "loopback")
+DEFAULT_PYTHON = "/usr/bin/python3"  # never PATH's python3 (a pyenv shim costs 200+ ms)
+# podman 4.3's libcni and Debian's reference plugins speak up to 1.0.0; a config at 1.1.0
+# would make them refuse to chain.
+DEFAULT_CNI_VERSION = "1.0.0"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
+_SOCKET_LINE = re.compile(r'^SOCKET = ".*"$', re.M)
+_PLUGIN_LINE = re.compile(r'^PLUGIN = ".*"$', re.M)
+
+
+def plugin_source(socket_path: str, plugin: str, python: str = DEFAULT_PYTHON) -> str:
+    """The installed text of ``plugin`` (fabric or fabric-ipam) talking to ``socket_path``."""
+    if plugin not in PLUGINS:
+        raise ValueError(f"unknown plugin {plugin!r}")
+    check_socket_path(socket_path)
+    if not python.startswith("/") or any(c.isspace() for c in python):
+        raise ValueError(f"python {python!r}: an absolute path without spaces is needed")
+    text = SHIM.read_text()
+    first, _, rest = text.partition("\n")
+    rest, n1 = _SOCKET_LINE.subn(f"SOCKET = {json.dumps(socket_path)}", rest, count=1)
+    rest, n2 = _PLUGIN_LINE.subn(f"PLUGIN = {json.dumps(plugin)}", rest, count=1)
+    if not first.startswith("#!") or n1 != 1 or n2 != 1:
+        raise RuntimeError(f"{SHIM} lost its shebang, SOCKET or PLUGIN line")
+    return f"#!{python} -IS\n{rest}"
+
+
+def check_socket_path(path: str) -> None:
+    if not path.startswith("/"):
+        raise ValueError(f"socket {path!r}: an absolute path is needed")
+    if len(path.encode()) > MAX_SOCKET_PATH or "\0" in path:
+        raise ValueError(f"socket {path!r}: longer than {MAX_SOCKET_PATH} bytes or has a NUL")
+
+
+def conflist(
+    name: str = "fabric",
+    mtu: int = 1500,
+    pools: Sequence[str] = (),
+    cni_version: str = DEFAULT_CNI_VERSION,
+) -> dict[str, Any]:
+    """The network: fabric, then the reference portmap and bandwidth plugins."""
+    ipam: dict[str, Any] = {"type": "fabric-ipam"}
+    if pools:
+        ipam["pools"] = list(pools)
+    return {
+        "cniVersion": cni_version,
+        "name": name,
+        "plugins": [
+            {"type": "fabric", "mtu": mtu, "ipam": ipam},
+            {"type": "portmap", "snat": True, "capabilities": {"portMappings": True}},
+            {"type": "bandwidth", "capabilities": {"bandwidth": True}},
+        ],
+    }
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` (mode ``mode``) in one rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # not narrowed by the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def link_reference(bin_dir: Path, source: Path = REFERENCE_DIR) -> list[Path]:
+    """Symlink the reference plugins the config list chains into ``bin_dir``; a regular file
+    of that name (an installed plugin) is left alone. Returns the links made."""
+    made = []
+    for name in REFERENCE_PLUGINS:
+        target, link = source / name, bin_dir / name
+        if not target.exists() or link.resolve() == target.resolve():
+            continue
+        if link.exists() and not link.is_symlink():
+            continue
+        tmp = bin_dir / f".{name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        os.replace(tmp, link)
+        made.append(link)
+    return made
+
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    plugins: tuple[Path, ...]
+    conflist: Path
+    links: tuple[Path, ...]
+    network: dict[str, Any]
+
+
+def install(
+    bin_dir: Path,
+    conf_dir: Path,
+    socket_path: str,
+    name: str = "fabric",
+    mtu: int = 1500,
+    pools: Sequence[str] = (),
+    python: str = DEFAULT_PYTHON,
+    link: bool = False,
+    cni_version: str = DEFAULT_CNI_VERSION,
+) -> Installed:
+    """Write both plugins (0755) into ``bin_dir`` and the config list (0644) into
+    ``conf_dir``, creating the directories. Idempotent."""
+    texts = {p: plugin_source(socket_path, p, python) for p in PLUGINS}
+    network = conflist(name, mtu, pools, cni_version)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for plugin, text in texts.items():
+        write_atomic(bin_dir / plugin, text.encode(), 0o755)
+        written.append(bin_dir / plugin)
+    path = conf_dir / CONFLIST
+    write_atomic(path, (json.dumps(network, indent=2) + "\n").encode(), 0o644)
+    links = link_reference(bin_dir) if link else []
+    return Installed(tuple(written), path, tuple(links), network)

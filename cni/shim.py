@@ -1,0 +1,164 @@
+#!/usr/bin/python3 -IS
+"""fabric CNI plugin: forwards the request to fabricd and prints its answer.
+
+Installed by `fabricctl cni install` as ``fabric`` and ``fabric-ipam``, with fabricd's socket
+baked in (``FABRIC_CNI_SOCKET`` overrides it, for tests). The interpreter runs isolated and
+without site (-IS) and this file imports only os, sys and ``_socket`` (the C half of socket,
+without socket.py's enums): it starts in ~7 ms, where ``import json`` alone would cost ~20 ms.
+The work (IPAM in etcd, netlink) happens in the warm daemon. Framing: cni/protocol.py. Answered here without fabricd:
+
+- VERSION (runtimes call it with dummy values in the other variables);
+- fabricd unreachable: error 11 (try again later), or 50 for STATUS, within CONNECT_TIMEOUT;
+  no answer within REPLY_TIMEOUT: error 11;
+- a missing or unknown CNI_COMMAND: error 4.
+"""
+
+import _socket as socket  # socket's C core: the same calls, without socket.py's 5 ms of enum
+import os
+import sys
+
+SOCKET = "/run/fabric/cni.sock"
+PLUGIN = "fabric"
+VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST = "1.1.0"
+VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS")
+MAGIC = b"FCN1"
+MAX_STDIN = 4 << 20  # larger: fabricd is told (flag 1) and answers with an I/O error
+MAX_REPLY = 16 << 20
+CONNECT_TIMEOUT = 1.0  # a unix connect either succeeds at once or fabricd is not there
+REPLY_TIMEOUT = 60.0  # fabricd answers within its own request timeout (50 s) before this
+
+
+def escape(text: str) -> str:
+    """``text`` as the inside of a JSON string, ASCII only."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= o < 0x7F:
+            out.append(ch)
+        elif o > 0xFFFF:
+            o -= 0x10000
+            out.append(f"\\u{0xD800 + (o >> 10):04x}\\u{0xDC00 + (o & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{o:04x}")
+    return "".join(out)
+
+
+def error(code: int, msg: str, details: str = "", version: str = LATEST) -> bytes:
+    doc = f'{{"cniVersion": "{escape(version)}", "code": {code:d}, "msg": "{escape(msg)}"'
+    if details:
+        doc += f', "details": "{escape(details)}"'
+    return (doc + "}").encode("ascii")
+
+
+def version_of(stdin: bytes) -> str:
+    """The config's cniVersion when it is one we support (a cheap scan, not a parse)."""
+    at = stdin.find(b'"cniVersion"')
+    if at < 0:
+        return LATEST
+    rest = stdin[at + 12 : at + 64].lstrip()
+    if rest[:1] != b":":
+        return LATEST
+    rest = rest[1:].lstrip()
+    if rest[:1] != b'"':
+        return LATEST
+    value = rest[1:].split(b'"', 1)[0].decode("ascii", "replace")
+    return value if value in VERSIONS else LATEST
+
+
+def read_stdin() -> tuple[bytes, bool]:
+    """(stdin, too large); a stdin larger than MAX_STDIN is not read to its end."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        try:
+            chunk = os.read(0, 1 << 20)
+        except OSError:
+            return b"", False
+        if not chunk:
+            return b"".join(chunks), False
+        total += len(chunk)
+        if total > MAX_STDIN:
+            return b"", True
+        chunks.append(chunk)
+
+
+def request(stdin: bytes, too_large: bool) -> bytes:
+    env = [k + b"=" + v for k, v in os.environb.items() if k.startswith(b"CNI_")]
+    env.append(b"FABRIC_CNI_PLUGIN=" + PLUGIN.encode())
+    blob = b"\0".join(env)
+    head = MAGIC + bytes([1 if too_large else 0])
+    return head + len(blob).to_bytes(4, "big") + len(stdin).to_bytes(4, "big") + blob + stdin
+
+
+def exchange(path: str, data: bytes) -> tuple[int, bytes]:
+    """Send one request, return (exit code, stdout); OSError when fabricd does not answer."""
+    deadline = os.times().elapsed + REPLY_TIMEOUT
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(CONNECT_TIMEOUT)
+        s.connect(path)
+        s.settimeout(REPLY_TIMEOUT)
+        s.sendall(data)
+        buf = b""
+        need = 9
+        while len(buf) < need:
+            left = deadline - os.times().elapsed
+            if left <= 0:
+                raise TimeoutError(f"no answer within {REPLY_TIMEOUT:.0f} s")
+            s.settimeout(left)
+            chunk = s.recv(max(65536, need - len(buf)))
+            if not chunk:
+                raise ConnectionResetError("fabricd closed the connection without an answer")
+            buf += chunk
+            if len(buf) >= 9 and need == 9:
+                if buf[:4] != MAGIC:
+                    raise ConnectionResetError("not a fabricd answer")
+                need = 9 + min(int.from_bytes(buf[5:9], "big"), MAX_REPLY)
+        return buf[4], buf[9:need]
+    finally:
+        s.close()
+
+
+def write(data: bytes) -> None:
+    while data:
+        try:
+            n = os.write(1, data)
+        except OSError:
+            return
+        data = data[n:]
+
+
+def main() -> int:
+    command = os.environ.get("CNI_COMMAND", "")
+    stdin, too_large = read_stdin()
+    if command == "VERSION":
+        versions = ", ".join(f'"{v}"' for v in VERSIONS)
+        write(f'{{"cniVersion": "{LATEST}", "supportedVersions": [{versions}]}}'.encode())
+        return 0
+    version = version_of(stdin)
+    if command not in VERBS:
+        known = ", ".join((*VERBS, "VERSION"))
+        what = f"{command!r} is not one of {known}" if command else "is not set"
+        write(error(4, "CNI_COMMAND " + what, version=version))
+        return 1
+    path = os.environ.get("FABRIC_CNI_SOCKET") or SOCKET
+    try:
+        code, out = exchange(path, request(stdin, too_large))
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        if command == "STATUS":
+            msg = "fabric is not available: fabricd does not answer"
+            write(error(50, msg, f"{path}: {why}", version))
+        else:
+            msg = "fabricd is not reachable; try again later"
+            write(error(11, msg, f"{path}: {why}", version))
+        return 1
+    write(out)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""IPAM for pod attachments: which addresses an attachment gets, and which ones GC frees.
+
+An attachment's addresses belong to the IPAM handle ``<network>.<containerID>.<ifname>``, so
+DEL releases exactly them and a second ADD for the same attachment gets the same ones back
+(the allocator is idempotent per handle). Every allocation records who it is for (node, pod,
+namespace, network, containerID, ifname): GC matches on those, never on parsing a handle.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from cni.result import IPAddress, IPInterface
+from cni.spec import Env, IPAMConf
+from ipam.allocator import Allocator, AssignedIP, AssignRequest
+from ipam.batch import BatchingAllocator
+from ipam.errors import ValidationError
+
+
+def handle_id(network: str, container_id: str, ifname: str) -> str:
+    return f"{network}.{container_id}.{ifname}"
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    network: str
+    container_id: str
+    ifname: str
+    pod: str = ""
+    namespace: str = ""
+
+    @property
+    def handle(self) -> str:
+        return handle_id(self.network, self.container_id, self.ifname)
+
+    def attrs(self) -> dict[str, str]:
+        a = {"network": self.network, "containerID": self.container_id, "ifname": self.ifname}
+        if self.pod:
+            a["pod"] = self.pod
+        if self.namespace:
+            a["namespace"] = self.namespace
+        return a
+
+    @classmethod
+    def of(cls, network: str, env: Env) -> Owner:
+        return cls(network, env.container_id, env.ifname, env.args.pod_name,
+                   env.args.pod_namespace)  # fmt: skip
+
+
+class PodIPAM:
+    """Assign, look up and release the addresses of attachments on one node."""
+
+    def __init__(self, alloc: Allocator, batch: BatchingAllocator, node: str) -> None:
+        self.alloc = alloc
+        self.batch = batch
+        self.node = node
+
+    async def assign(
+        self, owner: Owner, conf: IPAMConf, requested: tuple[IPAddress, ...] = ()
+    ) -> list[AssignedIP]:
+        """The attachment's addresses: those it already holds, else ``requested`` (``IP=``),
+        else one per family from the configured (or the node's) pools. Never a second set
+        for the same attachment. Partial work is the caller's to release (by handle).
+        """
+        handle = owner.handle
+        if requested:
+            held = await self.alloc.ips_by_handle(handle)
+            if held:
+                return held
+            return [
+                await self.alloc.assign_ip(handle, ip, self.node, owner.attrs()) for ip in requested
+            ]
+        req = await self._request(owner, conf)
+        return await self.batch.assign(req)  # idempotent per handle
+
+    async def _request(self, owner: Owner, conf: IPAMConf) -> AssignRequest:
+        pools: dict[int, list[str]] = {4: [], 6: []}
+        if conf.pools:
+            s = await self.alloc.settings()
+            for name in conf.pools:
+                version: int
+                if "/" in name:
+                    version = ipaddress.ip_network(name).version
+                elif name in s.pools:
+                    version = s.pools[name][1].version
+                else:
+                    raise ValidationError("ipam.pools", f"no IP pool named {name!r}")
+                pools[version].append(name)
+            want4 = bool(pools[4]) and conf.assign_ipv4 is not False
+            want6 = bool(pools[6]) and conf.assign_ipv6 is not False
+        else:
+            want4 = conf.assign_ipv4 is not False
+            want6 = conf.assign_ipv6 is True
+        if not want4 and not want6:
+            raise ValidationError("ipam", "no address family left to assign")
+        return AssignRequest(
+            handle=owner.handle,
+            node=self.node,
+            num_v4=int(want4),
+            num_v6=int(want6),
+            attrs=owner.attrs(),
+            pools_v4=tuple(pools[4]),
+            pools_v6=tuple(pools[6]),
+        )
+
+    async def held(self, handle: str) -> list[AssignedIP]:
+        return await self.alloc.ips_by_handle(handle)
+
+    async def release(self, handle: str) -> list[IPAddress]:
+        """Idempotent: a handle that holds nothing (or never existed) releases nothing."""
+        return await self.alloc.release_handle(handle)
+
+    async def prefix_lengths(self, assigned: list[AssignedIP], how: str) -> list[IPInterface]:
+        """The addresses with the prefix length ``how`` asks for: host (/32, /128), the
+        block's, or the pool's."""
+        out: list[IPInterface] = []
+        s = await self.alloc.settings() if how == "pool" else None
+        for a in assigned:
+            if how == "block":
+                plen = a.block.prefixlen
+            elif s is not None and a.pool in s.pools:
+                plen = s.pools[a.pool][1].cidr.prefixlen
+            else:
+                plen = a.ip.max_prefixlen
+            out.append(ipaddress.ip_interface((a.ip, plen)))
+        return out
+
+    async def leaked(
+        self, network: str, valid: Collection[tuple[str, str]], busy: Collection[str]
+    ) -> list[str]:
+        """Handles of this node's allocations in ``network`` whose (containerID, ifname) is
+        not in ``valid``; handles in ``busy`` (a request in flight) are left alone."""
+        blocks, _ = await self.alloc.blocks.list_blocks()
+        dead: set[str] = set()
+        for _, blk in blocks.values():
+            for _, attr in blk.allocated():
+                sec: Mapping[str, str] = attr.secondary
+                if sec.get("node") != self.node or sec.get("network") != network:
+                    continue
+                key = (sec.get("containerID", ""), sec.get("ifname", ""))
+                if key not in valid and attr.handle not in busy:
+                    dead.add(attr.handle)
+        return sorted(dead)
+
+    async def usable_pools(self, wanted: tuple[str, ...]) -> list[str]:
+        """Names of enabled pools that can serve this node: ``wanted`` ones (names or
+        CIDRs) if given, else those whose nodeSelector matches the node's labels."""
+        s = await self.alloc.settings(fresh=True)
+        pools = [p for _, p in s.pools.values() if not p.disabled]
+        if wanted:
+            return [p.name for p in pools if p.name in wanted or str(p.cidr) in wanted]
+        node = await self.alloc.resources.get_node(self.node)
+        labels = node.labels if node is not None else {}
+        return [p.name for p in pools if p.selects(labels)]

@@ -1,0 +1,385 @@
+"""The CNI verbs, as fabricd runs them: one small function per verb, like the reference
+plugins, on top of PodIPAM (addresses), the Dataplane (veth pair, addresses and routes in
+the pod) and the agent's RouteTable (the host route ``<pod>/32 dev <veth>``, owned by fabricd).
+
+Contracts (docs/cni.md has the whole story):
+
+- ADD writes the state record (``adding``) before its first side effect and undoes every
+  step it did, in reverse, when a later one fails or it is cancelled; the record goes only
+  when everything was undone. A second ADD of the same attachment never takes a second
+  address: a healthy attachment returns its result again, a broken one is rebuilt on the
+  addresses it holds.
+- DEL is idempotent: a handle that holds nothing, a missing interface, an empty or vanished
+  CNI_NETNS are success; only an unreachable etcd (11) fails it, and the runtime retries.
+- Requests for one attachment run one at a time; GC leaves attachments in flight alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from cni.errors import CNIError, Code
+from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Route, render
+from cni.spec import IPAMConf, NetConf, Request, Verb
+from fabric import dataplane as dp
+from fabric.netlink import IPNetwork, KernelRoute
+from fabric.routes import RouteTable
+from fabric.workload_checks import check_netns, check_result, gateway_v6
+from fabric.workload_ipam import Owner, PodIPAM
+from fabric.workload_state import Phase, Record, StateDir
+
+GATEWAY_V4 = ipaddress.IPv4Address("169.254.1.1")  # Calico's: on-link, answered by proxy ARP
+DEFAULT_MTU = 1500
+Undo = Callable[[], Awaitable[object]]
+
+
+class _KeyedLocks:
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def busy(self) -> frozenset[str]:
+        return frozenset(self._locks)
+
+
+@dataclass(frozen=True, slots=True)
+class Deps:
+    node: str
+    ipam: PodIPAM
+    dataplane: dp.Dataplane
+    routes: RouteTable
+    state: StateDir
+    datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
+
+
+class Workloads:
+    """The verbs of the main plugin (``fabric``) and the IPAM-only one (``fabric-ipam``)."""
+
+    def __init__(self, deps: Deps, log: logging.Logger | None = None) -> None:
+        self.d = deps
+        self.log = log or logging.getLogger("fabric.workloads")
+        self.records: dict[str, Record] = {}
+        self._locks = _KeyedLocks()
+
+    # ------------------------------------------------------------------ start-up
+
+    async def recover(self) -> None:
+        """Load the state dir; finish what a crash left ``adding`` or ``deleting`` (release
+        the handle, remove the interfaces). Runs before the first route resync and before
+        any request is served."""
+        self.records = self.d.state.load()
+        for rec in list(self.records.values()):
+            if rec.phase is Phase.READY:
+                continue
+            self.log.warning("finishing interrupted %s of %s", rec.phase, rec.handle)
+            try:
+                await self._teardown(rec, netns=rec.netns)
+            except Exception as e:  # the runtime's DEL (or the next start) finishes it
+                self.log.error("failed to clean up %s: %s", rec.handle, e)
+        self.log.info("%d local pod attachments", len(self.records))
+
+    def routes(self) -> dict[IPNetwork, KernelRoute]:
+        """The host routes of every ready attachment (desired from the first resync on)."""
+        out: dict[IPNetwork, KernelRoute] = {}
+        for rec in self.records.values():
+            if rec.phase is Phase.READY:
+                for dst in _host_nets(rec.ips):
+                    out[dst] = KernelRoute(dst=dst, dev=rec.host_ifname)
+        return out
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def run(self, plugin: str, req: Request) -> bytes:
+        """Run one validated request; returns stdout. Raises CNIError or what a layer below
+        raised (fabric.errors.cni_error maps it)."""
+        ipam_only = plugin == "fabric-ipam"
+        verb = req.env.command
+        if verb is Verb.ADD:
+            return await (self.ipam_add(req) if ipam_only else self.add(req))
+        if verb is Verb.DEL:
+            await (self.ipam_delete(req) if ipam_only else self.delete(req))
+        elif verb is Verb.CHECK:
+            await (self.ipam_check(req) if ipam_only else self.check(req))
+        elif verb is Verb.GC:
+            await self.gc(req.conf)
+        elif verb is Verb.STATUS:
+            await self.status(req.conf)
+        return b""
+
+    # ------------------------------------------------------------------ ADD
+
+    async def add(self, req: Request) -> bytes:
+        env, conf = req.env, req.conf
+        owner = Owner.of(conf.name, env)
+        async with self._locks.hold(owner.handle):
+            check_netns(env.netns)
+            old = self.records.get(owner.handle)
+            if (
+                old is not None
+                and old.phase is Phase.READY
+                and old.netns == env.netns
+                and not await self.d.dataplane.check(_attachment(old))
+            ):  # a repeated ADD of a healthy attachment: the same answer
+                return _render(_result(old, conf), conf)
+            if old is not None:  # broken or moved: rebuild on the addresses it holds
+                await self._take_down(old, env.netns if old.netns == env.netns else old.netns)
+            rec = await self._add(owner, conf, req, env.netns)
+        return _render(_result(rec, conf), conf)
+
+    async def _add(self, owner: Owner, conf: NetConf, req: Request, netns: str) -> Record:
+        rec = Record(
+            handle=owner.handle,
+            network=conf.name,
+            container_id=owner.container_id,
+            ifname=owner.ifname,
+            netns=netns,
+            host_ifname=dp.host_ifname(owner.container_id, owner.ifname),
+            phase=Phase.ADDING,
+            mtu=conf.mtu or DEFAULT_MTU,
+            pod=owner.pod,
+            namespace=owner.namespace,
+            sysctls=dict(conf.sysctls),
+        )
+        undo: list[Undo] = []
+        try:
+            self.d.state.save(rec)
+            undo.append(lambda: self._forget(rec.handle))
+            undo.append(lambda: self.d.ipam.release(rec.handle))  # also a half-done assign
+            assigned = await self.d.ipam.assign(owner, conf.ipam, req.env.args.ips)
+            rec = replace(rec, ips=tuple(ipaddress.ip_interface(a.host_prefix) for a in assigned))
+            undo.append(lambda: self.d.dataplane.detach(rec.container_id, rec.ifname, netns))
+            got = await self.d.dataplane.attach(_attachment(rec))
+            rec = replace(rec, host_ifname=got.host_ifname, host_mac=got.host_mac,
+                          pod_mac=got.pod_mac)  # fmt: skip
+            undo.append(lambda: self._remove_routes(rec))
+            await self._add_routes(rec)
+            rec = replace(rec, phase=Phase.READY)
+            self.d.state.save(rec)
+        except BaseException:
+            await self._undo(rec.handle, undo)  # under the lock: a retry waits for it
+            raise
+        self.records[rec.handle] = rec
+        return rec
+
+    async def _undo(self, handle: str, undo: list[Undo]) -> None:
+        """Undo in reverse; the record (first step) goes only if every other step worked."""
+        failed = False
+        for step in reversed(undo[1:]):
+            try:
+                await step()
+            except Exception as e:
+                failed = True
+                self.log.error("rollback of %s: a step failed: %s", handle, e)
+        if failed:
+            self.log.error("rollback of %s incomplete: kept its record for DEL", handle)
+        else:
+            await undo[0]()
+
+    async def _add_routes(self, rec: Record) -> None:
+        nets = _host_nets(rec.ips)
+        for dst in nets:
+            self.d.routes.set(dst, KernelRoute(dst=dst, dev=rec.host_ifname))
+        result = await self.d.routes.flush()
+        bad = {dst: result.failed[dst] for dst in nets if dst in result.failed}
+        if bad:
+            dst, why = next(iter(bad.items()))
+            raise CNIError(
+                Code.HOST_ROUTE_FAILURE,
+                f"failed to add host route {dst} dev {rec.host_ifname}: {why}",
+            )
+
+    async def _remove_routes(self, rec: Record) -> None:
+        for dst in _host_nets(rec.ips):
+            self.d.routes.set(dst, None)
+        await self.d.routes.flush()
+
+    async def _forget(self, handle: str) -> None:
+        self.records.pop(handle, None)
+        self.d.state.remove(handle)
+
+    # ------------------------------------------------------------------ DEL
+
+    async def delete(self, req: Request) -> None:
+        owner = Owner.of(req.conf.name, req.env)
+        async with self._locks.hold(owner.handle):
+            rec = self.records.get(owner.handle)
+            if rec is None:
+                rec = Record(owner.handle, req.conf.name, owner.container_id, owner.ifname,
+                             req.env.netns, dp.host_ifname(owner.container_id, owner.ifname),
+                             Phase.DELETING)  # fmt: skip
+            await self._teardown(rec, req.env.netns or rec.netns)
+
+    async def _teardown(self, rec: Record, netns: str) -> None:
+        """Everything of ``rec`` goes: record marked ``deleting`` first, then host routes,
+        interfaces, addresses, and the record. Raises only when etcd cannot release."""
+        if rec.handle in self.records or rec.phase is not Phase.DELETING:
+            rec = replace(rec, phase=Phase.DELETING)
+            self.d.state.save(rec)
+            self.records[rec.handle] = rec
+        await self._take_down(rec, netns)
+        await self.d.ipam.release(rec.handle)
+        await self._forget(rec.handle)
+
+    async def _take_down(self, rec: Record, netns: str) -> None:
+        """Host routes and interfaces of ``rec`` (the addresses stay with the handle)."""
+        if rec.ips:
+            try:
+                await self._remove_routes(rec)
+            except Exception as e:  # left pending in the route table, retried there
+                self.log.warning("failed to remove host routes of %s now: %s", rec.handle, e)
+        try:
+            await self.d.dataplane.detach(rec.container_id, rec.ifname, netns or None)
+        except dp.NetnsNotFound:  # the pod's namespace is gone: the host end may not be
+            await self.d.dataplane.detach(rec.container_id, rec.ifname, None)
+
+    # ------------------------------------------------------------------ CHECK
+
+    async def check(self, req: Request) -> None:
+        env, conf = req.env, req.conf
+        owner = Owner.of(conf.name, env)
+        async with self._locks.hold(owner.handle):
+            rec = self.records.get(owner.handle)
+            if rec is None or rec.phase is not Phase.READY:
+                raise CNIError(Code.UNKNOWN_CONTAINER,
+                               f"no attachment {owner.handle} on this node")  # fmt: skip
+            check_netns(env.netns)
+            check_result(conf.prev_result, env.ifname, env.netns, rec.ips)
+            problems = list(await self.d.dataplane.check(_attachment(rec)))
+            if rec.netns != env.netns:
+                problems.append(f"the attachment is in {rec.netns}, not {env.netns}")
+            installed = self.d.routes.installed()
+            for dst in _host_nets(rec.ips):
+                route = installed.get(dst)
+                if route is None or route.dev != rec.host_ifname:
+                    problems.append(f"host route {dst} dev {rec.host_ifname} is missing")
+            if problems:
+                raise CNIError(Code.CHECK_FAILED, f"{owner.handle}: " + "; ".join(problems))
+            await self._check_ipam(owner.handle, [i.ip for i in rec.ips])
+
+    async def _check_ipam(self, handle: str, want: list[IPAddress]) -> None:
+        held = sorted((a.ip for a in await self.d.ipam.held(handle)), key=str)
+        if held != sorted(want, key=str):
+            raise CNIError(
+                Code.IPAM_MISMATCH,
+                f"IPAM handle {handle} holds {[str(i) for i in held]}, "
+                f"prevResult has {[str(i) for i in want]}",
+            )
+
+    # ------------------------------------------------------------------ IPAM-only plugin
+
+    async def ipam_add(self, req: Request) -> bytes:
+        conf = req.conf
+        owner = Owner.of(conf.name, req.env)
+        async with self._locks.hold(owner.handle):
+            try:
+                assigned = await self.d.ipam.assign(owner, conf.ipam, req.env.args.ips)
+                addresses = await self.d.ipam.prefix_lengths(assigned, conf.ipam.address_prefix)
+            except BaseException:
+                await self._release_quietly(owner.handle)
+                raise
+        return _render(_ipam_result(addresses, conf.ipam, conf), conf)
+
+    async def _release_quietly(self, handle: str) -> None:
+        try:
+            await self.d.ipam.release(handle)
+        except Exception as e:
+            self.log.error("rollback of %s: failed to release its addresses: %s", handle, e)
+
+    async def ipam_delete(self, req: Request) -> None:
+        owner = Owner.of(req.conf.name, req.env)
+        async with self._locks.hold(owner.handle):
+            await self.d.ipam.release(owner.handle)
+
+    async def ipam_check(self, req: Request) -> None:
+        conf = req.conf
+        owner = Owner.of(conf.name, req.env)
+        if conf.prev_result is None:
+            raise CNIError(Code.INVALID_CONFIG, "CHECK needs prevResult")
+        async with self._locks.hold(owner.handle):
+            await self._check_ipam(owner.handle, [c.address.ip for c in conf.prev_result.ips])
+
+    # ------------------------------------------------------------------ GC and STATUS
+
+    async def gc(self, conf: NetConf) -> None:
+        """Release every allocation of this node in this network whose attachment is not
+        valid, and take down its interfaces and routes if a record of it is here."""
+        valid = frozenset(conf.valid_attachments or ())
+        busy = self._locks.busy()
+        stale = [r for r in self.records.values() if r.network == conf.name
+                 and (r.container_id, r.ifname) not in valid and r.handle not in busy]  # fmt: skip
+        for rec in stale:
+            self.log.info("GC: removing attachment %s", rec.handle)
+            await self._teardown(rec, rec.netns)
+        for handle in await self.d.ipam.leaked(conf.name, valid, self._locks.busy()):
+            self.log.info("GC: releasing addresses of %s", handle)
+            await self.d.ipam.release(handle)
+
+    async def status(self, conf: NetConf) -> None:
+        if not await self.d.datastore_ok():
+            raise CNIError(Code.NOT_AVAILABLE, "the datastore (etcd) is not reachable")
+        try:
+            usable = await self.d.ipam.usable_pools(conf.ipam.pools)
+        except Exception as e:
+            raise CNIError(Code.NOT_AVAILABLE, f"failed to read the IP pools: {e}") from e
+        if not usable:
+            want = ", ".join(conf.ipam.pools) or "with a nodeSelector matching this node"
+            raise CNIError(Code.NOT_AVAILABLE,
+                           f"no enabled IP pool ({want}) can serve node {self.d.node}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------- pure helpers
+
+
+def _host_nets(ips: tuple[IPInterface, ...]) -> list[IPNetwork]:
+    return [ipaddress.ip_network((i.ip, i.ip.max_prefixlen)) for i in ips]
+
+
+def _attachment(rec: Record) -> dp.Attachment:
+    return dp.Attachment(container_id=rec.container_id, ifname=rec.ifname, netns=rec.netns,
+                         ips=rec.ips, mtu=rec.mtu, sysctls=dict(rec.sysctls))  # fmt: skip
+
+
+def _result(rec: Record, conf: NetConf) -> Result:
+    gw6 = gateway_v6(rec.host_mac)
+    ips = tuple(IPConfig(i, GATEWAY_V4 if i.version == 4 else gw6, interface=1) for i in rec.ips)
+    routes = tuple(
+        Route(ipaddress.ip_network("0.0.0.0/0" if i.version == 4 else "::/0"),
+              GATEWAY_V4 if i.version == 4 else gw6)
+        for i in rec.ips
+    )  # fmt: skip
+    interfaces = (
+        Interface(rec.host_ifname, rec.host_mac),
+        Interface(rec.ifname, rec.pod_mac, rec.netns, mtu=rec.mtu),
+    )
+    return Result(interfaces, ips, routes, conf.dns)
+
+
+def _ipam_result(addresses: list[IPInterface], ipam: IPAMConf, conf: NetConf) -> Result:
+    gateways = {g.version: g for g in ipam.gateway}
+    ips = tuple(IPConfig(a, gateways.get(a.version)) for a in addresses)
+    return Result((), ips, ipam.routes, conf.dns)
+
+
+def _render(result: Result, conf: NetConf) -> bytes:
+    return json.dumps(render(result, conf.cni_version)).encode()

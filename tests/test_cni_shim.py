@@ -1,0 +1,265 @@
+"""The installed plugin, executed as a runtime does it (env + stdin, exec), with and without a
+fabricd; fabricd's side of the socket is the real CNIServer with stand-in verbs."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import socket
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni import install as inst
+from cni import protocol
+from cni.errors import Code
+from cni.spec import SUPPORTED, Verb
+from fabric.cni_server import CNIServer, answer
+
+ENV = {
+    "CNI_COMMAND": "ADD",
+    "CNI_CONTAINERID": "c0ffee",
+    "CNI_NETNS": "/run/netns/pod",
+    "CNI_IFNAME": "eth0",
+    "CNI_PATH": "/opt/cni/bin",
+    "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=p",
+}
+CONF = json.dumps({"cniVersion": "1.0.0", "name": "fabric", "type": "fabric"}).encode()
+
+
+@pytest.fixture
+def plugin(tmp_path: Path) -> Path:
+    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"))
+    return done.plugins[0]
+
+
+def run(
+    exe: Path, env: dict[str, str], stdin: bytes = CONF, **extra: str
+) -> tuple[int, Any, float]:
+    started = time.monotonic()
+    p = subprocess.run([str(exe)], input=stdin, env={**env, **extra}, capture_output=True,
+                       timeout=30, check=False)  # fmt: skip
+    took = time.monotonic() - started
+    assert p.stderr == b""
+    return p.returncode, json.loads(p.stdout) if p.stdout else None, took
+
+
+class _Recorder:
+    """Stand-in verbs: records each request, answers ADD with a fixed result."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, Any]] = []
+
+    async def run(self, plugin: str, req: Any) -> bytes:
+        self.requests.append((plugin, req))
+        if req.env.command is Verb.ADD:
+            return json.dumps({"cniVersion": req.conf.cni_version, "ips": []}).encode()
+        return b""
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[_Recorder]:
+    rec = _Recorder()
+    loop = asyncio.new_event_loop()
+    srv = CNIServer(tmp_path / "cni.sock",
+                    functools.partial(answer, rec, lambda *_: None))  # type: ignore[arg-type]  # fmt: skip
+    loop.run_until_complete(srv.start())
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        yield rec
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        loop.close()
+
+
+# ---------------------------------------------------------------- without fabricd
+
+
+def test_version_is_answered_by_the_shim(plugin: Path) -> None:
+    env = {"CNI_COMMAND": "VERSION", "CNI_NETNS": "dummy", "CNI_IFNAME": "dummy",
+           "CNI_PATH": "dummy", "CNI_CONTAINERID": ""}  # fmt: skip
+    code, doc, _ = run(plugin, env, b'{"cniVersion":"1.0.0"}')
+    assert code == 0
+    assert doc == {"cniVersion": "1.1.0", "supportedVersions": list(SUPPORTED)}
+
+
+@pytest.mark.parametrize("verb", ["ADD", "CHECK", "DEL", "GC"])
+def test_no_fabricd_is_try_again_later_quickly(plugin: Path, verb: str) -> None:
+    conf = json.dumps({"cniVersion": "0.4.0", "name": "fabric", "type": "fabric"}).encode()
+    code, doc, took = run(plugin, {**ENV, "CNI_COMMAND": verb}, conf)
+    assert code == 1 and doc["code"] == Code.TRY_AGAIN_LATER
+    assert doc["cniVersion"] == "0.4.0"
+    assert "cni.sock" in doc["details"]
+    assert took < 1.0
+
+
+def test_stale_socket_file_is_try_again_later(plugin: Path, tmp_path: Path) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(tmp_path / "cni.sock"))
+    s.close()  # the file stays, nobody listens: ECONNREFUSED
+    code, doc, took = run(plugin, ENV)
+    assert (code, doc["code"]) == (1, Code.TRY_AGAIN_LATER) and took < 1.0
+
+
+def test_status_without_fabricd_is_not_available(plugin: Path) -> None:
+    code, doc, took = run(plugin, {"CNI_COMMAND": "STATUS", "CNI_PATH": "/x"})
+    assert code == 1 and doc["code"] == Code.NOT_AVAILABLE and took < 1.0
+
+
+def test_bad_command_answered_locally(plugin: Path) -> None:
+    code, doc, _ = run(plugin, {**ENV, "CNI_COMMAND": "BOGUS"})
+    assert code == 1 and doc["code"] == Code.INVALID_ENVIRONMENT and "CNI_COMMAND" in doc["msg"]
+    code, doc, _ = run(plugin, {k: v for k, v in ENV.items() if k != "CNI_COMMAND"})
+    assert code == 1 and doc["code"] == Code.INVALID_ENVIRONMENT
+
+
+def test_ten_megabytes_of_stdin_without_fabricd(plugin: Path) -> None:
+    code, doc, _ = run(plugin, ENV, b"x" * (10 << 20))
+    assert code == 1 and doc["code"] == Code.TRY_AGAIN_LATER
+
+
+def test_socket_override_and_json_escaping(plugin: Path, tmp_path: Path) -> None:
+    odd = str(tmp_path / 'a"b\\c\x01\u00e9')
+    code, doc, _ = run(plugin, ENV, FABRIC_CNI_SOCKET=odd)
+    assert code == 1 and doc["details"].startswith(odd)
+
+
+# ---------------------------------------------------------------- with a server
+
+
+def test_request_reaches_fabricd_and_answer_is_printed(plugin: Path, server: _Recorder) -> None:
+    code, doc, _ = run(plugin, {**ENV, "UNRELATED": "secret"})
+    assert code == 0 and doc == {"cniVersion": "1.0.0", "ips": []}
+    plugin_name, req = server.requests[0]
+    assert plugin_name == "fabric"
+    assert (req.env.container_id, req.env.ifname, req.env.args.pod_name) == ("c0ffee", "eth0", "p")
+
+
+def test_ipam_binary_says_so(tmp_path: Path, plugin: Path, server: _Recorder) -> None:
+    run(tmp_path / "bin" / "fabric-ipam", {**ENV, "CNI_COMMAND": "DEL"})
+    assert server.requests[0][0] == "fabric-ipam"
+
+
+def test_errors_from_fabricd(plugin: Path, server: _Recorder) -> None:
+    code, doc, _ = run(plugin, ENV, b"{not json")
+    assert code == 1 and doc["code"] == Code.DECODE_FAILURE
+    code, doc, _ = run(plugin, {**ENV, "CNI_IFNAME": "x" * 16})
+    assert code == 1 and doc["code"] == Code.INVALID_ENVIRONMENT and "CNI_IFNAME" in doc["msg"]
+    assert server.requests == []
+
+
+def test_ten_megabytes_of_stdin_with_fabricd(plugin: Path, server: _Recorder) -> None:
+    code, doc, took = run(plugin, ENV, b"{" + b" " * (10 << 20) + b"}")
+    assert code == 1 and doc["code"] == Code.IO_FAILURE
+    assert server.requests == [] and took < 5
+
+
+def test_status_and_version_through_fabricd(plugin: Path, server: _Recorder) -> None:
+    conf = json.dumps({"cniVersion": "1.1.0", "name": "fabric", "type": "fabric"}).encode()
+    code, doc, _ = run(plugin, {"CNI_COMMAND": "STATUS", "CNI_PATH": "/x"}, conf)
+    assert (code, doc) == (0, None)
+
+
+def test_a_hung_fabricd_times_out(tmp_path: Path) -> None:
+    text = inst.plugin_source(str(tmp_path / "hung.sock"), "fabric")
+    text = text.replace("REPLY_TIMEOUT = 60.0", "REPLY_TIMEOUT = 1.0")
+    exe = tmp_path / "fabric-fast"
+    inst.write_atomic(exe, text.encode(), 0o755)
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(tmp_path / "hung.sock"))
+    s.listen(1)  # accepts (in the backlog), never answers
+    try:
+        code, doc, took = run(exe, ENV)
+    finally:
+        s.close()
+    assert code == 1 and doc["code"] == Code.TRY_AGAIN_LATER and 0.9 < took < 3
+
+
+def test_a_foreign_answer_is_try_again_later(tmp_path: Path, plugin: Path) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(tmp_path / "cni.sock"))
+    s.listen(1)
+
+    def reply() -> None:
+        c, _ = s.accept()
+        c.recv(1 << 16)
+        c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        c.close()
+
+    t = threading.Thread(target=reply)
+    t.start()
+    try:
+        code, doc, _ = run(plugin, ENV)
+    finally:
+        t.join(5)
+        s.close()
+    assert code == 1 and doc["code"] == Code.TRY_AGAIN_LATER
+
+
+# ---------------------------------------------------------------- framing and the socket
+
+
+def test_shim_framing_matches_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cni import shim
+
+    monkeypatch.setattr(os, "environb", {b"CNI_COMMAND": b"ADD", b"HOME": b"/root"})
+    raw = shim.request(b"{}", too_large=False)
+    h = protocol.decode_header(raw[: protocol.HEADER])
+    env = protocol.decode_env(raw[protocol.HEADER : protocol.HEADER + h.env_len])
+    assert env == {"CNI_COMMAND": "ADD", protocol.PLUGIN_VAR: "fabric"}
+    assert raw[protocol.HEADER + h.env_len :] == b"{}" and h.flags == 0
+    assert shim.request(b"", too_large=True)[4] == protocol.STDIN_TOO_LARGE
+    assert (shim.MAGIC, shim.MAX_STDIN) == (protocol.MAGIC, protocol.MAX_STDIN)
+    assert protocol.decode_reply(protocol.encode_reply(3, b"out")) == (3, b"out")
+
+
+def test_server_socket_mode_stale_file_and_live_owner(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "cni.sock"
+    path.parent.mkdir()
+    old = socket.socket(socket.AF_UNIX)
+    old.bind(str(path))
+    old.close()  # stale
+
+    async def go() -> None:
+        srv = CNIServer(path, functools.partial(answer, _Recorder(), lambda *_: None))  # type: ignore[arg-type]
+        await srv.start()
+        try:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            with pytest.raises(RuntimeError, match="another process"):
+                await CNIServer(path, srv.handler).start()
+        finally:
+            await srv.stop()
+        assert not path.exists()
+
+    asyncio.run(go())
+
+
+def test_server_drops_foreign_and_oversized_frames(tmp_path: Path) -> None:
+    path = tmp_path / "cni.sock"
+
+    async def go() -> None:
+        srv = CNIServer(path, functools.partial(answer, _Recorder(), lambda *_: None))  # type: ignore[arg-type]
+        await srv.start()
+        try:
+            for frame in (b"GET / HTTP/1.0\r\n\r\n",
+                          protocol.MAGIC + b"\0" + (1 << 30).to_bytes(4, "big") + bytes(4)):  # fmt: skip
+                r, w = await asyncio.open_unix_connection(str(path))
+                w.write(frame)
+                await w.drain()
+                assert await asyncio.wait_for(r.read(), 5) == b""  # closed, no answer
+                w.close()
+        finally:
+            await srv.stop()
+
+    asyncio.run(go())

@@ -1,0 +1,396 @@
+"""The CNI verbs in fabricd against a real etcd, with a stand-in dataplane and route table:
+results, idempotency, rollback of every step, GC, STATUS, recovery after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni.errors import Code
+from cni.spec import parse_request
+from fabric import dataplane as dp
+from fabric.cni_server import answer
+from fabric.netlink import IPNetwork, KernelRoute
+from fabric.routes import FlushResult
+from fabric.workload_ipam import PodIPAM
+from fabric.workload_state import Phase, Record, StateDir
+from fabric.workloads import Deps, Workloads
+from ipam.allocator import Allocator, AssignRequest
+from ipam.batch import BatchingAllocator
+from ipam.pool import Pool
+from ipam.resources import Node
+from ipam.store import Store
+
+pytestmark = pytest.mark.etcd
+NETNS = "/proc/self/ns/net"  # a real network namespace; the fake dataplane never enters it
+NODE = "n1"
+
+
+@dataclass
+class FakeDataplane:
+    attached: dict[str, dp.Attachment] = field(default_factory=dict)
+    fail_attach: BaseException | None = None
+    problems: list[str] = field(default_factory=list)
+    attach_delay: float = 0.0
+    calls: list[str] = field(default_factory=list)
+
+    async def attach(self, a: dp.Attachment) -> dp.Attached:
+        self.calls.append("attach")
+        await asyncio.sleep(self.attach_delay)
+        if self.fail_attach is not None:
+            raise self.fail_attach
+        host = dp.host_ifname(a.container_id, a.ifname)
+        self.attached[host] = a
+        return dp.Attached(host, dp.HOST_MAC, a.ifname, "0a:00:00:00:00:01", a.netns, a.ips, 2)
+
+    async def detach(self, container_id: str, ifname: str, netns: str | None) -> bool:
+        self.calls.append("detach")
+        return self.attached.pop(dp.host_ifname(container_id, ifname), None) is not None
+
+    async def check(self, a: dp.Attachment) -> list[str]:
+        return list(self.problems)
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeRoutes:
+    desired: dict[IPNetwork, KernelRoute] = field(default_factory=dict)
+    refuse: set[str] = field(default_factory=set)  # devices the "kernel" refuses
+    pending: set[IPNetwork] = field(default_factory=set)
+
+    def set(self, dst: IPNetwork, route: KernelRoute | None) -> None:
+        self.pending.add(dst)
+        if route is None:
+            self.desired.pop(dst, None)
+        else:
+            self.desired[dst] = route
+
+    async def flush(self) -> FlushResult:
+        failed = {d: "no device" for d in self.pending if (r := self.desired.get(d)) is not None
+                  and r.dev in self.refuse}  # fmt: skip
+        self.pending = set(failed)
+        return FlushResult(failed=failed)
+
+    def installed(self) -> dict[IPNetwork, KernelRoute]:
+        return {d: r for d, r in self.desired.items() if d not in self.pending}
+
+
+@dataclass
+class Env:
+    w: Workloads
+    dp: FakeDataplane
+    routes: FakeRoutes
+    alloc: Allocator
+    state: Path
+    ok: list[bool]
+
+    async def call(self, verb: str, cid: str = "c1", ifname: str = "eth0", version: str = "1.0.0",
+                   plugin: str = "fabric", args: str = "", **conf: Any) -> tuple[int, Any]:  # fmt: skip
+        env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": cid, "CNI_IFNAME": ifname,
+               "CNI_NETNS": NETNS, "CNI_PATH": "/opt/cni/bin",
+               "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pod-" + cid + args,
+               "FABRIC_CNI_PLUGIN": plugin}  # fmt: skip
+        env.update(conf.pop("env", {}))
+        doc = {"cniVersion": version, "name": "net", "type": "fabric", **conf}
+        code, out = await answer(self.w, lambda *_: None, env, json.dumps(doc).encode(), 0)
+        return code, json.loads(out) if out else None
+
+    async def held(self, handle: str) -> list[str]:
+        return [str(a.ip) for a in await self.alloc.ips_by_handle(handle)]
+
+
+@pytest.fixture
+def make(etcd_endpoints: list[str], prefix: str, tmp_path: Path) -> Callable[..., Any]:
+    """``async with make() as e``: a Workloads on node n1 with pool 10.99.0.0/24."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def ctx(endpoints: list[str] | None = None, setup: bool = True) -> AsyncIterator[Env]:
+        async with Store(endpoints or etcd_endpoints, prefix, deadline=1.0) as store:
+            alloc = Allocator(store)
+            if endpoints is None and setup:
+                await alloc.resources.create_pool(
+                    Pool.from_spec("pods", {"cidr": "10.99.0.0/24", "blockSize": 28}))  # fmt: skip
+                await alloc.resources.put_node(Node(NODE))
+            fdp, routes, ok = FakeDataplane(), FakeRoutes(), [True]
+
+            async def datastore_ok() -> bool:
+                return ok[0]
+
+            deps = Deps(NODE, PodIPAM(alloc, BatchingAllocator(alloc), NODE), fdp,  # type: ignore[arg-type]
+                        routes, StateDir(tmp_path / "state"), datastore_ok)  # type: ignore[arg-type]  # fmt: skip
+            w = Workloads(deps)
+            await w.recover()
+            yield Env(w, fdp, routes, alloc, tmp_path / "state", ok)
+
+    return ctx
+
+
+def state_files(e: Env) -> list[str]:
+    return sorted(p.name for p in e.state.iterdir()) if e.state.exists() else []
+
+
+def test_add_check_del_del(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            code, res = await e.call("ADD", version="0.4.0")
+            assert code == 0, res
+            ip = res["ips"][0]
+            assert ip["version"] == "4" and ip["gateway"] == "169.254.1.1" and ip["interface"] == 1
+            assert ipaddress.ip_interface(ip["address"]) in ipaddress.ip_network("10.99.0.0/24")
+            assert res["interfaces"][1] == {"name": "eth0", "mac": "0a:00:00:00:00:01",
+                                            "sandbox": NETNS}  # fmt: skip
+            assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
+            addr = ip["address"].split("/")[0]
+            assert await e.held("net.c1.eth0") == [addr]
+            route = e.routes.desired[ipaddress.ip_network(f"{addr}/32")]
+            assert route.dev == res["interfaces"][0]["name"]
+            assert state_files(e) == ["net.c1.eth0.json"]
+            rec = json.loads((e.state / "net.c1.eth0.json").read_text())
+            assert (rec["phase"], rec["pod"], rec["namespace"]) == ("ready", "pod-c1", "ns")
+            blk = (await e.alloc.blocks.list_blocks())[0]
+            attrs = next(a.secondary for _, b in blk.values() for _, a in b.allocated())
+            assert attrs == {"node": NODE, "network": "net", "containerID": "c1",
+                             "ifname": "eth0", "pod": "pod-c1", "namespace": "ns"}  # fmt: skip
+
+            assert await e.call("CHECK", version="0.4.0", prevResult=res) == (0, None)
+            for _ in range(2):
+                assert await e.call("DEL", version="0.4.0", prevResult=res) == (0, None)
+                assert await e.held("net.c1.eth0") == []
+                assert e.routes.desired == {} and e.dp.attached == {} and state_files(e) == []
+
+    asyncio.run(go())
+
+
+def test_second_add_same_attachment_same_address(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            _, first = await e.call("ADD")
+            _, again = await e.call("ADD")
+            assert again == first and e.dp.calls == ["attach"]
+            e.dp.problems = ["pod interface eth0 is missing"]  # broken: rebuilt, same address
+            _, rebuilt = await e.call("ADD")
+            assert rebuilt["ips"] == first["ips"] and e.dp.calls == ["attach", "detach", "attach"]
+            assert len(await e.held("net.c1.eth0")) == 1
+
+    asyncio.run(go())
+
+
+def test_requested_ip_and_taken_ip(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            code, res = await e.call("ADD", args=";IP=10.99.0.77")
+            assert code == 0 and res["ips"][0]["address"] == "10.99.0.77/32"
+            code, err = await e.call("ADD", cid="c2", args=";IP=10.99.0.77")
+            assert code == 1 and err["code"] == Code.ADDRESS_TAKEN
+            assert await e.held("net.c2.eth0") == [] and state_files(e) == ["net.c1.eth0.json"]
+            code, err = await e.call("ADD", cid="c3", args=";IP=10.1.1.1")
+            assert code == 1 and err["code"] == Code.INVALID_CONFIG
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (dp.InterfaceExists("eth0 exists"), Code.INTERFACE_EXISTS),
+        (dp.NetnsNotFound("gone"), Code.UNKNOWN_CONTAINER),
+        (dp.DataplaneError("EPERM"), Code.DATAPLANE_FAILURE),
+        (RuntimeError("bug"), Code.INTERNAL),
+    ],
+)
+def test_attach_failure_rolls_back(make: Any, failure: BaseException, code: int) -> None:
+    async def go() -> None:
+        async with make() as e:
+            e.dp.fail_attach = failure
+            got, err = await e.call("ADD")
+            assert got == 1 and err["code"] == code
+            assert await e.held("net.c1.eth0") == [] and state_files(e) == []
+            assert e.routes.desired == {} and e.w.records == {}
+
+    asyncio.run(go())
+
+
+def test_route_failure_rolls_back(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            e.routes.refuse.add(dp.host_ifname("c1", "eth0"))
+            code, err = await e.call("ADD")
+            assert code == 1 and err["code"] == Code.HOST_ROUTE_FAILURE
+            assert e.dp.attached == {} and e.dp.calls == ["attach", "detach"]
+            assert await e.held("net.c1.eth0") == [] and state_files(e) == []
+            assert e.routes.desired == {}
+
+    asyncio.run(go())
+
+
+def test_cancelled_add_rolls_back(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            e.dp.attach_delay = 5
+            task = asyncio.create_task(e.call("ADD"))
+            await asyncio.sleep(0.5)
+            assert state_files(e) == ["net.c1.eth0.json"]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await e.held("net.c1.eth0") == [] and state_files(e) == []
+
+    asyncio.run(go())
+
+
+def test_del_of_the_unknown_and_with_empty_netns(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            assert await e.call("DEL", cid="never") == (0, None)
+            await e.call("ADD")
+            assert await e.call("DEL", env={"CNI_NETNS": ""}) == (0, None)
+            assert e.dp.attached == {} and await e.held("net.c1.eth0") == []
+
+    asyncio.run(go())
+
+
+def test_check_mismatches(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            _, res = await e.call("ADD")
+            assert (await e.call("CHECK", cid="other", prevResult=res))[1]["code"] == 3
+            wrong = {**res, "ips": [{**res["ips"][0], "address": "10.99.0.250/32"}]}
+            assert (await e.call("CHECK", prevResult=wrong))[1]["code"] == Code.CHECK_FAILED
+            assert (await e.call("CHECK"))[1]["code"] == Code.INVALID_CONFIG  # no prevResult
+            e.dp.problems = ["address 10.99.0.1/32 missing on eth0"]
+            _, err = await e.call("CHECK", prevResult=res)
+            assert err["code"] == Code.CHECK_FAILED and "missing on eth0" in err["msg"]
+            e.dp.problems = []
+            await e.alloc.release_handle("net.c1.eth0")  # behind fabricd's back
+            assert (await e.call("CHECK", prevResult=res))[1]["code"] == Code.IPAM_MISMATCH
+
+    asyncio.run(go())
+
+
+def test_gc_releases_what_is_not_valid(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            for cid in ("keep", "drop"):
+                assert (await e.call("ADD", cid=cid))[0] == 0
+            # a leak fabricd has no record of: an allocation for this network on this node
+            await e.alloc.auto_assign(AssignRequest("net.leak.eth0", NODE, attrs={
+                "network": "net", "containerID": "leak", "ifname": "eth0"}))  # fmt: skip
+            # another network's allocation is not this GC's business
+            await e.alloc.auto_assign(AssignRequest("other.x.eth0", NODE, attrs={
+                "network": "other", "containerID": "x", "ifname": "eth0"}))  # fmt: skip
+            valid = [{"containerID": "keep", "ifname": "eth0"}]
+            code, _ = await e.call("GC", version="1.1.0", **{"cni.dev/valid-attachments": valid})
+            assert code == 0
+            assert await e.held("net.keep.eth0") != []
+            assert await e.held("net.drop.eth0") == [] and await e.held("net.leak.eth0") == []
+            assert await e.held("other.x.eth0") != []
+            assert state_files(e) == ["net.keep.eth0.json"]
+            assert list(e.dp.attached) == [dp.host_ifname("keep", "eth0")]
+
+    asyncio.run(go())
+
+
+def test_status(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            assert await e.call("STATUS", version="1.1.0") == (0, None)
+            pools = {"type": "fabric-ipam", "pools": ["nope"]}
+            _code, err = await e.call("STATUS", version="1.1.0", ipam=pools)
+            assert err["code"] == Code.NOT_AVAILABLE and "nope" in err["msg"]
+            await e.alloc.resources.set_pool_disabled("pods", True)
+            assert (await e.call("STATUS", version="1.1.0"))[1]["code"] == Code.NOT_AVAILABLE
+            e.ok[0] = False
+            _, err = await e.call("STATUS", version="1.1.0")
+            assert err["code"] == Code.NOT_AVAILABLE and "etcd" in err["msg"]
+
+    asyncio.run(go())
+
+
+def test_etcd_down_is_try_again_later(make: Any) -> None:
+    async def go() -> None:
+        async with make(["127.0.0.1:9"]) as e:
+            for verb in ("ADD", "DEL"):
+                code, err = await e.call(verb)
+                assert code == 1 and err["code"] == Code.TRY_AGAIN_LATER, err
+            assert state_files(e) == ["net.c1.eth0.json"]  # DEL kept it: the retry finishes
+
+    asyncio.run(go())
+
+
+def test_recover_finishes_interrupted_work(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            _, res = await e.call("ADD", cid="ready")
+            got = await e.alloc.auto_assign(AssignRequest("net.half.eth0", NODE))
+            half = Record("net.half.eth0", "net", "half", "eth0", NETNS,
+                          dp.host_ifname("half", "eth0"), Phase.ADDING,
+                          (ipaddress.ip_interface(got[0].host_prefix),))  # fmt: skip
+            e.w.d.state.save(half)
+        async with make(setup=False) as e2:  # a restarted fabricd
+            assert set(e2.w.records) == {"net.ready.eth0"}
+            assert await e2.held("net.half.eth0") == []
+            ready_ip = res["ips"][0]["address"].split("/")[0]
+            assert list(e2.w.routes()) == [ipaddress.ip_network(f"{ready_ip}/32")]
+            assert e2.dp.calls == ["detach"]
+            assert await e2.call("DEL", cid="ready") == (0, None)
+
+    asyncio.run(go())
+
+
+def test_ipam_plugin(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            ipam = {"type": "fabric-ipam", "pools": ["pods"]}
+            code, res = await e.call("ADD", plugin="fabric-ipam", type="ptp", ipam=ipam)
+            assert code == 0 and "interfaces" not in res and e.dp.calls == []
+            assert res["ips"][0]["address"].endswith("/32") and "gateway" not in res["ips"][0]
+            assert state_files(e) == []
+            code, again = await e.call("ADD", plugin="fabric-ipam", type="ptp", ipam=ipam)
+            assert again == res
+            assert await e.call("CHECK", plugin="fabric-ipam", ipam=ipam, prevResult=res) == (
+                0,
+                None,
+            )
+            assert await e.call("DEL", plugin="fabric-ipam", ipam=ipam) == (0, None)
+            assert await e.held("net.c1.eth0") == []
+            ptp = {**ipam, "addressPrefix": "pool", "gateway": "10.99.0.254",
+                   "routes": [{"dst": "0.0.0.0/0"}]}  # fmt: skip
+            code, res = await e.call("ADD", cid="c2", plugin="fabric-ipam", type="ptp", ipam=ptp)
+            assert (
+                res["ips"][0]["address"].endswith("/24")
+                and res["ips"][0]["gateway"] == "10.99.0.254"
+            )
+            assert res["routes"] == [{"dst": "0.0.0.0/0"}]
+            code, err = await e.call("ADD", cid="c3", plugin="fabric-ipam",
+                                     ipam={"type": "fabric-ipam", "pools": ["missing"]})  # fmt: skip
+            assert err["code"] == Code.INVALID_CONFIG and "missing" in err["msg"]
+
+    asyncio.run(go())
+
+
+def test_concurrent_adds_get_distinct_addresses(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            results = await asyncio.gather(*(e.call("ADD", cid=f"c{i}") for i in range(12)))
+            ips = [r["ips"][0]["address"] for code, r in results if code == 0]
+            assert len(ips) == 12 and len(set(ips)) == 12
+            assert e.w.d.ipam.batch.batches > 0
+
+    asyncio.run(go())
+
+
+def test_parse_request_is_what_answer_uses() -> None:
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_NETNS": NETNS,
+           "CNI_IFNAME": "eth0", "CNI_PATH": "/x"}  # fmt: skip
+    req = parse_request(env, b'{"cniVersion":"1.0.0","name":"n","type":"fabric"}')
+    assert req.conf.ipam.pools == ()
