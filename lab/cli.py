@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,26 @@ def clean() -> None:
             failed.append(f"{name}: {e}")
     if failed:
         raise click.ClickException("; ".join(failed))
+
+
+@main.command()
+@click.option("--name", "-n", help="The lab (default: the only one up).")
+@click.option(
+    "--out",
+    "-d",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("lab/out"),
+    show_default=True,
+    help="Output directory.",
+)
+def graph(name: str | None, out: Path) -> None:
+    """Draw a running lab: wires, BGP sessions coloured by state, each host's blocks
+    (DOT, SVG and PNG under --out)."""
+    from lab import graph as drawing
+
+    try:
+        lab = Lab.attach(_pick(name))
+        for p in drawing.write(lab, out):
+            click.echo(str(p))
+    except (LabError, OSError, subprocess.SubprocessError) as e:
+        raise click.ClickException(f"failed to draw the lab: {e}") from e

@@ -13,7 +13,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 PKGS=(etcd-server etcd-client iproute2 iputils-ping frr bird2 containernetworking-plugins
-      iptables nftables procps psmisc python3-venv python3-pip)
+      iptables nftables procps psmisc python3-venv python3-pip graphviz)
 UNITS=(etcd frr bird)
 
 log() { printf '[deps] %s\n' "$*"; }

@@ -62,6 +62,26 @@ def test_hosts_learn_each_others_blocks_through_their_tors(
             )
 
 
+def test_graph_shows_sessions_by_state_and_blocks(
+    lab: Lab, blocks: dict[str, str], tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from lab import graph
+
+    lab.wait_for(
+        lambda: all(s["state"] == "up" for h in HOSTS for s in status(lab, h)["sessions"]),
+        30,
+        what="every host session up",
+    )
+    pic = graph.collect(lab)
+    for h in HOSTS:
+        assert pic.sessions[(h, TOR[h])] == "up"
+        assert pic.nodes[h]["blocks"] == [blocks[h]]
+    assert pic.sessions[("spine", "tor1")] == "up"
+    paths = graph.write(lab, tmp_path)
+    assert sorted(p.suffix for p in paths) == [".dot", ".png", ".svg"]
+    assert "<svg" in (tmp_path / f"topology-{lab.name}.svg").read_text()
+
+
 def test_tors_hold_exactly_the_confirmed_blocks(lab: Lab, blocks: dict[str, str]) -> None:
     want = set(blocks.values())
     for tor in ("tor1", "tor2"):
