@@ -40,6 +40,7 @@ from fabric.dataplane import (
     host_ifname,
 )
 from fabric.netlink import in_netns
+from fabric.netlink.links import IPInterface
 from fabric.netlink.sysctls import sysctl_path
 from lab import netns as labns
 
@@ -322,8 +323,9 @@ def test_concurrent_attaches(spaces: Namespaces, node: str, dp: Dataplane) -> No
 
 
 @pytest.mark.slow
-def test_timing(spaces: Namespaces, node: str) -> None:
-    """Median attach/detach over FABRIC_DP_N (200) fresh pod namespaces, the Dataplane in a
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v4v6"])
+def test_timing(spaces: Namespaces, node: str, v6: bool) -> None:
+    """Attach/detach times over FABRIC_DP_N (200) fresh pod namespaces, the Dataplane in a
     thread inside the node namespace (as fabricd runs). Prints the numbers (-s).
     """
     n = int(os.environ.get("FABRIC_DP_N", "200"))
@@ -334,12 +336,15 @@ def test_timing(spaces: Namespaces, node: str) -> None:
     subprocess.run(["ip", "-batch", "-"], input="".join(f"netns add {x}\n" for x in names),
                    text=True, check=True)  # fmt: skip
 
+    def ips(i: int) -> tuple[IPInterface, ...]:
+        v4 = ip_interface(f"10.79.{2 + i // 250}.{1 + i % 250}/32")
+        return (v4, ip_interface(f"fd79::1:{i:x}/128")) if v6 else (v4,)
+
     async def measure() -> tuple[list[float], list[float]]:
         plane, add, delete = Dataplane(), [], []
         for i, name in enumerate(names):
-            ips = (ip_interface(f"10.79.{2 + i // 250}.{1 + i % 250}/32"),)
             t = time.perf_counter()
-            await plane.attach(Attachment(f"t{i}", "eth0", f"/run/netns/{name}", ips))
+            await plane.attach(Attachment(f"t{i}", "eth0", f"/run/netns/{name}", ips(i)))
             add.append(time.perf_counter() - t)
         for i, name in enumerate(names):
             t = time.perf_counter()
@@ -351,6 +356,7 @@ def test_timing(spaces: Namespaces, node: str) -> None:
     add, delete = in_netns(node, lambda: run(measure()))
     for what, xs in (("attach", add), ("detach", delete)):
         ms = sorted(x * 1000 for x in xs)
-        print(f"\n{what} n={n} ms: min {ms[0]:.2f} median {statistics.median(ms):.2f} "
-              f"p90 {ms[int(n * 0.9)]:.2f} max {ms[-1]:.2f}")  # fmt: skip
+        print(f"\n{what} {'v4+v6' if v6 else 'v4'} n={len(ms)} ms: min {ms[0]:.2f} "
+              f"median {statistics.median(ms):.2f} p90 {ms[int(len(ms) * 0.9)]:.2f} "
+              f"max {ms[-1]:.2f}")  # fmt: skip
     assert statistics.median(add) < 0.015
