@@ -144,8 +144,10 @@ def test_reconfigure_keeps_unchanged_session(topo: Topo) -> None:
             sp.set_announcements(ADVERTS[:2])
             want = {str(a.prefix) for a in ADVERTS[:2]}
             await until(lambda: topo.r1.routes() >= want, what="routes at r1")
+            await until(lambda: established(sp, topo.r1.addr), what="session up")
             since = topo.r1.established_since()
             status = sp.sessions_status()[s1.peer_ip]
+            assert since, topo.r1.protocol()
             # a new neighbor: ExaBGP gives it an empty RIB; the speaker fills it when it is up
             assert await sp.reconfigure([s1, s2])
             await until(lambda: topo.r2.routes() >= want, what="routes at r2")
