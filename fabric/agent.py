@@ -339,7 +339,7 @@ class Agent:
     def _route_changes(self, changes: dict[IPNetwork, frozenset[IPAddress] | None]) -> None:
         own = self.intent.blackholes if self.intent is not None else frozenset()
         for dst, hops in changes.items():
-            if dst in own:
+            if dst in own or self.workloads.owns(dst):  # a local pod's /32 stays on its veth
                 continue
             if hops:
                 self.routes.set(dst, KernelRoute(dst=dst, gateways=tuple(sorted(hops, key=str))))

@@ -80,6 +80,7 @@ class Workloads:
         self.d = deps
         self.log = log or logging.getLogger("fabric.workloads")
         self.records: dict[str, Record] = {}
+        self._routed: set[IPNetwork] = set()  # destinations of the host routes we want
         self._locks = _KeyedLocks()
 
     # ------------------------------------------------------------------ start-up
@@ -97,7 +98,12 @@ class Workloads:
                 await self._teardown(rec, netns=rec.netns)
             except Exception as e:  # the runtime's DEL (or the next start) finishes it
                 self.log.error("failed to clean up %s: %s", rec.handle, e)
+        self._routed = set(self.routes())
         self.log.info("%d local pod attachments", len(self.records))
+
+    def owns(self, dst: IPNetwork) -> bool:
+        """``dst`` is a local pod's host route (no BGP-learned route may replace it)."""
+        return dst in self._routed
 
     def routes(self) -> dict[IPNetwork, KernelRoute]:
         """The host routes of every ready attachment (desired from the first resync on)."""
@@ -200,6 +206,7 @@ class Workloads:
         nets = _host_nets(rec.ips)
         for dst in nets:
             self.d.routes.set(dst, KernelRoute(dst=dst, dev=rec.host_ifname))
+            self._routed.add(dst)
         result = await self.d.routes.flush()
         bad = {dst: result.failed[dst] for dst in nets if dst in result.failed}
         if bad:
@@ -212,6 +219,7 @@ class Workloads:
     async def _remove_routes(self, rec: Record) -> None:
         for dst in _host_nets(rec.ips):
             self.d.routes.set(dst, None)
+            self._routed.discard(dst)
         await self.d.routes.flush()
 
     async def _forget(self, handle: str) -> None:
@@ -232,22 +240,35 @@ class Workloads:
 
     async def _teardown(self, rec: Record, netns: str) -> None:
         """Everything of ``rec`` goes: record marked ``deleting`` first, then host routes,
-        interfaces, addresses, and the record. Raises only when etcd cannot release."""
+        then interfaces and addresses together (the kernel's veth teardown takes ~20 ms; the
+        host route is already gone, so an address reused meanwhile never reaches the old
+        pod), then the record. Raises when etcd cannot release or the kernel refuses."""
         if rec.handle in self.records or rec.phase is not Phase.DELETING:
             rec = replace(rec, phase=Phase.DELETING)
             self.d.state.save(rec)
             self.records[rec.handle] = rec
-        await self._take_down(rec, netns)
-        await self.d.ipam.release(rec.handle)
+        await self._unroute(rec)
+        results = await asyncio.gather(
+            self.d.ipam.release(rec.handle), self._detach(rec, netns), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
         await self._forget(rec.handle)
 
     async def _take_down(self, rec: Record, netns: str) -> None:
         """Host routes and interfaces of ``rec`` (the addresses stay with the handle)."""
+        await self._unroute(rec)
+        await self._detach(rec, netns)
+
+    async def _unroute(self, rec: Record) -> None:
         if rec.ips:
             try:
                 await self._remove_routes(rec)
             except Exception as e:  # left pending in the route table, retried there
                 self.log.warning("failed to remove host routes of %s now: %s", rec.handle, e)
+
+    async def _detach(self, rec: Record, netns: str) -> None:
         try:
             await self.d.dataplane.detach(rec.container_id, rec.ifname, netns or None)
         except dp.NetnsNotFound:  # the pod's namespace is gone: the host end may not be

@@ -67,10 +67,13 @@ def sysctls(ns: str, values: dict[str, str]) -> None:
         _run(["ip", "netns", "exec", ns, "sysctl", "-qw", *(f"{k}={v}" for k, v in values.items())])
 
 
-def run_in(ns: str, argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` inside ``ns``; never raises on a non-zero exit."""
+def run_in(
+    ns: str, argv: list[str], timeout: float = 30.0, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` inside ``ns`` (``input`` on its stdin); never raises on a non-zero exit."""
     return subprocess.run(
         ["ip", "netns", "exec", ns, *argv],
+        input=input,
         check=False,
         capture_output=True,
         text=True,

@@ -455,15 +455,32 @@ class Lab:
     def etcd_endpoints(self) -> list[str]:
         return list(self.plan.etcd_endpoints)
 
+    def add_netns(self, name: str) -> str:
+        """Create namespace ``name`` (e.g. a pod's) that ``down()`` deletes: recorded in the
+        state before it is created. It must carry the lab's prefix. Returns its path."""
+        if not name.startswith(self.plan.prefix):
+            raise LabError(f"namespace {name!r} must start with {self.plan.prefix!r}")
+        if name not in self.state.namespaces:
+            self.state.namespaces.append(name)
+            self.state.save()
+        netns.add(name)
+        return str(netns.NETNS_DIR / name)
+
     def fabricd_config_path(self, node: str) -> Path:
         return self._node_dir(self.node(node).name) / "fabricd.yaml"
 
     def exec(
-        self, node: str, cmd: Sequence[str] | str, timeout: float = 30.0, check: bool = False
+        self,
+        node: str,
+        cmd: Sequence[str] | str,
+        timeout: float = 30.0,
+        check: bool = False,
+        input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``cmd`` (argv, or a shell line) inside ``node``'s namespace."""
+        """Run ``cmd`` (argv, or a shell line) inside ``node``'s namespace, ``input`` on its
+        stdin."""
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        r = netns.run_in(self.netns(node), argv, timeout)
+        r = netns.run_in(self.netns(node), argv, timeout, input)
         if check and r.returncode != 0:
             raise LabError(f"failed to run {shlex.join(argv)} in {node}: {r.stderr.strip()}")
         return r
