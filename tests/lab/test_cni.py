@@ -248,3 +248,33 @@ def test_gc_releases_attachments_not_valid(lab: Lab) -> None:
     assert in_use(lab, ips["gc-keep"]) and not in_use(lab, ips["gc-drop"])
     assert host_ifname("gc-drop", "eth0") not in fab_links(lab, "node1")
     ok(cni(lab, "node1", "DEL", "gc-keep", pods["gc-keep"]))
+
+
+def test_sigkill_during_adds_leaves_nothing_half_done(lab: Lab) -> None:
+    """ADDs in flight when fabricd is SIGKILLed: after the restart every attachment is
+    either complete (a ready record, its link, its address) or gone; DEL cleans up all."""
+    import concurrent.futures
+    import signal
+
+    base_ips, base_links = ips_in_use(lab), fab_links(lab, "node1")
+    state_dir = Path(socket_of(lab, "node1")).parent / "state"
+    pods = {f"kill{i}": new_pod(lab) for i in range(16)}
+    with concurrent.futures.ThreadPoolExecutor(len(pods)) as ex:
+        futs = [ex.submit(cni, lab, "node1", "ADD", cid, ns) for cid, ns in pods.items()]
+        lab.wait_for(lambda: any('"adding"' in p.read_text() for p in state_dir.glob("*.json")),
+                     10, 0.001, "an ADD in flight")  # fmt: skip
+        lab.stop_fabricd("node1", signal.SIGKILL)
+        results = [f.result() for f in futs]
+    failed = [r for r in results if r[0] != 0]
+    assert all(r[1]["code"] == Code.TRY_AGAIN_LATER for r in failed), failed
+    lab.start_fabricd("node1")
+    lab.wait_for(lambda: lab.health("node1")[0] == 200, 60, what="fabricd ready again")
+    records = [json.loads(p.read_text()) for p in state_dir.glob(f"{NETWORK}.kill*.json")]
+    assert {r["phase"] for r in records} <= {"ready"}
+    ready = {r["containerID"] for r in records}
+    assert fab_links(lab, "node1") - base_links == {host_ifname(c, "eth0") for c in ready}
+    assert ips_in_use(lab) - base_ips == len(ready)
+    for cid, ns in pods.items():  # what the runtime does after a failed ADD, and at the end
+        ok(cni(lab, "node1", "DEL", cid, ns))
+    assert ips_in_use(lab) == base_ips and fab_links(lab, "node1") == base_links
+    assert not list(state_dir.glob(f"{NETWORK}.kill*"))
