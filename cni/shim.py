@@ -3,9 +3,10 @@
 
 Installed by `fabricctl cni install` as ``fabric`` and ``fabric-ipam``, with fabricd's socket
 baked in (``FABRIC_CNI_SOCKET`` overrides it, for tests). The interpreter runs isolated and
-without site (-IS) and this file imports only os, sys and ``_socket`` (the C half of socket,
-without socket.py's enums): it starts in ~7 ms, where ``import json`` alone would cost ~20 ms.
-The work (IPAM in etcd, netlink) happens in the warm daemon. Framing: cni/protocol.py. Answered here without fabricd:
+without site (-IS) and this file imports only os and ``_socket`` (the C half of socket,
+without socket.py's enums): it starts in ~8 ms, where ``import json`` alone would cost ~20 ms.
+The work (IPAM in etcd, netlink) happens in the warm daemon. Framing: cni/protocol.py.
+Answered here without fabricd:
 
 - VERSION (runtimes call it with dummy values in the other variables);
 - fabricd unreachable: error 11 (try again later), or 50 for STATUS, within CONNECT_TIMEOUT;
@@ -15,7 +16,6 @@ The work (IPAM in etcd, netlink) happens in the warm daemon. Framing: cni/protoc
 
 import _socket as socket  # socket's C core: the same calls, without socket.py's 5 ms of enum
 import os
-import sys
 
 SOCKET = "/run/fabric/cni.sock"
 PLUGIN = "fabric"
@@ -161,4 +161,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    os._exit(main())  # stdout is written unbuffered; skip the interpreter's teardown
