@@ -23,6 +23,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from cni.errors import CNIError, Code
 from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Route, render
@@ -37,6 +38,7 @@ from fabric.workload_state import Phase, Record, StateDir
 GATEWAY_V4 = ipaddress.IPv4Address("169.254.1.1")  # Calico's: on-link, answered by proxy ARP
 DEFAULT_MTU = 1500
 Undo = Callable[[], Awaitable[object]]
+T = TypeVar("T")
 
 
 class _KeyedLocks:
@@ -172,10 +174,16 @@ class Workloads:
             self.d.state.save(rec)
             undo.append(lambda: self._forget(rec.handle))
             undo.append(lambda: self.d.ipam.release(rec.handle))  # also a half-done assign
-            assigned = await self.d.ipam.assign(owner, conf.ipam, req.env.args.ips)
+            assign = self.d.ipam.assign(owner, conf.ipam, req.env.args.ips)
+            assigned = await _finish(asyncio.ensure_future(assign))
             rec = replace(rec, ips=tuple(ipaddress.ip_interface(a.host_prefix) for a in assigned))
-            undo.append(lambda: self.d.dataplane.detach(rec.container_id, rec.ifname, netns))
-            got = await self.d.dataplane.attach(_attachment(rec))
+            attach = asyncio.ensure_future(self.d.dataplane.attach(_attachment(rec)))
+            try:
+                got = await _finish(attach)
+            finally:  # a failed attach removed what it made; detaching then could remove a
+                if attach.done() and not attach.cancelled() and attach.exception() is None:
+                    undo.append(lambda: self.d.dataplane.detach(rec.container_id, rec.ifname,
+                                                                netns))  # fmt: skip
             rec = replace(rec, host_ifname=got.host_ifname, host_mac=got.host_mac,
                           pod_mac=got.pod_mac)  # fmt: skip
             undo.append(lambda: self._remove_routes(rec))
@@ -369,7 +377,18 @@ class Workloads:
                            f"no enabled IP pool ({want}) can serve node {self.d.node}")  # fmt: skip
 
 
-# ---------------------------------------------------------------------- pure helpers
+# ---------------------------------------------------------------------- helpers
+
+
+async def _finish(task: asyncio.Future[T]) -> T:
+    """Await ``task`` to its end even when cancelled meanwhile, then re-raise: its work (a
+    thread in the kernel, a batched etcd commit) runs on, and undoing it before it ended would
+    miss what it made."""
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 def _host_nets(ips: tuple[IPInterface, ...]) -> list[IPNetwork]:

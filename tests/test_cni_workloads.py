@@ -217,6 +217,7 @@ def test_attach_failure_rolls_back(make: Any, failure: BaseException, code: int)
             assert got == 1 and err["code"] == code
             assert await e.held("net.c1.eth0") == [] and state_files(e) == []
             assert e.routes.desired == {} and e.w.records == {}
+            assert e.dp.calls == ["attach"]  # a failed attach is not detached: not ours
 
     asyncio.run(go())
 
@@ -237,14 +238,15 @@ def test_route_failure_rolls_back(make: Any) -> None:
 def test_cancelled_add_rolls_back(make: Any) -> None:
     async def go() -> None:
         async with make() as e:
-            e.dp.attach_delay = 5
+            e.dp.attach_delay = 1.0  # the kernel work runs on: rollback waits for it, undoes it
             task = asyncio.create_task(e.call("ADD"))
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.3)
             assert state_files(e) == ["net.c1.eth0.json"]
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert await e.held("net.c1.eth0") == [] and state_files(e) == []
+            assert e.dp.attached == {} and e.dp.calls == ["attach", "detach"]
 
     asyncio.run(go())
 
