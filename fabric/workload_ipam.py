@@ -30,6 +30,7 @@ class Owner:
     ifname: str
     pod: str = ""
     namespace: str = ""
+    infra_container_id: str = ""  # K8S_POD_INFRA_CONTAINER_ID (the sandbox)
 
     @property
     def handle(self) -> str:
@@ -41,12 +42,15 @@ class Owner:
             a["pod"] = self.pod
         if self.namespace:
             a["namespace"] = self.namespace
+        if self.infra_container_id:
+            a["infraContainerID"] = self.infra_container_id
         return a
 
     @classmethod
     def of(cls, network: str, env: Env) -> Owner:
-        return cls(network, env.container_id, env.ifname, env.args.pod_name,
-                   env.args.pod_namespace)  # fmt: skip
+        a = env.args
+        return cls(network, env.container_id, env.ifname, a.pod_name, a.pod_namespace,
+                   a.infra_container_id)  # fmt: skip
 
 
 class PodIPAM:

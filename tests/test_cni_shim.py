@@ -263,3 +263,64 @@ def test_server_drops_foreign_and_oversized_frames(tmp_path: Path) -> None:
             await srv.stop()
 
     asyncio.run(go())
+
+
+# ---------------------------------------------------------------- fabricctl cni install
+
+
+def test_fabricctl_cni_install(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fabric.cli import main
+
+    args = ["cni", "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir",
+            str(tmp_path / "net.d"), "--socket", "/run/x/cni.sock", "--pool", "pods",
+            "--pool", "fd00::/64", "--mtu", "1450", "--network-name", "k8s-pods"]  # fmt: skip
+    for fmt in ("json", "yaml", "table"):
+        r = CliRunner().invoke(main, [*args, "-o", fmt])
+        assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*args, "-o", "json"])
+    data = json.loads(r.output)
+    for p in data["plugins"]:
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o755
+        text = Path(p).read_text()
+        assert text.startswith("#!/usr/bin/python3 -IS\n") and 'SOCKET = "/run/x/cni.sock"' in text
+    conf = json.loads(Path(data["conflist"]).read_text())
+    assert stat.S_IMODE(os.stat(data["conflist"]).st_mode) == 0o644
+    assert conf["name"] == "k8s-pods"
+    assert [p["type"] for p in conf["plugins"]] == ["fabric", "portmap", "bandwidth"]
+    assert conf["plugins"][0] == {"type": "fabric", "mtu": 1450,
+                                  "ipam": {"type": "fabric-ipam", "pools": ["pods", "fd00::/64"]}}  # fmt: skip
+    assert conf["plugins"][1]["capabilities"] == {"portMappings": True}
+    assert sorted(p.name for p in (tmp_path / "bin").iterdir()) == ["fabric", "fabric-ipam"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["--socket", "relative.sock"], "--socket"),
+        (["--socket", "/" + "x" * 120], "--socket"),
+        (["--network-name", "bad name"], "--network-name"),
+        (["--pool", "10.0.0.1/8"], "--pool"),
+        (["--python", "python3"], "--python"),
+    ],
+)
+def test_fabricctl_cni_install_refuses(tmp_path: Path, extra: list[str], field: str) -> None:
+    from click.testing import CliRunner
+
+    from fabric.cli import main
+
+    r = CliRunner().invoke(main, ["cni", "install", "--bin-dir", str(tmp_path / "b"),
+                                  "--conf-dir", str(tmp_path / "c"), *extra])  # fmt: skip
+    assert r.exit_code == 1 and field in r.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_link_reference(tmp_path: Path) -> None:
+    done = inst.install(tmp_path / "bin", tmp_path / "net.d", "/run/x.sock", link=True)
+    if not inst.REFERENCE_DIR.exists():
+        pytest.skip("no reference plugins in /usr/lib/cni")
+    assert {p.name for p in done.links} == set(inst.REFERENCE_PLUGINS)
+    assert (tmp_path / "bin" / "portmap").resolve() == inst.REFERENCE_DIR / "portmap"
+    again = inst.install(tmp_path / "bin", tmp_path / "net.d", "/run/x.sock", link=True)
+    assert again.links == ()  # already there

@@ -97,7 +97,8 @@ class Env:
                    plugin: str = "fabric", args: str = "", **conf: Any) -> tuple[int, Any]:  # fmt: skip
         env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": cid, "CNI_IFNAME": ifname,
                "CNI_NETNS": NETNS, "CNI_PATH": "/opt/cni/bin",
-               "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pod-" + cid + args,
+               "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=pod-" + cid
+                           + ";K8S_POD_INFRA_CONTAINER_ID=" + cid + args,
                "FABRIC_CNI_PLUGIN": plugin}  # fmt: skip
         env.update(conf.pop("env", {}))
         doc = {"cniVersion": version, "name": "net", "type": "fabric", **conf}
@@ -159,8 +160,8 @@ def test_add_check_del_del(make: Any) -> None:
             assert (rec["phase"], rec["pod"], rec["namespace"]) == ("ready", "pod-c1", "ns")
             blk = (await e.alloc.blocks.list_blocks())[0]
             attrs = next(a.secondary for _, b in blk.values() for _, a in b.allocated())
-            assert attrs == {"node": NODE, "network": "net", "containerID": "c1",
-                             "ifname": "eth0", "pod": "pod-c1", "namespace": "ns"}  # fmt: skip
+            assert attrs == {"node": NODE, "network": "net", "containerID": "c1", "ifname": "eth0",
+                             "pod": "pod-c1", "namespace": "ns", "infraContainerID": "c1"}  # fmt: skip
 
             assert await e.call("CHECK", version="0.4.0", prevResult=res) == (0, None)
             for _ in range(2):
