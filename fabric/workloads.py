@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from cni.errors import CNIError, Code
 from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Route, render
-from cni.spec import IPAMConf, NetConf, Request, Verb
+from cni.spec import VALID_ATTACHMENTS, IPAMConf, NetConf, Request, Verb
 from fabric import dataplane as dp
 from fabric.netlink import IPNetwork, KernelRoute
 from fabric.routes import RouteTable
@@ -353,7 +353,9 @@ class Workloads:
     async def gc(self, conf: NetConf) -> None:
         """Release every allocation of this node in this network whose attachment is not
         valid, and take down its interfaces and routes if a record of it is here."""
-        valid = frozenset(conf.valid_attachments or ())
+        if conf.valid_attachments is None:  # never read a missing list as "none is valid"
+            raise CNIError(Code.INVALID_CONFIG, f"GC needs {VALID_ATTACHMENTS} (a list)")
+        valid = frozenset(conf.valid_attachments)
         busy = self._locks.busy()
         stale = [r for r in self.records.values() if r.network == conf.name
                  and (r.container_id, r.ifname) not in valid and r.handle not in busy]  # fmt: skip

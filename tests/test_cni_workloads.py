@@ -292,6 +292,8 @@ def test_gc_releases_what_is_not_valid(make: Any) -> None:
             # another network's allocation is not this GC's business
             await e.alloc.auto_assign(AssignRequest("other.x.eth0", NODE, attrs={
                 "network": "other", "containerID": "x", "ifname": "eth0"}))  # fmt: skip
+            code, err = await e.call("GC", version="1.1.0")  # no list: refused, nothing freed
+            assert code == 1 and err["code"] == Code.INVALID_CONFIG
             valid = [{"containerID": "keep", "ifname": "eth0"}]
             code, _ = await e.call("GC", version="1.1.0", **{"cni.dev/valid-attachments": valid})
             assert code == 0
@@ -398,3 +400,26 @@ def test_parse_request_is_what_answer_uses() -> None:
            "CNI_IFNAME": "eth0", "CNI_PATH": "/x"}  # fmt: skip
     req = parse_request(env, b'{"cniVersion":"1.0.0","name":"n","type":"fabric"}')
     assert req.conf.ipam.pools == ()
+
+
+def test_dual_stack_result(make: Any) -> None:
+    async def go() -> None:
+        async with make() as e:
+            await e.alloc.resources.create_pool(
+                Pool.from_spec("pods6", {"cidr": "fd00:99::/64", "blockSize": 122}))  # fmt: skip
+            code, res = await e.call("ADD", version="1.1.0", ipam={
+                "type": "fabric-ipam", "assignIPv6": True})  # fmt: skip
+            assert code == 0, res
+            v4, v6 = res["ips"]
+            assert v4["address"].endswith("/32") and v6["address"].endswith("/128")
+            gw6 = str(dp.HOST_LL.ip)
+            assert v6["gateway"] == gw6 and "version" not in v6
+            assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"},
+                                     {"dst": "::/0", "gw": gw6}]  # fmt: skip
+            assert res["interfaces"][1]["mtu"] == 1500  # 1.1.0
+            assert len(e.routes.desired) == 2
+            code, res = await e.call("ADD", cid="only6", ipam={"type": "fabric-ipam",
+                                                               "pools": ["fd00:99::/64"]})  # fmt: skip
+            assert [ip["address"].split("/")[1] for ip in res["ips"]] == ["128"]
+
+    asyncio.run(go())
