@@ -1,0 +1,172 @@
+"""Pods in a lab, made the way a container runtime makes them: a network namespace, then the
+installed ``fabric`` CNI plugin exec'd inside the host's namespace with the CNI_* environment
+and the network config on stdin. Used by the demo, the end-to-end tests and the benchmarks.
+
+Pod namespaces are recorded with the lab (``Lab.add_netns``) so ``lab.down()`` removes them.
+A ``Probe`` pings between pods continuously (every 100 ms by default) and counts losses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lab.runner import Lab, LabError
+
+NETWORK = "fabric"
+_ids = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    node: str
+    name: str  # container id
+    netns: str  # path, /run/netns/<lab prefix>p...
+    ip: str
+    result: dict[str, Any] = field(hash=False, compare=False)
+
+    @property
+    def netns_name(self) -> str:
+        return Path(self.netns).name
+
+
+class PodError(LabError):
+    """A CNI call failed; ``code`` is the CNI error code (0 if the plugin gave none)."""
+
+    def __init__(self, msg: str, code: int = 0) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+def socket_of(lab: Lab, node: str) -> str:
+    return str(yaml.safe_load(lab.fabricd_config_path(node).read_text())["cni"]["socket"])
+
+
+def cni_dir(lab: Lab, node: str) -> Path:
+    return lab.dir / node / "cni"
+
+
+def install(lab: Lab, nodes: list[str] | None = None) -> None:
+    """``fabricctl cni install`` on each host, into ``<labdir>/<node>/cni/{bin,net.d}``."""
+    for node in nodes or lab.nodes("node"):
+        d = cni_dir(lab, node)
+        r = lab.fabricctl(["cni", "install", "--bin-dir", str(d / "bin"), "--conf-dir",
+                           str(d / "net.d"), "--socket", socket_of(lab, node),
+                           "--network-name", NETWORK], node)  # fmt: skip
+        if r.returncode != 0:
+            raise LabError(f"failed to install the CNI plugin on {node}: {r.stderr.strip()}")
+
+
+def netconf(version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+    """The fabric entry of the installed conflist, as libcni hands it to the plugin."""
+    return {"cniVersion": version, "name": NETWORK, "type": "fabric", "mtu": 1500,
+            "ipam": {"type": "fabric-ipam"}, **extra}  # fmt: skip
+
+
+def cni(lab: Lab, node: str, verb: str, cid: str, netns: str, conf: dict[str, Any] | None = None,
+        ifname: str = "eth0", timeout: float = 90.0) -> tuple[int, Any]:  # fmt: skip
+    """Run the installed plugin like a runtime: (exit code, stdout JSON or None)."""
+    bin_dir = cni_dir(lab, node) / "bin"
+    env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
+           "CNI_PATH": f"{bin_dir}:/usr/lib/cni",
+           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"}  # fmt: skip
+    argv = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), str(bin_dir / "fabric")]
+    r = lab.exec(node, argv, timeout=timeout, input=json.dumps(conf or netconf()))
+    try:
+        doc = json.loads(r.stdout) if r.stdout.strip() else None
+    except ValueError:
+        doc = None
+    return r.returncode, doc
+
+
+def add(lab: Lab, node: str, name: str | None = None) -> Pod:
+    """A new pod on ``node``: a fresh namespace and a CNI ADD."""
+    cid = name or f"pod{next(_ids)}-{node}"
+    netns = lab.add_netns(f"{lab.plan.prefix}p{cid[:40]}")
+    code, doc = cni(lab, node, "ADD", cid, netns)
+    if code != 0:
+        c = int(doc.get("code", 0)) if isinstance(doc, dict) else 0
+        raise PodError(f"CNI ADD of {cid} on {node} failed: {doc}", c)
+    ip = str(doc["ips"][0]["address"].split("/")[0])
+    return Pod(node, cid, netns, ip, doc)
+
+
+def delete(lab: Lab, pod: Pod) -> None:
+    code, doc = cni(lab, pod.node, "DEL", pod.name, pod.netns)
+    if code != 0:
+        raise PodError(f"CNI DEL of {pod.name} failed: {doc}")
+
+
+def ping(lab: Lab, pod: Pod, ip: str, count: int = 1, wait: float = 1.0) -> bool:
+    """Ping ``ip`` from inside ``pod`` (run in its node's namespace)."""
+    r = lab.exec(pod.node, ["ip", "netns", "exec", pod.netns_name, "ping", "-c", str(count),
+                            "-W", str(wait), "-i", "0.2", ip], timeout=count + wait + 10)  # fmt: skip
+    return r.returncode == 0
+
+
+class Probe:
+    """Continuous pings from ``src`` to ``dst_ip`` every ``interval`` s (one ``ping``
+    process in the pod, reply wait 1 s). ``stop()`` returns (sent, lost, lost_seqs);
+    ``lost_window()`` is the span of consecutive losses in seconds."""
+
+    def __init__(self, lab: Lab, src: Pod, dst_ip: str, interval: float = 0.1) -> None:
+        self.interval = interval
+        argv = ["ip", "netns", "exec", src.netns_name, "ping", "-n", "-O", "-W", "1",
+                "-i", str(interval), dst_ip]  # fmt: skip
+        self._proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.netns(src.node), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._lines: list[str] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+        self.started = time.monotonic()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.append(line)
+
+    def replies(self) -> int:
+        return sum(1 for ln in self._lines if "bytes from" in ln)
+
+    def stop(self) -> tuple[int, int, list[int]]:
+        """Stop pinging; (sent, lost, sequence numbers lost)."""
+        time.sleep(1.1)  # let the last echo come back or time out
+        self._proc.terminate()
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(5)
+        self._t.join(5)
+        got: set[int] = set()
+        lost: set[int] = set()
+        for ln in self._lines:
+            if "icmp_seq=" not in ln:
+                continue
+            seq = int(ln.split("icmp_seq=")[1].split()[0])
+            (got if "bytes from" in ln else lost).add(seq)
+        sent = max(got | lost, default=0)
+        missing = sorted(set(range(1, sent + 1)) - got)
+        return sent, len(missing), missing
+
+    def lost_window(self, missing: list[int]) -> float:
+        """Longest run of consecutive losses, in seconds."""
+        best = run = 0
+        prev = None
+        for s in missing:
+            run = run + 1 if prev is not None and s == prev + 1 else 1
+            best = max(best, run)
+            prev = s
+        return best * self.interval
