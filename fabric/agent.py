@@ -76,6 +76,7 @@ log = logging.getLogger("fabric.agent")
 
 RECONCILE_DEBOUNCE = 0.01  # coalesces a burst of watch events into one reconcile
 STATUS_INTERVAL = 2.0
+RECONFIGURE_WAIT = 1.0  # seconds a reconcile waits for ExaBGP to confirm a reload
 
 
 def _match(selector: str, labels: Any) -> bool:
@@ -306,11 +307,13 @@ class Agent:
             desired.update(self.workloads.routes())
             self.routes.replace_all(desired)
             await self.routes.flush()
-        if old is not None and old.sessions != intent.sessions:
-            log.info("BGP sessions changed: reconfiguring the speaker")
-            await self.speaker.reconfigure(list(intent.sessions))
         if old is not None and old.adverts != intent.adverts:
             self.speaker.set_announcements(intent.adverts)
+        if old is not None and old.sessions != intent.sessions:
+            log.info("BGP sessions changed: reconfiguring the speaker")
+            # ExaBGP may skip a reload while routes are queued; the speaker keeps retrying
+            # in the background, so wait only briefly rather than hold every reconcile.
+            await self.speaker.reconfigure(list(intent.sessions), timeout=RECONFIGURE_WAIT)
         if old is None or (old.nat_cidrs, old.pool_cidrs) != (intent.nat_cidrs, intent.pool_cidrs):
             try:
                 await self.nat.apply(intent.nat_cidrs, intent.pool_cidrs)
