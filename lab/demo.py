@@ -1,48 +1,32 @@
-"""`make demo`: bring up the two-rack lab and show, step by step, what the fabric does today.
+"""`make demo`: bring up the two-rack lab and show, step by step, what the fabric does.
 
-Each step prints a heading, runs real commands inside the lab's namespaces (fabricctl against
-the lab's etcd, FRR's and BIRD's own status commands, ping), and records a check. The run ends
-with a summary, one line per check, and exits non-zero if any failed. The lab is torn down at
-the end unless --keep is given.
-
-Today (foundation + lab): routers peer, etcd answers from every node, IP pools are created
-with fabricctl, every node claims a block and allocates addresses for two pods, the IPAM data
-checks clean, hosts in different racks reach each other. The agent and CNI issues add BGP from
-the nodes, kernel routes and pods attached through the CNI plugin.
+Each step prints a heading, runs real commands inside the lab's namespaces (fabricctl
+against the lab's etcd, FRR's and BIRD's own commands, ip, ping), and records a check:
+fabricd on every host peers with its top-of-rack router, IP pools are created, two pods
+per host are attached through the installed CNI plugin, their blocks are announced and
+installed, a pod in rack 1 reaches a pod in rack 2, a host taken down has its blocks
+withdrawn from the ToRs, and comes back. The run ends with a summary, one line per check,
+exits non-zero if any failed, writes a picture of the topology under lab/out/, and tears
+the lab down unless --keep is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lab import graph, pods, routers
 from lab.runner import Lab
 
 BIN = Path(sys.executable).parent
 FABRICCTL = str(BIN / "fabricctl")
-PY = sys.executable
-
-# Allocates two pod addresses on this node through the IPAM library (the CNI plugin will do
-# this through fabricd once the agent exists).
-ALLOC = """
-import asyncio, sys
-from ipam.allocator import Allocator, AssignRequest
-from ipam.resources import Node
-from ipam.store import Store
-async def main(eps, prefix, node, rack):
-    async with Store(eps.split(','), prefix) as s:
-        a = Allocator(s)
-        await a.resources.put_node(Node(node, labels={'rack': rack}))
-        for i in range(2):
-            got = await a.auto_assign(AssignRequest(f'demo.{node}-pod{i}.eth0', node,
-                attrs={'pod': f'{node}-pod{i}', 'namespace': 'demo'}))
-            print(node, got[0].ip, got[0].block)
-asyncio.run(main(*sys.argv[1:]))
-"""
+OUT = Path("lab/out")
 
 
 class Demo:
@@ -58,9 +42,10 @@ class Demo:
     def run(self, node: str, argv: list[str], show: bool = True) -> tuple[int, str]:
         r = self.lab.exec(node, argv, timeout=60)
         if show:
-            print(
-                f"[{node}]$ {shlex.join(a if not a.startswith(str(BIN)) else Path(a).name for a in argv)}"
-            )
+            shown = [Path(a).name if a.startswith(str(BIN)) else a for a in argv]
+            if shown[:1] == ["fabricctl"]:
+                shown = ["fabricctl", *shown[len(self.ctl) :]]
+            print(f"[{node}]$ {shlex.join(shown)}")
             out = (r.stdout + r.stderr).rstrip()
             if out:
                 print(out)
@@ -80,66 +65,146 @@ class Demo:
 
     def steps(self) -> None:
         lab = self.lab
-        routers = lab.nodes("frr") + lab.nodes("bird")
-        nodes = lab.nodes("node")
-        self.heading("BGP between the top-of-rack routers and the spine")
+        tors = ["tor1", "tor2"]
+        routers_ = lab.nodes("frr") + lab.nodes("bird")
+        hosts = lab.nodes("node")
+        self.heading("1. BGP between the top-of-rack routers and the spine")
         self.wait(
             "ToR and spine BGP sessions Established",
-            lambda: all(lab.established(r) for r in routers),
+            lambda: all(lab.established(r) for r in routers_),
             60,
         )
-        for r in routers:
-            print(f"  {r}: {json.dumps(lab.bgp_sessions(r))}")
 
-        self.heading("The etcd service answers from every node")
-        ok = all(
-            self.run(n, [*self.ctl, "pool", "list"], show=n == nodes[0])[0] == 0 for n in nodes
-        )
-        self.check("fabricctl reaches etcd from every node", ok)
+        self.heading("2. IP pools and BGP peers in etcd (fabricctl apply -f)")
+        print((lab.dir / "fabric-resources.yaml").read_text().rstrip()[:1200])
+        lab.progress("starting fabricd on every host")
+        try:
+            lab.start_fabric(timeout=90)
+            self.check("fabricd runs and is ready on every host", True)
+        except Exception as e:
+            self.check(f"fabricd runs and is ready on every host ({e})", False)
+            return
+        self.run(hosts[0], [*self.ctl, "pool", "list"])
 
-        self.heading("IP pools (fabricctl pool add)")
-        rc1, _ = self.run(
-            nodes[0], [*self.ctl, "pool", "add", "pods-v4", "--cidr", "10.244.0.0/16"]
-        )
-        rc2, _ = self.run(
-            nodes[0], [*self.ctl, "pool", "add", "pods-v6", "--cidr", "fd00:244::/64"]
-        )
-        rc3, _ = self.run(nodes[0], [*self.ctl, "pool", "add", "bad", "--cidr", "10.244.1.0/24"])
+        self.heading("3. Two pods per host through the CNI plugin (/opt/cni/bin/fabric)")
+        pods.install(lab)
+        made: dict[str, list[pods.Pod]] = {}
+        for h in hosts:
+            for i in range(2):
+                try:
+                    pod = pods.add(lab, h, f"{h}-pod{i}")
+                except pods.PodError as e:
+                    print(f"  {h}: {e}")
+                    continue
+                made.setdefault(h, []).append(pod)
+                print(f"  {pod.name:12} on {h}: {pod.ip}  (netns {pod.netns})")
         self.check(
-            "pools created; an overlapping pool is refused with exit 1",
-            (rc1, rc2, rc3) == (0, 0, 1),
+            f"{len(hosts) * 2} pods attached", sum(map(len, made.values())) == len(hosts) * 2
         )
-        self.run(nodes[0], [*self.ctl, "pool", "list"])
+        if len(made) < len(hosts):
+            return
 
-        self.heading("Two pod addresses per node (IPAM with block affinity)")
-        eps = ",".join(lab.etcd_endpoints)
-        allocated = 0
-        for n in nodes:
-            rack = lab.topology.nodes[n].labels.get("fabric.rack", "")
-            rc, out = self.run(n, [PY, "-c", ALLOC, eps, "/fabric/v1", n, rack], show=False)
-            print(out.rstrip())
-            allocated += out.count(n) if rc == 0 else 0
-        self.check(f"{len(nodes) * 2} addresses allocated", allocated == len(nodes) * 2)
-
-        self.heading("Pools and blocks (fabricctl ipam show --show-blocks)")
-        self.run(nodes[0], [*self.ctl, "ipam", "show", "--show-blocks"])
-        rc, out = self.run(
-            nodes[0], [*self.ctl, "ipam", "show", "--show-blocks", "-o", "json"], show=False
-        )
-        blocks = _blocks_by_node(out) if rc == 0 else {}
-        self.check("every node owns its own block", sorted(blocks) == sorted(nodes))
-
-        self.heading("IPAM integrity (fabricctl ipam check)")
-        rc, _ = self.run(nodes[0], [*self.ctl, "ipam", "check"])
-        self.check("ipam check is clean", rc == 0)
-
-        self.heading("Hosts in different racks reach each other through the routers")
-        a, b = nodes[0], nodes[-1]
+        self.heading("4. Pools and blocks (fabricctl ipam show --show-blocks)")
+        self.run(hosts[0], [*self.ctl, "ipam", "show", "--show-blocks"])
         self.wait(
-            f"{a} -> {b} ping",
-            lambda: lab.exec(a, ["ping", "-c1", "-W1", lab.address(b)]).returncode == 0,
+            "every host owns a confirmed block, blackholed locally",
+            lambda: all(self._blocks(h) for h in hosts),
+            30,
         )
-        self.run(a, ["ping", "-c2", "-W1", lab.address(b)])
+        blocks = {h: self._blocks(h) for h in hosts}
+        rc, _ = self.run(hosts[0], [*self.ctl, "ipam", "check"], show=False)
+        self.check("fabricctl ipam check is clean", rc == 0)
+
+        self.heading("5. BGP sessions (fabricctl bgp status)")
+        self.run(hosts[0], [*self.ctl, "bgp", "status", "--node", hosts[0]])
+        self.wait(
+            "every host's session to its ToR is up",
+            lambda: all(self._sessions_up(h) for h in hosts),
+            30,
+        )
+
+        self.heading("6. tor1's BGP table as FRR shows it (vtysh: show ip bgp)")
+        all_blocks = {b for bs in blocks.values() for b in bs}
+        self.wait(
+            "both ToRs hold exactly the confirmed blocks",
+            lambda: all(self._tor_prefixes(t) == all_blocks for t in tors),
+            30,
+        )
+        print(routers.vtysh(lab.dir / "tor1", "show ip bgp").stdout.rstrip())
+
+        self.heading(f"7. {hosts[0]}'s kernel routes from the fabric (ip route show proto fabric)")
+        far = hosts[-1]
+        self.wait(
+            f"{hosts[0]} routes {far}'s block through its ToR",
+            lambda: all(b in lab.kernel_routes(hosts[0]) for b in blocks[far]),
+            30,
+        )
+        self.run(hosts[0], ["ip", "route", "show", "proto", "201"])
+
+        self.heading("8. A pod in rack 1 pings a pod in rack 2")
+        a, b = made[hosts[0]][0], made[far][0]
+        ok = pods.ping(lab, a, b.ip, count=3)
+        print(f"  {a.name} ({a.ip}) -> {b.name} ({b.ip}): {'3/3 replies' if ok else 'FAILED'}")
+        self.check(f"{a.name} in rack 1 reaches {b.name} in rack 2", ok)
+
+        self.heading(f"9. {far} taken down (its links cut): its blocks leave the ToRs")
+        started = time.monotonic()
+        lab.exec(far, ["ip", "link", "set", "eth1", "down"], check=True)
+        gone = self.wait(
+            f"{far}'s blocks withdrawn from both ToRs",
+            lambda: all(not (self._tor_prefixes(t) & set(blocks[far])) for t in tors),
+            60,
+        )
+        if gone:
+            print(f"  withdrawn {time.monotonic() - started:.1f} s after the links went down")
+        near = made[hosts[1]][0]
+        self.check(
+            f"pods elsewhere keep talking ({a.name} -> {near.name})", pods.ping(lab, a, near.ip)
+        )
+
+        self.heading(f"10. {far} back")
+        lab.exec(far, ["ip", "link", "set", "eth1", "up"], check=True)
+        self.wait(
+            f"{far}'s blocks announced again and its pods reachable",
+            lambda: pods.ping(lab, a, b.ip),
+            90,
+        )
+
+        self.heading("11. A picture of the fabric (lab/out/)")
+        try:
+            for p in graph.write(lab, OUT):
+                print(f"  {p}")
+            self.check("topology picture written (SVG, PNG)", True)
+        except Exception as e:
+            self.check(f"topology picture written ({e})", False)
+
+    def _blocks(self, host: str) -> list[str]:
+        _, out = self.run(host, [*self.ctl, "routes", "--node", host, "-o", "json"], show=False)
+        try:
+            docs = json.loads(out)
+            doc = docs[0] if isinstance(docs, list) else docs
+            items = doc["routes"]["items"] if "routes" in doc else doc.get("items", [])
+        except (ValueError, KeyError, IndexError, TypeError):
+            return []
+        return sorted(r["dst"] for r in items if r.get("type") == "blackhole")
+
+    def _sessions_up(self, host: str) -> bool:
+        _, out = self.run(
+            host, [*self.ctl, "bgp", "status", "--node", host, "-o", "json"], show=False
+        )
+        try:
+            sessions = json.loads(out)[0]["sessions"]
+        except (ValueError, KeyError, IndexError):
+            return False
+        return bool(sessions) and all(s["state"] == "up" for s in sessions)
+
+    def _tor_prefixes(self, tor: str) -> set[str]:
+        d = self.lab.dir / tor
+        if self.lab.node(tor).role == "frr":
+            text = routers.vtysh(d, "show ip bgp").stdout
+        else:
+            text = routers.birdc(d, "show route").stdout
+        return set(re.findall(r"(10\.244\.\d+\.\d+/\d+)", text))
 
     def summary(self) -> int:
         self.heading("Summary")
@@ -150,20 +215,6 @@ class Demo:
         return 1 if failed else 0
 
 
-def _blocks_by_node(out: str) -> dict[str, list[str]]:
-    """Node -> blocks from `fabricctl ipam show --show-blocks -o json`."""
-    try:
-        pools = json.loads(out)["pools"]
-    except (ValueError, KeyError):
-        return {}
-    found: dict[str, list[str]] = {}
-    for p in pools:
-        for b in p["blocks"]:
-            if b["node"]:
-                found.setdefault(b["node"], []).append(b["cidr"])
-    return found
-
-
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.splitlines()[0])
     p.add_argument("--keep", action="store_true", help="leave the lab up for exploring")
@@ -171,7 +222,8 @@ def main() -> int:
     args = p.parse_args()
     lab = Lab("two-rack", name=args.name, progress=lambda m: print(f"  [lab] {m}", flush=True))
     print(
-        "Bringing up the two-rack lab (2 ToRs, a spine, 4 hosts, etcd) from network namespaces..."
+        "Bringing up the two-rack lab (FRR and BIRD ToRs, an FRR spine, 4 hosts, etcd) "
+        "from network namespaces..."
     )
     rc = 1
     try:
