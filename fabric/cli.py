@@ -36,6 +36,7 @@ from fabric.cli_common import (
     usage_json,
 )
 from fabric.cli_ipam import ipam
+from fabric.cli_lab import lab
 from fabric.errors import CLIError
 from fabric.output import (
     percent,
@@ -353,3 +354,4 @@ main.add_command(peer)
 main.add_command(bgp)
 main.add_command(routes)
 main.add_command(cni)
+main.add_command(lab)

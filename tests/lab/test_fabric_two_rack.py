@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from fabric_helpers import allocate, status
@@ -80,6 +83,17 @@ def test_graph_shows_sessions_by_state_and_blocks(
     paths = graph.write(lab, tmp_path)
     assert sorted(p.suffix for p in paths) == [".dot", ".png", ".svg"]
     assert "<svg" in (tmp_path / f"topology-{lab.name}.svg").read_text()
+    # The same through fabricctl, as an operator draws any running lab.
+    out = tmp_path / "ctl"
+    fabricctl = Path(sys.executable).parent / "fabricctl"
+    r = subprocess.run(
+        [fabricctl, "lab", "graph", "-n", lab.name, "-d", out],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (out / f"topology-{lab.name}.png").stat().st_size > 1000
 
 
 def test_tors_hold_exactly_the_confirmed_blocks(lab: Lab, blocks: dict[str, str]) -> None:
