@@ -205,6 +205,7 @@ class Agent:
             asyncio.create_task(self.registration.keep_alive(), name="lease"),
             asyncio.create_task(self._reconcile_loop(), name="reconcile"),
             asyncio.create_task(self._converge_loop(), name="converge"),
+            asyncio.create_task(self._kernel_resync_loop(), name="kernel resync"),
             asyncio.create_task(self.routes.run(), name="routes"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
         ]
@@ -301,11 +302,7 @@ class Agent:
         if first:
             # Own blocks are blackholed, everything else learned is adopted until converged,
             # local pods keep their host routes (from the CNI state dir); stale dev routes go.
-            desired = {dst: KernelRoute(dst=dst, blackhole=True) for dst in intent.blackholes}
-            for dst, r in self.adopted.items():
-                desired.setdefault(dst, r)
-            desired.update(self.workloads.routes())
-            self.routes.replace_all(desired)
+            self.routes.replace_all(self._desired_routes())
             await self.routes.flush()
         if old is not None and old.adverts != intent.adverts:
             self.speaker.set_announcements(intent.adverts)
@@ -375,6 +372,34 @@ class Agent:
             self.routes.set(dst, None)
         log.info("RIB converged; removing %d adopted routes nobody announces", len(stale))
         self.adopted = {}
+
+    def _desired_routes(self) -> dict[IPNetwork, KernelRoute]:
+        """The whole kernel table fabricd wants: local pods' host routes, then own blocks as
+        blackholes, then best learned routes, then (until converged) adopted ones."""
+        desired: dict[IPNetwork, KernelRoute] = {}
+        if not self.converged:
+            desired.update(self.adopted)
+        for dst, hops in self.rib.best().items():
+            if hops:
+                desired[dst] = KernelRoute(dst=dst, gateways=tuple(sorted(hops, key=str)))
+        for dst in self.intent.blackholes if self.intent is not None else ():
+            desired[dst] = KernelRoute(dst=dst, blackhole=True)
+        desired.update(self.workloads.routes())
+        return desired
+
+    async def _kernel_resync_loop(self) -> None:
+        """Every routes.resyncInterval: diff the kernel against the whole desired table and
+        repair only the difference (routes changed or removed behind our back)."""
+        while True:
+            await asyncio.sleep(self.cfg.routes.resync_interval)
+            with self.metrics.time_reconcile("full_resync"):
+                self.routes.replace_all(self._desired_routes())
+                result = await self.routes.flush()
+            if result.added or result.replaced or result.removed:
+                log.warning(
+                    "kernel resync repaired routes: %d added, %d replaced, %d removed",
+                    result.added, result.replaced, result.removed,
+                )  # fmt: skip
 
     async def _converge_loop(self) -> None:
         while not self.converged:

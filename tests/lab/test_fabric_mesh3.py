@@ -144,6 +144,17 @@ def _nat_set(lab: Lab, node: str) -> str:
     return m.group(1).strip() if m else ""
 
 
+def test_kernel_resync_repairs_a_route_removed_behind_its_back(
+    lab: Lab, blocks: dict[str, str]
+) -> None:
+    block = blocks["node2"]
+    lab.wait_for(lambda: block in lab.kernel_routes("node1"), 20, what=f"{block} on node1")
+    lab.exec("node1", ["ip", "route", "del", block, "proto", "201"], check=True)
+    assert block not in lab.kernel_routes("node1")
+    # resyncInterval is 10 s in the lab's fabricd config
+    lab.wait_for(lambda: block in lab.kernel_routes("node1"), 25, what="route repaired")
+
+
 def test_node_delete_withdraws_its_blocks_everywhere(lab: Lab, blocks: dict[str, str]) -> None:
     block = blocks["node3"]
     for other in ("node1", "node2"):
