@@ -1,4 +1,4 @@
-"""The supervised ExaBGP process (the I/O half of the bgp package). See docs/bgp-speaker.md.
+"""The supervised ExaBGP process (the I/O half of the bgp package). See docs/design/bgp-speaker.md.
 
 ``Speaker`` runs ``exabgp server`` (through ``bgp.supervisor``) with ``bgp.relay`` as its
 API process; the relay connects back to ``<workdir>/relay.sock``. Commands go out through

@@ -1,7 +1,7 @@
 """fabricd's config file, ``/etc/fabric/fabricd.yaml``: schema, validation, defaults.
 
 One table, ``KEYS``, drives parsing, defaults and ``example_config()`` (the reference in
-docs/agent.md, kept in step by a test). Every error is a ``ConfigError`` naming the dotted
+docs/design/agent.md, kept in step by a test). Every error is a ``ConfigError`` naming the dotted
 field and its line from the YAML node marks (a missing key: its section's line, or line 1).
 Unknown keys are refused, with a "did you mean": a typo must never silently fall back to a
 default. A key set to ``null`` (or left empty) takes its default.

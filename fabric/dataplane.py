@@ -1,6 +1,6 @@
 """Pod attachment for the CNI verbs: a veth pair, the pod's addresses and routes, sysctls.
 
-Layout (Calico's, docs/cni-dataplane.md)::
+Layout (Calico's, docs/design/cni-dataplane.md)::
 
     pod netns                                   host netns (fabricd's)
     <ifname>  10.0.0.5/32, fd00::5/128 nodad    fab<11 hex>  ee:ee:ee:ee:ee:ee, up

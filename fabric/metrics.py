@@ -1,6 +1,6 @@
 """Every Prometheus metric of fabricd, on a registry of its own (``Metrics.registry``).
 
-Names start with ``fabric_``; docs/agent.md lists them (a test keeps the list complete).
+Names start with ``fabric_``; docs/design/agent.md lists them (a test keeps the list complete).
 Callers use the typed helpers below rather than the prometheus_client objects. Gauges that
 describe the present (sessions, prefixes, routes) are set from a full picture each time, so
 a peer that went away loses its series instead of reporting its last value for ever;

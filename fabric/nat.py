@@ -4,7 +4,7 @@ fabricd owns ``table inet fabric_nat`` and nothing else: every apply replaces th
 one ``nft -f -`` transaction (add, delete, define: atomic, so there is never a moment without
 the rules), and ``remove`` deletes only it. The rule is Calico's: source in a natOutgoing
 pool and destination outside every pool (so pod-to-pod traffic, between any pools, keeps its
-source address). Design and invariants: docs/routes.md.
+source address). Design and invariants: docs/design/routes.md.
 """
 
 from __future__ import annotations

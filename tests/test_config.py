@@ -305,5 +305,5 @@ def test_load_config_and_check_config_main(
 
 
 def test_docs_show_the_example_config() -> None:
-    page = (ROOT / "docs" / "agent.md").read_text()
-    assert config.example_config() in page, "docs/agent.md: paste example_config() again"
+    page = (ROOT / "docs" / "design" / "agent.md").read_text()
+    assert config.example_config() in page, "docs/design/agent.md: paste example_config() again"

@@ -305,7 +305,7 @@ def test_each_agent_has_its_own_registry() -> None:
 
 
 def test_docs_list_every_metric() -> None:
-    page = (ROOT / "docs" / "agent.md").read_text()
+    page = (ROOT / "docs" / "design" / "agent.md").read_text()
     documented = {n.removesuffix("_total") for n in re.findall(r"`(fabric_[a-z_]+)`", page)}
     names = {n for n in Metrics().names() if not n.startswith("fabric_process_")}
-    assert names <= documented, f"docs/agent.md misses {sorted(names - documented)}"
+    assert names <= documented, f"docs/design/agent.md misses {sorted(names - documented)}"

@@ -5,7 +5,7 @@ Hand-encoded like :mod:`fabric.netlink.routes` (pyroute2 costs ~0.7 ms per messa
 a pod's whole configuration is one round trip; the first refusal is raised as a
 :class:`NetlinkError` carrying its errno, what was being done and the kernel's ext-ack text.
 
-Used by :mod:`fabric.dataplane`, which owns the attachment layout (docs/cni-dataplane.md).
+Used by :mod:`fabric.dataplane`, which owns the attachment layout (docs/design/cni-dataplane.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 :class:`KernelRoute`, :class:`RouteSocket` (batched writes, dumps), :func:`write_routes`,
 :func:`dump_routes`. Encoded and decoded with ``struct``: pyroute2 0.9.7 writes ~1.4k routes/s
-and dumps ~12k/s, this >100k/s (docs/routes.md). Each message asks for an ack and the acks of
+and dumps ~12k/s, this >100k/s (docs/design/routes.md). Each message asks for an ack and the acks of
 a send are drained before the next, so each failure is known per route.
 """
 
