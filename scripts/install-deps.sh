@@ -3,18 +3,23 @@
 # (etcd, FRR, BIRD, iproute2, the reference CNI plugins) and a virtualenv .venv holding the
 # project with its test extras. Idempotent and quick when everything is already there.
 #
-# Installing etcd-server, frr or bird2 on a machine with systemd starts and enables their
-# system-wide daemons. The lab and the tests start their own instances, so this script keeps
-# package maintainer scripts from starting anything (policy-rc.d) and afterwards disables and
-# stops every one of those units that was not enabled before it ran.
+# Installing etcd-server, frr, bird2 or podman enables (and with systemd starts) their
+# system-wide daemons, sockets and timers. The lab and the tests start their own instances,
+# so this script keeps package maintainer scripts from starting anything (policy-rc.d) and
+# afterwards disables (and with systemd stops) every one of those units that was not enabled
+# before it ran; without systemd running, `systemctl disable` edits the links offline.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 PKGS=(etcd-server etcd-client iproute2 iputils-ping frr bird2 containernetworking-plugins
-      iptables nftables procps psmisc python3-venv python3-pip graphviz)
-UNITS=(etcd frr bird)
+      iptables nftables procps psmisc python3-venv python3-pip graphviz
+      podman runc busybox-static)
+# podman, runc, busybox-static: tests/lab/test_podman.py (a real CNI runtime; runc because
+# crun fails on hybrid cgroups). Sockets and timers first: they would start their services.
+UNITS=(etcd.service frr.service bird.service podman.socket podman-auto-update.timer
+       podman.service podman-restart.service podman-auto-update.service)
 
 log() { printf '[deps] %s\n' "$*"; }
 
@@ -32,8 +37,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   have_systemd=0
   [ -d /run/systemd/system ] && have_systemd=1
+  have_systemctl=0
+  command -v systemctl >/dev/null 2>&1 && have_systemctl=1
   declare -A was_enabled=()
-  if [ $have_systemd -eq 1 ]; then
+  if [ $have_systemctl -eq 1 ]; then
     for u in "${UNITS[@]}"; do
       systemctl is-enabled --quiet "$u" 2>/dev/null && was_enabled[$u]=1 || true
     done
@@ -49,10 +56,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  if [ $have_systemd -eq 1 ]; then
+  if [ $have_systemctl -eq 1 ]; then
     for u in "${UNITS[@]}"; do
-      if [ -z "${was_enabled[$u]:-}" ] && systemctl list-unit-files "$u.service" >/dev/null 2>&1; then
-        systemctl disable --now "$u" >/dev/null 2>&1 || true
+      if [ -z "${was_enabled[$u]:-}" ] && systemctl list-unit-files "$u" >/dev/null 2>&1; then
+        if [ $have_systemd -eq 1 ]; then
+          systemctl disable --now "$u" >/dev/null 2>&1 || true
+        else
+          systemctl disable "$u" >/dev/null 2>&1 || true
+        fi
       fi
     done
   fi
