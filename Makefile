@@ -26,8 +26,10 @@ test: lint typecheck
 demo: deps
 	$(PY) -m lab.demo
 
+# every benchmark under lab/bench/: JSON lines to lab/out/bench.jsonl, a table on the
+# terminal, non-zero if one failed or missed its target (BENCH_ARGS=--quick: smoke sizes)
 bench: deps
-	$(PY) -m lab.bench all
+	$(PY) -m lab.bench all $(BENCH_ARGS)
 
 clean-lab:
 	$(PY) -m lab clean

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,3 +23,27 @@ def test_ipam_bench_smoke() -> None:
     assert last["bench"] == "ipam"
     assert last["duplicates"] == 0
     assert last["allocs_per_s_1"] > 0 and last["floor_txn_per_s"] > 0
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_converge_bench_smoke() -> None:
+    """Five rounds in two-rack: pod ADDs claiming new blocks, FRR networks from node2 and from
+    tor1, each one timed into node3's kernel and split into hops at every capture point."""
+    if os.geteuid() != 0:
+        pytest.skip("the converge benchmark builds a lab: needs root (network namespaces)")
+    r = subprocess.run([sys.executable, "-m", "lab.bench", "converge", "--quick"],
+                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    *_, detail_line, last_line = r.stdout.strip().splitlines()
+    last, detail = json.loads(last_line), json.loads(detail_line)
+    assert list(last) == ["bench", "samples", "p50_ms", "p99_ms", "frr_p50_ms", "ratio_p50"]
+    assert last["bench"] == "converge" and last["samples"] == 5
+    assert 0 < last["p50_ms"] <= last["p99_ms"] < 10_000 and last["frr_p50_ms"] > 0
+    assert last["ratio_p50"] == round(last["p50_ms"] / last["frr_p50_ms"], 3)
+    for kind, hops in (("fabric", {"claim", "announce", "host", "tor1", "spine", "tor2", "node3"}),
+                       ("frr", {"host", "tor1", "spine", "tor2", "node3"}),
+                       ("tor", {"tor1", "spine", "tor2", "node3"})):  # fmt: skip
+        assert detail[kind]["samples"] == 5, kind
+        assert set(detail[kind]["hops_p50_ms"]) == hops, kind  # every capture point saw it
+    assert detail["fabric"]["add_p50_ms"] > 0

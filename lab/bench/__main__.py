@@ -1,4 +1,10 @@
-"""`python -m lab.bench NAME [--quick]`: run one benchmark (or `all`); last line is JSON."""
+"""`python -m lab.bench NAME [--quick]`: run one benchmark (or `all`); last line is JSON.
+
+`all` (`make bench`) runs every benchmark in turn, a failing one does not stop the rest;
+each result is appended to lab/out/bench.jsonl as it comes. Then one JSON line per result
+on stdout and the table of lab/bench/report.py on stderr; exit 1 if any failed or missed a
+target.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,13 @@ import argparse
 import importlib
 import json
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
-BENCHES = ["ipam"]
+from lab.bench import report
+
+BENCHES = ["ipam", "converge"]
 OUT = Path(__file__).resolve().parent.parent / "out"
 
 
@@ -17,21 +27,30 @@ def main() -> int:
     p.add_argument("name", choices=[*BENCHES, "all"])
     p.add_argument("--quick", action="store_true", help="a short smoke run (used by make test)")
     args = p.parse_args()
-    names = BENCHES if args.name == "all" else [args.name]
-    results = []
-    for name in names:
-        mod = importlib.import_module(f"lab.bench.{name}")
-        results.append(mod.run(quick=args.quick))
     if args.name == "all":
-        OUT.mkdir(parents=True, exist_ok=True)
-        with (OUT / "bench.jsonl").open("a") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
-        for r in results:
-            print("  ".join(f"{k}={v}" for k, v in r.items()), file=sys.stderr)
-    for r in results:
-        print(json.dumps(r))
+        return run_all(args.quick)
+    mod = importlib.import_module(f"lab.bench.{args.name}")
+    print(json.dumps(mod.run(quick=args.quick)))
     return 0
+
+
+def run_all(quick: bool) -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    for name in BENCHES:
+        try:
+            r = importlib.import_module(f"lab.bench.{name}").run(quick=quick)
+        except Exception as e:  # reported as a FAIL row; the other benchmarks still run
+            traceback.print_exc()
+            r = {"bench": name, "error": f"{type(e).__name__}: {e}"}
+        results.append(r)
+        with (OUT / "bench.jsonl").open("a") as f:
+            f.write(json.dumps(r) + "\n")
+    for r in results:
+        print(json.dumps(r), flush=True)
+    print(f"\n{report.table(results)}\n(JSON lines appended to {OUT / 'bench.jsonl'})",
+          file=sys.stderr)  # fmt: skip
+    return 1 if any(report.verdict(r) == "FAIL" for r in results) else 0
 
 
 if __name__ == "__main__":
