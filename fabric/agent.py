@@ -274,11 +274,16 @@ class Agent:
         return compute(inputs, _match)
 
     async def _reconcile_loop(self) -> None:
+        """Reconcile at once when idle (a new block is announced without delay); changes
+        arriving during or just after a pass are coalesced into the next one."""
+        last = 0.0
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(RECONCILE_DEBOUNCE)
+            idle = time.monotonic() - last
+            if idle < RECONCILE_DEBOUNCE:
+                await asyncio.sleep(RECONCILE_DEBOUNCE - idle)
             self._dirty.clear()
-            started = time.monotonic()
+            started = last = time.monotonic()
             try:
                 await self._apply(self._compute())
             except Exception:
