@@ -3,7 +3,8 @@ installed ``fabric`` CNI plugin exec'd inside the host's namespace with the CNI_
 and the network config on stdin. Used by the demo, the end-to-end tests and the benchmarks.
 
 Pod namespaces are recorded with the lab (``Lab.add_netns``) so ``lab.down()`` removes them.
-A ``Probe`` pings between pods continuously (every 100 ms by default) and counts losses.
+A ``Probe`` pings between pods continuously (every 100 ms by default) and counts losses;
+``Flows`` runs probes on several pod pairs at once.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
+from lab.netns import exists as netns_exists
 from lab.runner import Lab, LabError
 
 NETWORK = "fabric"
+SETTLE = 1.1  # seconds for the last echo of a stopped probe to come back or time out (-W 1)
 _ids = itertools.count()
 
 
@@ -87,9 +90,18 @@ def cni(lab: Lab, node: str, verb: str, cid: str, netns: str, conf: dict[str, An
     return r.returncode, doc
 
 
+def _free_name(lab: Lab, node: str) -> str:
+    """The next ``pod<n>-<node>`` whose namespace does not exist yet (a process attached to
+    a lab another process made pods in starts counting at 0 again)."""
+    while True:
+        cid = f"pod{next(_ids)}-{node}"
+        if not netns_exists(f"{lab.plan.prefix}p{cid[:40]}"):
+            return cid
+
+
 def add(lab: Lab, node: str, name: str | None = None) -> Pod:
     """A new pod on ``node``: a fresh namespace and a CNI ADD."""
-    cid = name or f"pod{next(_ids)}-{node}"
+    cid = name or _free_name(lab, node)
     netns = lab.add_netns(f"{lab.plan.prefix}p{cid[:40]}")
     code, doc = cni(lab, node, "ADD", cid, netns)
     if code != 0:
@@ -140,9 +152,10 @@ class Probe:
     def replies(self) -> int:
         return sum(1 for ln in self._lines if "bytes from" in ln)
 
-    def stop(self) -> tuple[int, int, list[int]]:
-        """Stop pinging; (sent, lost, sequence numbers lost)."""
-        time.sleep(1.1)  # let the last echo come back or time out
+    def stop(self, settle: float = SETTLE) -> tuple[int, int, list[int]]:
+        """Stop pinging after ``settle`` s (the last echo comes back or times out); (sent,
+        lost, sequence numbers lost). ``stop_all`` stops several with one wait."""
+        time.sleep(settle)
         self._proc.terminate()
         try:
             self._proc.wait(5)
@@ -170,3 +183,59 @@ class Probe:
             best = max(best, run)
             prev = s
         return best * self.interval
+
+
+def stop_all(probes: list[Probe]) -> list[tuple[int, int, list[int]]]:
+    """Stop every probe with a single settling wait: ``[p.stop() for p in probes]`` without
+    waiting ``SETTLE`` once per probe."""
+    time.sleep(SETTLE)
+    return [p.stop(settle=0.0) for p in probes]
+
+
+class Loss(NamedTuple):
+    """One probe's result: pings sent, lost, and the longest run of losses in seconds."""
+
+    sent: int
+    lost: int
+    window: float
+
+
+class Flows:
+    """Probes on several pod pairs, used as a context manager: started together, each
+    answered ``ready`` times before the body runs (or ``PodError`` after ``timeout`` s), all
+    stopped with one settling wait at exit or by ``stop()``, which returns
+    ``{"node/pod->node/pod": Loss}`` (the same dict on later calls)."""
+
+    def __init__(self, lab: Lab, pairs: list[tuple[Pod, Pod]], ready: int = 3,
+                 timeout: float = 15.0) -> None:  # fmt: skip
+        self.lab, self.pairs, self.ready, self.timeout = lab, pairs, ready, timeout
+        self.probes: list[Probe] = []
+        self.result: dict[str, Loss] | None = None
+
+    def __enter__(self) -> Flows:
+        self.probes = [Probe(self.lab, a, b.ip) for a, b in self.pairs]
+        end = time.monotonic() + self.timeout
+        while not all(p.replies() >= self.ready for p in self.probes):
+            if time.monotonic() > end:
+                self.stop()
+                silent = [f"{a.name}->{b.name}" for (a, b), p in zip(self.pairs, self.probes,
+                          strict=True) if p.replies() < self.ready]  # fmt: skip
+                raise PodError(f"probes not answered within {self.timeout:.0f} s: {silent}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> dict[str, Loss]:
+        if self.result is None:
+            got = stop_all(self.probes)
+            self.result = {
+                f"{a.node}/{a.name}->{b.node}/{b.name}": Loss(sent, lost, p.lost_window(miss))
+                for (a, b), p, (sent, lost, miss) in zip(self.pairs, self.probes, got, strict=True)
+            }
+        return self.result
+
+    def lossy(self) -> dict[str, Loss]:
+        """The flows that lost pings (after ``stop()``)."""
+        return {k: v for k, v in self.stop().items() if v.lost}
