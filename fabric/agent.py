@@ -56,7 +56,8 @@ from fabric.health import Check, HealthServer
 from fabric.intent import BlockIndex, Intent, compute, decode
 from fabric.metrics import Metrics
 from fabric.nat import NatTable
-from fabric.netlink import KernelRoute, ensure_rt_proto_name
+from fabric.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
+from fabric.netlink.sysctls import write_sysctls
 from fabric.registration import Registration
 from fabric.routes import RouteTable
 from fabric.status import StatusPublisher
@@ -76,7 +77,11 @@ log = logging.getLogger("fabric.agent")
 
 RECONCILE_DEBOUNCE = 0.01  # coalesces a burst of watch events into one reconcile
 STATUS_INTERVAL = 2.0
-RECONFIGURE_WAIT = 1.0  # seconds a reconcile waits for ExaBGP to confirm a reload
+RECONFIGURE_WAIT = 1.0
+HOST_SYSCTLS = (
+    ("net.ipv4.conf.all.ignore_routes_with_linkdown", "1", True),
+    ("net.ipv6.conf.all.ignore_routes_with_linkdown", "1", False),
+)  # seconds a reconcile waits for ExaBGP to confirm a reload
 
 
 def _match(selector: str, labels: Any) -> bool:
@@ -183,6 +188,12 @@ class Agent:
         cfg = self.cfg
         log.info("fabricd starting as node %s", cfg.node_name)
         ensure_rt_proto_name(cfg.routes.protocol, cfg.routes.protocol_name)
+        try:
+            # ECMP over several uplinks: never use a next hop whose link is down (a ToR
+            # that lost power), instead of waiting out the BGP hold time.
+            write_sysctls(HOST_SYSCTLS, only_if_differs=True)
+        except (OSError, NetlinkError) as e:
+            log.warning("failed to set host sysctls %s: %s", HOST_SYSCTLS, e)
         n = await self.routes.adopt()
         self.adopted = {
             dst: r
@@ -225,10 +236,15 @@ class Agent:
         stop = asyncio.create_task(self._stopping.wait())
         done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
         for t in done:
-            if t is not stop and not t.cancelled() and t.exception() is not None:
-                log.error("task %s failed: %s", t.get_name(), t.exception())
-                await self.shutdown()
-                raise RuntimeError(f"task {t.get_name()} failed") from t.exception()
+            if t is stop:
+                continue
+            # Every background task runs forever: one that ended, however, is a failure
+            # (exit non-zero, so systemd's Restart=on-failure brings fabricd back).
+            cause = None if t.cancelled() else t.exception()
+            why = "was cancelled" if t.cancelled() else f"failed: {cause}" if cause else "ended"
+            log.error("background task %s %s; stopping", t.get_name(), why)
+            await self.shutdown()
+            raise RuntimeError(f"background task {t.get_name()} {why}") from cause
         await self.shutdown()
 
     def stop(self) -> None:

@@ -16,7 +16,9 @@ import signal
 import sys
 from pathlib import Path
 
+from bgp.errors import BGPError
 from fabric.config import AgentConfig, ConfigError, check_config_main, load_config
+from ipam.errors import IPAMError
 
 DEFAULT_CONFIG = "/etc/fabric/fabricd.yaml"
 
@@ -91,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_main(cfg))
     except KeyboardInterrupt:
         return 130
+    except (RuntimeError, IPAMError, BGPError, OSError) as e:
+        # Start-up failures (etcd unreachable, ExaBGP not starting) and a background task
+        # that died: one line, non-zero, and systemd restarts us.
+        logging.getLogger("fabricd").error("fabricd exits: %s", e)
+        return 1
 
 
 if __name__ == "__main__":
