@@ -46,6 +46,14 @@ _UNAVAILABLE = {
 }
 
 
+def _cancelling() -> bool:
+    """True when the running task itself is being cancelled. grpc.aio raises CancelledError
+    in every call on a channel that is closed (another call rotated endpoints): that one is
+    an unavailable endpoint to retry, not a cancellation to obey."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 @dataclass(frozen=True, slots=True)
 class TLSConfig:
     cacert: Path | None = None
@@ -203,7 +211,12 @@ class Store:
         self._watch = rpc.WatchStub(self._channel)
         self._maint = rpc.MaintenanceStub(self._channel)
 
-    async def _rotate(self) -> None:
+    async def _rotate(self, failed: grpc.aio.Channel | None) -> None:
+        """Move to the next endpoint after a failure on channel ``failed``. Only when that is
+        still the current channel: closing a channel cancels every call on it, so a call that
+        failed on a channel another call already replaced must not close the new one."""
+        if failed is None or failed is not self._channel:
+            return
         self.errors += 1
         ch, self._channel = self._channel, None
         self._idx = (self._idx + 1) % len(self.endpoints)
@@ -228,6 +241,7 @@ class Store:
         attempt = 0
         while True:
             self._connect()
+            ch = self._channel
             try:
                 return await fn()
             except grpc.aio.AioRpcError as e:
@@ -235,16 +249,22 @@ class Store:
                     raise IPAMError(
                         f"failed to {what}: etcd said {e.code().name}: {e.details()}"
                     ) from e
-                attempt += 1
-                if time.monotonic() >= end:
-                    raise DatastoreUnavailable(
-                        f"failed to {what}: no etcd endpoint answered "
-                        f"({', '.join(self.endpoints)}): {e.code().name} {e.details()}"
-                    ) from e
-                await self._rotate()
-                if attempt >= len(self.endpoints):
-                    # Every endpoint failed once: wait a little (jittered) before the next round.
-                    await asyncio.sleep(min(0.05 * attempt, 0.5) * (0.5 + random.random()))
+                why: BaseException = e
+                detail = f"{e.code().name} {e.details()}"
+            except asyncio.CancelledError as e:
+                if _cancelling():
+                    raise
+                why, detail = e, "the channel was closed under the call"
+            attempt += 1
+            if time.monotonic() >= end:
+                raise DatastoreUnavailable(
+                    f"failed to {what}: no etcd endpoint answered "
+                    f"({', '.join(self.endpoints)}): {detail}"
+                ) from why
+            await self._rotate(ch)
+            if attempt >= len(self.endpoints):
+                # Every endpoint failed once: wait a little (jittered) before the next round.
+                await asyncio.sleep(min(0.05 * attempt, 0.5) * (0.5 + random.random()))
 
     def _k(self, key: str) -> bytes:
         return (self.prefix + key).encode()
@@ -374,6 +394,7 @@ class Store:
         """
         while True:
             self._connect()
+            ch = self._channel
 
             async def requests() -> AsyncIterator[Any]:
                 while True:
@@ -386,8 +407,12 @@ class Store:
                     if resp.TTL <= 0:
                         return
             except grpc.aio.AioRpcError:
-                await self._rotate()
+                await self._rotate(ch)
                 await asyncio.sleep(min(interval, 1.0))
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                await asyncio.sleep(min(interval, 1.0))  # another call rotated: reconnect
 
     # watches ---------------------------------------------------------------------------
 
@@ -402,6 +427,7 @@ class Store:
         k = self._k(prefix)
         while True:
             self._connect()
+            ch = self._channel
             create = rpc.WatchRequest(
                 create_request=rpc.WatchCreateRequest(
                     key=k, range_end=_range_end(k), start_revision=next_rev
@@ -430,7 +456,10 @@ class Store:
                         yield Event(t, kv)
             except grpc.aio.AioRpcError:
                 pass
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
             finally:
                 stop.set()
-            await self._rotate()
+            await self._rotate(ch)
             await asyncio.sleep(0.2 * (0.5 + random.random()))
