@@ -221,7 +221,14 @@ class NetlinkSocket:
         return memoryview(self._buf)[:n]
 
     def link_indexes(self) -> dict[str, int]:
-        """Interface name -> ifindex in this socket's netns."""
+        """Interface name -> ifindex in this socket's netns. A dump the kernel marks
+        interrupted (links changed meanwhile: pods starting) is redone."""
+        for _ in range(5):
+            with suppress(_Interrupted):
+                return self._link_indexes()
+        raise NetlinkError("failed to dump links: interrupted 5 times", errno_mod.EINTR)
+
+    def _link_indexes(self) -> dict[str, int]:
         out = {}
         for kind, msg in self._dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0)):
             name = _attrs(msg, 32, len(msg)).get(IFLA_IFNAME) if kind == RTM_NEWLINK else None
