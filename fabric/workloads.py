@@ -150,10 +150,18 @@ class Workloads:
                 and not await self.d.dataplane.check(_attachment(old))
             ):  # a repeated ADD of a healthy attachment: the same answer
                 return _render(_result(old, conf), conf)
+            await self._need_datastore()
             if old is not None:  # broken or moved: rebuild on the addresses it holds
                 await self._take_down(old, env.netns if old.netns == env.netns else old.netns)
             rec = await self._add(owner, conf, req, env.netns)
         return _render(_result(rec, conf), conf)
+
+    async def _need_datastore(self) -> None:
+        """Fail fast (11) when etcd is known to be down (the agent's cached probe, at most
+        ~1 s): an ADD would otherwise wait out the store's deadline twice, assigning and then
+        rolling back, and leave its record behind for DEL."""
+        if not await self.d.datastore_ok():
+            raise CNIError(Code.TRY_AGAIN_LATER, "the datastore (etcd) is not reachable")
 
     async def _add(self, owner: Owner, conf: NetConf, req: Request, netns: str) -> Record:
         rec = Record(
@@ -226,9 +234,15 @@ class Workloads:
 
     async def _remove_routes(self, rec: Record) -> None:
         for dst in _host_nets(rec.ips):
+            if self._routed_by_other(dst, rec.handle):
+                continue  # its address went to another attachment (ipam gc): not ours to remove
             self.d.routes.set(dst, None)
             self._routed.discard(dst)
         await self.d.routes.flush()
+
+    def _routed_by_other(self, dst: IPNetwork, handle: str) -> bool:
+        return any(r.handle != handle and r.phase is Phase.READY and dst in _host_nets(r.ips)
+                   for r in self.records.values())  # fmt: skip
 
     async def _forget(self, handle: str) -> None:
         self.records.pop(handle, None)
@@ -321,6 +335,7 @@ class Workloads:
         conf = req.conf
         owner = Owner.of(conf.name, req.env)
         async with self._locks.hold(owner.handle):
+            await self._need_datastore()
             try:
                 assigned = await self.d.ipam.assign(owner, conf.ipam, req.env.args.ips)
                 addresses = await self.d.ipam.prefix_lengths(assigned, conf.ipam.address_prefix)
