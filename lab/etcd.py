@@ -90,7 +90,7 @@ class EtcdMember:
     def status(self, timeout: float = 1.0) -> dict[str, object] | None:
         """The member's maintenance status (leader, member id), or None when it does not answer."""
         if self.netns:
-            return None
+            return self._netns_status(timeout)
         req = urllib.request.Request(
             self.client_url + "/v3/maintenance/status", data=b"{}", method="POST"
         )
@@ -99,6 +99,21 @@ class EtcdMember:
                 return dict(json.loads(r.read()))
         except (OSError, urllib.error.URLError, ValueError):
             return None
+
+    def _netns_status(self, timeout: float) -> dict[str, object] | None:
+        """``status()`` of a member inside a namespace, through etcdctl (same shape)."""
+        cmd = ["ip", "netns", "exec", self.netns or "", "etcdctl", "--endpoints", self.endpoint,
+               "--command-timeout", f"{timeout}s", "-w", "json", "endpoint", "status"]  # fmt: skip
+        try:
+            r = subprocess.run(cmd, check=False, capture_output=True, timeout=timeout + 5,
+                               env={**os.environ, "ETCDCTL_API": "3"})  # fmt: skip
+            doc = json.loads(r.stdout) if r.returncode == 0 else None
+        except (subprocess.TimeoutExpired, ValueError):
+            return None
+        if not isinstance(doc, list) or not doc or not isinstance(doc[0], dict):
+            return None
+        st = doc[0].get("Status")
+        return dict(st) if isinstance(st, dict) else None
 
     def healthy(self, timeout: float = 1.0) -> bool:
         if self.netns:
@@ -201,18 +216,28 @@ class EtcdCluster:
         member.start(self.initial_cluster, self.token, state="existing")
         self.wait_healthy(timeout, [member])
 
+    def start_stopped(self, timeout: float = 30.0) -> list[EtcdMember]:
+        """Start every member that is not running, together (a cluster that lost its quorum
+        gets it back only when enough members run), on their own data dirs; wait until all
+        are healthy. Returns the members started."""
+        todo = [m for m in self.members if not m.alive]
+        for m in todo:
+            m.start(self.initial_cluster, self.token, state="existing")
+        self.wait_healthy(timeout)
+        return todo
+
     def leader(self) -> EtcdMember | None:
+        """The running member the answering members name as leader (None during an election);
+        members in a namespace are asked through etcdctl."""
+        ids: dict[str, EtcdMember] = {}
+        leaders: list[str] = []
         for m in self.members:
-            st = m.status()
-            if not st:
-                continue
-            leader_id = str(st.get("leader"))
-            for cand in self.members:
-                cst = cand.status()
-                header = cst.get("header") if cst else None
-                if isinstance(header, dict) and str(header.get("member_id")) == leader_id:
-                    return cand
-        return None
+            st = m.status() if m.alive else None
+            header = st.get("header") if st else None
+            if st and isinstance(header, dict):
+                ids[str(header.get("member_id"))] = m
+                leaders.append(str(st.get("leader")))
+        return next((ids[i] for i in leaders if i in ids), None)
 
     @staticmethod
     def log_tail(m: EtcdMember, n: int = 2000) -> str:

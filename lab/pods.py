@@ -75,12 +75,13 @@ def netconf(version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
 
 
 def cni(lab: Lab, node: str, verb: str, cid: str, netns: str, conf: dict[str, Any] | None = None,
-        ifname: str = "eth0", timeout: float = 90.0) -> tuple[int, Any]:  # fmt: skip
-    """Run the installed plugin like a runtime: (exit code, stdout JSON or None)."""
+        ifname: str = "eth0", timeout: float = 90.0, args: str = "") -> tuple[int, Any]:  # fmt: skip
+    """Run the installed plugin like a runtime: (exit code, stdout JSON or None). ``args``
+    is appended to CNI_ARGS (e.g. ``";IP=10.244.200.5"``)."""
     bin_dir = cni_dir(lab, node) / "bin"
     env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
            "CNI_PATH": f"{bin_dir}:/usr/lib/cni",
-           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}"}  # fmt: skip
+           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}{args}"}  # fmt: skip
     argv = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), str(bin_dir / "fabric")]
     r = lab.exec(node, argv, timeout=timeout, input=json.dumps(conf or netconf()))
     try:
@@ -99,11 +100,11 @@ def _free_name(lab: Lab, node: str) -> str:
             return cid
 
 
-def add(lab: Lab, node: str, name: str | None = None) -> Pod:
-    """A new pod on ``node``: a fresh namespace and a CNI ADD."""
+def add(lab: Lab, node: str, name: str | None = None, args: str = "") -> Pod:
+    """A new pod on ``node``: a fresh namespace and a CNI ADD (``args``: see ``cni``)."""
     cid = name or _free_name(lab, node)
     netns = lab.add_netns(f"{lab.plan.prefix}p{cid[:40]}")
-    code, doc = cni(lab, node, "ADD", cid, netns)
+    code, doc = cni(lab, node, "ADD", cid, netns, args=args)
     if code != 0:
         c = int(doc.get("code", 0)) if isinstance(doc, dict) else 0
         raise PodError(f"CNI ADD of {cid} on {node} failed: {doc}", c)
@@ -163,6 +164,8 @@ class Probe:
             self._proc.kill()
             self._proc.wait(5)
         self._t.join(5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
         got: set[int] = set()
         lost: set[int] = set()
         for ln in self._lines:
