@@ -25,6 +25,7 @@ import ipaddress
 import json
 import re
 import socket
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -202,13 +203,46 @@ def _announces(by_hop: Mapping[str, Any], attrs: PathAttrs, out: list[Announce])
         )
 
 
+class Prefix4(ipaddress.IPv4Network):
+    """An ``IPv4Network`` that computes its hash once. ipaddress recomputes it in Python on
+    every call (~0.2 us), and a received prefix is hashed about 15 times on its way to the
+    kernel (Adj-RIB-In, best paths, agent, route table). Equal to, and hashing like, the
+    ``IPv4Network`` of the same value."""
+
+    __slots__ = ("_hash",)
+
+    def __init__(self, address: str | tuple[int, int], strict: bool = True) -> None:
+        super().__init__(address, strict)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"IPv4Network('{self}')"
+
+
+# Received prefixes by their text, while anything else holds them (the RIB does until they
+# are withdrawn). A withdrawal or a re-announcement then yields the very object the RIB and
+# the route table hold: no parsing, and every dict lookup on the way matches by identity
+# instead of ipaddress's __eq__ (~0.5 us each). Halves the CPU of withdrawing 100k prefixes.
+_PREFIXES: weakref.WeakValueDictionary[str, IPNetwork] = weakref.WeakValueDictionary()
+
+
 def _net(text: str) -> IPNetwork:
-    """``a.b.c.d/n`` or an IPv6 CIDR; the IPv4 path avoids ipaddress's string parser (2x)."""
+    """``a.b.c.d/n`` or an IPv6 CIDR, interned (see ``_PREFIXES``); the IPv4 path avoids
+    ipaddress's string parser (2x)."""
+    net = _PREFIXES.get(text)
+    if net is not None:
+        return net
     if ":" in text:
-        return ipaddress.IPv6Network(text)
-    addr, _, plen = text.partition("/")
-    packed = socket.inet_pton(socket.AF_INET, addr)
-    return ipaddress.IPv4Network((int.from_bytes(packed, "big"), int(plen) if plen else 32))
+        net = ipaddress.IPv6Network(text)
+    else:
+        addr, _, plen = text.partition("/")
+        packed = socket.inet_pton(socket.AF_INET, addr)
+        net = Prefix4((int.from_bytes(packed, "big"), int(plen) if plen else 32))
+    _PREFIXES[text] = net
+    return net
 
 
 def _attrs(a: Mapping[str, Any]) -> PathAttrs:

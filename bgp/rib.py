@@ -135,7 +135,8 @@ class ImportPolicy:
         over eBGP or iBGP: inside one AS a route carrying it has left the AS and come back
         (RFC 4271 §9.1.2)."""
         a = announce.attrs
-        if self.router_id is not None and a.originator_id == self.router_id:
+        # None == address would run ipaddress's __eq__ (it raises and catches: 1.4 us/prefix)
+        if a.originator_id is not None and a.originator_id == self.router_id:
             return ORIGINATOR_IS_SELF
         if self.local_as in a.as_path and a.as_path.count(self.local_as) > self.allow_local_as.get(
             peer, 0

@@ -27,6 +27,29 @@ def test_ipam_bench_smoke() -> None:
 
 @pytest.mark.root
 @pytest.mark.lab
+def test_routes_bench_smoke() -> None:
+    """1,000 prefixes from a BIRD injector reach the kernel through fabricd and through BIRD."""
+    if os.geteuid() != 0:
+        pytest.skip("the routes benchmark builds a lab: needs root (network namespaces)")
+    r = subprocess.run([sys.executable, "-m", "lab.bench", "routes", "--quick"],
+                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    last = lines[-1]
+    assert list(last) == ["bench", "n", "fabric_install_s", "bird_install_s", "install_ratio",
+                          "fabric_withdraw_s", "bird_withdraw_s", "withdraw_ratio",
+                          "fabricd_rss_mb", "exabgp_rss_mb"]  # fmt: skip
+    assert last["bench"] == "routes" and last["n"] == 1000
+    per_n = lines[-2]  # the detailed line of the same run: what each kernel held
+    assert per_n["n"] == 1000 and per_n["rounds"] == 1
+    assert per_n["fabric_routes"] == 1000 and per_n["bird_routes"] == 1000
+    for key in ("fabric_install_s", "bird_install_s", "fabric_withdraw_s", "bird_withdraw_s"):
+        assert last[key] > 0, key
+    assert last["fabricd_rss_mb"] > 0 and last["exabgp_rss_mb"] > 0
+
+
+@pytest.mark.root
+@pytest.mark.lab
 def test_converge_bench_smoke() -> None:
     """Five rounds in two-rack: pod ADDs claiming new blocks, FRR networks from node2 and from
     tor1, each one timed into node3's kernel and split into hops at every capture point."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from lab.bench import report
 
-BENCHES = ["ipam", "converge"]
+BENCHES = ["ipam", "routes", "converge"]
 OUT = Path(__file__).resolve().parent.parent / "out"
 
 
