@@ -363,7 +363,7 @@ class Agent:
             if dst in own or self.workloads.owns(dst):  # a local pod's /32 stays on its veth
                 continue
             if hops:
-                self.routes.set(dst, KernelRoute(dst=dst, gateways=tuple(sorted(hops, key=str))))
+                self.routes.set(dst, KernelRoute(dst=dst, gateways=tuple(hops)))
             elif not self.converged and dst in self.adopted:
                 continue  # keep the adopted route until the RIB has converged
             else:
@@ -402,7 +402,7 @@ class Agent:
             desired.update(self.adopted)
         for dst, hops in self.rib.best().items():
             if hops:
-                desired[dst] = KernelRoute(dst=dst, gateways=tuple(sorted(hops, key=str)))
+                desired[dst] = KernelRoute(dst=dst, gateways=tuple(hops))
         for dst in self.intent.blackholes if self.intent is not None else ():
             desired[dst] = KernelRoute(dst=dst, blackhole=True)
         desired.update(self.workloads.routes())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 import os
@@ -62,20 +63,20 @@ def build(agent: Agent) -> dict[str, Any]:
             }
         )
     installed = agent.routes.installed()
+    # The first MAX_ROUTES by address without sorting (or copying) the whole table: at
+    # 100,000 routes a full sort every publish cost up to a second and a large heap.
+    first = heapq.nsmallest(
+        MAX_ROUTES, installed, key=lambda d: (d.version, int(d.network_address), d.prefixlen)
+    )
+    blackholes = sum(1 for r in installed.values() if r.blackhole)
     items: list[dict[str, Any]] = []
-    blackholes = 0
-    for dst, r in sorted(installed.items(), key=lambda kv: (kv[0].version, kv[0])):
+    for dst in first:
+        r = installed[dst]
         kind = "blackhole" if r.blackhole else "local" if r.dev is not None else "unicast"
-        blackholes += r.blackhole
-        if len(items) < MAX_ROUTES:
-            item: dict[str, Any] = {
-                "dst": str(dst),
-                "type": kind,
-                "via": [str(g) for g in r.gateways],
-            }
-            if r.dev is not None:
-                item["dev"] = r.dev
-            items.append(item)
+        item: dict[str, Any] = {"dst": str(dst), "type": kind, "via": [str(g) for g in r.gateways]}
+        if r.dev is not None:
+            item["dev"] = r.dev
+        items.append(item)
     return {
         "node": agent.cfg.node_name,
         "speaker": {

@@ -119,9 +119,17 @@ class RouteOp:
 
 
 def encode_route(
-    op: RouteOp, seq: int, proto: int, table: int, ifindexes: Mapping[str, int] | None = None
+    op: RouteOp,
+    seq: int,
+    proto: int,
+    table: int,
+    ifindexes: Mapping[str, int] | None = None,
+    ack: bool = True,
 ) -> bytes:
-    """One RTM_NEWROUTE or RTM_DELROUTE message; KeyError for a device not in ``ifindexes``."""
+    """One RTM_NEWROUTE or RTM_DELROUTE message; KeyError for a device not in ``ifindexes``.
+
+    ``ack`` False: the kernel answers only if the message fails (a batch asks for one
+    acknowledgement, on its last message, instead of one per route)."""
     r = op.route
     family = socket.AF_INET if r.dst.version == 4 else socket.AF_INET6
     body = [
@@ -130,12 +138,12 @@ def encode_route(
         _U32_ATTR.pack(8, RTA_PRIORITY, r.metric),
     ]
     if op.delete:
-        kind, flags = RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK
+        kind, flags = RTM_DELROUTE, NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
         rtm_type, scope = 0, RT_SCOPE_NOWHERE  # any type and scope, but only our protocol
     else:
         kind = RTM_NEWROUTE
         excl = NLM_F_EXCL if op.exclusive else NLM_F_REPLACE
-        flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | excl
+        flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0) | NLM_F_CREATE | excl
         rtm_type, scope = RTN_UNICAST, RT_SCOPE_UNIVERSE
         if r.blackhole:
             rtm_type = RTN_BLACKHOLE
@@ -219,22 +227,36 @@ class RouteSocket(NetlinkSocket):
         for start in range(0, len(ops), max(1, batch)):
             pending: dict[int, int] = {}  # seq -> index into ops
             parts = []
-            for i in range(start, min(start + batch, len(ops))):
+            last = 0  # seq of the last message in this batch
+            end = min(start + batch, len(ops))
+            for i in range(start, end):
+                seq = self._next_seq()
                 try:
-                    parts.append(encode_route(ops[i], self._next_seq(), proto, table, names))
+                    parts.append(encode_route(ops[i], seq, proto, table, names, i == end - 1))
                 except KeyError:
                     errors[i] = RouteError(ENODEV, f"no device {ops[i].route.dev}")
                     continue
-                pending[self._seq] = i
-            if parts:
-                self._send(b"".join(parts), "write routes")
-                self._drain_acks(pending, ops, errors)
+                pending[seq] = i
+                last = seq
+            if not parts:
+                continue
+            if pending[last] != end - 1:
+                # The batch's last op had no device: the ack goes on the last one sent.
+                parts[-1] = encode_route(ops[pending[last]], last, proto, table, names, True)
+            self._send(b"".join(parts), "write routes")
+            self._drain_acks(pending, last, ops, errors)
         return errors
 
     def _drain_acks(
-        self, pending: dict[int, int], ops: Sequence[RouteOp], errors: dict[int, RouteError]
+        self,
+        pending: dict[int, int],
+        last: int,
+        ops: Sequence[RouteOp],
+        errors: dict[int, RouteError],
     ) -> None:
-        while pending:
+        """Read answers until the batch's one acknowledgement (its last message, ``last``):
+        the kernel handles a batch in order, so every failure before it has arrived."""
+        while last in pending:
             for kind, flags, seq, msg in _messages(self._recv("read route acks")):
                 index = pending.pop(seq, None) if kind == NLMSG_ERROR else None
                 code = -_ERR.unpack_from(msg, 16)[0] if index is not None else 0
