@@ -40,6 +40,7 @@ from bgp.model import (
     IPAddress,
     IPNetwork,
     PathAttrs,
+    PeerGracefulRestart,
     PeerNotification,
     PeerState,
     PeerUpdate,
@@ -133,9 +134,32 @@ def _decode(msg: dict[str, Any]) -> Parsed:
                 peer, int(note["code"]), int(note["subcode"]), str(note.get("message", ""))
             )
         ]
+    if kind == "open":
+        return _open(msg["neighbor"])
     if kind == "relay":
         return RelayNotice(int(msg["pid"]), bool(msg["connected"]), int(msg["dropped"]))
     return []
+
+
+def _open(nb: Mapping[str, Any]) -> list[Event]:
+    """A received OPEN: its graceful-restart capability (RFC 4724). ExaBGP 5 labels the
+    per-family F bit (0x80, forwarding state preserved) "restart" in its JSON."""
+    if nb.get("direction", "receive") != "receive":
+        return []
+    opened = nb.get("open")
+    if not isinstance(opened, Mapping):
+        return []
+    peer = ipaddress.ip_address(nb["address"]["peer"])
+    caps = opened.get("capabilities") or {}
+    gr = caps.get("graceful-restart") if isinstance(caps, Mapping) else None
+    if not isinstance(gr, Mapping):
+        return [PeerGracefulRestart(peer, None)]
+    forwarding = frozenset(
+        fam.replace("/", " ")
+        for fam, flags in (gr.get("address-family-flags") or {}).items()
+        if isinstance(flags, list) and "restart" in flags
+    )
+    return [PeerGracefulRestart(peer, int(gr.get("time", 0)), forwarding)]
 
 
 def _state(nb: Mapping[str, Any]) -> list[Event]:

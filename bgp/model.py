@@ -499,13 +499,28 @@ class PeerNotification:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerGracefulRestart:
+    """The graceful-restart capability in the OPEN ``peer`` sent: its restart time (None:
+    no capability at all) and the families for which it preserves forwarding state across
+    a restart (RFC 4724 F bit). Only those families' routes are worth keeping as stale
+    when its session drops: a router that lists none (FRR's default helper mode) flushes
+    its own forwarding table when it stops."""
+
+    peer: IPAddress
+    restart_time: int | None
+    forwarding: frozenset[str] = frozenset()  # "ipv4 unicast", "ipv6 unicast"
+
+
+@dataclass(frozen=True, slots=True)
 class SpeakerRestarted:
     """The ExaBGP process was (re)started; every session starts from scratch."""
 
     restarts: int
 
 
-Event = PeerUpdate | PeerState | EndOfRib | PeerNotification | SpeakerRestarted
+Event = (
+    PeerUpdate | PeerState | EndOfRib | PeerNotification | PeerGracefulRestart | SpeakerRestarted
+)
 
 
 @dataclass(frozen=True, slots=True)

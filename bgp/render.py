@@ -115,6 +115,7 @@ def _neighbor(s: Session, generation: int) -> list[str]:
         "            parsed;",
         "            update;",
         "            notification;",
+        "            open;",
         "        }",
         "    }",
         "}",

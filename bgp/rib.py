@@ -29,6 +29,7 @@ from bgp.model import (
     Event,
     IPAddress,
     IPNetwork,
+    PeerGracefulRestart,
     PeerNotification,
     PeerState,
     PeerUpdate,
@@ -217,6 +218,9 @@ class Rib:
         self._restart: dict[IPAddress, float] = {}
         self._rejected_total: dict[IPAddress, int] = {}
         self._notified: set[IPAddress] = set()
+        # From each peer's last OPEN: its restart time and the families it preserves
+        # forwarding for (absent: no OPEN seen, treated as preserving everything).
+        self._peer_gr: dict[IPAddress, tuple[int | None, frozenset[str]]] = {}
         self._paths: dict[IPNetwork, dict[IPAddress, Announce]] = {}
         self._best: dict[IPNetwork, frozenset[IPAddress]] = {}
 
@@ -268,13 +272,24 @@ class Rib:
             if event.state is SessionState.DOWN:
                 graceful = event.peer not in self._notified and graceful_down(event.reason)
                 self._notified.discard(event.peer)
-                return self.peer_down(event.peer, graceful, now, self.restart_time(event.peer))
+                restart = self.restart_time(event.peer)
+                time_, forwarding = self._peer_gr.get(event.peer, (None, None))
+                if forwarding is not None:
+                    # RFC 4724: keep stale only what the peer forwards across its restart
+                    # (no family, e.g. FRR in helper mode: its FIB dies with it), and
+                    # never longer than the restart time it announced.
+                    graceful = graceful and bool(forwarding) and bool(time_)
+                    restart = min(restart, time_ or 0)
+                return self.peer_down(event.peer, graceful, now, restart)
             if event.state is SessionState.ESTABLISHED:
                 self._notified.discard(event.peer)
             return {}
         if isinstance(event, EndOfRib):
             version = _FAMILIES.get(event.family)
             return {} if version is None else self.sweep_stale(event.peer, version)
+        if isinstance(event, PeerGracefulRestart):
+            self._peer_gr[event.peer] = (event.restart_time, event.forwarding)
+            return {}
         if isinstance(event, PeerNotification):
             self._notified.add(event.peer)  # the session is going down, and not gracefully
             return {}

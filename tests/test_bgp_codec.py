@@ -14,6 +14,7 @@ from bgp.errors import SpeakerError, ValidationError
 from bgp.model import (
     Advert,
     EndOfRib,
+    PeerGracefulRestart,
     PeerNotification,
     PeerState,
     PeerUpdate,
@@ -259,3 +260,25 @@ def test_relay_notice_is_what_the_relay_writes() -> None:
     notice = parse_line(r.notice(False))
     assert isinstance(notice, RelayNotice) and notice.dropped == 5 and not notice.connected
     assert json.loads(r.notice(True))["connected"] is True
+
+
+def test_received_open_gives_the_peers_graceful_restart_capability() -> None:
+    head = '{"exabgp": "5.0.0", "time": 1.0, "type": "open", "neighbor": {"address": {"local": "10.0.0.2", "peer": "10.0.0.1"}, "asn": {"local": 65101, "peer": 65001}, "direction": "receive", '
+    frr = (
+        head
+        + '"open": {"version": 4, "asn": 65001, "hold_time": 9, "router_id": "10.255.255.2", "capabilities": {"graceful-restart": {"name": "graceful restart", "time": 120, "address-family-flags": { }, "restart-flags": [ ] }}}}}'
+    )
+    exa = (
+        head
+        + '"open": {"version": 4, "asn": 65001, "hold_time": 9, "router_id": "10.255.255.2", "capabilities": {"graceful-restart": {"name": "graceful restart", "time": 90, "address-family-flags": {"ipv4/unicast": [ "restart" ], "ipv6/unicast": [ ] }, "restart-flags": [ ] }}}}}'
+    )
+    bare = (
+        head
+        + '"open": {"version": 4, "asn": 65001, "hold_time": 9, "router_id": "10.255.255.2", "capabilities": {}}}}'
+    )
+    peer = ipaddress.ip_address("10.0.0.1")
+    assert parse_line(frr.encode()) == [PeerGracefulRestart(peer, 120, frozenset())]
+    assert parse_line(exa.encode()) == [PeerGracefulRestart(peer, 90, frozenset({"ipv4 unicast"}))]
+    assert parse_line(bare.encode()) == [PeerGracefulRestart(peer, None)]
+    sent = frr.replace('"direction": "receive"', '"direction": "send"')
+    assert parse_line(sent.encode()) == []

@@ -17,6 +17,7 @@ from bgp.model import (
     IPAddress,
     IPNetwork,
     PathAttrs,
+    PeerGracefulRestart,
     PeerNotification,
     PeerState,
     PeerUpdate,
@@ -549,3 +550,31 @@ def test_100k_prefixes_in_updates_of_25_stay_well_under_two_seconds() -> None:
     assert changed == len(nets)
     assert len(gone) == len(nets) and all(v == frozenset({B}) for v in gone.values())
     assert first < 2.0 and second < 2.0 and dropped < 2.0
+
+
+def test_peer_without_preserved_forwarding_is_flushed_on_a_clean_loss() -> None:
+    """FRR in helper mode lists no family in its graceful-restart capability: its FIB dies
+    with it, so its routes are dropped at once even without a NOTIFICATION."""
+    rib = loaded()
+    rib.apply(PeerGracefulRestart(A, 120, frozenset()), 0)
+    changes = rib.apply(down(A, "closing connection"), 10)
+    assert set(changes) == {net("10.244.2.0/26"), net("10.244.3.0/26"), net("fd10::/122")}
+    assert rib.stats(A).stale == 0
+
+
+def test_peer_without_the_capability_is_flushed_on_a_clean_loss() -> None:
+    rib = loaded()
+    rib.apply(PeerGracefulRestart(A, None), 0)
+    assert rib.apply(down(A, "closing connection"), 10)
+    assert not rib.routes_from(A)
+
+
+def test_peer_preserving_forwarding_keeps_stale_for_its_own_restart_time() -> None:
+    """A peer that preserves forwarding (a fabric node's ExaBGP) keeps its routes stale,
+    for the shorter of its announced restart time and ours (60 s here)."""
+    rib = loaded()
+    rib.apply(PeerGracefulRestart(A, 20, frozenset({"ipv4 unicast"})), 0)
+    assert rib.apply(down(A, "closing connection"), 10) == {}
+    assert rib.stats(A).stale == 3
+    assert rib.expire(29) == {}
+    assert set(rib.expire(31)) == {net("10.244.2.0/26"), net("10.244.3.0/26"), net("fd10::/122")}

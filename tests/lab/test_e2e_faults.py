@@ -436,14 +436,6 @@ def test_tor_powered_off_traffic_moves_to_the_other(dual: Dual) -> None:
     _tor_down(dual, tor, stop, restore, "powered off")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="fabricd keeps a peer's routes as graceful-restart stale on any loss without "
-    "NOTIFICATION (bgp/rib.py graceful_down/peer_down), even from a peer whose GR capability "
-    "lists no address family (FRR's helper mode) or no preserved forwarding state (BIRD): "
-    "for 120 s the hosts send half their flows to a ToR that has flushed its routes",
-)
 def test_tor_routing_stopped_traffic_moves_to_the_other(dual: Dual) -> None:
     """tor1's FRR stopped (SIGTERM to zebra and bgpd, links up): zebra removes its kernel
     routes, bgpd closes the sessions without a NOTIFICATION."""
