@@ -503,12 +503,22 @@ class Rib:
         return out
 
 
+# Next-hop sets are few (one per peer or ECMP combination) but referenced by every prefix:
+# share one object per distinct set (100,000 routes via one router keep one frozenset).
+_HOPSETS: dict[frozenset[IPAddress], frozenset[IPAddress]] = {}
+
+
 def _select(paths: dict[IPAddress, Announce]) -> frozenset[IPAddress] | None:
     """The ECMP set: next hops of the routes with the shortest AS path."""
     if not paths:
         return None
     if len(paths) == 1:
         for ann in paths.values():
-            return frozenset((ann.next_hop,))
-    shortest = min(len(a.attrs.as_path) for a in paths.values())
-    return frozenset(a.next_hop for a in paths.values() if len(a.attrs.as_path) == shortest)
+            hops = frozenset((ann.next_hop,))
+            break
+    else:
+        shortest = min(len(a.attrs.as_path) for a in paths.values())
+        hops = frozenset(a.next_hop for a in paths.values() if len(a.attrs.as_path) == shortest)
+    if len(_HOPSETS) > 4096:
+        _HOPSETS.clear()
+    return _HOPSETS.setdefault(hops, hops)

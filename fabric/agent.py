@@ -181,6 +181,7 @@ class Agent:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._etcd_ok = (0.0, False)
+        self._gw_tuples: dict[frozenset[IPAddress], tuple[IPAddress, ...]] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -363,7 +364,7 @@ class Agent:
             if dst in own or self.workloads.owns(dst):  # a local pod's /32 stays on its veth
                 continue
             if hops:
-                self.routes.set(dst, KernelRoute(dst=dst, gateways=tuple(hops)))
+                self.routes.set(dst, KernelRoute(dst=dst, gateways=self._gateways(hops)))
             elif not self.converged and dst in self.adopted:
                 continue  # keep the adopted route until the RIB has converged
             else:
@@ -394,6 +395,15 @@ class Agent:
         log.info("RIB converged; removing %d adopted routes nobody announces", len(stale))
         self.adopted = {}
 
+    def _gateways(self, hops: frozenset[IPAddress]) -> tuple[IPAddress, ...]:
+        """One shared tuple per next-hop set (100,000 routes via one ToR share one)."""
+        got = self._gw_tuples.get(hops)
+        if got is None:
+            if len(self._gw_tuples) > 4096:
+                self._gw_tuples.clear()
+            got = self._gw_tuples[hops] = tuple(sorted(hops))
+        return got
+
     def _desired_routes(self) -> dict[IPNetwork, KernelRoute]:
         """The whole kernel table fabricd wants: local pods' host routes, then own blocks as
         blackholes, then best learned routes, then (until converged) adopted ones."""
@@ -402,7 +412,7 @@ class Agent:
             desired.update(self.adopted)
         for dst, hops in self.rib.best().items():
             if hops:
-                desired[dst] = KernelRoute(dst=dst, gateways=tuple(hops))
+                desired[dst] = KernelRoute(dst=dst, gateways=self._gateways(hops))
         for dst in self.intent.blackholes if self.intent is not None else ():
             desired[dst] = KernelRoute(dst=dst, blackhole=True)
         desired.update(self.workloads.routes())

@@ -89,8 +89,10 @@ class KernelRoute:
             raise ValueError(f"route {self.dst}: exactly one of gateways, blackhole, dev needed")
         if not 0 <= self.metric <= 0xFFFFFFFF:
             raise ValueError(f"route {self.dst}: metric {self.metric} out of range")
-        if any(gw.version != self.dst.version for gw in self.gateways):
-            raise ValueError(f"route {self.dst}: gateway of another address family")
+        version = self.dst.version
+        for gw in self.gateways:  # a loop, not any(genexpr): this runs once per route
+            if gw.version != version:
+                raise ValueError(f"route {self.dst}: gateway of another address family")
         if len(self.gateways) > 1:
             object.__setattr__(self, "gateways", tuple(sorted(set(self.gateways))))
         if self.dst.version == 6 and self.metric == 0:
