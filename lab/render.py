@@ -201,7 +201,7 @@ def fabricd_config(node: NodePlan, plan: Plan, run_dir: Path | None = None) -> d
             "prefix": ETCD_PREFIX,
         },
         "health": {"listen": "127.0.0.1:9099"},
-        "routes": {"protocol": ROUTE_PROTOCOL, "resyncInterval": 10},
+        "routes": {"protocol": ROUTE_PROTOCOL},
         "bgp": {"gracefulRestartTime": 120},
         "cni": {"socket": str(run / "cni.sock"), "stateDir": str(run / "state")},
         "runDir": str(run),

@@ -26,6 +26,10 @@ def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
         )
         cfg = lab.fabricd_config_path(h)
         text = cfg.read_text().replace("addresses:\n", f"addresses:\n  ipv6: fd00:8::{i}/64\n", 1)
+        # a short kernel resync, so the repair test does not wait a minute
+        text = text.replace(
+            "routes:\n  protocol: 201\n", "routes:\n  protocol: 201\n  resyncInterval: 10\n"
+        )
         cfg.write_text(text)
     lab.start_fabric()
     return lab
@@ -151,7 +155,7 @@ def test_kernel_resync_repairs_a_route_removed_behind_its_back(
     lab.wait_for(lambda: block in lab.kernel_routes("node1"), 20, what=f"{block} on node1")
     lab.exec("node1", ["ip", "route", "del", block, "proto", "201"], check=True)
     assert block not in lab.kernel_routes("node1")
-    # resyncInterval is 10 s in the lab's fabricd config
+    # resyncInterval is 10 s in this module's fabricd config (see the fixture)
     lab.wait_for(lambda: block in lab.kernel_routes("node1"), 25, what="route repaired")
 
 
