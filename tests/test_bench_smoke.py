@@ -70,3 +70,25 @@ def test_converge_bench_smoke() -> None:
         assert detail[kind]["samples"] == 5, kind
         assert set(detail[kind]["hops_p50_ms"]) == hops, kind  # every capture point saw it
     assert detail["fabric"]["add_p50_ms"] > 0
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_cni_bench_smoke() -> None:
+    """20 ADD/DEL cycles through the installed fabric plugin and through ptp + host-local."""
+    if os.geteuid() != 0:
+        pytest.skip("the cni benchmark builds a lab: needs root (network namespaces)")
+    if not os.path.exists("/usr/lib/cni/ptp"):
+        pytest.skip("the reference plugins are not installed (containernetworking-plugins)")
+    r = subprocess.run([sys.executable, "-m", "lab.bench", "cni", "--quick"],
+                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    last = lines[-1]
+    assert list(last) == ["bench", "n", "fabric_add_p50_ms", "fabric_add_p99_ms",
+                          "ref_add_p50_ms", "add_ratio", "fabric_del_p50_ms", "ref_del_p50_ms",
+                          "del_ratio"]  # fmt: skip
+    assert last["bench"] == "cni" and last["n"] == 20
+    assert all(v > 0 for k, v in last.items() if k != "bench"), last
+    detail = lines[-2]  # the same run with min/p90/max of every series
+    assert detail["n"] == 20 and detail["fabric_add_min_ms"] <= last["fabric_add_p50_ms"]
