@@ -1,6 +1,6 @@
 """CNI error codes and the one error type, rendered as the spec's error JSON.
 
-Codes 0-99 are the spec's; 100 and up are this plugin's own (docs/cni.md has the table).
+Codes 0-99 are the spec's; 100 and up are this plugin's own (docs/design/cni.md has the table).
 Every error a verb can return is a ``CNIError``; anything else that escapes a verb is a bug
 and is reported as ``INTERNAL`` (999, as libcni's ``ErrInternal``).
 """

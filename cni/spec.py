@@ -199,7 +199,7 @@ class IPAMConf:
     ``pools``: names or CIDRs; when given, the families assigned are those of the pools.
     Otherwise ``assign_ipv4`` (default true) and ``assign_ipv6`` (default false) choose, from
     the pools whose nodeSelector matches the node. ``address_prefix``, ``gateway`` and
-    ``routes`` shape what the IPAM-only plugin returns (see docs/cni.md: ptp and bridge).
+    ``routes`` shape what the IPAM-only plugin returns (see docs/design/cni.md: ptp and bridge).
     """
 
     type: str = ""

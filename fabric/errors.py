@@ -91,7 +91,7 @@ def _join(resource: str, field: str, problem: str) -> str:
 
 
 # CNI ----------------------------------------------------------------------------------------
-# What a CNI verb's failure becomes for the runtime (docs/cni.md, "Error codes"). Order
+# What a CNI verb's failure becomes for the runtime (docs/design/cni.md, "Error codes"). Order
 # matters as above. Dataplane and netlink errors are looked up lazily: fabricctl never loads
 # pyroute2 to start.
 

@@ -2,7 +2,7 @@
 plugins, on top of PodIPAM (addresses), the Dataplane (veth pair, addresses and routes in
 the pod) and the agent's RouteTable (the host route ``<pod>/32 dev <veth>``, owned by fabricd).
 
-Contracts (docs/cni.md has the whole story):
+Contracts (docs/design/cni.md has the whole story):
 
 - ADD writes the state record (``adding``) before its first side effect and undoes every
   step it did, in reverse, when a later one fails or it is cancelled; the record goes only

@@ -4,7 +4,7 @@ network ``fabricctl cni install`` wrote. The container gets its address from fab
 holds it for podman's container ID, node1 routes it to the container's veth) and pings a pod
 on node3, in the other rack; removing the container releases the address.
 
-What podman needs on this machine (docs/cni.md, "Chaining and runtimes"):
+What podman needs on this machine (docs/design/cni.md, "Chaining and runtimes"):
 - it runs through ``nsenter --net`` into the node's namespace: ``ip netns exec`` remounts
   /sys and hides the cgroup mounts (crun/runc fail on '/sys/fs/cgroup');
 - runc, not crun (crun 1.8 refuses the hybrid cgroup layout), cgroupfs (no systemd);
