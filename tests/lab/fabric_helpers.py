@@ -7,6 +7,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lab.runner import Lab
@@ -47,3 +51,28 @@ def route_via(lab: Lab, node: str, prefix: str) -> str | None:
 
 def in_net(ip: str, net: str) -> bool:
     return ipaddress.ip_address(ip) in ipaddress.ip_network(net)
+
+
+@contextmanager
+def watching(check: Callable[[], bool], interval: float = 0.1) -> Iterator[list[float]]:
+    """Run ``check`` every ``interval`` s in the background; yields the times it failed."""
+    failures: list[float] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                ok = check()
+            except Exception:
+                ok = False
+            if not ok:
+                failures.append(time.monotonic())
+            stop.wait(interval)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield failures
+    finally:
+        stop.set()
+        t.join()

@@ -17,14 +17,12 @@ import json
 import os
 import re
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
-from fabric_helpers import status
+from fabric_helpers import status, watching
 
 from lab import pods, procs, routers
 from lab.pods import Flows, Pod
@@ -110,31 +108,6 @@ def set_links(lab: Lab, node: str, state: str) -> None:
         hops = f"via {gws[0]}" if len(gws) == 1 else " ".join(f"nexthop via {g}" for g in gws)
         cmds.append(f"ip route replace default {hops}")
     lab.exec(node, "; ".join(cmds), check=True)
-
-
-@contextmanager
-def watching(check: Callable[[], bool], interval: float = 0.1) -> Iterator[list[float]]:
-    """Run ``check`` every ``interval`` s in the background; yields the times it failed."""
-    failures: list[float] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                ok = check()
-            except Exception:
-                ok = False
-            if not ok:
-                failures.append(time.monotonic())
-            stop.wait(interval)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
-        yield failures
-    finally:
-        stop.set()
-        t.join()
 
 
 def first_true(checks: dict[str, Callable[[], bool]], t0: float, timeout: float

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import pytest
-from fabric_helpers import allocate, status
+from fabric_helpers import allocate, status, watching
 
 from lab.runner import Lab
 
@@ -41,27 +38,6 @@ def blocks(lab: Lab) -> dict[str, str]:
                     what=f"{block} on {other}",
                 )
     return got
-
-
-@contextmanager
-def watching(check: Callable[[], bool], interval: float = 0.1) -> Iterator[list[float]]:
-    """Run ``check`` every ``interval`` s in the background; yields the times it failed."""
-    failures: list[float] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            if not check():
-                failures.append(time.monotonic())
-            stop.wait(interval)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
-        yield failures
-    finally:
-        stop.set()
-        t.join()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
