@@ -83,23 +83,36 @@ def _in_spec(e: ValidationError, res: str) -> ValidationError:
 def peer_from_spec(name: str, spec: Mapping[str, Any]) -> Peer:
     """A validated Peer from a Calico-shaped spec; errors name ``spec.<field>``."""
     res = f"BGPPeer {name}"
-    d = dict(spec)
     try:
-        _password_file(d, "password", "passwordFile", res)
-        for f in _PEER_DURATIONS:
-            if f in d:
-                d[f] = parse_duration(d[f], f, res)
+        d = _normalised(spec, "password", "passwordFile", _PEER_DURATIONS, res)
         return Peer.from_json(name, d, check_selector)
     except ValidationError as e:
         raise _in_spec(e, res) from e
 
 
-def peer_spec(peer: Peer) -> dict[str, Any]:
-    d = peer.to_json()
-    pw = d.pop("passwordFile", None)
-    if pw is not None:
-        d["password"] = {"file": pw}
+def _normalised(
+    spec: Mapping[str, Any], pw_key: str, pw_file_key: str, durations: tuple[str, ...], res: str
+) -> dict[str, Any]:
+    """The stored form of a spec: ``{pw_key: {file: F}}`` as ``pw_file_key: F``, Calico
+    durations ("90s", "1m30s") as seconds."""
+    d = dict(spec)
+    _password_file(d, pw_key, pw_file_key, res)
+    for f in durations:
+        if f in d:
+            d[f] = parse_duration(d[f], f, res)
     return d
+
+
+def _with_password_ref(d: dict[str, Any], pw_file_key: str, pw_key: str) -> dict[str, Any]:
+    """The inverse for display: ``pw_file_key: F`` back to ``{pw_key: {file: F}}``."""
+    pw = d.pop(pw_file_key, None)
+    if pw is not None:
+        d[pw_key] = {"file": pw}
+    return d
+
+
+def peer_spec(peer: Peer) -> dict[str, Any]:
+    return _with_password_ref(peer.to_json(), "passwordFile", "password")
 
 
 def config_from_spec(name: str, spec: Mapping[str, Any]) -> BGPConfig:
@@ -107,23 +120,15 @@ def config_from_spec(name: str, spec: Mapping[str, Any]) -> BGPConfig:
     if name != BGP_CONFIG_NAME:
         raise ValidationError("metadata.name", f"must be {BGP_CONFIG_NAME!r} (per-node "
                               "BGPConfiguration overrides are not supported)", res)  # fmt: skip
-    d = dict(spec)
     try:
-        _password_file(d, "nodeMeshPassword", "nodeMeshPasswordFile", res)
-        for f in _MESH_DURATIONS:
-            if f in d:
-                d[f] = parse_duration(d[f], f, res)
+        d = _normalised(spec, "nodeMeshPassword", "nodeMeshPasswordFile", _MESH_DURATIONS, res)
         return BGPConfig.from_json(d, res)
     except ValidationError as e:
         raise _in_spec(e, res) from e
 
 
 def config_spec(cfg: BGPConfig) -> dict[str, Any]:
-    d = cfg.to_json()
-    pw = d.pop("nodeMeshPasswordFile", None)
-    if pw is not None:
-        d["nodeMeshPassword"] = {"file": pw}
-    return d
+    return _with_password_ref(cfg.to_json(), "nodeMeshPasswordFile", "nodeMeshPassword")
 
 
 # apply / get / delete ----------------------------------------------------------------------

@@ -68,7 +68,7 @@ def build(agent: Agent) -> dict[str, Any]:
     first = heapq.nsmallest(
         MAX_ROUTES, installed, key=lambda d: (d.version, int(d.network_address), d.prefixlen)
     )
-    blackholes = sum(1 for r in installed.values() if r.blackhole)
+    counts = agent.routes.stats()
     items: list[dict[str, Any]] = []
     for dst in first:
         r = installed[dst]
@@ -88,7 +88,8 @@ def build(agent: Agent) -> dict[str, Any]:
         "announcements": sorted(str(a.prefix) for a in agent.speaker.announced()),
         "routes": {
             "installed": len(installed),
-            "blackholes": blackholes,
+            "blackholes": counts.blackholes,
+            "local": counts.devices,
             "truncated": len(installed) > MAX_ROUTES,
             "items": items,
         },
@@ -105,10 +106,9 @@ def update_metrics(agent: Agent, doc: dict[str, Any]) -> None:
         )
         for s in doc["sessions"]
     )
-    counts = {"unicast": 0, "blackhole": 0, "local": 0}
-    for r in agent.routes.installed().values():
-        counts["blackhole" if r.blackhole else "local" if r.dev is not None else "unicast"] += 1
-    m.set_routes(**counts)
+    routes = doc["routes"]
+    blackhole, local = routes["blackholes"], routes["local"]
+    m.set_routes(unicast=routes["installed"] - blackhole - local, blackhole=blackhole, local=local)
     m.set_announcements(len(doc["announcements"]))
     if agent.intent is not None:
         m.set_ipam(len(agent.intent.blackholes))
