@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -31,6 +32,7 @@ from fabric.netlink import (
     dump_routes,
     write_routes,
 )
+from fabric.netlink.core import _Interrupted
 from fabric.netlink.routes import _wanted
 from lab import netns as labns
 
@@ -211,6 +213,54 @@ def test_per_route_errors_by_index_across_batches(ns: str) -> None:
     assert {i: e.errno for i, e in again.items()} == dict.fromkeys(range(5), errno.EEXIST)
     assert write_routes([RouteOp(r, delete=True) for r in good], PROTO, netns=ns) == {}
     assert dump_routes(PROTO, netns=ns) == []
+
+
+@pytest.mark.root
+def test_device_routes_written_while_links_churn(ns: str) -> None:
+    """Pods starting beside a route write (a CNI ADD storm) make link dumps come back
+    interrupted; resolving the devices by name must not fail because of it."""
+    standing = "".join(f"link add s{i} type veth peer name t{i}\n" for i in range(150))
+    subprocess.run(["ip", "-n", ns, "-batch", "-"], input=standing, text=True, check=True)
+    stop, rounds = threading.Event(), []
+
+    def churn(k: int) -> None:
+        script = "".join(f"link add c{k}x{i} type veth peer name d{k}x{i}\nlink del c{k}x{i}\n"
+                         for i in range(100))  # fmt: skip
+        while not stop.is_set():
+            done = subprocess.run(["ip", "-n", ns, "-batch", "-"], input=script, text=True,
+                                  capture_output=True, check=False)  # fmt: skip
+            rounds.append(done.returncode)
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        with closing(netlink.RouteSocket(ns)) as sock:
+            assert sock.indexes_of(["v1", "nosuchdev", "v1"]).keys() == {"v1"}
+            for i in range(500):
+                dst = IPv4Network((0x0A4E_0400 + i, 32))
+                assert sock.write([RouteOp(KernelRoute(dst, dev="v1"))], PROTO) == {}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert rounds and set(rounds) == {0}  # links really came and went meanwhile
+    assert len(dump_routes(PROTO, netns=ns)) == 500
+
+
+@pytest.mark.root
+def test_a_route_write_never_depends_on_a_link_dump(ns: str) -> None:
+    """However often the kernel flags link dumps interrupted, device routes are written."""
+
+    class AlwaysInterrupted(netlink.RouteSocket):
+        def _link_indexes(self) -> dict[str, int]:
+            raise _Interrupted
+
+    with closing(AlwaysInterrupted(ns)) as sock:
+        with pytest.raises(NetlinkError, match="interrupted"):
+            sock.link_indexes()
+        assert sock.write([RouteOp(KernelRoute(N("10.78.4.9/32"), dev="v1"))], PROTO) == {}
+    assert dump_routes(PROTO, netns=ns) == [KernelRoute(N("10.78.4.9/32"), dev="v1")]
 
 
 @pytest.mark.root

@@ -14,7 +14,8 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
-from errno import ENODEV
+from contextlib import suppress
+from errno import EINTR, ENODEV
 from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, IPv6Network
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ from fabric.netlink.core import (
     _attr,
     _attrs,
     _ext_ack_message,
+    _Interrupted,
     _messages,
 )
 from fabric.netlink.routes import (
@@ -315,12 +317,20 @@ class LinkSocket(RouteSocket):
         return True
 
     def addresses(self, index: int) -> list[IPInterface]:
-        """The addresses on link ``index`` (both families)."""
-        out = []
-        for kind, msg in self._dump(RTM_GETADDR, _IFADDR.pack(0, 0, 0, 0, index)):
-            if kind == RTM_NEWADDR and (found := _decode_address(msg)) and found[0] == index:
-                out.append(found[1])
-        return out
+        """The addresses on link ``index`` (both families). A dump the kernel marks
+        interrupted (addresses changed meanwhile) is redone."""
+        for _ in range(5):
+            with suppress(_Interrupted):
+                out = []
+                for kind, msg in self._dump(RTM_GETADDR, _IFADDR.pack(0, 0, 0, 0, index)):
+                    if (
+                        kind == RTM_NEWADDR
+                        and (found := _decode_address(msg))
+                        and found[0] == index
+                    ):
+                        out.append(found[1])
+                return out
+        raise NetlinkError("failed to dump addresses: interrupted 5 times", EINTR)
 
 
 def _refused(what: str, code: int, text: str) -> NetlinkError:

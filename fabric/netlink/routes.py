@@ -13,9 +13,9 @@ import os
 import re
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from errno import ENODEV, ESRCH
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -225,7 +225,7 @@ class RouteSocket(NetlinkSocket):
         sent). NetlinkError when the socket fails: what was applied is unknown (dump it).
         """
         errors: dict[int, RouteError] = {}
-        names = self.link_indexes() if any(op.route.dev for op in ops) else {}
+        names = self.indexes_of(op.route.dev for op in ops if op.route.dev)
         for start in range(0, len(ops), max(1, batch)):
             pending: dict[int, int] = {}  # seq -> index into ops
             parts = []
@@ -276,7 +276,7 @@ class RouteSocket(NetlinkSocket):
         raise NetlinkError(f"failed to dump table {table}: interrupted 5 times", errno_mod.EINTR)
 
     def _dump_routes(self, table: int, proto: int | None) -> list[DumpedRoute]:
-        names = {index: name for name, index in self.link_indexes().items()}
+        oifs = _Oifs()  # device names are looked up after the dump, only those routes use
         out = []
         for family in (socket.AF_INET, socket.AF_INET6):
             request = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0) + _U32_ATTR.pack(
@@ -285,9 +285,37 @@ class RouteSocket(NetlinkSocket):
             for kind, msg in self._dump(RTM_GETROUTE, request):
                 if kind == RTM_NEWROUTE and _wanted(msg, table, proto):
                     with suppress(ValueError):  # a shape KernelRoute refuses is not ours
-                        if (dumped := decode_route(msg, names)) is not None:
+                        if (dumped := decode_route(msg, oifs)) is not None:
                             out.append(dumped)
+        if oifs.seen:
+            names = self.names_of(oifs.seen.values())
+            for i, (p, route) in enumerate(out):
+                if route.dev is not None and (oif := oifs.seen.get(route.dev)) is not None:
+                    dev = names.get(oif, f"if{oif}")  # gone since: a name no link has
+                    out[i] = DumpedRoute(p, replace(route, dev=dev))
         return out
+
+
+class _Oifs(Mapping[int, str]):
+    """Stands in for ifindex -> name while decoding a dump: each index gets a placeholder
+    no real interface can be called (it holds a NUL), resolved once the dump is read."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def get(self, oif: int, default: object = None) -> str:
+        name = f"\0{oif}"
+        self.seen[name] = oif
+        return name
+
+    def __getitem__(self, oif: int) -> str:
+        return self.get(oif)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.seen.values())
+
+    def __len__(self) -> int:
+        return len(self.seen)
 
 
 def _wanted(msg: memoryview, table: int, proto: int | None) -> bool:
