@@ -56,6 +56,7 @@ def test_mesh_session_text() -> None:
         "peer-as 64512;",
         "hold-time 9;",
         "manual-eor true;",
+        "adj-rib-in false;",
         "graceful-restart 120;",
         "route-refresh;",
         "ipv4 unicast;",
