@@ -16,7 +16,7 @@ from cni.result import IPAddress, IPInterface
 from cni.spec import Env, IPAMConf
 from ipam.allocator import Allocator, AssignedIP, AssignRequest
 from ipam.batch import BatchingAllocator
-from ipam.errors import ValidationError
+from ipam.errors import IPAMError, ValidationError
 
 
 def handle_id(network: str, container_id: str, ifname: str) -> str:
@@ -78,6 +78,21 @@ class PodIPAM:
             ]
         req = await self._request(owner, conf)
         return await self.batch.assign(req)  # idempotent per handle
+
+    async def families(
+        self, conf: IPAMConf, requested: tuple[IPAddress, ...] = ()
+    ) -> frozenset[int]:
+        """The IP versions :meth:`assign` will most likely give, without asking etcd (the
+        pools come from the cached settings): the dataplane is prepared for them while the
+        assignment runs. A guess: a handle holding addresses already may hold others, and an
+        invalid config is refused by assign itself."""
+        if requested:
+            return frozenset(ip.version for ip in requested)
+        try:
+            req = await self._request(Owner("", "", ""), conf)
+        except (IPAMError, ValueError):
+            return frozenset({4})
+        return frozenset(v for v, n in ((4, req.num_v4), (6, req.num_v6)) if n)
 
     async def _request(self, owner: Owner, conf: IPAMConf) -> AssignRequest:
         pools: dict[int, list[str]] = {4: [], 6: []}

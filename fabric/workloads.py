@@ -23,7 +23,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cni.errors import CNIError, Code
 from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Route, render
@@ -182,16 +182,23 @@ class Workloads:
             self.d.state.save(rec)
             undo.append(lambda: self._forget(rec.handle))
             undo.append(lambda: self.d.ipam.release(rec.handle))  # also a half-done assign
-            assign = self.d.ipam.assign(owner, conf.ipam, req.env.args.ips)
-            assigned = await _finish(asyncio.ensure_future(assign))
-            rec = replace(rec, ips=tuple(ipaddress.ip_interface(a.host_prefix) for a in assigned))
-            attach = asyncio.ensure_future(self.d.dataplane.attach(_attachment(rec)))
+            # the veth needs no address: it is made while etcd commits the assignment (first:
+            # its worker thread starts while the loop sends the transaction)
+            fams = await self.d.ipam.families(conf.ipam, req.env.args.ips)
+            create = asyncio.ensure_future(
+                self.d.dataplane.create(rec.container_id, rec.ifname, netns, rec.mtu, fams))  # fmt: skip
+            assign = asyncio.ensure_future(self.d.ipam.assign(owner, conf.ipam, req.env.args.ips))
             try:
-                got = await _finish(attach)
-            finally:  # a failed attach removed what it made; detaching then could remove a
-                if attach.done() and not attach.cancelled() and attach.exception() is None:
-                    undo.append(lambda: self.d.dataplane.detach(rec.container_id, rec.ifname,
-                                                                netns))  # fmt: skip
+                await _finish_all(assign, create)
+            finally:  # a failed create removed what it made (and a pod interface of that
+                if create.done() and not create.cancelled() and create.exception() is None:
+                    veth = create.result()  # name may be someone else's): undo only a success
+                    undo.append(lambda: self.d.dataplane.discard(veth))
+            assigned = assign.result()  # IPAM's error first: pool exhausted, etcd down
+            veth = create.result()
+            rec = replace(rec, ips=tuple(ipaddress.ip_interface(a.host_prefix) for a in assigned))
+            got = await _finish(asyncio.ensure_future(
+                self.d.dataplane.configure(veth, _attachment(rec))))  # fmt: skip
             rec = replace(rec, host_ifname=got.host_ifname, host_mac=got.host_mac,
                           pod_mac=got.pod_mac)  # fmt: skip
             undo.append(lambda: self._remove_routes(rec))
@@ -405,6 +412,16 @@ async def _finish(task: asyncio.Future[T]) -> T:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         await asyncio.wait([task])
+        raise
+
+
+async def _finish_all(*tasks: asyncio.Future[Any]) -> None:
+    """Await every task to its end, failed or not, even when cancelled meanwhile (then
+    re-raise): what each did must be known before anything is undone."""
+    try:
+        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+    except asyncio.CancelledError:
+        await asyncio.wait(tasks)
         raise
 
 

@@ -284,7 +284,8 @@ def test_fabricctl_cni_install(tmp_path: Path) -> None:
     for p in data["plugins"]:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o755
         text = Path(p).read_text()
-        assert text.startswith("#!/usr/bin/python3 -IS\n") and 'SOCKET = "/run/x/cni.sock"' in text
+        assert text.startswith("#!/usr/bin/python3 -IS\n")
+        assert f'run("/run/x/cni.sock", "{Path(p).name}")' in text
     conf = json.loads(Path(data["conflist"]).read_text())
     assert stat.S_IMODE(os.stat(data["conflist"]).st_mode) == 0o644
     assert conf["name"] == "k8s-pods"
@@ -292,7 +293,8 @@ def test_fabricctl_cni_install(tmp_path: Path) -> None:
     assert conf["plugins"][0] == {"type": "fabric", "mtu": 1450,
                                   "ipam": {"type": "fabric-ipam", "pools": ["pods", "fd00::/64"]}}  # fmt: skip
     assert conf["plugins"][1]["capabilities"] == {"portMappings": True}
-    assert sorted(p.name for p in (tmp_path / "bin").iterdir()) == ["fabric", "fabric-ipam"]
+    names = sorted(p.name for p in (tmp_path / "bin").iterdir())
+    assert names == [inst.SHIM_DIR, "fabric", "fabric-ipam"]
 
 
 @pytest.mark.parametrize(
@@ -324,3 +326,16 @@ def test_link_reference(tmp_path: Path) -> None:
     assert (tmp_path / "bin" / "portmap").resolve() == inst.REFERENCE_DIR / "portmap"
     again = inst.install(tmp_path / "bin", tmp_path / "net.d", "/run/x.sock", link=True)
     assert again.links == ()  # already there
+
+
+def test_installed_stub_runs_the_shim_from_its_install_time_pyc(tmp_path: Path) -> None:
+    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"))
+    shim_dir = tmp_path / "bin" / inst.SHIM_DIR
+    pycs = list((shim_dir / "__pycache__").glob(f"{inst.SHIM_MODULE}.*.pyc"))
+    assert len(pycs) == 1  # written by the plugins' interpreter at install time
+    before = pycs[0].stat().st_mtime_ns
+    for exe in done.plugins:
+        code, doc, _ = run(exe, ENV)  # nobody listens: the shim's own answer
+        assert code == 1 and doc["code"] == Code.TRY_AGAIN_LATER
+    assert pycs[0].stat().st_mtime_ns == before  # used as it is, not recompiled
+    assert len(done.plugins[0].read_text().splitlines()) < 10

@@ -35,24 +35,45 @@ NODE = "n1"
 
 @dataclass
 class FakeDataplane:
+    """create (while IPAM runs) + configure, like the real one; ``attached`` by host name."""
+
     attached: dict[str, dp.Attachment] = field(default_factory=dict)
-    fail_attach: BaseException | None = None
+    created: set[str] = field(default_factory=set)  # pairs made, not configured yet
+    fail_create: BaseException | None = None
+    fail_attach: BaseException | None = None  # configure fails (after removing the pair)
     problems: list[str] = field(default_factory=list)
     attach_delay: float = 0.0
     calls: list[str] = field(default_factory=list)
 
-    async def attach(self, a: dp.Attachment) -> dp.Attached:
-        self.calls.append("attach")
+    async def create(self, container_id: str, ifname: str, netns: str, mtu: int,
+                     fams: frozenset[int]) -> dp.Veth:  # fmt: skip
+        self.calls.append("create")
+        if self.fail_create is not None:
+            raise self.fail_create
+        host = dp.host_ifname(container_id, ifname)
+        self.created.add(host)
+        return dp.Veth(container_id, ifname, netns, mtu, fams, host, "0a:00:00:00:00:01", 1, 2,
+                       -1, None)  # fmt: skip
+
+    async def configure(self, veth: dp.Veth, a: dp.Attachment) -> dp.Attached:
+        self.calls.append("configure")
         await asyncio.sleep(self.attach_delay)
+        self.created.discard(veth.host_ifname)
         if self.fail_attach is not None:
             raise self.fail_attach
-        host = dp.host_ifname(a.container_id, a.ifname)
-        self.attached[host] = a
-        return dp.Attached(host, dp.HOST_MAC, a.ifname, "0a:00:00:00:00:01", a.netns, a.ips, 2)
+        self.attached[veth.host_ifname] = a
+        return veth.attached(a)
+
+    async def discard(self, veth: dp.Veth) -> None:
+        self.calls.append("discard")
+        self.created.discard(veth.host_ifname)
+        self.attached.pop(veth.host_ifname, None)
 
     async def detach(self, container_id: str, ifname: str, netns: str | None) -> bool:
         self.calls.append("detach")
-        return self.attached.pop(dp.host_ifname(container_id, ifname), None) is not None
+        host = dp.host_ifname(container_id, ifname)
+        self.created.discard(host)
+        return self.attached.pop(host, None) is not None
 
     async def check(self, a: dp.Attachment) -> list[str]:
         return list(self.problems)
@@ -178,10 +199,11 @@ def test_second_add_same_attachment_same_address(make: Any) -> None:
         async with make() as e:
             _, first = await e.call("ADD")
             _, again = await e.call("ADD")
-            assert again == first and e.dp.calls == ["attach"]
+            assert again == first and e.dp.calls == ["create", "configure"]
             e.dp.problems = ["pod interface eth0 is missing"]  # broken: rebuilt, same address
             _, rebuilt = await e.call("ADD")
-            assert rebuilt["ips"] == first["ips"] and e.dp.calls == ["attach", "detach", "attach"]
+            assert rebuilt["ips"] == first["ips"]
+            assert e.dp.calls == ["create", "configure", "detach", "create", "configure"]
             assert len(await e.held("net.c1.eth0")) == 1
 
     asyncio.run(go())
@@ -218,7 +240,37 @@ def test_attach_failure_rolls_back(make: Any, failure: BaseException, code: int)
             assert got == 1 and err["code"] == code
             assert await e.held("net.c1.eth0") == [] and state_files(e) == []
             assert e.routes.desired == {} and e.w.records == {}
-            assert e.dp.calls == ["attach"]  # a failed attach is not detached: not ours
+            assert e.dp.calls == ["create", "configure", "discard"]  # by host name only
+            assert e.dp.created == set() and e.dp.attached == {}
+
+    asyncio.run(go())
+
+
+def test_create_failure_releases_what_ipam_gave(make: Any) -> None:
+    """The veth half fails while the IPAM half succeeds: the address goes back, and a failed
+    create (e.g. the pod's eth0 is someone else's) is never detached."""
+
+    async def go() -> None:
+        async with make() as e:
+            e.dp.fail_create = dp.InterfaceExists("eth0 exists")
+            got, err = await e.call("ADD")
+            assert got == 1 and err["code"] == Code.INTERFACE_EXISTS
+            assert await e.held("net.c1.eth0") == [] and state_files(e) == []
+            assert e.dp.calls == ["create"] and e.w.records == {}
+
+    asyncio.run(go())
+
+
+def test_ipam_failure_discards_the_veth_made_meanwhile(make: Any) -> None:
+    """The IPAM half fails (pool exhausted) while the veth half succeeded: the pair goes."""
+
+    async def go() -> None:
+        async with make() as e:
+            code, err = await e.call("ADD", ipam={"type": "fabric-ipam", "pools": ["nope"]})
+            assert code == 1 and err["code"] == Code.INVALID_CONFIG
+            assert e.dp.calls == ["create", "discard"] and e.dp.created == set()
+            assert e.dp.attached == {} and state_files(e) == [] and e.w.records == {}
+            assert await e.held("net.c1.eth0") == []
 
     asyncio.run(go())
 
@@ -229,7 +281,7 @@ def test_route_failure_rolls_back(make: Any) -> None:
             e.routes.refuse.add(dp.host_ifname("c1", "eth0"))
             code, err = await e.call("ADD")
             assert code == 1 and err["code"] == Code.HOST_ROUTE_FAILURE
-            assert e.dp.attached == {} and e.dp.calls == ["attach", "detach"]
+            assert e.dp.attached == {} and e.dp.calls == ["create", "configure", "discard"]
             assert await e.held("net.c1.eth0") == [] and state_files(e) == []
             assert e.routes.desired == {}
 
@@ -247,7 +299,7 @@ def test_cancelled_add_rolls_back(make: Any) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert await e.held("net.c1.eth0") == [] and state_files(e) == []
-            assert e.dp.attached == {} and e.dp.calls == ["attach", "detach"]
+            assert e.dp.attached == {} and e.dp.calls == ["create", "configure", "discard"]
 
     asyncio.run(go())
 

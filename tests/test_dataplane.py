@@ -360,3 +360,58 @@ def test_timing(spaces: Namespaces, node: str, v6: bool) -> None:
               f"median {statistics.median(ms):.2f} p90 {ms[int(len(ms) * 0.9)]:.2f} "
               f"max {ms[-1]:.2f}")  # fmt: skip
     assert statistics.median(add) < 0.015
+
+
+# ---------------------------------------------------------------- create, then configure
+
+
+def test_create_then_configure_is_attach(spaces: Namespaces, node: str, dp: Dataplane) -> None:
+    path = spaces.pod()
+    veth = run(dp.create("c-split", "eth0", path, 1500, frozenset({4})))
+    host = host_ifname("c-split", "eth0")
+    assert fab_links(node) == [host] and "UP" in links(Path(path).name)["eth0"]["flags"]
+    a = Attachment("c-split", "eth0", path, (V4,))
+    got = run(dp.configure(veth, a))
+    assert (got.host_ifname, got.pod_ifindex, veth.sock) == (host, veth.pod_index, None)
+    assert run(dp.check(a)) == []
+    with pytest.raises(DataplaneError):  # closed: configured once
+        run(dp.configure(veth, a))
+    assert run(dp.detach("c-split", "eth0", path)) is True
+
+
+def test_discard_of_a_created_pair_leaves_nothing(
+    spaces: Namespaces, node: str, dp: Dataplane
+) -> None:
+    path = spaces.pod()
+    veth = run(dp.create("c-gone", "eth0", path, 1500, frozenset({4, 6})))
+    run(dp.discard(veth))
+    assert fab_links(node) == [] and set(links(Path(path).name)) == {"lo"}
+    run(dp.discard(veth))  # idempotent
+    again = run(dp.create("c-gone", "eth0", path, 1500, frozenset({4})))  # the claim is free
+    run(dp.discard(again))
+    assert fab_links(node) == []
+
+
+def test_failed_configure_removes_the_pair(spaces: Namespaces, node: str, dp: Dataplane) -> None:
+    path = spaces.pod()
+    veth = run(dp.create("c-bad", "eth0", path, 1500, frozenset({4})))
+    bad = Attachment("c-bad", "eth0", path, (V4,), sysctls={"net.ipv4.no_such_sysctl": "1"})
+    with pytest.raises(DataplaneError, match="no_such_sysctl"):
+        run(dp.configure(veth, bad))
+    assert fab_links(node) == [] and set(links(Path(path).name)) == {"lo"}
+    veth = run(dp.create("c-bad", "eth0", path, 1500, frozenset({4})))
+    with pytest.raises(InvalidAttachment):  # not what the pair was made for
+        run(dp.configure(veth, Attachment("c-bad", "eth0", path, (V4,), mtu=1400)))
+    assert fab_links(node) == []
+
+
+def test_configure_with_other_versions_than_created(
+    spaces: Namespaces, node: str, dp: Dataplane
+) -> None:
+    """IPAM gave IPv4 and IPv6 where IPv4 was expected: a pair made for both replaces it."""
+    path = spaces.pod()
+    veth = run(dp.create("c-fam", "eth0", path, 1500, frozenset({4})))
+    a = Attachment("c-fam", "eth0", path, (V4, V6))
+    run(dp.configure(veth, a))
+    assert run(dp.check(a)) == [] and fab_links(node) == [host_ifname("c-fam", "eth0")]
+    assert run(dp.detach("c-fam", "eth0", path)) is True
