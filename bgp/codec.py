@@ -10,7 +10,8 @@ Inbound, ``parse_line`` turns one line that ExaBGP wrote to its API process into
 - ``Reply`` for any other text line (answers to ``version`` and ``show`` commands).
 
 A line that starts like JSON but does not decode raises ``SpeakerError``.
-ExaBGP 4.2's flat ``as-path`` list is accepted as well as 5.x's segment object.
+ExaBGP 4.2's flat ``as-path`` list is accepted as well as 5.x's segment object, and NLRIs
+as plain strings (``exabgp.api.compact``) as well as ``{"nlri": ...}`` objects.
 
 Outbound, the ``*_command(s)`` functions format API commands. Adverts with the same next
 hop, communities and family share ``announce attributes ... nlri p1 p2 ...`` lines of at
@@ -26,7 +27,7 @@ import json
 import re
 import socket
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -183,7 +184,7 @@ def _state(nb: Mapping[str, Any]) -> list[Event]:
 def _update(nb: Mapping[str, Any]) -> list[Event]:
     if nb.get("direction", "receive") != "receive":
         return []
-    peer = ipaddress.ip_address(nb["address"]["peer"])
+    peer = _ip(nb["address"]["peer"])
     message = nb["message"]
     eor = message.get("eor")
     if eor is not None:
@@ -203,7 +204,7 @@ def _update(nb: Mapping[str, Any]) -> list[Event]:
     if wd:
         for family, items in wd.items():
             if family in FAMILIES:
-                withdrawn.extend(_net(item["nlri"]) for item in items if "nlri" in item)
+                withdrawn.extend(map(_net, _nlris(items)))
     if not announced and not withdrawn:
         return []
     return [PeerUpdate(peer, tuple(announced), tuple(withdrawn))]
@@ -221,10 +222,51 @@ def _announces(by_hop: Mapping[str, Any], attrs: PathAttrs, out: list[Announce])
     for hop in hops:
         if hop == "null":
             continue
-        nh = ipaddress.ip_address(hop)
-        out.extend(
-            Announce(_net(item["nlri"]), nh, attrs) for item in by_hop[hop] if "nlri" in item
-        )
+        nh = _ip(hop)
+        out.extend(Announce(_net(text), nh, attrs) for text in _nlris(by_hop[hop]))
+
+
+# Peer and next-hop addresses by their text: a handful, seen in every update. The same
+# object each time lets the RIB's per-prefix {peer: route} lookups match by identity instead
+# of running ipaddress's __hash__ and __eq__ in Python for every prefix.
+_ADDRESSES: dict[str, IPAddress] = {}
+
+
+def _ip(text: str) -> IPAddress:
+    addr = _ADDRESSES.get(text)
+    if addr is None:
+        if len(_ADDRESSES) >= 4096:
+            _ADDRESSES.clear()
+        addr = _ADDRESSES[text] = Address4(text) if ":" not in text else ipaddress.ip_address(text)
+    return addr
+
+
+class Address4(ipaddress.IPv4Address):
+    """An ``IPv4Address`` that computes its hash once (ipaddress hashes ``hex(int(self))``
+    on every call); equal to, and hashing like, the plain ``IPv4Address``."""
+
+    __slots__ = ("_hash",)
+
+    def __init__(self, address: str | int) -> None:
+        super().__init__(address)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"IPv4Address('{self}')"
+
+
+def _nlris(items: Iterable[Any]) -> Iterable[str]:
+    """The prefixes of a JSON NLRI list: plain strings with ``exabgp.api.compact`` (what
+    fabricd runs ExaBGP with: half the JSON, for ExaBGP to build and for us to decode), or
+    ``{"nlri": ...}`` objects (ExaBGP's default, and always when ADD-PATH adds a path id)."""
+    for item in items:
+        if item.__class__ is str:
+            yield item
+        elif "nlri" in item:
+            yield item["nlri"]
 
 
 class Prefix4(ipaddress.IPv4Network):
@@ -250,14 +292,24 @@ class Prefix4(ipaddress.IPv4Network):
 # are withdrawn). A withdrawal or a re-announcement then yields the very object the RIB and
 # the route table hold: no parsing, and every dict lookup on the way matches by identity
 # instead of ipaddress's __eq__ (~0.5 us each). Halves the CPU of withdrawing 100k prefixes.
-_PREFIXES: weakref.WeakValueDictionary[str, IPNetwork] = weakref.WeakValueDictionary()
+# A plain dict of weak references rather than a WeakValueDictionary: its Python-level get()
+# was a third of parsing a withdrawal.
+_PREFIXES: dict[str, weakref.ref[IPNetwork]] = {}
+
+
+def _forget(text: str) -> Callable[[weakref.ref[IPNetwork]], None]:
+    def gone(ref: weakref.ref[IPNetwork]) -> None:
+        if _PREFIXES.get(text) is ref:  # not a newer object's reference
+            del _PREFIXES[text]
+
+    return gone
 
 
 def _net(text: str) -> IPNetwork:
     """``a.b.c.d/n`` or an IPv6 CIDR, interned (see ``_PREFIXES``); the IPv4 path avoids
     ipaddress's string parser (2x)."""
-    net = _PREFIXES.get(text)
-    if net is not None:
+    ref = _PREFIXES.get(text)
+    if ref is not None and (net := ref()) is not None:
         return net
     if ":" in text:
         net = ipaddress.IPv6Network(text)
@@ -265,7 +317,7 @@ def _net(text: str) -> IPNetwork:
         addr, _, plen = text.partition("/")
         packed = socket.inet_pton(socket.AF_INET, addr)
         net = Prefix4((int.from_bytes(packed, "big"), int(plen) if plen else 32))
-    _PREFIXES[text] = net
+    _PREFIXES[text] = weakref.ref(net, _forget(text))
     return net
 
 

@@ -172,7 +172,8 @@ def exabgp_env(log_file: str | Path) -> dict[str, str]:
     Root without privilege drop (the API process and listening on :179 need it; a dropped
     ExaBGP could not exec the relay), no CLI pipes, no per-route process logging (it
     halved ingestion speed), log to ``log_file`` (ExaBGP rotates it: 1 MiB x 3), no PID
-    file (a stale one makes ExaBGP exit silently), acks on, API process respawned.
+    file (a stale one makes ExaBGP exit silently), acks on, API process respawned, compact
+    NLRI lists.
     """
     return {
         "exabgp.daemon.user": "root",
@@ -184,6 +185,9 @@ def exabgp_env(log_file: str | Path) -> dict[str, str]:
         "exabgp.api.respawn": "true",
         "exabgp.api.terminate": "false",
         "exabgp.api.encoder": "json",
+        # NLRIs as plain JSON strings, not {"nlri": ...} objects: less for ExaBGP to format
+        # and for fabricd to decode per received prefix (bgp/codec.py reads both forms)
+        "exabgp.api.compact": "true",
         "exabgp.log.processes": "false",
         "exabgp.log.destination": str(log_file),
     }

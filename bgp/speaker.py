@@ -304,6 +304,10 @@ class Speaker:
                 for line in lines:
                     if line:
                         self._handle(line)
+                # read() returns at once while data is buffered: without this, a burst
+                # (100k withdrawals) would hold the loop until the relay's backlog is drained
+                # and the route table could not hand its first writes to the kernel until then
+                await asyncio.sleep(0)
         except OSError as e:
             self.log.warning("relay connection failed: %s", e)
         finally:

@@ -21,6 +21,7 @@ from fabric.config import AgentConfig, ConfigError, check_config_main, load_conf
 from ipam.errors import IPAMError
 
 DEFAULT_CONFIG = "/etc/fabric/fabricd.yaml"
+SWITCH_INTERVAL = 0.0005  # s; see main()
 
 
 class _JSONFormatter(logging.Formatter):
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fabricd: failed to read config {args.config}: {e.strerror}", file=sys.stderr)
         return 1
     setup_logging(cfg.log.level, cfg.log.format)
+    # The route writer thread spends most of its time in netlink syscalls (GIL released)
+    # and needs the GIL back briefly after each: with the default 5 ms switch interval it
+    # waited up to 5 ms per syscall while the loop digested a burst of updates.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         return asyncio.run(_main(cfg))
     except KeyboardInterrupt:

@@ -105,7 +105,7 @@ class RouteTable:
         proto: int,
         table: int = RT_TABLE_MAIN,
         netns: str | None = None,
-        batch: int = 1000,
+        batch: int = 10000,
         log: logging.Logger | None = None,
     ) -> None:
         if not 0 < proto < 256:

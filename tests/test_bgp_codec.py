@@ -109,6 +109,22 @@ def test_ipv6_global_and_link_local_next_hop_is_one_route() -> None:
     assert ev.announced[0].next_hop == ip("fe80::d856:5ff:feee:a26c")
 
 
+def test_compact_nlri_lists() -> None:
+    """exabgp.api.compact (what fabricd runs ExaBGP with): NLRIs as plain strings."""
+    body = (
+        NB + ', "direction": "receive", "message": { "update": { "attribute": { "origin": '
+        '"igp", "as-path": { "0": { "element": "as-sequence", "value": [ 65000 ] } } }, '
+        '"announce": { "ipv4 unicast": { "10.99.0.1": [ "10.99.7.0/26", "10.99.8.0/26" ] } }, '
+        '"withdraw": { "ipv4 unicast": [ "10.99.9.0/26" ] } } } }'
+    )
+    [ev] = parse_line(line(body))
+    assert isinstance(ev, PeerUpdate)
+    assert [a.prefix for a in ev.announced] == [net("10.99.7.0/26"), net("10.99.8.0/26")]
+    assert {a.next_hop for a in ev.announced} == {ip("10.99.0.1")}
+    assert ev.announced[0].attrs.as_path == (65000,)
+    assert ev.withdrawn == (net("10.99.9.0/26"),)
+
+
 def test_withdraw_and_eor() -> None:
     body = (
         NB + ', "direction": "receive", "message": { "update": { "withdraw": { "ipv4 unicast": '

@@ -41,7 +41,7 @@ _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _ATTR, _U32_ATTR = struct.Struct("=HH"), struct.Struct("=HHI")
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _ERR, _U32 = struct.Struct("=i"), struct.Struct("=I")
-_SOCKET_BUFFER = 8 << 20  # holds the acks of a 1000-message send (each ack skb costs ~1 KiB)
+_SOCKET_BUFFER = 32 << 20  # holds the acks of a 10,000-message send that all fail (~1 KiB each)
 _TIMEOUT = 30.0
 
 

@@ -249,9 +249,10 @@ class Bench:
             raise LabError(f"n={n}: {installed[0]} routes in the host's kernel with protocol "
                            f"{HOST_PROTO}, {installed[1]} in the reference's")  # fmt: skip
         self._quiet()
-        t0 = time.monotonic()
+        t0, wcpu0 = time.monotonic(), (cpu_s(self.host_pid), cpu_s(self.exabgp_pid))
         self._birdc(f"disable {static_name(n)}")
         withdraw = self._until(t0, self.base, n, timeout)
+        wcpu = cpu_s(self.host_pid) - wcpu0[0], cpu_s(self.exabgp_pid) - wcpu0[1]
         progress(
             f"n={n}: installed in {install[0]:.2f} s (fabric) / {install[1]:.2f} s (BIRD), "
             f"withdrawn in {withdraw[0]:.2f} s / {withdraw[1]:.2f} s"
@@ -263,6 +264,8 @@ class Bench:
             "bird_withdraw_s": withdraw[1],
             "fabricd_cpu_s": cpu[0],
             "exabgp_cpu_s": cpu[1],
+            "fabricd_withdraw_cpu_s": wcpu[0],
+            "exabgp_withdraw_cpu_s": wcpu[1],
             "fabric_routes": installed[0],
             "bird_routes": installed[1],
         }
@@ -293,6 +296,8 @@ class Bench:
             "withdraw_ratios": ratios("withdraw"),
             "fabricd_install_cpu_s": med("fabricd_cpu_s"),
             "exabgp_install_cpu_s": med("exabgp_cpu_s"),
+            "fabricd_withdraw_cpu_s": med("fabricd_withdraw_cpu_s"),
+            "exabgp_withdraw_cpu_s": med("exabgp_withdraw_cpu_s"),
             "rss_sampled_mb": round(self.peak_kb / 1024, 1),
             "fabric_routes": min(int(r["fabric_routes"]) for r in rounds),
             "bird_routes": min(int(r["bird_routes"]) for r in rounds),
