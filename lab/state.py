@@ -1,7 +1,9 @@
 """The lab directory and its write-ahead state file.
 
-Every lab owns one directory, ``$FABRIC_LAB_RUN/<name>/`` (default ``/run/fabric-lab``, a
-tmpfs, so a reboot clears it together with the namespaces). ``state.json`` in it records
+Every lab owns one directory, ``$FABRIC_LAB_RUN/<name>/`` (default ``/run/fabric-lab`` when
+``/run`` is a tmpfs, else ``/dev/shm/fabric-lab``: on a tmpfs a reboot clears it together
+with the namespaces, and the lab's etcd, whose data lives there, does not wait on a disk for
+every commit). ``state.json`` in it records
 each namespace *before* it is created and each process right after it is spawned, so
 ``down`` can undo a run that was SIGKILLed at any point. The file is replaced atomically
 (write to a temporary file, then rename), so a reader never sees half of it.
@@ -18,12 +20,38 @@ from typing import Any
 
 RUN_ROOT_ENV = "FABRIC_LAB_RUN"
 DEFAULT_RUN_ROOT = Path("/run/fabric-lab")
+FALLBACK_RUN_ROOT = Path("/dev/shm/fabric-lab")  # machines whose /run is on disk
+_MEMORY_FS = {"tmpfs", "ramfs"}
 STATE_FILE = "state.json"
 _LAB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 
 
 def run_root() -> Path:
-    return Path(os.environ.get(RUN_ROOT_ENV) or DEFAULT_RUN_ROOT)
+    if env := os.environ.get(RUN_ROOT_ENV):
+        return Path(env)
+    if fs_type(DEFAULT_RUN_ROOT) in _MEMORY_FS or not FALLBACK_RUN_ROOT.parent.is_dir():
+        return DEFAULT_RUN_ROOT
+    return FALLBACK_RUN_ROOT
+
+
+def fs_type(path: Path, mounts: str = "/proc/self/mounts") -> str:
+    """The type of the filesystem ``path`` is (or would be) on: the longest mount point
+    that is a prefix of it; "" when unknown."""
+    best, kind = -1, ""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return ""
+    target = str(path)
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, kind = len(point), fields[2]
+    return kind
 
 
 def check_name(name: str) -> str:

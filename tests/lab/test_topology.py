@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import clab, render
+from lab import clab, render, state
 from lab.plan import build, lab_prefix
 from lab.topology import Role, TopologyError, load, parse
 
@@ -124,3 +124,27 @@ def test_export_for_containerlab_binds_configs_and_addresses(tmp_path: Path) -> 
     assert "ip addr add 10.255.16.1/30 dev eth1" in tor1["exec"]
     assert (tmp_path / "node1" / "fabricd.yaml").is_file()
     assert (tmp_path / "tor2" / "bird.conf").is_file()
+
+
+def test_run_root_is_on_a_memory_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lab directory (and the lab etcd's data in it) goes on a tmpfs: /run when it is
+    one, else /dev/shm; $FABRIC_LAB_RUN wins."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/vda / ext4 rw 0 0\n"
+        "tmpfs /dev/shm tmpfs rw 0 0\n"
+        "tmpfs /run/user/0 tmpfs rw 0 0\n"
+        "/dev/vdb /mnt/my\\040disk ext4 rw 0 0\n"
+    )
+    assert state.fs_type(Path("/run/fabric-lab"), str(mounts)) == "ext4"
+    assert state.fs_type(Path("/run/user/0/x"), str(mounts)) == "tmpfs"
+    assert state.fs_type(Path("/run/user/01"), str(mounts)) == "ext4"
+    assert state.fs_type(Path("/mnt/my disk/lab"), str(mounts)) == "ext4"
+    assert state.fs_type(Path("/x"), str(tmp_path / "missing")) == ""
+    monkeypatch.delenv(state.RUN_ROOT_ENV, raising=False)
+    root = state.run_root()
+    assert state.fs_type(root) in {"tmpfs", "ramfs"} or root == state.DEFAULT_RUN_ROOT
+    monkeypatch.setenv(state.RUN_ROOT_ENV, str(tmp_path))
+    assert state.run_root() == tmp_path
