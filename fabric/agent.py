@@ -30,7 +30,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -359,16 +359,22 @@ class Agent:
             self._check_converged()
 
     def _route_changes(self, changes: dict[IPNetwork, frozenset[IPAddress] | None]) -> None:
+        if changes:
+            self.routes.update(self._kernel_changes(changes))
+
+    def _kernel_changes(
+        self, changes: dict[IPNetwork, frozenset[IPAddress] | None]
+    ) -> Iterator[tuple[IPNetwork, KernelRoute | None]]:
         own = self.intent.blackholes if self.intent is not None else frozenset()
+        local = self.workloads.owns
         for dst, hops in changes.items():
-            if dst in own or self.workloads.owns(dst):  # a local pod's /32 stays on its veth
+            if dst in own or local(dst):  # a local pod's /32 stays on its veth
                 continue
             if hops:
-                self.routes.set(dst, KernelRoute(dst=dst, gateways=self._gateways(hops)))
-            elif not self.converged and dst in self.adopted:
-                continue  # keep the adopted route until the RIB has converged
-            else:
-                self.routes.set(dst, None)
+                yield dst, KernelRoute(dst=dst, gateways=self._gateways(hops))
+            elif self.converged or dst not in self.adopted:
+                yield dst, None
+            # else: keep the adopted route until the RIB has converged
 
     def _check_converged(self) -> None:
         """Converged: every planned session is up and has sent End-of-RIB, or the

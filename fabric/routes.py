@@ -124,6 +124,7 @@ class RouteTable:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._flushes = 0
+        self._generation = 0
         self._last_flush = 0.0
         self._totals = {"add": 0, "replace": 0, "remove": 0, "failed": 0}
         self._running = False
@@ -144,6 +145,26 @@ class RouteTable:
         else:
             self._desired[dst] = route
         self._dirty.add(dst)
+        self._touched()
+
+    def update(self, changes: Iterable[tuple[IPNetwork, KernelRoute | None]]) -> None:
+        """``set`` for each (dst, route) of ``changes``, in one call: a burst of 100k
+        learned or withdrawn routes pays the bookkeeping (clock, wake-up, GC pause) once."""
+        desired, dirty = self._desired, self._dirty
+        seen = False
+        for dst, route in changes:
+            seen = True
+            if route is None:
+                desired.pop(dst, None)
+            else:
+                if route.dst is not dst and route.dst != dst:
+                    raise ValueError(f"route for {route.dst} set at {dst}")
+                desired[dst] = route
+            dirty.add(dst)
+        if seen:
+            self._touched()
+
+    def _touched(self) -> None:
         if self._running:
             self._last_set = time.monotonic()
             if self._burst is None:
@@ -166,6 +187,15 @@ class RouteTable:
 
     def installed(self) -> dict[IPNetwork, KernelRoute]:
         return dict(self._installed)
+
+    @property
+    def generation(self) -> int:
+        """Changes each time a flush changes what is installed."""
+        return self._generation
+
+    def busy(self) -> bool:
+        """Changes are pending, or came within the last BURST_LINGER."""
+        return bool(self._dirty) or self._burst is not None
 
     def pending(self) -> frozenset[IPNetwork]:
         return frozenset(self._dirty)
@@ -291,6 +321,7 @@ class RouteTable:
             if installed.setdefault(route.dst, route) is not route:
                 strays.append(route)  # the kernel lists a prefix's routes by metric: 2nd+
         self._installed, self._foreign, self._strays = installed, foreign, strays
+        self._generation += 1
         self._need_dump = False
         if self._authoritative:  # set.update(dict) reuses the dict's hashes
             self._dirty.update(installed)
@@ -312,6 +343,8 @@ class RouteTable:
             self._wake.set()  # changed meanwhile, or dirtied by a dump: another flush is due
         for kind, n in counts.items():
             self._totals[kind] += n
+        if any(counts.values()):
+            self._generation += 1
         self._totals["failed"] += len(failed)
         if failed:
             self.log.warning("failed to apply %d routes, e.g. %s", len(failed), _sample(failed))

@@ -17,12 +17,14 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import closing
 from ipaddress import IPv4Network, ip_address, ip_network
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
 
 from fabric.netlink import IPAddress, IPNetwork, KernelRoute, dump_routes
 from fabric.routes import FlushResult, RouteTable
+from fabric.status import StatusPublisher
 from lab import netns as labns
 
 pytestmark = pytest.mark.root
@@ -159,6 +161,49 @@ def test_set_coalesces_and_flush_applies_every_shape(ns: str) -> None:
                 t.set(r.dst, None)
             assert (await t.flush()).removed == 6
             assert dump_routes(PROTO, netns=ns) == [] and t.installed() == {}
+
+    run(go())
+
+
+def test_update_is_set_in_bulk(ns: str) -> None:
+    """update() (the agent's path for a burst of RIB changes): adds, changes and removals in
+    one call, the last value per prefix wins, a route at the wrong prefix is refused."""
+
+    async def go() -> None:
+        with closing(RouteTable(PROTO, netns=ns)) as t:
+            routes = many(300)
+            t.update(routes.items())
+            assert (await t.flush()).added == 300
+            first, *rest = routes
+            moved = KernelRoute(first, gw("10.78.0.3"))
+            t.update([(first, KernelRoute(first, gw("10.78.0.9"))), (first, moved)])
+            t.update((dst, None) for dst in rest[:100])
+            res = await t.flush()
+            assert (res.added, res.replaced, res.removed) == (0, 1, 100)
+            assert set(dump_routes(PROTO, netns=ns)) == {moved, *(routes[d] for d in rest[100:])}
+            with pytest.raises(ValueError, match="set at"):
+                t.update([(N("10.78.9.0/24"), moved)])
+
+    run(go())
+
+
+def test_status_route_list_waits_for_a_burst_to_settle(ns: str) -> None:
+    """fabricd's status document lists installed routes; it is not rebuilt while a burst is
+    pending (that CPU belongs to the burst), and is once the table settles."""
+
+    async def go() -> None:
+        with closing(RouteTable(PROTO, netns=ns)) as t:
+            pub = StatusPublisher(SimpleNamespace(routes=t))  # type: ignore[arg-type]
+            assert pub._route_items() == []
+            routes = many(5)
+            t.update(routes.items())
+            await t.flush()
+            listed = pub._route_items()
+            assert [i["dst"] for i in listed] == sorted(str(d) for d in routes)
+            t.update((dst, None) for dst in list(routes)[:2])  # pending: a burst goes on
+            assert pub._route_items() is listed
+            await t.flush()  # written, nothing pending, and no run() burst timer
+            assert len(pub._route_items()) == 3
 
     run(go())
 
