@@ -189,5 +189,6 @@ def exabgp_env(log_file: str | Path) -> dict[str, str]:
         # and for fabricd to decode per received prefix (bgp/codec.py reads both forms)
         "exabgp.api.compact": "true",
         "exabgp.log.processes": "false",
+        "exabgp.log.level": "INFO",  # above DEBUG: bgp/exabgp_main.py makes debug calls free
         "exabgp.log.destination": str(log_file),
     }

@@ -43,6 +43,7 @@ MAX_PINGS = 8  # unanswered pings; more would only pile up in a stopped ExaBGP's
 RELAY_ENV = "FABRIC_RELAY_SOCKET"
 READ_SIZE = 256 * 1024
 RELAY_SCRIPT = Path(__file__).with_name("relay.py")
+EXABGP_SCRIPT = Path(__file__).with_name("exabgp_main.py")  # ExaBGP, debug logging free
 _INFO = {SessionState.CONNECTED: "Connected", SessionState.ESTABLISHED: "Established"}
 
 
@@ -60,8 +61,9 @@ class Speaker:
 
     Call it from one event loop; ``start`` forks from that loop's thread and the
     parent-death signal fires when that thread exits, so run it in the main thread.
-    ``exabgp_argv`` is the command before ``server <conf>`` (default: this Python with
-    ``-m exabgp``; prefix ``ip netns exec <ns>`` to run it in a namespace).
+    ``exabgp_argv`` is the command before ``server <conf>`` (default: this Python running
+    ``bgp/exabgp_main.py``, ExaBGP's entry point with debug logging made free; prefix
+    ``ip netns exec <ns>`` to run it in a namespace).
     """
 
     def __init__(
@@ -76,7 +78,7 @@ class Speaker:
     ) -> None:
         self.workdir = Path(workdir)
         self.on_event = on_event
-        self.exabgp_argv = list(exabgp_argv or [sys.executable, "-m", "exabgp"])
+        self.exabgp_argv = list(exabgp_argv or [sys.executable, "-I", str(EXABGP_SCRIPT)])
         self.relay_argv = list(relay_argv or [sys.executable, "-IS", str(RELAY_SCRIPT)])
         self.log = log or logging.getLogger("bgp.speaker")
         self.stop_timeout = stop_timeout
