@@ -499,9 +499,10 @@ class Dataplane:
 
 
 def _prepare_pod(ifname: str, index: int, fams: Families) -> LinkSocket:
-    """In a thread inside the pod's netns: a netlink socket there (it stays in that netns,
-    usable from any thread), IPv6 enabled on the interface if it was not (runtimes may
-    disable it in pods; its addresses and route would be refused), up, the pod's routes.
+    """Run by the calling thread while it is inside the pod's netns (:func:`in_netns`): a
+    netlink socket there (it stays in that netns, usable from any thread), IPv6 enabled on
+    the interface if it was not (runtimes may disable it in pods; its addresses and route
+    would be refused), up, the pod's routes.
     """
     enable_v6 = [(f"net/ipv6/conf/{ifname}/disable_ipv6", "0", True)] if 6 in fams else []
     requests = [up_request(index, ifname)]
@@ -518,7 +519,7 @@ def _prepare_pod(ifname: str, index: int, fams: Families) -> LinkSocket:
 
 def _configure_pod(a: Attachment, index: int, sock: LinkSocket, fd: int) -> None:
     """The pod's addresses (one batch on ``sock``, in the pod's netns), then its sysctls,
-    written by a thread inside the pod's netns (``fd``) only when there are some."""
+    written from inside the pod's netns (``fd``) only when there are some."""
     try:
         sock.apply([address_request(index, a.ifname, ip) for ip in a.ips])
         if a.sysctls:
@@ -634,5 +635,5 @@ def _same_file(fd: int, netns: str) -> bool:
 def _in_pod(fd: int, fn: Callable[[], T]) -> T:
     try:
         return in_netns(fd, fn)
-    except OSError as e:  # setns refused, no thread
+    except OSError as e:  # setns into the pod refused (nothing ran)
         raise DataplaneError(f"failed to enter the pod netns: {e}", e.errno or 0) from e

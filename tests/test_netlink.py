@@ -310,3 +310,50 @@ def test_iproute_helper_is_bound_to_the_netns(ns: str) -> None:
     with netlink.iproute(ns) as ipr:
         names = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
     assert names == {"lo", "v0", "v1"}
+
+
+def _here() -> str:
+    return os.readlink("/proc/thread-self/ns/net")
+
+
+@pytest.mark.root
+def test_in_netns_runs_on_the_calling_thread_and_comes_back(ns: str) -> None:
+    home, me = _here(), threading.get_ident()
+    inside = netlink.in_netns(ns, lambda: (_here(), threading.get_ident()))
+    assert inside == (f"net:[{os.stat(f'/run/netns/{ns}').st_ino}]", me)
+    assert _here() == home
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert netlink.in_netns(fd, _here) == inside[0]
+    finally:
+        os.close(fd)
+    assert _here() == home
+
+
+@pytest.mark.root
+def test_in_netns_comes_back_when_the_function_raises(ns: str) -> None:
+    home = _here()
+
+    def fail() -> None:
+        assert _here() != home
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        netlink.in_netns(ns, fail)
+    assert _here() == home
+    with pytest.raises(KeyboardInterrupt):  # not only Exception: any BaseException
+        netlink.in_netns(ns, lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert _here() == home
+
+
+@pytest.mark.root
+def test_in_netns_refused_runs_nothing_and_stays_home(tmp_path: Path) -> None:
+    home, ran = _here(), []
+    (tmp_path / "plain").write_text("")
+    fd = os.open(tmp_path / "plain", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(OSError) as info:
+            netlink.in_netns(fd, lambda: ran.append(1))
+    finally:
+        os.close(fd)
+    assert info.value.errno == errno.EINVAL and not ran and _here() == home
