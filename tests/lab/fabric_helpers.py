@@ -19,19 +19,24 @@ ALLOC = """
 import asyncio, json, sys
 from ipam.allocator import Allocator, AssignRequest
 from ipam.store import Store
-async def main(eps, node, handle, v4, v6):
+async def main(eps, node, handle, v4, v6, pool):
     async with Store(eps.split(','), '/fabric/v1') as s:
         got = await Allocator(s).auto_assign(AssignRequest(handle, node, num_v4=int(v4),
-            num_v6=int(v6), attrs={'pod': handle, 'namespace': 'test'}))
+            num_v6=int(v6), attrs={'pod': handle, 'namespace': 'test'},
+            pools_v4=(pool,) if pool else ()))
         print(json.dumps([[str(a.ip), str(a.block)] for a in got]))
 asyncio.run(main(*sys.argv[1:]))
 """
 
 
-def allocate(lab: Lab, node: str, handle: str, v4: int = 1, v6: int = 0) -> list[tuple[str, str]]:
-    """Allocate addresses for ``handle`` on ``node``: [(ip, block)]."""
+def allocate(
+    lab: Lab, node: str, handle: str, v4: int = 1, v6: int = 0, pool: str = ""
+) -> list[tuple[str, str]]:
+    """Allocate addresses for ``handle`` on ``node`` (from IPv4 pool ``pool`` if given):
+    [(ip, block)]."""
     eps = ",".join(lab.etcd_endpoints)
-    r = lab.exec(node, [sys.executable, "-c", ALLOC, eps, node, handle, str(v4), str(v6)], 60, True)
+    argv = [sys.executable, "-c", ALLOC, eps, node, handle, str(v4), str(v6), pool]
+    r = lab.exec(node, argv, 60, True)
     return [(ip, block) for ip, block in json.loads(r.stdout)]
 
 

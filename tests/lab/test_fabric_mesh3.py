@@ -159,6 +159,38 @@ def test_kernel_resync_repairs_a_route_removed_behind_its_back(
     lab.wait_for(lambda: block in lab.kernel_routes("node1"), 25, what="route repaired")
 
 
+def test_a_borrowed_address_is_announced_as_a_host_route(lab: Lab, blocks: dict[str, str]) -> None:
+    """With every block of its pool claimed, node1 borrows an address from node2's block
+    (strictAffinity off, as in Calico) and announces that /32: node3 routes it to node1, and
+    so does node2, the block's owner (more specific than its own blackhole)."""
+    r = lab.fabricctl(["pool", "add", "tiny", "--cidr", "10.250.0.0/29", "--block-size", "30"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    (_, theirs), *_ = allocate(lab, "node2", "t.node2.tiny", pool="tiny")
+    borrowed = None
+    for i in range(8):  # node1 claims the other /30, fills it, then has to borrow
+        (ip, block), *_ = allocate(lab, "node1", f"t.node1.tiny{i}", pool="tiny")
+        if block == theirs:
+            borrowed = ip
+            break
+    assert borrowed is not None, "node1 never borrowed from node2's block"
+    host = f"{borrowed}/32"
+    lab.wait_for(
+        lambda: host in status(lab, "node1")["announcements"], 20, what=f"node1 announces {host}"
+    )
+    nh = lab.address("node1")
+    for other in ("node2", "node3"):
+        lab.wait_for(
+            lambda o=other: f"via {nh} " in (lab.kernel_routes(o).get(borrowed) or "") + " ",
+            20,
+            what=f"{host} via node1 on {other}",
+        )
+    assert lab.kernel_routes("node2")[theirs] == "blackhole"  # the owner keeps its block
+    lab.exec("node1", ["ip", "addr", "add", host, "dev", "lo"], check=True)
+    for other in ("node2", "node3"):
+        r = lab.exec(other, ["ping", "-c", "1", "-W", "2", borrowed])
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_node_delete_withdraws_its_blocks_everywhere(lab: Lab, blocks: dict[str, str]) -> None:
     block = blocks["node3"]
     for other in ("node1", "node2"):
