@@ -53,7 +53,7 @@ from fabric.cni_server import CNIServer, answer
 from fabric.config import AgentConfig, RequiredPeers
 from fabric.dataplane import Dataplane
 from fabric.health import Check, HealthServer
-from fabric.intent import BlockIndex, Intent, compute, decode
+from fabric.intent import BlockIndex, Intent, borrowed_ips, compute, decode
 from fabric.metrics import Metrics
 from fabric.nat import NatTable
 from fabric.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
@@ -178,6 +178,8 @@ class Agent:
         self.converge_deadline = 0.0
         self.eor: set[IPAddress] = set()
         self._dirty = asyncio.Event()
+        self._changed_prefixes: set[str] = set()  # watched prefixes changed since the last pass
+        self._borrowed: tuple[IPAddress, ...] = ()  # as of the last pass
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._etcd_ok = (0.0, False)
@@ -275,7 +277,18 @@ class Agent:
             keys.NODES
         ):
             asyncio.get_running_loop().create_task(self._reregister())
+        self._changed_prefixes.add(prefix)
         self._dirty.set()
+
+    def _only_addresses_changed(self, changed: set[str]) -> bool:
+        """Only blocks changed, and not the addresses this node borrows from others' blocks:
+        an address assigned or released anywhere in the cluster (every pod ADD and DEL)
+        changes its block, but blocks matter to the intent only through those borrowed
+        addresses, so the whole pass (0.4-0.6 ms of loop CPU) can be skipped."""
+        if changed != {keys.BLOCKS} or self.intent is None:
+            return False
+        blocks = self.blocks.blocks(self.cache.data.get(keys.BLOCKS, {}))
+        return tuple(borrowed_ips(blocks, self.cfg.node_name)) == self._borrowed
 
     async def _reregister(self) -> None:
         with contextlib.suppress(IPAMError):
@@ -288,22 +301,28 @@ class Agent:
                 doc = Node.from_json(self.cfg.node_name, loads(mine.value))
                 self.local = replace(self.local, labels=dict(doc.labels))
         inputs = decode(self.local, self.interfaces, self.cache.data, self.blocks, _check_selector)
+        self._borrowed = inputs.borrowed
         return compute(inputs, _match)
 
     async def _reconcile_loop(self) -> None:
         """Reconcile at once when idle (a new block is announced without delay); changes
         arriving during or just after a pass are coalesced into the next one."""
-        last = 0.0
+        last, failed = 0.0, False
         while True:
             await self._dirty.wait()
             idle = time.monotonic() - last
             if idle < RECONCILE_DEBOUNCE:
                 await asyncio.sleep(RECONCILE_DEBOUNCE - idle)
             self._dirty.clear()
+            changed, self._changed_prefixes = self._changed_prefixes, set()
+            if not failed and self._only_addresses_changed(changed):
+                continue
             started = last = time.monotonic()
+            failed = False
             try:
                 await self._apply(self._compute())
             except Exception:
+                failed = True
                 log.exception("reconcile failed; retrying at the next change or resync")
             self.metrics.observe_reconcile("announcements", time.monotonic() - started)
 

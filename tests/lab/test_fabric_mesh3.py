@@ -5,6 +5,7 @@ its block; deleting a node withdraws its blocks everywhere; an IPv6 pool works a
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import yaml
@@ -157,6 +158,31 @@ def test_kernel_resync_repairs_a_route_removed_behind_its_back(
     assert block not in lab.kernel_routes("node1")
     # resyncInterval is 10 s in this module's fabricd config (see the fixture)
     lab.wait_for(lambda: block in lab.kernel_routes("node1"), 25, what="route repaired")
+
+
+def _passes(lab: Lab, node: str) -> int:
+    """How many announcement reconcile passes fabricd on ``node`` has made."""
+    _, text = lab.health(node, "/metrics")
+    m = re.search(
+        r'fabric_reconcile_duration_seconds_count\{reconciler="announcements"\} (\S+)', text
+    )
+    assert m, text[-2000:]
+    return int(float(m.group(1)))
+
+
+def test_an_address_assigned_elsewhere_costs_no_reconcile_pass(
+    lab: Lab, blocks: dict[str, str]
+) -> None:
+    """Every pod ADD anywhere changes a block; blocks matter to a node's intent only through
+    addresses it borrows, so node1 does not recompute its intent for node2's new pod (it
+    does for a new block: see the borrowed-address test and the convergence benchmark)."""
+    time.sleep(1)  # let passes caused by earlier tests finish
+    before = _passes(lab, "node1")
+    for i in range(3):
+        (_, block), *_ = allocate(lab, "node2", f"t.node2.more{i}", pool="pods")
+        assert block == blocks["node2"]  # into its existing block: no affinity change
+    time.sleep(1)
+    assert _passes(lab, "node1") == before
 
 
 def test_a_borrowed_address_is_announced_as_a_host_route(lab: Lab, blocks: dict[str, str]) -> None:
