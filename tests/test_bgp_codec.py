@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import json
 import time
@@ -298,3 +299,15 @@ def test_received_open_gives_the_peers_graceful_restart_capability() -> None:
     assert parse_line(bare.encode()) == [PeerGracefulRestart(peer, None)]
     sent = frr.replace('"direction": "receive"', '"direction": "send"')
     assert parse_line(sent.encode()) == []
+
+
+def test_received_prefixes_are_interned_while_held() -> None:
+    """A withdrawal yields the very object the RIB holds; the table forgets it with it."""
+    text = "10.98.7.0/26"
+    first = codec._net(text)
+    assert codec._net(text) is first and first == net(text) and hash(first) == hash(net(text))
+    del first
+    gc.collect()
+    assert text not in codec._PREFIXES
+    again = codec._net(text)
+    assert codec._PREFIXES[text]() is again
