@@ -143,13 +143,18 @@ class Demo:
 
         self.heading("8. A pod in rack 1 pings a pod in rack 2")
         a, b = made[hosts[0]][0], made[far][0]
+        self.wait(
+            f"{far} routes {hosts[0]}'s block back through its ToR",
+            lambda: all(x in lab.kernel_routes(far) for x in blocks[hosts[0]]),
+            30,
+        )
         ok = pods.ping(lab, a, b.ip, count=3)
         print(f"  {a.name} ({a.ip}) -> {b.name} ({b.ip}): {'3/3 replies' if ok else 'FAILED'}")
         self.check(f"{a.name} in rack 1 reaches {b.name} in rack 2", ok)
 
         self.heading(f"9. {far} taken down (its links cut): its blocks leave the ToRs")
         started = time.monotonic()
-        lab.exec(far, ["ip", "link", "set", "eth1", "down"], check=True)
+        lab.set_links(far, "down")
         gone = self.wait(
             f"{far}'s blocks withdrawn from both ToRs",
             lambda: all(not (self._tor_prefixes(t) & set(blocks[far])) for t in tors),
@@ -163,7 +168,7 @@ class Demo:
         )
 
         self.heading(f"10. {far} back")
-        lab.exec(far, ["ip", "link", "set", "eth1", "up"], check=True)
+        lab.set_links(far, "up")
         self.wait(
             f"{far}'s blocks announced again and its pods reachable",
             lambda: pods.ping(lab, a, b.ip),

@@ -407,6 +407,18 @@ class Lab:
             raise LabError(f"fabricd in {node} exited: {tail}")
         return self.health(node, "/readyz")[0] == 200
 
+    def set_links(self, node: str, state: str) -> None:
+        """Every interface of ``node`` (management and data) ``up`` or ``down``, as when it
+        is powered off and on. Up also puts its default route back: the kernel removed it
+        with the link, and a real host's network configuration would restore it."""
+        n = self.node(node)
+        cmds = [f"ip link set {i} {state}" for i in (["eth0"] if n.mgmt else []) + sorted(n.ifaces)]
+        gws = n.default_via
+        if state == "up" and gws:
+            hops = f"via {gws[0]}" if len(gws) == 1 else " ".join(f"nexthop via {g}" for g in gws)
+            cmds.append(f"ip route replace default {hops}")
+        self.exec(node, "; ".join(cmds), check=True)
+
     def kernel_routes(self, node: str, proto: int | str = render.ROUTE_PROTOCOL) -> dict[str, str]:
         """Routes of ``proto`` in ``node``'s main table: destination -> rest of the line."""
         r = self.exec(node, ["ip", "-4", "route", "show", "proto", str(proto)], check=True)

@@ -100,14 +100,8 @@ def block_of(lab: Lab, pod: Pod) -> str:
 
 
 def set_links(lab: Lab, node: str, state: str) -> None:
-    """Every interface of ``node`` (management and data) up or down."""
-    n = lab.node(node)
-    cmds = [f"ip link set {i} {state}" for i in (["eth0"] if n.mgmt else []) + sorted(n.ifaces)]
-    gws = n.default_via
-    if state == "up" and gws:  # a link going down took the default route with it
-        hops = f"via {gws[0]}" if len(gws) == 1 else " ".join(f"nexthop via {g}" for g in gws)
-        cmds.append(f"ip route replace default {hops}")
-    lab.exec(node, "; ".join(cmds), check=True)
+    """Every interface of ``node`` up or down (its default route back when up)."""
+    lab.set_links(node, state)
 
 
 def first_true(checks: dict[str, Callable[[], bool]], t0: float, timeout: float
