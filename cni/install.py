@@ -1,6 +1,6 @@
 """What `fabricctl cni install` writes: the two plugin binaries and the network config list.
 
-The plugins are 3-line stubs that import the shim (cni/shim.py) from ``<bin-dir>/.fabric-shim``,
+The plugins are short stubs that import the shim (cni/shim.py) from ``<bin-dir>/.fabric-shim``,
 where it is installed with its .pyc, compiled by the plugins' interpreter at install time: a
 script is compiled at every exec (~1 ms of a ~7.5 ms start), a module's .pyc is not.
 
@@ -64,11 +64,19 @@ def stub_source(socket_path: str, plugin: str, shim_dir: Path,
     _check_python(python)
     if not shim_dir.is_absolute():
         raise ValueError(f"shim directory {shim_dir}: an absolute path is needed")
+    broken = json.dumps(json.dumps({
+        "cniVersion": "1.0.0", "code": 999,
+        "msg": f"fabric CNI plugin {plugin} is broken: its module is missing from {shim_dir}",
+        "details": "run `fabricctl cni install` again",
+    }))  # fmt: skip
     return (
         f"#!{python} -IS\n"
         f"# fabric CNI plugin (fabricctl cni install); the code: {shim_dir}/{SHIM_MODULE}.py\n"
         f"import sys\n\nsys.path.insert(0, {json.dumps(str(shim_dir))})\n"
-        f"from {SHIM_MODULE} import run\n\nrun({json.dumps(socket_path)}, {json.dumps(plugin)})\n"
+        f"try:\n    from {SHIM_MODULE} import run\n"
+        f"except ImportError:  # the shim's directory was removed: a CNI error, not a traceback\n"
+        f"    sys.stdout.write({broken})\n    sys.exit(1)\n"
+        f"run({json.dumps(socket_path)}, {json.dumps(plugin)})\n"
     )
 
 

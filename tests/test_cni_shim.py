@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -350,4 +351,13 @@ def test_installed_stub_runs_the_shim_from_its_install_time_pyc(tmp_path: Path) 
         code, doc, _ = run(exe, ENV)  # nobody listens: the shim's own answer
         assert code == 1 and doc["code"] == Code.TRY_AGAIN_LATER
     assert pycs[0].stat().st_mtime_ns == before  # used as it is, not recompiled
-    assert len(done.plugins[0].read_text().splitlines()) < 10
+    assert len(done.plugins[0].read_text().splitlines()) < 12
+
+
+def test_a_stub_without_its_module_answers_a_cni_error(tmp_path: Path) -> None:
+    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"))
+    shutil.rmtree(tmp_path / "bin" / inst.SHIM_DIR)
+    for exe in done.plugins:
+        code, doc, _ = run(exe, ENV)  # run() also asserts nothing went to stderr
+        assert code == 1 and doc["code"] == Code.INTERNAL, doc
+        assert "fabricctl cni install" in doc["details"] and str(inst.SHIM_DIR) in doc["msg"]
