@@ -75,6 +75,13 @@ def test_graph_shows_sessions_by_state_and_blocks(
         30,
         what="every host session up",
     )
+    # The picture draws blocks from each fabricd's status document, published every 2 s
+    # (its route list can lag a burst of route changes by a publish or two).
+    lab.wait_for(
+        lambda: all(graph.collect(lab).nodes[h]["blocks"] == [blocks[h]] for h in HOSTS),
+        30,
+        what="every host's block in its status document",
+    )
     pic = graph.collect(lab)
     for h in HOSTS:
         assert pic.sessions[(h, TOR[h])] == "up"
