@@ -10,12 +10,17 @@ import sys
 import pytest
 
 
+def quick(name: str, timeout: float) -> list[dict]:  # type: ignore[type-arg]
+    """``python -m lab.bench NAME --quick``: its JSON lines, after it exited 0."""
+    r = subprocess.run([sys.executable, "-m", "lab.bench", name, "--quick"],
+                       capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [json.loads(x) for x in r.stdout.strip().splitlines()]
+
+
 @pytest.mark.etcd
 def test_ipam_bench_smoke() -> None:
-    r = subprocess.run([sys.executable, "-m", "lab.bench", "ipam", "--quick"],
-                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    last = json.loads(r.stdout.strip().splitlines()[-1])
+    last = quick("ipam", 300)[-1]
     for key in ("floor_txn_per_s", "allocs_per_s_1", "ratio_1_to_floor", "allocs_per_s_8",
                 "allocs_per_s_1_sequential", "ratio_1_sequential_to_floor",
                 "conflicts_per_alloc_8", "p50_ms", "p99_ms", "duplicates"):  # fmt: skip
@@ -31,10 +36,7 @@ def test_routes_bench_smoke() -> None:
     """1,000 prefixes from a BIRD injector reach the kernel through fabricd and through BIRD."""
     if os.geteuid() != 0:
         pytest.skip("the routes benchmark builds a lab: needs root (network namespaces)")
-    r = subprocess.run([sys.executable, "-m", "lab.bench", "routes", "--quick"],
-                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    lines = quick("routes", 120)
     last = lines[-1]
     assert list(last) == ["bench", "n", "fabric_install_s", "bird_install_s", "install_ratio",
                           "fabric_withdraw_s", "bird_withdraw_s", "withdraw_ratio",
@@ -55,11 +57,7 @@ def test_converge_bench_smoke() -> None:
     tor1, each one timed into node3's kernel and split into hops at every capture point."""
     if os.geteuid() != 0:
         pytest.skip("the converge benchmark builds a lab: needs root (network namespaces)")
-    r = subprocess.run([sys.executable, "-m", "lab.bench", "converge", "--quick"],
-                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    *_, detail_line, last_line = r.stdout.strip().splitlines()
-    last, detail = json.loads(last_line), json.loads(detail_line)
+    *_, detail, last = quick("converge", 120)
     assert list(last) == ["bench", "samples", "p50_ms", "p99_ms", "frr_p50_ms", "ratio_p50"]
     assert last["bench"] == "converge" and last["samples"] == 5
     assert 0 < last["p50_ms"] <= last["p99_ms"] < 10_000 and last["frr_p50_ms"] > 0
@@ -80,10 +78,7 @@ def test_cni_bench_smoke() -> None:
         pytest.skip("the cni benchmark builds a lab: needs root (network namespaces)")
     if not os.path.exists("/usr/lib/cni/ptp"):
         pytest.skip("the reference plugins are not installed (containernetworking-plugins)")
-    r = subprocess.run([sys.executable, "-m", "lab.bench", "cni", "--quick"],
-                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    lines = quick("cni", 300)
     last = lines[-1]
     assert list(last) == ["bench", "n", "fabric_add_p50_ms", "fabric_add_p99_ms",
                           "ref_add_p50_ms", "add_ratio", "fabric_del_p50_ms", "ref_del_p50_ms",

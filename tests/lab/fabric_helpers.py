@@ -29,6 +29,15 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
+def fabric_lab(make_lab: Callable[[str], Lab], topology: str = "two-rack") -> Lab:
+    """``topology`` up, every router's BGP sessions Established, fabricd on every host."""
+    lab = make_lab(topology)
+    for r in (*lab.nodes("frr"), *lab.nodes("bird")):
+        lab.wait_for(lambda r=r: lab.established(r), 30, what=f"BGP sessions of {r}")
+    lab.start_fabric()
+    return lab
+
+
 def allocate(
     lab: Lab, node: str, handle: str, v4: int = 1, v6: int = 0, pool: str = ""
 ) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fabric_helpers import fabric_lab
 
 from cni.errors import Code
 from cni.spec import SUPPORTED
@@ -27,10 +28,7 @@ _pods = itertools.count()
 
 @pytest.fixture(scope="module")
 def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
-    lab: Lab = make_lab("two-rack")
-    for r in ("spine", "tor1", "tor2"):
-        lab.wait_for(lambda r=r: lab.established(r), 30, what=f"BGP sessions of {r}")
-    lab.start_fabric()
+    lab = fabric_lab(make_lab, "two-rack")
     for node in HOSTS:
         d = lab.dir / node / "cni"
         r = lab.fabricctl(["cni", "install", "--bin-dir", str(d / "bin"), "--conf-dir",

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fabric_helpers import fabric_lab
 
 from lab.runner import Lab
 
@@ -122,10 +123,7 @@ class Runtime:
 
 @pytest.fixture(scope="module")
 def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
-    lab: Lab = make_lab("two-rack")
-    for r in ("spine", "tor1", "tor2"):
-        lab.wait_for(lambda r=r: lab.established(r), 30, what=f"BGP sessions of {r}")
-    lab.start_fabric()
+    lab = fabric_lab(make_lab, "two-rack")
     return lab
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from fabric_helpers import status, watching
+from fabric_helpers import fabric_lab, status, watching
 
 from lab import pods, procs, routers
 from lab.pods import Flows, Pod
@@ -140,10 +140,7 @@ class Rack:
 
 @pytest.fixture(scope="module")
 def rack(make_lab) -> Rack:  # type: ignore[no-untyped-def]
-    lab: Lab = make_lab("two-rack")
-    for r in ("spine", *TORS):
-        lab.wait_for(lambda r=r: lab.established(r), 30, what=f"BGP sessions of {r}")
-    lab.start_fabric()
+    lab = fabric_lab(make_lab, "two-rack")
     pods.install(lab)
     made = {h: pods.add(lab, h) for h in HOSTS}
     rack = Rack(lab, made, {h: block_of(lab, p) for h, p in made.items()})
@@ -324,10 +321,7 @@ class Dual:
 
 @pytest.fixture(scope="module")
 def dual(make_lab) -> Dual:  # type: ignore[no-untyped-def]
-    lab: Lab = make_lab("dual-homed")
-    for r in ("spine", *TORS):
-        lab.wait_for(lambda r=r: lab.established(r), 30, what=f"BGP sessions of {r}")
-    lab.start_fabric()
+    lab = fabric_lab(make_lab, "dual-homed")
     pods.install(lab)
     ones = [pods.add(lab, "node1") for _ in range(4)]
     twos = [pods.add(lab, "node2") for _ in range(4)]

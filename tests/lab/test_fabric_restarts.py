@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from fabric_helpers import allocate, status, watching
+from fabric_helpers import allocate, fabric_lab, status, watching
 
 from lab.runner import Lab
 
@@ -19,10 +19,7 @@ HOSTS = ("node1", "node2", "node3", "node4")
 
 @pytest.fixture(scope="module")
 def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
-    lab: Lab = make_lab("two-rack")
-    for r in ("spine", "tor1", "tor2"):
-        lab.wait_for(lambda r=r: lab.established(r), 30, what=f"BGP sessions of {r}")
-    lab.start_fabric()
+    lab = fabric_lab(make_lab, "two-rack")
     return lab
 
 

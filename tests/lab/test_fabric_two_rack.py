@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fabric_helpers import allocate, status
+from fabric_helpers import allocate, fabric_lab, status
 
 from lab import routers
 from lab.runner import Lab
@@ -26,10 +26,7 @@ TOR = {"node1": "tor1", "node2": "tor1", "node3": "tor2", "node4": "tor2"}
 
 @pytest.fixture(scope="module")
 def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
-    lab: Lab = make_lab("two-rack")
-    for r in ("spine", "tor1", "tor2"):
-        lab.wait_for(lambda r=r: lab.established(r), 30, what=f"BGP sessions of {r}")
-    lab.start_fabric()
+    lab = fabric_lab(make_lab, "two-rack")
     return lab
 
 
