@@ -97,8 +97,8 @@ def _join(resource: str, field: str, problem: str) -> str:
 
 
 def _cni_codes() -> tuple[tuple[type[BaseException], int], ...]:
-    from fabric import dataplane
-    from fabric.netlink import NetlinkError
+    from fabric.dataplane import pods as dataplane
+    from fabric.dataplane.netlink import NetlinkError
 
     return (
         (ipam_errors.DatastoreUnavailable, cni_errors.Code.TRY_AGAIN_LATER),

@@ -324,7 +324,7 @@ class Lab:
             [
                 sys.executable,
                 "-m",
-                "fabric.daemon",
+                "fabric.agent.daemon",
                 "--config",
                 str(self.fabricd_config_path(node)),
             ],

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from fabric.cli import main
+from fabric.cli.main import main
 from ipam import keys
 from ipam.allocator import Allocator, AssignedIP, AssignRequest
 from ipam.resources import Node, Resources

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from fabric.bgpstore import BGPStore
-from fabric.cli import main
+from fabric.cli.main import main
+from fabric.resources.bgp_store import BGPStore
 from ipam import keys
 from ipam.resources import Node, Resources, dumps
 from ipam.store import Store

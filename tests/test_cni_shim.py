@@ -23,7 +23,7 @@ from cni import install as inst
 from cni import protocol
 from cni.errors import Code
 from cni.spec import SUPPORTED, Verb
-from fabric.cni_server import CNIServer, answer
+from fabric.workloads.server import CNIServer, answer
 
 ENV = {
     "CNI_COMMAND": "ADD",
@@ -284,7 +284,7 @@ def test_server_drops_foreign_and_oversized_frames(tmp_path: Path) -> None:
 def test_fabricctl_cni_install(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from fabric.cli import main
+    from fabric.cli.main import main
 
     args = ["cni", "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir",
             str(tmp_path / "net.d"), "--socket", "/run/x/cni.sock", "--pool", "pods",
@@ -323,7 +323,7 @@ def test_fabricctl_cni_install(tmp_path: Path) -> None:
 def test_fabricctl_cni_install_refuses(tmp_path: Path, extra: list[str], field: str) -> None:
     from click.testing import CliRunner
 
-    from fabric.cli import main
+    from fabric.cli.main import main
 
     r = CliRunner().invoke(main, ["cni", "install", "--bin-dir", str(tmp_path / "b"),
                                   "--conf-dir", str(tmp_path / "c"), *extra])  # fmt: skip

@@ -24,7 +24,7 @@ from cni.spec import (
     parse_request,
     version_answer,
 )
-from fabric.cni_server import answer
+from fabric.workloads.server import answer
 
 ENV = {
     "CNI_COMMAND": "ADD",

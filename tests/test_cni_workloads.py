@@ -15,13 +15,13 @@ import pytest
 
 from cni.errors import Code
 from cni.spec import parse_request
-from fabric import dataplane as dp
-from fabric.cni_server import answer
-from fabric.netlink import IPNetwork, KernelRoute
-from fabric.routes import FlushResult
-from fabric.workload_ipam import PodIPAM
-from fabric.workload_state import Phase, Record, StateDir
-from fabric.workloads import Deps, Workloads
+from fabric.dataplane import pods as dp
+from fabric.dataplane.netlink import IPNetwork, KernelRoute
+from fabric.dataplane.route_table import FlushResult
+from fabric.workloads.pod_ipam import PodIPAM
+from fabric.workloads.server import answer
+from fabric.workloads.state import Phase, Record, StateDir
+from fabric.workloads.verbs import Deps, Workloads
 from ipam.allocator import Allocator, AssignRequest
 from ipam.batch import BatchingAllocator
 from ipam.pool import Pool

@@ -1,4 +1,4 @@
-"""fabric.config: the agent's config file. Every error names the field and its line."""
+"""fabric.agent.config: the agent's config file. Every error names the field and its line."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fabric import config
-from fabric.config import AgentConfig, ConfigError, RequiredPeers, parse_config
+from fabric.agent import config
+from fabric.agent.config import AgentConfig, ConfigError, RequiredPeers, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = """\
@@ -110,7 +110,7 @@ def test_defaults() -> None:
 
 
 def test_example_config_parses_to_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fabric.config.socket.gethostname", lambda: "Node-1")
+    monkeypatch.setattr("fabric.agent.config.socket.gethostname", lambda: "Node-1")
     example = parse_config(config.example_config(), "example")
     minimal = parse(MINIMAL)
     assert example == minimal
@@ -130,9 +130,9 @@ def test_null_takes_the_default() -> None:
 
 def test_node_name_from_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
     text = MINIMAL.replace("nodeName: node-1\n", "")
-    monkeypatch.setattr("fabric.config.socket.gethostname", lambda: "Worker-7")
+    monkeypatch.setattr("fabric.agent.config.socket.gethostname", lambda: "Worker-7")
     assert parse(text).node_name == "worker-7"
-    monkeypatch.setattr("fabric.config.socket.gethostname", lambda: "bad_host")
+    monkeypatch.setattr("fabric.agent.config.socket.gethostname", lambda: "bad_host")
     e = error(text)
     assert (e.field, e.line) == ("nodeName", 1)
     assert "set nodeName" in str(e)

@@ -36,7 +36,7 @@ def test_unreachable_etcd_exits_non_zero_with_one_line(netns: str, tmp_path: Pat
         "health: {listen: '127.0.0.1:0'}\n"
     )
     r = subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "fabric.daemon", "--config", str(cfg)],
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "fabric.agent.daemon", "--config", str(cfg)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert r.returncode == 1, r.stderr
@@ -48,7 +48,7 @@ def test_bad_config_names_field_and_line(tmp_path: Path) -> None:
     cfg = tmp_path / "fabricd.yaml"
     cfg.write_text("nodeName: n1\naddresses: {ipv4: 10.80.0.2/24}\netcd:\n  endpoints: [x]\n")
     r = subprocess.run(
-        [sys.executable, "-m", "fabric.daemon", "--config", str(cfg)],
+        [sys.executable, "-m", "fabric.agent.daemon", "--config", str(cfg)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert r.returncode == 1

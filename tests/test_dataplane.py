@@ -1,4 +1,4 @@
-"""fabric.dataplane against the real kernel, in throwaway namespaces (tdp + 4 hex digits).
+"""fabric.dataplane.pods against the real kernel, in throwaway namespaces (tdp + 4 hex digits).
 
 Each test gets a "node" namespace, where fabricd would run, and pods' namespaces. The
 Dataplane under test is made with ``Dataplane(netns=<node>)``: its host ends and host
@@ -28,7 +28,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from fabric.dataplane import (
+from fabric.dataplane.netlink import in_netns
+from fabric.dataplane.netlink.links import IPInterface
+from fabric.dataplane.netlink.sysctls import sysctl_path
+from fabric.dataplane.pods import (
     HOST_MAC,
     Attached,
     Attachment,
@@ -39,9 +42,6 @@ from fabric.dataplane import (
     NetnsNotFound,
     host_ifname,
 )
-from fabric.netlink import in_netns
-from fabric.netlink.links import IPInterface
-from fabric.netlink.sysctls import sysctl_path
 from lab import netns as labns
 
 T = TypeVar("T")

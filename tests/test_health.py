@@ -1,4 +1,4 @@
-"""fabric.health and fabric.metrics: a real server on 127.0.0.1, port 0, spoken to over TCP."""
+"""fabric.agent.health and fabric.agent.metrics: a real server on 127.0.0.1, port 0, spoken to over TCP."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from fabric.health import Check, HealthServer, is_loopback, split_listen
-from fabric.metrics import Metrics, SessionSample
+from fabric.agent.health import Check, HealthServer, is_loopback, split_listen
+from fabric.agent.metrics import Metrics, SessionSample
 
 ROOT = Path(__file__).resolve().parent.parent
 CheckFn = Callable[[], Awaitable[Check]]

@@ -24,8 +24,8 @@ from ipaddress import ip_network
 
 import pytest
 
-from fabric.nat import NatTable, render
-from fabric.netlink import in_netns
+from fabric.dataplane.nat import NatTable, render
+from fabric.dataplane.netlink import in_netns
 from lab import netns as labns
 
 N = ip_network
@@ -162,7 +162,7 @@ def test_masquerade_outside_pools_only(lab: dict[str, str]) -> None:
 
 @pytest.mark.root
 def test_nft_errors_are_reported(lab: dict[str, str]) -> None:
-    from fabric.nat import NatError
+    from fabric.dataplane.nat import NatError
 
     async def go() -> None:
         with pytest.raises(NatError, match=r"failed to apply nft table fabric_nat: .*netns"):

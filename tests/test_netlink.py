@@ -1,4 +1,4 @@
-"""fabric.netlink against the real kernel, in throwaway namespaces (trt + 4 hex digits).
+"""fabric.dataplane.netlink against the real kernel, in throwaway namespaces (trt + 4 hex digits).
 
 Each namespace has a veth pair v0/v1 with 10.78.0.1/24 and fd78::1/112 on v0, so gateways
 10.78.0.x and fd78::x are reachable. Routes are cross-checked with iproute2's JSON output.
@@ -23,8 +23,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fabric import netlink
-from fabric.netlink import (
+from fabric.dataplane import netlink
+from fabric.dataplane.netlink import (
     IPAddress,
     KernelRoute,
     NetlinkError,
@@ -32,8 +32,8 @@ from fabric.netlink import (
     dump_routes,
     write_routes,
 )
-from fabric.netlink.core import _Interrupted
-from fabric.netlink.routes import _wanted
+from fabric.dataplane.netlink.core import _Interrupted
+from fabric.dataplane.netlink.routes import _wanted
 from lab import netns as labns
 
 PROTO = 201

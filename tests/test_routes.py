@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from fabric.netlink import IPAddress, IPNetwork, KernelRoute, dump_routes
-from fabric.routes import FlushResult, RouteTable
-from fabric.status import StatusPublisher
+from fabric.agent.status import StatusPublisher
+from fabric.dataplane.netlink import IPAddress, IPNetwork, KernelRoute, dump_routes
+from fabric.dataplane.route_table import FlushResult, RouteTable
 from lab import netns as labns
 
 pytestmark = pytest.mark.root
@@ -448,7 +448,7 @@ def test_run_coalesces_a_burst_and_retries(ns: str) -> None:
 def test_missing_netns_is_a_netlink_error_and_gc_stays_on() -> None:
     import gc
 
-    from fabric.netlink import NetlinkError
+    from fabric.dataplane.netlink import NetlinkError
 
     async def go() -> None:
         with closing(RouteTable(PROTO, netns="trt-no-such-netns")) as t:

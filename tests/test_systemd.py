@@ -1,4 +1,4 @@
-"""fabric.systemd: sd_notify against a real AF_UNIX datagram socket (no systemd needed)."""
+"""fabric.agent.systemd: sd_notify against a real AF_UNIX datagram socket (no systemd needed)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fabric import systemd
+from fabric.agent import systemd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,8 +83,10 @@ def test_child_env_drops_systemd_variables() -> None:
 
 
 def test_checked_in_unit_matches_unit_text() -> None:
-    shipped = (ROOT / "fabric" / "fabricd.service").read_text()
-    assert shipped == systemd.unit_text(), "regenerate fabric/fabricd.service from unit_text()"
+    shipped = (ROOT / "fabric" / "agent" / "fabricd.service").read_text()
+    assert shipped == systemd.unit_text(), (
+        "regenerate fabric/agent/fabricd.service from unit_text()"
+    )
 
 
 def test_unit_text() -> None:

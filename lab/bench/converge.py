@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from fabric.netlink.core import in_netns
+from fabric.dataplane.netlink.core import in_netns
 from lab import pods, procs, render, routers
 from lab.ipam_load import percentile
 from lab.runner import Lab, LabError

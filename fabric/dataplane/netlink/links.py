@@ -1,11 +1,11 @@
 """Links and addresses over rtnetlink: veth pairs, link state, addresses, pod routes.
 
-Hand-encoded like :mod:`fabric.netlink.routes` (pyroute2 costs ~0.7 ms per message, these
+Hand-encoded like :mod:`fabric.dataplane.netlink.routes` (pyroute2 costs ~0.7 ms per message, these
 ~10 us). :class:`LinkSocket` sends a batch of requests in one ``send`` and reads every ack, so
 a pod's whole configuration is one round trip; the first refusal is raised as a
 :class:`NetlinkError` carrying its errno, what was being done and the kernel's ext-ack text.
 
-Used by :mod:`fabric.dataplane`, which owns the attachment layout (docs/design/cni-dataplane.md).
+Used by :mod:`fabric.dataplane.pods`, which owns the attachment layout (docs/design/cni-dataplane.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from errno import EINTR, ENODEV
 from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, IPv6Network
 from typing import NamedTuple
 
-from fabric.netlink.core import (
+from fabric.dataplane.netlink.core import (
     _ERR,
     _HDR,
     _IFINFO,
@@ -40,7 +40,7 @@ from fabric.netlink.core import (
     _Interrupted,
     _messages,
 )
-from fabric.netlink.routes import (
+from fabric.dataplane.netlink.routes import (
     _RTMSG,
     RT_SCOPE_LINK,
     RT_SCOPE_UNIVERSE,

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from fabric import errors
-from fabric.cli_common import (
+from fabric.cli.common import (
     RESOURCE,
     Group,
     Services,
@@ -22,11 +22,11 @@ from fabric.cli_common import (
     run,
     usage_json,
 )
-from fabric.errors import CLIError
-from fabric.output import (
+from fabric.cli.output import (
     boxed,
     percent,
 )
+from fabric.errors import CLIError
 from ipam.errors import StaleError, ValidationError
 from ipam.gc import CheckReport, PoolUsage
 from ipam.pool import IPAMConfig, parse_ip

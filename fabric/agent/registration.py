@@ -22,7 +22,7 @@ from ipam.errors import IPAMError
 from ipam.resources import Node, dumps, loads
 from ipam.store import Store
 
-log = logging.getLogger("fabric.registration")
+log = logging.getLogger("fabric.agent.registration")
 
 
 class Registration:

@@ -1,5 +1,5 @@
 """YAML resources for ``fabricctl apply|get|delete``: IPPool, IPReservation, IPAMConfig, Node,
-and (converted in fabric.resources_bgp) BGPPeer and BGPConfiguration.
+and (converted in fabric.resources.bgp) BGPPeer and BGPConfiguration.
 
 Documents look like Calico's (``apiVersion``, ``kind``, ``metadata.name``, ``spec`` with
 Calico's field names); ``apiVersion`` may be ``projectcalico.org/v3`` or ``fabric/v1``. What
@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from bgp.model import Peer
-from fabric import resources_bgp as rb
-from fabric.bgpstore import BGPStore
 from fabric.errors import CLIError
+from fabric.resources import bgp as rb
+from fabric.resources.bgp_store import BGPStore
 from ipam import keys
 from ipam.errors import NotFoundError, ValidationError
 from ipam.gc import GCResult, Maintenance

@@ -17,10 +17,7 @@ import click
 
 from bgp.errors import ValidationError
 from bgp.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, BGPConfig, Peer
-from fabric import resources_bgp as rb
-from fabric import resources_yaml as ry
-from fabric.bgpstore import BGPStore, Status
-from fabric.cli_common import (
+from fabric.cli.common import (
     RESOURCE,
     Command,
     Group,
@@ -30,9 +27,12 @@ from fabric.cli_common import (
     output_option,
     run,
 )
-from fabric.cli_common import progress as note
+from fabric.cli.common import progress as note
+from fabric.cli.output import boxed, properties, table
 from fabric.errors import CLIError
-from fabric.output import boxed, properties, table
+from fabric.resources import bgp as rb
+from fabric.resources import documents as ry
+from fabric.resources.bgp_store import BGPStore, Status
 from ipam.errors import NotFoundError
 from ipam.resources import Node
 

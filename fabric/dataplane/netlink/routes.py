@@ -21,7 +21,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import NamedTuple
 
-from fabric.netlink.core import (
+from fabric.dataplane.netlink.core import (
     _ERR,
     _HDR,
     _U32,

@@ -1,7 +1,7 @@
 """``net.*`` sysctls of the calling thread's network namespace, through /proc/sys.
 
 /proc/sys/net resolves against the namespace of the thread that opens a file, so these run
-inside :func:`fabric.netlink.in_netns` to reach another namespace's values. A key is dotted
+inside :func:`fabric.dataplane.netlink.in_netns` to reach another namespace's values. A key is dotted
 (``net.ipv4.ip_forward``) or, when a part holds dots (``eth0.100``), uses '/' throughout.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from fabric.netlink.core import NetlinkError
+from fabric.dataplane.netlink.core import NetlinkError
 
 SYSCTL_ROOT = "/proc/sys"
 

@@ -35,7 +35,7 @@ from ipam.pool import Pool
 from ipam.resources import Node, loads
 from ipam.store import KV
 
-log = logging.getLogger("fabric.intent")
+log = logging.getLogger("fabric.agent.intent")
 
 Matcher = Callable[[str, Mapping[str, str]], bool]
 

@@ -9,7 +9,7 @@ Layout (Calico's, docs/design/cni-dataplane.md)::
       default via fe80::ecee:eeff:feee:eeee       addrgenmode none, proxy_ndp=1, forwarding=1
                                                   accept_ra=0
 The host route ``<pod ip>/32 dev fab...`` is NOT made here: the caller adds it through
-:class:`fabric.routes.RouteTable`, so fabricd owns it under its route protocol.
+:class:`fabric.dataplane.route_table.RouteTable`, so fabricd owns it under its route protocol.
 
 Contracts:
 
@@ -19,7 +19,7 @@ Contracts:
 * :meth:`Dataplane.detach` is idempotent: a missing netns or link is success.
 * Attach and detach of one (container, ifname) must not overlap; a second one that does is
   refused with EBUSY rather than allowed to tear down the first one's veth.
-* This module never imports pyroute2; the kernel side is :mod:`fabric.netlink.links`.
+* This module never imports pyroute2; the kernel side is :mod:`fabric.dataplane.netlink.links`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_network
 from types import MappingProxyType
 from typing import TypeVar
 
-from fabric.netlink import IPAddress, IPNetwork, NetlinkError, in_netns, open_netns
-from fabric.netlink.links import (
+from fabric.dataplane.netlink import IPAddress, IPNetwork, NetlinkError, in_netns, open_netns
+from fabric.dataplane.netlink.links import (
     IPInterface,
     Link,
     LinkSocket,
@@ -48,7 +48,7 @@ from fabric.netlink.links import (
     route_request,
     up_request,
 )
-from fabric.netlink.sysctls import Sysctl, sysctl_path, sysctl_problems, write_sysctls
+from fabric.dataplane.netlink.sysctls import Sysctl, sysctl_path, sysctl_problems, write_sysctls
 
 T = TypeVar("T")
 Families = frozenset[int]  # IP versions: {4}, {6} or {4, 6}

@@ -20,16 +20,16 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from bgp.model import SessionState
-from fabric.metrics import SessionSample
+from fabric.agent.metrics import SessionSample
 from ipam import keys
 from ipam.errors import IPAMError
 from ipam.resources import dumps
 
 if TYPE_CHECKING:
-    from fabric.agent import Agent
-    from fabric.netlink import IPNetwork, KernelRoute
+    from fabric.agent.agent import Agent
+    from fabric.dataplane.netlink import IPNetwork, KernelRoute
 
-log = logging.getLogger("fabric.status")
+log = logging.getLogger("fabric.agent.status")
 
 ITEMS_MAX_AGE = 10.0  # s: the route list may lag the counts this long during a burst
 MAX_ROUTES = 2000  # about 150 kB of JSON; etcd refuses requests above 1.5 MiB by default

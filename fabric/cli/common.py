@@ -20,15 +20,15 @@ from typing import Any, TypeVar
 import click
 
 from fabric import errors
-from fabric import resources_yaml as ry
-from fabric.errors import CLIError
-from fabric.output import (
+from fabric.cli.output import (
     FORMATS,
     Format,
     structured,
     table,
     to_yaml_documents,
 )
+from fabric.errors import CLIError
+from fabric.resources import documents as ry
 from ipam.allocator import Allocator
 from ipam.gc import Maintenance, PoolUsage
 from ipam.resources import Resources

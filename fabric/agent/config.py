@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from bgp.model import IPAddress, IPInterface
-from fabric.health import is_loopback, split_listen
+from fabric.agent.health import is_loopback, split_listen
 
 # Route protocol numbers the kernel reserves or other routing daemons use. fabricd owns every
 # route carrying its number (adopts, replaces and deletes them): taking BIRD's, FRR's or
@@ -80,7 +80,7 @@ class EtcdConfig:
 
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
-    listen: str  # "IP:port", "[IPv6]:port" or "localhost:port" (fabric.health.split_listen)
+    listen: str  # "IP:port", "[IPv6]:port" or "localhost:port" (fabric.agent.health.split_listen)
     allow_non_loopback: bool
 
 

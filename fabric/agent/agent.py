@@ -48,23 +48,23 @@ from bgp.model import (
 )
 from bgp.rib import ImportPolicy, Rib
 from bgp.speaker import Speaker
-from fabric import systemd
-from fabric.cni_server import CNIServer, answer
-from fabric.config import AgentConfig, RequiredPeers
-from fabric.dataplane import Dataplane
-from fabric.health import Check, HealthServer
-from fabric.intent import BlockIndex, Intent, borrowed_ips, compute, decode
-from fabric.metrics import Metrics
-from fabric.nat import NatTable
-from fabric.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
-from fabric.netlink.sysctls import write_sysctls
-from fabric.registration import Registration
-from fabric.routes import RouteTable
-from fabric.status import StatusPublisher
-from fabric.watch import Cache
-from fabric.workload_ipam import PodIPAM
-from fabric.workload_state import StateDir
-from fabric.workloads import Deps, Workloads
+from fabric.agent import systemd
+from fabric.agent.config import AgentConfig, RequiredPeers
+from fabric.agent.health import Check, HealthServer
+from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
+from fabric.agent.metrics import Metrics
+from fabric.agent.registration import Registration
+from fabric.agent.status import StatusPublisher
+from fabric.agent.watch import Cache
+from fabric.dataplane.nat import NatTable
+from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
+from fabric.dataplane.netlink.sysctls import write_sysctls
+from fabric.dataplane.pods import Dataplane
+from fabric.dataplane.route_table import RouteTable
+from fabric.workloads.pod_ipam import PodIPAM
+from fabric.workloads.server import CNIServer, answer
+from fabric.workloads.state import StateDir
+from fabric.workloads.verbs import Deps, Workloads
 from ipam import keys
 from ipam.allocator import Allocator
 from ipam.batch import BatchingAllocator
@@ -73,7 +73,7 @@ from ipam.resources import Node, loads
 from ipam.selector import parse as parse_selector
 from ipam.store import Store, TLSConfig
 
-log = logging.getLogger("fabric.agent")
+log = logging.getLogger("fabric.agent.agent")
 
 RECONCILE_DEBOUNCE = 0.01  # coalesces a burst of watch events into one reconcile
 STATUS_INTERVAL = 2.0

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from ipam.errors import IPAMError
 from ipam.store import KV, EventType, Store
 
-log = logging.getLogger("fabric.watch")
+log = logging.getLogger("fabric.agent.watch")
 
 
 class Cache:

@@ -11,7 +11,7 @@ import click
 
 from cni import install as inst
 from cni.spec import SUPPORTED, valid_name
-from fabric.cli_common import Group, emit, output_option
+from fabric.cli.common import Group, emit, output_option
 from fabric.errors import CLIError
 
 _NAME = "CNI network"

@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 from cni.errors import CNIError, Code
 from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Route, render
 from cni.spec import VALID_ATTACHMENTS, IPAMConf, NetConf, Request, Verb
-from fabric import dataplane as dp
-from fabric.netlink import IPNetwork, KernelRoute
-from fabric.routes import RouteTable
-from fabric.workload_checks import check_netns, check_result, gateway_v6
-from fabric.workload_ipam import Owner, PodIPAM
-from fabric.workload_state import Phase, Record, StateDir
+from fabric.dataplane import pods as dp
+from fabric.dataplane.netlink import IPNetwork, KernelRoute
+from fabric.dataplane.route_table import RouteTable
+from fabric.workloads.checks import check_netns, check_result, gateway_v6
+from fabric.workloads.pod_ipam import Owner, PodIPAM
+from fabric.workloads.state import Phase, Record, StateDir
 
 GATEWAY_V4 = ipaddress.IPv4Address("169.254.1.1")  # Calico's: on-link, answered by proxy ARP
 DEFAULT_MTU = 1500
@@ -80,7 +80,7 @@ class Workloads:
 
     def __init__(self, deps: Deps, log: logging.Logger | None = None) -> None:
         self.d = deps
-        self.log = log or logging.getLogger("fabric.workloads")
+        self.log = log or logging.getLogger("fabric.workloads.verbs")
         self.records: dict[str, Record] = {}
         self._routed: set[IPNetwork] = set()  # destinations of the host routes we want
         self._locks = _KeyedLocks()

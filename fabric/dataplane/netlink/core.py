@@ -5,7 +5,7 @@
   from any thread, in any netns); :func:`open_netns` opens and checks a netns path once;
   :func:`iproute` yields a pyroute2 ``IPRoute`` there.
 * :class:`NetlinkSocket`: a raw ``NETLINK_ROUTE`` socket with large buffers, extended acks
-  and strict dumps; :mod:`fabric.netlink.routes` and :mod:`fabric.netlink.links` build on it.
+  and strict dumps; :mod:`fabric.dataplane.netlink.routes` and :mod:`fabric.dataplane.netlink.links` build on it.
 * Framing helpers (``_attr``, ``_attrs``, ``_messages``, ``_ext_ack_message``): package
   private, shared by the codecs of this package.
 """

@@ -1,5 +1,5 @@
 """BGPPeer and BGPConfiguration documents for ``fabricctl apply|get|delete`` (hooked into
-fabric.resources_yaml, which owns the document envelope).
+fabric.resources.documents, which owns the document envelope).
 
 Specs use Calico's field names. Beyond what the bgp model stores, documents may carry:
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from bgp.errors import ValidationError
 from bgp.model import BGPConfig, Peer
-from fabric.bgpstore import BGPStore, check_selector
+from fabric.resources.bgp_store import BGPStore, check_selector
 from ipam import keys
 from ipam.errors import NotFoundError
 

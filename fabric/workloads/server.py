@@ -38,7 +38,7 @@ from cni.protocol import (
 )
 from cni.spec import Verb, error_version, parse_request, version_answer
 from fabric.errors import cni_error
-from fabric.workloads import Workloads
+from fabric.workloads.verbs import Workloads
 
 READ_TIMEOUT = 5.0  # the shim sends its whole request at once
 REQUEST_TIMEOUT = 50.0  # below the shim's REPLY_TIMEOUT (60 s), so fabricd answers first

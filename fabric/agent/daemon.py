@@ -2,7 +2,7 @@
 
 ``fabricd --config FILE`` runs the agent; ``fabricd --check-config FILE`` validates a config
 file and exits (0 valid, 1 not, with the field and line). The first SIGTERM or SIGINT
-stops the agent in order (kernel routes stay, see fabric.agent); a second one exits at once.
+stops the agent in order (kernel routes stay, see fabric.agent.agent); a second one exits at once.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from bgp.errors import BGPError
-from fabric.config import AgentConfig, ConfigError, check_config_main, load_config
+from fabric.agent.config import AgentConfig, ConfigError, check_config_main, load_config
 from ipam.errors import IPAMError
 
 DEFAULT_CONFIG = "/etc/fabric/fabricd.yaml"
@@ -51,7 +51,7 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 async def _main(cfg: AgentConfig) -> int:
-    from fabric.agent import Agent  # imported late: --check-config stays fast
+    from fabric.agent.agent import Agent  # imported late: --check-config stays fast
 
     agent = Agent(cfg)
     loop = asyncio.get_running_loop()

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-log = logging.getLogger("fabric.health")
+log = logging.getLogger("fabric.agent.health")
 
 CHECK_TIMEOUT = 2.0  # kubelet's default probe timeout is 1 s; ours must answer well within 10
 READ_TIMEOUT = 5.0

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from fabric.netlink import (
+from fabric.dataplane.netlink import (
     RT_TABLE_MAIN,
     DumpedRoute,
     IPNetwork,

@@ -3,8 +3,8 @@
 Every command builds one Store for its run (short deadline, so an unreachable etcd is exit 2
 within seconds), runs one coroutine with asyncio.run and closes the store. Errors become one
 line on stderr and an exit code, both decided in fabric.errors. Shared plumbing lives in
-fabric.cli_common; the ipam group in fabric.cli_ipam; peers, bgp, routes and node show/label
-in fabric.cli_bgp.
+fabric.cli.common; the ipam group in fabric.cli.ipam; peers, bgp, routes and node show/label
+in fabric.cli.bgp.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from typing import Any
 
 import click
 
-from fabric import resources_yaml as ry
-from fabric import systemd
-from fabric.cli_bgp import bgp, node_label, node_show, peer, routes
-from fabric.cli_cni import cni
-from fabric.cli_common import (
+from fabric.agent import systemd
+from fabric.cli.bgp import bgp, node_label, node_show, peer, routes
+from fabric.cli.cni import cni
+from fabric.cli.common import (
     DEFAULT_ENDPOINTS,
     DEFAULT_TIMEOUT,
     RESOURCE,
@@ -35,14 +34,15 @@ from fabric.cli_common import (
     run,
     usage_json,
 )
-from fabric.cli_ipam import ipam
-from fabric.cli_lab import lab
-from fabric.errors import CLIError
-from fabric.output import (
+from fabric.cli.ipam import ipam
+from fabric.cli.lab import lab
+from fabric.cli.output import (
     percent,
     properties,
     table,
 )
+from fabric.errors import CLIError
+from fabric.resources import documents as ry
 from ipam.gc import PoolUsage
 from ipam.pool import Pool
 from ipam.store import DEFAULT_PREFIX, TLSConfig

@@ -1,18 +1,18 @@
 """The node's kernel side over rtnetlink: the only package that imports pyroute2.
 
-* :mod:`fabric.netlink.core`: namespaces (:func:`in_netns`, :func:`open_netns`,
+* :mod:`fabric.dataplane.netlink.core`: namespaces (:func:`in_netns`, :func:`open_netns`,
   :func:`iproute`), :class:`NetlinkSocket` and the message framing the codecs share.
-* :mod:`fabric.netlink.routes`: :class:`KernelRoute`, :class:`RouteSocket` (batched route
+* :mod:`fabric.dataplane.netlink.routes`: :class:`KernelRoute`, :class:`RouteSocket` (batched route
   writes and dumps), :func:`write_routes`, :func:`dump_routes`, :func:`ensure_rt_proto_name`.
-* :mod:`fabric.netlink.links`: veth pairs, link state, addresses and pod routes, batched
-  (:class:`~fabric.netlink.links.LinkSocket`); used by :mod:`fabric.dataplane`.
-* :mod:`fabric.netlink.sysctls`: ``net.*`` sysctls of the calling thread's namespace.
+* :mod:`fabric.dataplane.netlink.links`: veth pairs, link state, addresses and pod routes, batched
+  (:class:`~fabric.dataplane.netlink.links.LinkSocket`); used by :mod:`fabric.dataplane.pods`.
+* :mod:`fabric.dataplane.netlink.sysctls`: ``net.*`` sysctls of the calling thread's namespace.
 
-Everything public in core and routes is re-exported here, so ``from fabric.netlink import
+Everything public in core and routes is re-exported here, so ``from fabric.dataplane.netlink import
 KernelRoute`` keeps working for the code written against the single module this was.
 """
 
-from fabric.netlink.core import (
+from fabric.dataplane.netlink.core import (
     CLONE_NEWNET,
     IFLA_IFNAME,
     NETLINK_CAP_ACK,
@@ -45,7 +45,7 @@ from fabric.netlink.core import (
     netlink_socket,
     open_netns,
 )
-from fabric.netlink.routes import (
+from fabric.dataplane.netlink.routes import (
     IP6_DEFAULT_METRIC,
     RT_SCOPE_LINK,
     RT_SCOPE_NOWHERE,
