@@ -89,11 +89,7 @@ class Node1:
         rec = self.w.records.get(HANDLE)
         held = sorted(str(a.ip) for a in await self.alloc.ips_by_handle(HANDLE))
         host = dp.host_ifname("c1", "eth0")
-        link = subprocess.run(["ip", "-n", self.node, "link", "show", host],
-                              capture_output=True, check=False).returncode == 0  # fmt: skip
-        routes = subprocess.check_output(
-            ["ip", "-n", self.node, "route", "show", "proto", str(PROTO)], text=True
-        )
+        link, routes = await asyncio.to_thread(kernel, self.node, host)
         files = sorted(p.name for p in self.state.iterdir()) if self.state.exists() else []
         if rec is None:
             assert (held, link, routes.strip(), files) == ([], False, "", []), (
@@ -105,6 +101,15 @@ class Node1:
         assert held == want and link and files == [f"{HANDLE}.json"], (held, want, link, files)
         assert all(f"{ip} dev {host}" in routes for ip in want), routes
         return True
+
+
+def kernel(node: str, host: str) -> tuple[bool, str]:
+    """Whether ``host`` exists in ``node``, and ``node``'s routes of protocol PROTO."""
+    link = subprocess.run(["ip", "-n", node, "link", "show", host],
+                          capture_output=True, check=False).returncode == 0  # fmt: skip
+    routes = subprocess.check_output(["ip", "-n", node, "route", "show", "proto", str(PROTO)],
+                                     text=True)  # fmt: skip
+    return link, routes
 
 
 @asynccontextmanager
