@@ -149,7 +149,7 @@ def test_gc_and_del_of_the_same_attachment_race(
                 code, res = await n.call("ADD")
                 assert code == 0, res
                 got = await asyncio.gather(n.gc(), n.call("DEL"))
-                assert got == [(0, None), (0, None)], got
+                assert list(got) == [(0, None), (0, None)], got
                 assert not await n.consistent()
             there = 0
             for _ in range(ROUNDS):
