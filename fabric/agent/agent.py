@@ -30,7 +30,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,8 @@ class Agent:
         self._changed_prefixes: set[str] = set()  # watched prefixes changed since the last pass
         self._borrowed: tuple[IPAddress, ...] = ()  # as of the last pass
         self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Task[Any]] = []  # run forever: one that ends is a failure
+        self._jobs: set[asyncio.Task[Any]] = set()  # one-off work, held until it ends
         self._etcd_ok = (0.0, False)
         self._gw_tuples: dict[frozenset[IPAddress], tuple[IPAddress, ...]] = {}
 
@@ -257,9 +258,9 @@ class Agent:
         systemd.stopping()
         log.info("fabricd stopping; kernel routes stay in place")
         await self.cni.stop()  # first: no new CNI work; requests in flight finish
-        for t in self._tasks:
+        for t in (*self._tasks, *self._jobs):
             t.cancel()
-        for t in self._tasks:
+        for t in (*self._tasks, *self._jobs):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         with contextlib.suppress(Exception):
@@ -276,7 +277,7 @@ class Agent:
         if prefix == keys.NODES and keys.node(self.cfg.node_name) not in self.cache.items(
             keys.NODES
         ):
-            asyncio.get_running_loop().create_task(self._reregister())
+            self._spawn(self._reregister(), "re-register")
         self._changed_prefixes.add(prefix)
         self._dirty.set()
 
@@ -289,6 +290,19 @@ class Agent:
             return False
         blocks = self.blocks.blocks(self.cache.data.get(keys.BLOCKS, {}))
         return tuple(borrowed_ips(blocks, self.cfg.node_name)) == self._borrowed
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run one-off work in the background. The loop holds tasks only weakly: the agent
+        keeps each one until it ends (a bare create_task can be collected mid-run), logs a
+        failure, and cancels what is left at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._jobs.add(task)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[Any]) -> None:
+        self._jobs.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.error("background job %s failed: %s", task.get_name(), e, exc_info=e)
 
     async def _reregister(self) -> None:
         with contextlib.suppress(IPAMError):
