@@ -25,6 +25,7 @@ The unit (``unit_text``; ``fabric/agent/fabricd.service`` is the copy with defau
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -126,6 +127,14 @@ def status(text: str) -> bool:
 
 def watchdog_ping() -> bool:
     return notify("WATCHDOG=1")
+
+
+async def watchdog_loop(interval: float) -> None:
+    """Ping the watchdog every ``interval`` seconds while the event loop runs (a stuck loop
+    stops the pings and systemd restarts fabricd)."""
+    while True:
+        watchdog_ping()
+        await asyncio.sleep(interval)
 
 
 def watchdog_interval() -> float | None:
