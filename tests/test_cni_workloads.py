@@ -22,9 +22,10 @@ from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import answer
 from fabric.workloads.state import Phase, Record, StateDir
 from fabric.workloads.verbs import Deps, Workloads
-from ipam.allocator import Allocator, AssignRequest
+from ipam.allocator import Allocator
 from ipam.batch import BatchingAllocator
 from ipam.pool import Pool
+from ipam.request import AssignRequest
 from ipam.resources import Node
 from ipam.store import Store
 
