@@ -64,10 +64,11 @@ from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_
 from fabric.dataplane.netlink.sysctls import write_sysctls
 from fabric.dataplane.pods import Dataplane
 from fabric.dataplane.route_table import RouteTable
+from fabric.workloads.deps import Deps
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import CNIServer, answer
 from fabric.workloads.state import StateDir
-from fabric.workloads.verbs import Deps, Workloads
+from fabric.workloads.verbs import Workloads
 from ipam import keys
 from ipam.allocator import Allocator
 from ipam.batch import BatchingAllocator

@@ -1,6 +1,7 @@
 """The CNI verbs, as fabricd runs them: one small function per verb, like the reference
 plugins, on top of PodIPAM (addresses), the Dataplane (veth pair, addresses and routes in
-the pod) and the agent's RouteTable (the host route ``<pod>/32 dev <veth>``, owned by fabricd).
+the pod) and the agent's RouteTable (the host route ``<pod>/32 dev <veth>``, owned by
+fabricd); the last two are protocols (``fabric.workloads.deps``).
 
 Contracts (docs/design/cni.md has the whole story):
 
@@ -23,7 +24,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from cni.errors import CNIError, Code
@@ -31,10 +32,10 @@ from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Rout
 from cni.spec import VALID_ATTACHMENTS, IPAMConf, NetConf, Request, Verb
 from fabric.dataplane import pods as dp
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
-from fabric.dataplane.route_table import RouteTable
 from fabric.workloads.checks import check_netns, check_result, gateway_v6
-from fabric.workloads.pod_ipam import Owner, PodIPAM
-from fabric.workloads.state import Phase, Record, StateDir
+from fabric.workloads.deps import Deps
+from fabric.workloads.pod_ipam import Owner
+from fabric.workloads.state import Phase, Record
 
 GATEWAY_V4 = ipaddress.IPv4Address("169.254.1.1")  # Calico's: on-link, answered by proxy ARP
 DEFAULT_MTU = 1500
@@ -64,16 +65,6 @@ class _KeyedLocks:
 
     def busy(self) -> frozenset[str]:
         return frozenset(self._locks)
-
-
-@dataclass(frozen=True, slots=True)
-class Deps:
-    node: str
-    ipam: PodIPAM
-    dataplane: dp.Dataplane
-    routes: RouteTable
-    state: StateDir
-    datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
 
 
 class Workloads:
