@@ -6,8 +6,12 @@ inputs into the node's intent: BGP sessions, announcements, blackholes for its o
 the import policy for what it learns, and the NAT sets.
 
 Invariants:
-- Only *confirmed* affine blocks are announced and blackholed (never pending ones, never
-  blocks of a pool with ``disableBGPExport``), one aggregate per block.
+- Only *confirmed* affine blocks are announced and blackholed (never pending ones), one
+  aggregate per block. A block of a pool with ``disableBGPExport`` is not announced but
+  still blackholed: the blackhole is about this node, not about BGP. It drops traffic to a
+  free address of the block here instead of sending it up the default route to a ToR that
+  may route it back (a loop until the TTL runs out), and pods' host routes, more specific,
+  win over it either way (the mesh3 lab test checks it stays when export is disabled).
 - A /32 (/128) is announced only for an address this node borrowed from another node's
   block.
 - The import policy accepts prefixes inside IP pools (and ``importCIDRs``), never one equal
