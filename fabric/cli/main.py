@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from fabric.agent import systemd
+from fabric import unit as systemd_unit
 from fabric.cli.bgp import bgp, node_label, node_show, peer, routes
 from fabric.cli.cni import cni
 from fabric.cli.common import (
@@ -319,8 +319,8 @@ node.add_command(node_label)
 
 @main.command("install-unit")
 @click.option("--dest", default="/etc/systemd/system", show_default=True, metavar="DIR",
-              help=f'Directory to write {systemd.UNIT_NAME} into ("-": print the unit).')  # fmt: skip
-@click.option("--config", "config_path", default=systemd.DEFAULT_CONFIG, show_default=True,
+              help=f'Directory to write {systemd_unit.UNIT_NAME} into ("-": print the unit).')  # fmt: skip
+@click.option("--config", "config_path", default=systemd_unit.DEFAULT_CONFIG, show_default=True,
               help="fabricd's configuration file, as the unit passes it.")  # fmt: skip
 @click.option("--fabricd", "fabricd_path", metavar="PATH",
               help="The fabricd executable (default: the one beside fabricctl).")  # fmt: skip
@@ -330,21 +330,23 @@ def install_unit(dest: str, config_path: str, fabricd_path: str | None) -> None:
     beside = Path(sys.executable).parent / "fabricd"
     exe = fabricd_path or (str(beside) if beside.exists() else shutil.which("fabricd"))
     if not exe:
-        raise CLIError("fabricd not found: pass its absolute path", systemd.UNIT_NAME, "--fabricd")
-    for option, paths in (("--config", (config_path, systemd.DEFAULT_FABRICD)),
-                          ("--fabricd", (systemd.DEFAULT_CONFIG, exe))):  # fmt: skip
+        raise CLIError(
+            "fabricd not found: pass its absolute path", systemd_unit.UNIT_NAME, "--fabricd"
+        )
+    for option, paths in (("--config", (config_path, systemd_unit.DEFAULT_FABRICD)),
+                          ("--fabricd", (systemd_unit.DEFAULT_CONFIG, exe))):  # fmt: skip
         try:
-            systemd.unit_text(*paths)
+            systemd_unit.unit_text(*paths)
         except ValueError as e:
-            raise CLIError(str(e), systemd.UNIT_NAME, option) from e
+            raise CLIError(str(e), systemd_unit.UNIT_NAME, option) from e
     if dest == "-":
-        click.echo(systemd.unit_text(config_path, exe), nl=False)
+        click.echo(systemd_unit.unit_text(config_path, exe), nl=False)
         return
     try:
-        path = systemd.install_unit(Path(dest), config_path, exe)
+        path = systemd_unit.install_unit(Path(dest), config_path, exe)
     except OSError as e:
         raise CLIError(
-            f"cannot write the unit: {e.strerror}", str(Path(dest) / systemd.UNIT_NAME)
+            f"cannot write the unit: {e.strerror}", str(Path(dest) / systemd_unit.UNIT_NAME)
         ) from e
     click.echo(f"Wrote {path}; run: systemctl daemon-reload && systemctl enable --now fabricd")
 
