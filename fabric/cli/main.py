@@ -2,9 +2,13 @@
 
 Every command builds one Store for its run (short deadline, so an unreachable etcd is exit 2
 within seconds), runs one coroutine with asyncio.run and closes the store. Errors become one
-line on stderr and an exit code, both decided in fabric.errors. Shared plumbing lives in
-fabric.cli.common; the ipam group in fabric.cli.ipam; peers, bgp, routes and node show/label
-in fabric.cli.bgp.
+line on stderr and an exit code, both decided in fabric.errors.
+
+This module is the root group and its global options only. Shared plumbing lives in
+fabric.cli.common; pools in fabric.cli.pool; apply/get/delete and node list/delete in
+fabric.cli.resources; ipam in fabric.cli.ipam; peers, bgp, routes and node show/label in
+fabric.cli.bgp; cni, lab and install-unit in their own modules. They are imported only when
+one of their commands runs (the table at the end).
 """
 
 from __future__ import annotations
