@@ -121,7 +121,7 @@ class Workloads:
 
     async def run(self, plugin: str, req: Request) -> bytes:
         """Run one validated request; returns stdout. Raises CNIError or what a layer below
-        raised (fabric.errors.cni_error maps it)."""
+        raised (fabric.workloads.errors.cni_error maps it)."""
         ipam_only = plugin == "fabric-ipam"
         verb = req.env.command
         if verb is Verb.ADD:
