@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from bgp import codec
@@ -45,6 +46,16 @@ READ_SIZE = 256 * 1024
 RELAY_SCRIPT = Path(__file__).with_name("relay.py")
 EXABGP_SCRIPT = Path(__file__).with_name("exabgp_main.py")  # ExaBGP, debug logging free
 _INFO = {SessionState.CONNECTED: "Connected", SessionState.ESTABLISHED: "Established"}
+
+
+class Reload(StrEnum):
+    """Where a pending reconfigure stands (``None`` on the speaker: no reload pending)."""
+
+    SEND = "send"  # to be sent once the command window is empty
+    SENT = "sent"  # `reload` sent, its ack awaited
+    VERIFY = "verify"  # acked: `show neighbor configuration` to be sent
+    VERIFYING = "verifying"  # its lines are being collected
+    WAIT = "wait"  # ExaBGP skipped it: a retry is scheduled
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +124,7 @@ class Speaker:
         self._relay_seen: dict[int, int] = {}  # relay pid -> lines it reported dropped
         self._retry_timer: asyncio.TimerHandle | None = None
         self._inflight: deque[Command] = deque()
-        self._reload: str | None = None  # send, sent, verify, verifying, wait; None: done
+        self._reload: Reload | None = None
         self._reload_tries = 0
         self._collect: list[str] | None = None
         self._reset_process_state()
@@ -168,7 +179,7 @@ class Speaker:
             self._rib.mark_fresh(ip for ip, s in new.items() if self._sessions.get(ip) != s)
             self._write_config(text)
             self._set_sessions(sessions)
-            self._reload, self._reload_tries = "send", 0
+            self._reload, self._reload_tries = Reload.SEND, 0
             self._reloaded.clear()
             self._schedule_pump()
         if not await _wait(self._reloaded, timeout):
@@ -408,7 +419,7 @@ class Speaker:
                 for fam in self._sessions[ip].families
             )
             if self._reload is not None:
-                self._reload = "send"
+                self._reload = Reload.SEND
         self._synced_once = True
         self._ready.set()
         self._schedule_pump()
@@ -442,7 +453,7 @@ class Speaker:
             if self._inflight and self._inflight[-1].exclusive:
                 return
             idle = not self._inflight
-            if self._reload in ("send", "verify"):  # drain the window, then send it alone
+            if self._reload in (Reload.SEND, Reload.VERIFY):  # drain the window, then send it alone
                 cmd = self._reload_command(idle)
             else:  # routes keep flowing while a skipped reload waits for its retry
                 cmd = self._rib.next_command(idle)
@@ -458,17 +469,17 @@ class Speaker:
     # ------------------------------------------------------------------ reload check
 
     def _reload_command(self, idle: bool) -> Command | None:
-        if self._reload == "send" and idle:
-            self._reload, self._reload_tries = "sent", self._reload_tries + 1
+        if self._reload is Reload.SEND and idle:
+            self._reload, self._reload_tries = Reload.SENT, self._reload_tries + 1
             return Command("reload", exclusive=True, then=self._reload_sent)
-        if self._reload == "verify" and idle:
-            self._reload, self._collect = "verifying", []
+        if self._reload is Reload.VERIFY and idle:
+            self._reload, self._collect = Reload.VERIFYING, []
             return Command("show neighbor configuration", exclusive=True, then=self._verify)
         return None
 
     def _reload_sent(self, ok: bool) -> None:
         if ok:
-            self._reload = "verify"
+            self._reload = Reload.VERIFY
         else:
             self._reload_retry()
 
@@ -487,12 +498,12 @@ class Speaker:
         delay = min(0.2 * 2 ** min(self._reload_tries, 5), 5.0)
         log = self.log.warning if self._reload_tries >= 3 else self.log.info
         log("ExaBGP skipped reload %d (try %d); retrying", self._generation, self._reload_tries)
-        self._reload = "wait"
+        self._reload = Reload.WAIT
 
         def again() -> None:
             self._retry_timer = None
-            if self._reload == "wait":
-                self._reload = "send"
+            if self._reload is Reload.WAIT:
+                self._reload = Reload.SEND
                 self._schedule_pump()
 
         self._retry_timer = asyncio.get_running_loop().call_later(delay, again)

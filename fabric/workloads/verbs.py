@@ -11,7 +11,8 @@ Contracts (docs/design/cni.md has the whole story):
   addresses it holds.
 - DEL is idempotent: a handle that holds nothing, a missing interface, an empty or vanished
   CNI_NETNS are success; only an unreachable etcd (11) fails it, and the runtime retries.
-- Requests for one attachment run one at a time; GC leaves attachments in flight alone.
+- Requests for one attachment run one at a time, GC's teardown of it included (it takes
+  the same per-attachment lock); GC leaves attachments in flight alone.
 """
 
 from __future__ import annotations
@@ -383,11 +384,17 @@ class Workloads:
         stale = [r for r in self.records.values() if r.network == conf.name
                  and (r.container_id, r.ifname) not in valid and r.handle not in busy]  # fmt: skip
         for rec in stale:
-            self.log.info("GC: removing attachment %s", rec.handle)
-            await self._teardown(rec, rec.netns)
+            async with self._locks.hold(rec.handle):  # a DEL or ADD arriving now waits
+                if self.records.get(rec.handle) is not rec:
+                    continue  # deleted or rebuilt meanwhile: no longer what GC judged
+                self.log.info("GC: removing attachment %s", rec.handle)
+                await self._teardown(rec, rec.netns)
         for handle in await self.d.ipam.leaked(conf.name, valid, self._locks.busy()):
-            self.log.info("GC: releasing addresses of %s", handle)
-            await self.d.ipam.release(handle)
+            async with self._locks.hold(handle):
+                if handle in self.records:
+                    continue  # an ADD took the handle meanwhile: its addresses are in use
+                self.log.info("GC: releasing addresses of %s", handle)
+                await self.d.ipam.release(handle)
 
     async def status(self, conf: NetConf) -> None:
         if not await self.d.datastore_ok():
