@@ -18,16 +18,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from bgp.config import BGPConfig, Peer
 from bgp.errors import ValidationError
 from bgp.model import (
     BGP_PORT,
     DEFAULT_HOLD_TIME,
     DEFAULT_RESTART_TIME,
-    BGPConfig,
     IPAddress,
     IPInterface,
     NodeInfo,
-    Peer,
     PeerType,
     Session,
 )

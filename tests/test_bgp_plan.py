@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bgp.config import BGPConfig, Peer
 from bgp.errors import ValidationError
-from bgp.model import DEFAULT_AS, BGPConfig, NodeInfo, Peer, PeerType, Session
+from bgp.model import DEFAULT_AS, NodeInfo, PeerType, Session
 from bgp.plan import V4, V6, plan_sessions, session_name
 
 ip = ipaddress.ip_address

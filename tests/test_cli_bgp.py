@@ -193,8 +193,8 @@ def test_peer_add_bad_name_and_duplicate(cli: Cli) -> None:
 
 def test_put_peer_create_only_is_atomic(call: Call) -> None:
     """Concurrent creations of one name: exactly one wins (the txn compares absence)."""
+    from bgp.config import Peer
     from bgp.errors import ValidationError
-    from bgp.model import Peer
 
     async def go(store: Store) -> list[object]:
         bs = BGPStore(store)

@@ -15,8 +15,9 @@ from typing import Any
 
 import click
 
+from bgp.config import BGPConfig, Peer
 from bgp.errors import ValidationError
-from bgp.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, BGPConfig, Peer
+from bgp.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
 from fabric.cli.common import (
     RESOURCE,
     Command,

@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
+from bgp.config import BGPConfig, Peer
 from bgp.errors import ValidationError
-from bgp.model import BGPConfig, Peer
 from fabric.resources.bgp_store import BGPStore, check_selector
 from ipam import keys
 from ipam.errors import NotFoundError
