@@ -24,10 +24,8 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from bgp import codec
@@ -36,6 +34,7 @@ from bgp.codec import Ack, RelayNotice, Reply, SpeakerShutdown
 from bgp.errors import SpeakerError
 from bgp.model import Advert, Event, IPAddress, PeerState, Session, SessionState, SpeakerRestarted
 from bgp.render import exabgp_env, render_config
+from bgp.sessions import SessionBook, SessionStatus
 from bgp.supervisor import Supervisor
 
 WINDOW = 4  # commands awaiting an ack: the probe's best (3k prefixes/s on 5.0.15)
@@ -44,16 +43,6 @@ RELAY_ENV = "FABRIC_RELAY_SOCKET"
 READ_SIZE = 256 * 1024
 RELAY_SCRIPT = Path(__file__).with_name("relay.py")
 EXABGP_SCRIPT = Path(__file__).with_name("exabgp_main.py")  # ExaBGP, debug logging free
-_INFO = {SessionState.CONNECTED: "Connected", SessionState.ESTABLISHED: "Established"}
-
-
-@dataclass(frozen=True, slots=True)
-class SessionStatus:
-    """One session as ``fabricctl bgp status`` shows it; ``since`` is ``time.time()``."""
-
-    state: SessionState
-    since: float
-    info: str
 
 
 class Speaker:
@@ -96,7 +85,7 @@ class Speaker:
         self._generation = 0
         self._config = ""  # the text in conf_path
         self._rib = AdjRibOut()
-        self._status: dict[IPAddress, SessionStatus] = {}
+        self._book = SessionBook()
         env = {**os.environ, **exabgp_env(self.log_path), RELAY_ENV: str(self.sock_path)}
         argv = [*self.exabgp_argv, "server", str(self.conf_path)]
         self._child = Supervisor(
@@ -209,7 +198,7 @@ class Speaker:
 
     def sessions_status(self) -> dict[IPAddress, SessionStatus]:
         """State of each configured session, from ExaBGP's neighbor-changes events."""
-        return dict(self._status)
+        return self._book.snapshot()
 
     async def stop(self) -> None:
         """SIGTERM ExaBGP (with GR negotiated it closes sessions without a NOTIFICATION,
@@ -254,11 +243,7 @@ class Speaker:
 
     def _set_sessions(self, sessions: Sequence[Session]) -> None:
         self._sessions = {s.peer_ip: s for s in sessions}
-        now = time.time()
-        self._status = {
-            ip: self._status.get(ip) or SessionStatus(SessionState.IDLE, now, "Idle")
-            for ip in self._sessions
-        }
+        self._book.configure(self._sessions)
         self._rib.keep_peers(set(self._sessions))
 
     def _exited(self, status: int | None) -> None:
@@ -266,9 +251,7 @@ class Speaker:
             self._writer.close()
             self._writer = None
         self._reset_process_state()
-        now = time.time()
-        for ip in self._status:
-            self._status[ip] = SessionStatus(SessionState.IDLE, now, "Idle: restarting")
+        self._book.restarting()
         self._emit(SpeakerRestarted(self.restarts))
 
     def _reset_process_state(self) -> None:
@@ -403,8 +386,7 @@ class Speaker:
         if self._synced_once:  # a new relay, or lost lines: ExaBGP's state is unknown
             self._rib.resync(
                 codec.route_refresh_command(fam, ip)
-                for ip, st in self._status.items()
-                if st.state is SessionState.ESTABLISHED
+                for ip in self._book.established()
                 for fam in self._sessions[ip].families
             )
             if self._reload is not None:
@@ -416,8 +398,7 @@ class Speaker:
     def _on_state(self, ev: PeerState) -> None:
         if ev.peer not in self._sessions:
             return
-        info = _INFO.get(ev.state) or (f"down: {ev.reason}" if ev.reason else "down")
-        self._status[ev.peer] = SessionStatus(ev.state, time.time(), info)
+        self._book.on_state(ev)
         if ev.state is SessionState.ESTABLISHED:
             self._rib.session_up(ev.peer, self._sessions[ev.peer].families)
             self._schedule_pump()
