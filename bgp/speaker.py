@@ -120,14 +120,22 @@ class Speaker:
         return self._child.restarts
 
     async def start(
-        self, sessions: Sequence[Session], router_id: IPAddress, timeout: float = 30.0
+        self,
+        sessions: Sequence[Session],
+        router_id: IPAddress,
+        timeout: float = 30.0,
+        adverts: Iterable[Advert] | None = None,
     ) -> None:
         """Write the configuration, listen for the relay, spawn ExaBGP, wait until it answers.
-        Raises ``ConfigRenderError``, or ``SpeakerError`` (ExaBGP did not start or answer
-        within ``timeout``; it is stopped again)."""
+        ``adverts``: the desired set, in place before ExaBGP starts (else the first
+        ``set_announcements``); no End-of-RIB goes out before one of the two. Raises
+        ``ConfigRenderError``, ``ValidationError`` (an advert), or ``SpeakerError`` (ExaBGP
+        did not start or answer within ``timeout``; it is stopped again)."""
         if len(str(self.sock_path)) > 100:
             raise SpeakerError(f"failed to start ExaBGP: socket path {self.sock_path} too long")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if adverts is not None:
+            self.set_announcements(adverts)
         self._router_id = router_id
         self._write_config(self._render(list(sessions), self._generation))
         self._set_sessions(sessions)
