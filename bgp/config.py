@@ -28,6 +28,9 @@ from bgp.model import (
 SelectorCheck = Callable[[str], None]
 _COMMUNITY = re.compile(r"^\d{1,10}:\d{1,10}(:\d{1,10})?$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# systemd credential names: file names under $CREDENTIALS_DIRECTORY (no "/", not . or ..)
+_CREDENTIAL = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.@:-]{1,255}$")
+SOURCE_ADDRESSES = ("UseNodeIP", "None")  # Calico's BGPPeer sourceAddress values
 
 
 def _as_number(v: Any, fld: str, res: str, optional: bool = True) -> int | None:
@@ -71,6 +74,23 @@ def _nets(v: Any, fld: str, res: str) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
+def _password(
+    d: Mapping[str, Any], file_key: str, cred_key: str, res: str
+) -> tuple[str | None, str | None]:
+    """(file, credential) of an MD5 password: an absolute file path, or the name of a
+    systemd credential (a file under ``$CREDENTIALS_DIRECTORY``, read when rendering)."""
+    pw, cred = d.get(file_key), d.get(cred_key)
+    if pw is not None and (not isinstance(pw, str) or not pw.startswith("/")):
+        raise ValidationError(file_key, "must be an absolute file path", res)
+    if cred is not None and (not isinstance(cred, str) or not _CREDENTIAL.match(cred)):
+        raise ValidationError(
+            cred_key, f"{cred!r} is not a credential name (a file name, no '/')", res
+        )
+    if pw is not None and cred is not None:
+        raise ValidationError(cred_key, f"set at most one of {file_key} and {cred_key}", res)
+    return pw, cred
+
+
 @dataclass(frozen=True, slots=True)
 class Community:
     name: str
@@ -96,6 +116,7 @@ class BGPConfig:
     mesh_hold_time: int = DEFAULT_HOLD_TIME
     mesh_max_restart_time: int = DEFAULT_RESTART_TIME
     mesh_password_file: str | None = None
+    mesh_password_credential: str | None = None
     communities: tuple[Community, ...] = ()
     prefix_advertisements: tuple[PrefixAdvertisement, ...] = ()
     service_cluster_ips: tuple[IPNetwork, ...] = ()
@@ -130,6 +151,7 @@ class BGPConfig:
             "nodeMeshHoldTime": self.mesh_hold_time,
             "nodeMeshMaxRestartTime": self.mesh_max_restart_time,
             "nodeMeshPasswordFile": self.mesh_password_file,
+            "nodeMeshPasswordCredential": self.mesh_password_credential,
             "communities": [{"name": c.name, "value": c.value} for c in self.communities],
             "prefixAdvertisements": [
                 {"cidr": str(a.cidr), "communities": list(a.communities)}
@@ -182,9 +204,7 @@ class BGPConfig:
         default_route = d.get("importDefaultRoute", False)
         if not isinstance(default_route, bool):
             raise ValidationError("importDefaultRoute", "must be true or false", res)
-        pw = d.get("nodeMeshPasswordFile")
-        if pw is not None and (not isinstance(pw, str) or not pw.startswith("/")):
-            raise ValidationError("nodeMeshPasswordFile", "must be an absolute file path", res)
+        pw, cred = _password(d, "nodeMeshPasswordFile", "nodeMeshPasswordCredential", res)
         return cls(
             as_number=_as_number(d.get("asNumber", DEFAULT_AS), "asNumber", res, optional=False)
             or DEFAULT_AS,
@@ -204,6 +224,7 @@ class BGPConfig:
             )
             or DEFAULT_RESTART_TIME,
             mesh_password_file=pw,
+            mesh_password_credential=cred,
             communities=tuple(comms),
             prefix_advertisements=tuple(advs),
             service_cluster_ips=_nets(d.get("serviceClusterIPs"), "serviceClusterIPs", res),
@@ -233,6 +254,7 @@ class Peer:
     peer_selector: str | None = None
     local_as_number: int | None = None
     password_file: str | None = None
+    password_credential: str | None = None  # a systemd credential (LoadCredential=) name
     hold_time: int | None = None
     keepalive_time: int | None = None
     max_restart_time: int | None = None
@@ -242,11 +264,17 @@ class Peer:
     # routes whose AS path holds our own AS up to this many times. Needed with one AS per
     # rack, where routes between hosts of the same rack come back through the ToR.
     num_allowed_local_as: int = 0
+    # Calico's ttlSecurity: GTSM (RFC 5082), the peer is at most this many hops away; we
+    # send with TTL 255 and accept only TTL >= 256 - hops. None or 0: off.
+    ttl_security: int | None = None
+    # Calico's sourceAddress: "UseNodeIP" (the node's address of the family), "None" (the
+    # kernel chooses); unset: the local interface facing the peer, else the node address.
+    source_address: str | None = None
 
     FIELDS = (
         "peerIP", "asNumber", "node", "nodeSelector", "peerSelector", "localASNumber",
         "passwordFile", "holdTime", "keepaliveTime", "maxRestartTime", "maxPrefixes", "required",
-        "numAllowedLocalASNumbers",
+        "numAllowedLocalASNumbers", "passwordCredential", "ttlSecurity", "sourceAddress",
     )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -273,6 +301,9 @@ class Peer:
             "maxPrefixes": self.max_prefixes,
             "required": self.required,
             "numAllowedLocalASNumbers": self.num_allowed_local_as or None,
+            "passwordCredential": self.password_credential,
+            "ttlSecurity": self.ttl_security,
+            "sourceAddress": self.source_address,
         }
         return {k: v for k, v in out.items() if v is not None}
 
@@ -315,9 +346,12 @@ class Peer:
         node = d.get("node")
         if node is not None and not isinstance(node, str):
             raise ValidationError("node", "must be a node name", res)
-        pw = d.get("passwordFile")
-        if pw is not None and (not isinstance(pw, str) or not pw.startswith("/")):
-            raise ValidationError("passwordFile", "must be an absolute file path", res)
+        pw, cred = _password(d, "passwordFile", "passwordCredential", res)
+        source = d.get("sourceAddress")
+        if source is not None and source not in SOURCE_ADDRESSES:
+            raise ValidationError(
+                "sourceAddress", f"{source!r} is not one of {', '.join(SOURCE_ADDRESSES)}", res
+            )
         hold = _int(d.get("holdTime"), "holdTime", res, 0, 65535)
         if hold is not None and 0 < hold < 3:
             raise ValidationError("holdTime", "must be 0 or at least 3 seconds (RFC 4271)", res)
@@ -337,6 +371,7 @@ class Peer:
             peer_selector=sel,
             local_as_number=_as_number(d.get("localASNumber"), "localASNumber", res),
             password_file=pw,
+            password_credential=cred,
             hold_time=hold,
             keepalive_time=keep,
             max_restart_time=_int(d.get("maxRestartTime"), "maxRestartTime", res, 1, 4095),
@@ -346,6 +381,8 @@ class Peer:
                 d.get("numAllowedLocalASNumbers"), "numAllowedLocalASNumbers", res, 0, 10
             )
             or 0,
+            ttl_security=_int(d.get("ttlSecurity"), "ttlSecurity", res, 0, 255),
+            source_address=source,
         )
 
 

@@ -83,6 +83,7 @@ class Session:
     hold_time: int = DEFAULT_HOLD_TIME
     keepalive_time: int | None = None
     password_file: str | None = None
+    password_credential: str | None = None  # a file under $CREDENTIALS_DIRECTORY
     restart_time: int = DEFAULT_RESTART_TIME
     rr_client: bool = False  # the local node reflects routes to this peer
     cluster_id: str | None = None
@@ -90,6 +91,8 @@ class Session:
     required: bool = False
     peer_node: str | None = None  # the fabric node on the far side, if any
     allow_local_as: int = 0  # Peer.num_allowed_local_as
+    ttl_security: int = 0  # GTSM: the peer is at most this many hops away (0: off)
+    source_auto: bool = False  # sourceAddress None: the kernel picks the source address
     families: tuple[str, ...] = ("ipv4 unicast", "ipv6 unicast")
 
     @property
