@@ -20,11 +20,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from bgp.config import BGPConfig
 from bgp.model import (
     DEFAULT_AS,
     DEFAULT_RESTART_TIME,
     Announce,
-    BGPConfig,
     EndOfRib,
     Event,
     IPAddress,

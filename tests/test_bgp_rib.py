@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bgp.config import BGPConfig
 from bgp.model import (
     Announce,
-    BGPConfig,
     EndOfRib,
     IPAddress,
     IPNetwork,

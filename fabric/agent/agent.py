@@ -215,8 +215,11 @@ class Agent:
         self.convergence = Convergence(adopted, deadline)
         intent = self._compute()
         await self._apply(intent, first=True)
-        await self.speaker.start(list(intent.sessions), self.local.router_id)
-        self.speaker.set_announcements(intent.adverts)
+        # the adverts go in with the start: ExaBGP may bring a session up before start()
+        # returns, and its End-of-RIB must follow our routes (the ToR drops what it kept)
+        await self.speaker.start(
+            list(intent.sessions), self.local.router_id, adverts=intent.adverts
+        )
         await self.health.start()
         await self.cni.start()
         self._tasks = [
