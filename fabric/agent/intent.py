@@ -24,9 +24,9 @@ from functools import partial
 from typing import Any
 
 from bgp.errors import BGPError
+from bgp.import_policy import ImportPolicy
 from bgp.model import Advert, BGPConfig, IPAddress, IPInterface, IPNetwork, NodeInfo, Peer, Session
 from bgp.plan import plan_sessions
-from bgp.rib import ImportPolicy
 from ipam import keys
 from ipam.block import Block
 from ipam.blocks import Affinity, AffinityState, node_of
