@@ -35,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bgp.import_policy import ImportPolicy
 from bgp.model import (
     EndOfRib,
     Event,
@@ -47,7 +48,7 @@ from bgp.model import (
     SessionState,
     SpeakerRestarted,
 )
-from bgp.rib import ImportPolicy, Rib
+from bgp.rib import Rib
 from bgp.speaker import Speaker
 from fabric.agent import systemd
 from fabric.agent.config import AgentConfig
