@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from lab import netns
+from lab import netns, pods
 from lab.ipam_load import percentile
 from lab.runner import Lab, LabError
 
@@ -192,6 +192,7 @@ def install(lab: Lab) -> tuple[Path, dict[str, Any]]:
     sock = yaml.safe_load(lab.fabricd_config_path(HOST).read_text())["cni"]["socket"]
     r = lab.fabricctl(["cni", "install", "--bin-dir", str(d / "bin"), "--conf-dir",
                        str(d / "net.d"), "--socket", str(sock), "--network-name", NETWORK,
+                       "--state-dir", str(pods.state_dir(lab, HOST)),
                        "--cni-version", CNI_VERSION], HOST)  # fmt: skip
     if r.returncode != 0:
         raise LabError(f"failed to install the CNI plugin: {r.stderr.strip()}")
