@@ -97,7 +97,7 @@ def _join(resource: str, field: str, problem: str) -> str:
 
 
 def _cni_codes() -> tuple[tuple[type[BaseException], int], ...]:
-    from fabric.dataplane import pods as dataplane
+    from fabric.dataplane import attachment as dataplane
     from fabric.dataplane.netlink import NetlinkError
 
     return (

@@ -31,6 +31,7 @@ from typing import TypeVar
 from cni.errors import CNIError, Code
 from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Route, render
 from cni.spec import VALID_ATTACHMENTS, IPAMConf, NetConf, Request, Verb
+from fabric.dataplane import attachment as att
 from fabric.dataplane import pods as dp
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
 from fabric.dataplane.route_table import RouteTable
@@ -196,7 +197,7 @@ class Workloads:
             container_id=owner.container_id,
             ifname=owner.ifname,
             netns=netns,
-            host_ifname=dp.host_ifname(owner.container_id, owner.ifname),
+            host_ifname=att.host_ifname(owner.container_id, owner.ifname),
             phase=Phase.ADDING,
             mtu=conf.mtu or DEFAULT_MTU,
             pod=owner.pod,
@@ -294,7 +295,7 @@ class Workloads:
     def _unknown(owner: Owner, req: Request) -> Record:
         """The record of an attachment this node has none of (its DEL still cleans up)."""
         return Record(owner.handle, req.conf.name, owner.container_id, owner.ifname,
-                      req.env.netns, dp.host_ifname(owner.container_id, owner.ifname),
+                      req.env.netns, att.host_ifname(owner.container_id, owner.ifname),
                       Phase.DELETING)  # fmt: skip
 
     async def _teardown(self, rec: Record, netns: str, exact: bool = False) -> None:
@@ -342,7 +343,7 @@ class Workloads:
     async def _detach(self, rec: Record, netns: str) -> None:
         try:
             await self.d.dataplane.detach(rec.container_id, rec.ifname, netns or None)
-        except dp.NetnsNotFound:  # the pod's namespace is gone: the host end may not be
+        except att.NetnsNotFound:  # the pod's namespace is gone: the host end may not be
             await self.d.dataplane.detach(rec.container_id, rec.ifname, None)
 
     # ------------------------------------------------------------------ CHECK
@@ -451,8 +452,8 @@ def _host_nets(ips: tuple[IPInterface, ...]) -> list[IPNetwork]:
     return [ipaddress.ip_network((i.ip, i.ip.max_prefixlen)) for i in ips]
 
 
-def _attachment(rec: Record) -> dp.Attachment:
-    return dp.Attachment(container_id=rec.container_id, ifname=rec.ifname, netns=rec.netns,
+def _attachment(rec: Record) -> att.Attachment:
+    return att.Attachment(container_id=rec.container_id, ifname=rec.ifname, netns=rec.netns,
                          ips=rec.ips, mtu=rec.mtu, sysctls=dict(rec.sysctls))  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from fabric_helpers import fabric_lab
 
 from cni.errors import Code
 from cni.spec import SUPPORTED
-from fabric.dataplane.pods import host_ifname
+from fabric.dataplane.attachment import host_ifname
 from lab.pods import state_dir
 from lab.runner import Lab
 

@@ -16,7 +16,7 @@ from fabric_helpers import fabric_lab
 
 from cni.errors import Code
 from cni.install import PENDING_DIR
-from fabric.dataplane.pods import host_ifname
+from fabric.dataplane.attachment import host_ifname
 from lab import pods
 from lab.pods import Pod
 from lab.runner import Lab

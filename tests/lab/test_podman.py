@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fabric.dataplane.pods import host_ifname
+from fabric.dataplane.attachment import host_ifname
 from lab import netns, render
 from lab.pods import state_dir
 from lab.runner import Lab
