@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 import yaml
 
 from lab.netns import exists as netns_exists
-from lab.runner import Lab, LabError
+from lab.runner import Lab
+from lab.view import LabError
 
 NETWORK = "fabric"
 SETTLE = 1.1  # seconds for the last echo of a stopped probe to come back or time out (-W 1)

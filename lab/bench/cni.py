@@ -34,7 +34,8 @@ import yaml
 
 from lab import netns, pods
 from lab.ipam_load import percentile
-from lab.runner import Lab, LabError
+from lab.runner import Lab
+from lab.view import LabError
 
 N, QUICK_N = 200, 20
 WARMUP = 3
