@@ -65,6 +65,7 @@ from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_
 from fabric.dataplane.netlink.sysctls import write_sysctls
 from fabric.dataplane.pods import Dataplane
 from fabric.dataplane.route_table import RouteTable
+from fabric.workloads.pending import PendingDir
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import CNIServer, answer
 from fabric.workloads.state import StateDir
@@ -167,6 +168,7 @@ class Agent:
                 routes=self.routes,
                 state=StateDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
                 datastore_ok=self.probes.etcd_reachable,
+                pending=PendingDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
             ),
             log.getChild("workloads"),
         )
@@ -212,6 +214,10 @@ class Agent:
         await self.registration.register()
         await self.cache.load()
         await self.workloads.recover()  # local pods' host routes, before the first resync
+        # DELs recorded while fabricd was down: before the first resync and the first ADD
+        left = await self.workloads.finish_pending()
+        if left:
+            log.warning("%d recorded DELs could not be finished yet; retried", left)
         deadline = time.monotonic() + cfg.bgp.graceful_restart_time
         self.convergence = Convergence(adopted, deadline)
         intent = self._compute()
@@ -231,6 +237,7 @@ class Agent:
             asyncio.create_task(self._kernel_resync_loop(), name="kernel resync"),
             asyncio.create_task(self.routes.run(), name="routes"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
+            asyncio.create_task(self.workloads.pending_loop(), name="recorded DELs"),
         ]
         interval = systemd.watchdog_interval()
         if cfg.watchdog and interval:
