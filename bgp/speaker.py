@@ -24,10 +24,8 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from bgp.codec import Ack, RelayNotice, Reply, SpeakerShutdown
 from bgp.errors import SpeakerError
 from bgp.model import Advert, Event, IPAddress, PeerState, Session, SessionState, SpeakerRestarted
 from bgp.render import exabgp_env, render_config
+from bgp.sessions import SessionBook, SessionStatus
 from bgp.supervisor import Supervisor
 
 WINDOW = 4  # commands awaiting an ack: the probe's best (3k prefixes/s on 5.0.15)
@@ -45,7 +44,6 @@ RELAY_ENV = "FABRIC_RELAY_SOCKET"
 READ_SIZE = 256 * 1024
 RELAY_SCRIPT = Path(__file__).with_name("relay.py")
 EXABGP_SCRIPT = Path(__file__).with_name("exabgp_main.py")  # ExaBGP, debug logging free
-_INFO = {SessionState.CONNECTED: "Connected", SessionState.ESTABLISHED: "Established"}
 
 
 class Reload(StrEnum):
@@ -56,15 +54,6 @@ class Reload(StrEnum):
     VERIFY = "verify"  # acked: `show neighbor configuration` to be sent
     VERIFYING = "verifying"  # its lines are being collected
     WAIT = "wait"  # ExaBGP skipped it: a retry is scheduled
-
-
-@dataclass(frozen=True, slots=True)
-class SessionStatus:
-    """One session as ``fabricctl bgp status`` shows it; ``since`` is ``time.time()``."""
-
-    state: SessionState
-    since: float
-    info: str
 
 
 class Speaker:
@@ -107,7 +96,7 @@ class Speaker:
         self._generation = 0
         self._config = ""  # the text in conf_path
         self._rib = AdjRibOut()
-        self._status: dict[IPAddress, SessionStatus] = {}
+        self._book = SessionBook()
         env = {**os.environ, **exabgp_env(self.log_path), RELAY_ENV: str(self.sock_path)}
         argv = [*self.exabgp_argv, "server", str(self.conf_path)]
         self._child = Supervisor(
@@ -142,14 +131,22 @@ class Speaker:
         return self._child.restarts
 
     async def start(
-        self, sessions: Sequence[Session], router_id: IPAddress, timeout: float = 30.0
+        self,
+        sessions: Sequence[Session],
+        router_id: IPAddress,
+        timeout: float = 30.0,
+        adverts: Iterable[Advert] | None = None,
     ) -> None:
         """Write the configuration, listen for the relay, spawn ExaBGP, wait until it answers.
-        Raises ``ConfigRenderError``, or ``SpeakerError`` (ExaBGP did not start or answer
-        within ``timeout``; it is stopped again)."""
+        ``adverts``: the desired set, in place before ExaBGP starts (else the first
+        ``set_announcements``); no End-of-RIB goes out before one of the two. Raises
+        ``ConfigRenderError``, ``ValidationError`` (an advert), or ``SpeakerError`` (ExaBGP
+        did not start or answer within ``timeout``; it is stopped again)."""
         if len(str(self.sock_path)) > 100:
             raise SpeakerError(f"failed to start ExaBGP: socket path {self.sock_path} too long")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if adverts is not None:
+            self.set_announcements(adverts)
         self._router_id = router_id
         self._write_config(self._render(list(sessions), self._generation))
         self._set_sessions(sessions)
@@ -220,7 +217,7 @@ class Speaker:
 
     def sessions_status(self) -> dict[IPAddress, SessionStatus]:
         """State of each configured session, from ExaBGP's neighbor-changes events."""
-        return dict(self._status)
+        return self._book.snapshot()
 
     async def stop(self) -> None:
         """SIGTERM ExaBGP (with GR negotiated it closes sessions without a NOTIFICATION,
@@ -265,11 +262,7 @@ class Speaker:
 
     def _set_sessions(self, sessions: Sequence[Session]) -> None:
         self._sessions = {s.peer_ip: s for s in sessions}
-        now = time.time()
-        self._status = {
-            ip: self._status.get(ip) or SessionStatus(SessionState.IDLE, now, "Idle")
-            for ip in self._sessions
-        }
+        self._book.configure(self._sessions)
         self._rib.keep_peers(set(self._sessions))
 
     def _exited(self, status: int | None) -> None:
@@ -277,9 +270,7 @@ class Speaker:
             self._writer.close()
             self._writer = None
         self._reset_process_state()
-        now = time.time()
-        for ip in self._status:
-            self._status[ip] = SessionStatus(SessionState.IDLE, now, "Idle: restarting")
+        self._book.restarting()
         self._emit(SpeakerRestarted(self.restarts))
 
     def _reset_process_state(self) -> None:
@@ -414,8 +405,7 @@ class Speaker:
         if self._synced_once:  # a new relay, or lost lines: ExaBGP's state is unknown
             self._rib.resync(
                 codec.route_refresh_command(fam, ip)
-                for ip, st in self._status.items()
-                if st.state is SessionState.ESTABLISHED
+                for ip in self._book.established()
                 for fam in self._sessions[ip].families
             )
             if self._reload is not None:
@@ -427,8 +417,7 @@ class Speaker:
     def _on_state(self, ev: PeerState) -> None:
         if ev.peer not in self._sessions:
             return
-        info = _INFO.get(ev.state) or (f"down: {ev.reason}" if ev.reason else "down")
-        self._status[ev.peer] = SessionStatus(ev.state, time.time(), info)
+        self._book.on_state(ev)
         if ev.state is SessionState.ESTABLISHED:
             self._rib.session_up(ev.peer, self._sessions[ev.peer].families)
             self._schedule_pump()

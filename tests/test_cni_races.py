@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fabric.dataplane import pods as dp
+from fabric.dataplane import attachment as dp
 from fabric.dataplane.pods import Dataplane
 from fabric.dataplane.route_table import RouteTable
 from fabric.workloads.deps import Deps

@@ -35,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bgp.import_policy import ImportPolicy
 from bgp.model import (
     EndOfRib,
     Event,
@@ -47,7 +48,7 @@ from bgp.model import (
     SessionState,
     SpeakerRestarted,
 )
-from bgp.rib import ImportPolicy, Rib
+from bgp.rib import Rib
 from bgp.speaker import Speaker
 from fabric.agent import systemd
 from fabric.agent.config import AgentConfig
@@ -65,6 +66,7 @@ from fabric.dataplane.netlink.sysctls import write_sysctls
 from fabric.dataplane.pods import Dataplane
 from fabric.dataplane.route_table import RouteTable
 from fabric.workloads.deps import Deps
+from fabric.workloads.pending import PendingDir
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import CNIServer, answer
 from fabric.workloads.state import StateDir
@@ -167,6 +169,7 @@ class Agent:
                 routes=self.routes,
                 state=StateDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
                 datastore_ok=self.probes.etcd_reachable,
+                pending=PendingDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
             ),
             log.getChild("workloads"),
         )
@@ -212,12 +215,19 @@ class Agent:
         await self.registration.register()
         await self.cache.load()
         await self.workloads.recover()  # local pods' host routes, before the first resync
+        # DELs recorded while fabricd was down: before the first resync and the first ADD
+        left = await self.workloads.finish_pending()
+        if left:
+            log.warning("%d recorded DELs could not be finished yet; retried", left)
         deadline = time.monotonic() + cfg.bgp.graceful_restart_time
         self.convergence = Convergence(adopted, deadline)
         intent = self._compute()
         await self._apply(intent, first=True)
-        await self.speaker.start(list(intent.sessions), self.local.router_id)
-        self.speaker.set_announcements(intent.adverts)
+        # the adverts go in with the start: ExaBGP may bring a session up before start()
+        # returns, and its End-of-RIB must follow our routes (the ToR drops what it kept)
+        await self.speaker.start(
+            list(intent.sessions), self.local.router_id, adverts=intent.adverts
+        )
         await self.health.start()
         await self.cni.start()
         self._tasks = [
@@ -228,6 +238,7 @@ class Agent:
             asyncio.create_task(self._kernel_resync_loop(), name="kernel resync"),
             asyncio.create_task(self.routes.run(), name="routes"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
+            asyncio.create_task(self.workloads.pending_loop(), name="recorded DELs"),
         ]
         interval = systemd.watchdog_interval()
         if cfg.watchdog and interval:

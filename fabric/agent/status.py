@@ -25,7 +25,7 @@ from typing import Any
 
 from bgp.model import Session, SessionState
 from bgp.rib import PeerStats
-from bgp.speaker import SessionStatus
+from bgp.sessions import SessionStatus
 from fabric.agent.metrics import Metrics, SessionSample
 from fabric.agent.registration import Registration
 from fabric.dataplane.netlink import IPNetwork, KernelRoute

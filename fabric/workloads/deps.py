@@ -12,9 +12,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from fabric.dataplane import pods as dp
+from fabric.dataplane import attachment as dp
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
 from fabric.dataplane.route_table import FlushResult
+from fabric.workloads.pending import PendingDir
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.state import StateDir
 
@@ -53,3 +54,4 @@ class Deps:
     routes: HostRoutes
     state: StateDir
     datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
+    pending: PendingDir | None = None  # DELs recorded by the plugin while fabricd was down
