@@ -30,7 +30,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from fabric.agent import systemd
 from fabric.agent.config import AgentConfig
 from fabric.agent.health import HealthServer
 from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
+from fabric.agent.kernel_routes import Gateways, desired_routes, kernel_changes
 from fabric.agent.metrics import Metrics
 from fabric.agent.probes import Probes
 from fabric.agent.registration import Registration
@@ -191,7 +192,7 @@ class Agent:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []  # run forever: one that ends is a failure
         self._jobs: set[asyncio.Task[Any]] = set()  # one-off work, held until it ends
-        self._gw_tuples: dict[frozenset[IPAddress], tuple[IPAddress, ...]] = {}
+        self._gateways = Gateways()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -411,21 +412,9 @@ class Agent:
 
     def _route_changes(self, changes: dict[IPNetwork, frozenset[IPAddress] | None]) -> None:
         if changes:
-            self.routes.update(self._kernel_changes(changes))
-
-    def _kernel_changes(
-        self, changes: dict[IPNetwork, frozenset[IPAddress] | None]
-    ) -> Iterator[tuple[IPNetwork, KernelRoute | None]]:
-        own = self.intent.blackholes if self.intent is not None else frozenset()
-        local = self.workloads.owns
-        for dst, hops in changes.items():
-            if dst in own or local(dst):  # a local pod's /32 stays on its veth
-                continue
-            if hops:
-                yield dst, KernelRoute(dst=dst, gateways=self._gateways(hops))
-            elif not self.convergence.keeps(dst):
-                yield dst, None
-            # else: keep the adopted route until the RIB has converged
+            own = self.intent.blackholes if self.intent is not None else frozenset()
+            keeps, local = self.convergence.keeps, self.workloads.owns
+            self.routes.update(kernel_changes(changes, own, local, keeps, self._gateways))
 
     def _sessions(self) -> tuple[Session, ...]:
         return self.intent.sessions if self.intent is not None else ()
@@ -444,27 +433,10 @@ class Agent:
                 self.routes.set(dst, None)
             log.info("RIB converged; removing %d adopted routes nobody announces", len(stale))
 
-    def _gateways(self, hops: frozenset[IPAddress]) -> tuple[IPAddress, ...]:
-        """One shared tuple per next-hop set (100,000 routes via one ToR share one)."""
-        got = self._gw_tuples.get(hops)
-        if got is None:
-            if len(self._gw_tuples) > 4096:
-                self._gw_tuples.clear()
-            got = self._gw_tuples[hops] = tuple(sorted(hops))
-        return got
-
     def _desired_routes(self) -> dict[IPNetwork, KernelRoute]:
-        """The whole kernel table fabricd wants: local pods' host routes, then own blocks as
-        blackholes, then best learned routes, then (until converged) adopted ones."""
-        desired: dict[IPNetwork, KernelRoute] = {}
-        desired.update(self.convergence.adopted)  # empty once converged
-        for dst, hops in self.rib.best().items():
-            if hops:
-                desired[dst] = KernelRoute(dst=dst, gateways=self._gateways(hops))
-        for dst in self.intent.blackholes if self.intent is not None else ():
-            desired[dst] = KernelRoute(dst=dst, blackhole=True)
-        desired.update(self.workloads.routes())
-        return desired
+        own = self.intent.blackholes if self.intent is not None else frozenset()
+        return desired_routes(self.convergence.adopted, self.rib.best(), own,
+                              self.workloads.routes(), self._gateways)  # fmt: skip
 
     async def _kernel_resync_loop(self) -> None:
         """Every routes.resyncInterval: diff the kernel against the whole desired table and
