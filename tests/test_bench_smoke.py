@@ -87,3 +87,17 @@ def test_cni_bench_smoke() -> None:
     assert all(v > 0 for k, v in last.items() if k != "bench"), last
     detail = lines[-2]  # the same run with min/p90/max of every series
     assert detail["n"] == 20 and detail["fabric_add_min_ms"] <= last["fabric_add_p50_ms"]
+
+
+@pytest.mark.root
+def test_netlink_bench_smoke() -> None:
+    """500 routes and 40 link messages each way, hand codec and pyroute2 (ADR 0002's guard)."""
+    if os.geteuid() != 0:
+        pytest.skip("the netlink benchmark uses a network namespace: needs root")
+    *_, detail, last = quick("netlink", 300)
+    assert last["bench"] == "netlink" and last["n"] == 500 and last["link_messages"] == 120
+    for key in ("fabric_routes_per_s", "pyroute2_routes_per_s", "routes_ratio",
+                "fabric_link_msg_ms", "pyroute2_link_msg_ms", "links_ratio"):  # fmt: skip
+        assert last[key] > 0, key
+    assert set(detail) == {"routes", "links"}
+    assert set(detail["routes"]) == set(detail["links"]) == {"fabric", "pyroute2"}

@@ -63,6 +63,9 @@ SPECS: dict[str, Spec] = {
                 (Target("add_ratio", "<=", 1.5), Target("del_ratio", "<=", 1.5))),
     "converge": Spec(("p50_ms", "p99_ms", "frr_p50_ms"), "ratio_p50",
                      (Target("ratio_p50", "<=", 1.5), Target("p99_ms", "<", 1000))),
+    # the guard of docs/adr/0002-netlink.md: below 5x, pyroute2 is worth reconsidering
+    "netlink": Spec(("fabric_routes_per_s", "pyroute2_routes_per_s", "pyroute2_link_msg_ms"),
+                    "routes_ratio", (Target("routes_ratio", ">=", 5.0),)),
 }  # fmt: skip
 
 
