@@ -234,14 +234,14 @@ def compute(inp: Inputs, match: Matcher) -> Intent:
     own_addresses = {i.ip for i in inp.local_interfaces}
     own_addresses |= {i.ip for i in (local.ipv4, local.ipv6) if i is not None}
     pool_cidrs = tuple(p.cidr for p in inp.pools)
-    policy = ImportPolicy(
-        allowed=(*pool_cidrs, *inp.bgp.import_cidrs),
-        own=frozenset({*inp.own_blocks, *(a.prefix for a in clean)}),
-        allow_default=inp.bgp.import_default_route,
-        local_as=local.as_number or inp.bgp.as_number,
-        router_id=local.router_id,
-        own_addresses=frozenset(own_addresses),
-        allow_local_as={s.peer_ip: s.allow_local_as for s in sessions if s.allow_local_as},
+    policy = ImportPolicy.for_node(
+        inp.bgp,
+        pool_cidrs,
+        {*inp.own_blocks, *(a.prefix for a in clean)},
+        local.as_number or inp.bgp.as_number,
+        local.router_id,
+        own_addresses,
+        {s.peer_ip: s.allow_local_as for s in sessions if s.allow_local_as},
     )
     return Intent(
         sessions=tuple(sessions),
