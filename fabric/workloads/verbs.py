@@ -139,7 +139,7 @@ class Workloads:
 
     async def add(self, req: Request) -> bytes:
         env, conf = req.env, req.conf
-        owner = Owner.of(conf.name, env)
+        owner = Owner.of(conf.name, env, conf.args)
         async with self._locks.hold(owner.handle):
             check_netns(env.netns)
             old = self.records.get(owner.handle)
@@ -340,7 +340,7 @@ class Workloads:
 
     async def ipam_add(self, req: Request) -> bytes:
         conf = req.conf
-        owner = Owner.of(conf.name, req.env)
+        owner = Owner.of(conf.name, req.env, conf.args)
         async with self._locks.hold(owner.handle):
             await self._need_datastore()
             try:
