@@ -42,32 +42,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal
 
+from fabric.resources.policy_model import Direction, NamedPort, Protocol
+
+__all__ = [
+    "Compiled", "Direction", "DirectionRules", "Endpoint", "EndpointRules", "IPAddress",
+    "IPNetwork", "NamedPort", "PortMatch", "Protocol", "Rule", "SetElement", "SetKind", "SetSpec",
+]  # fmt: skip
+
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
-
-
-class Protocol(StrEnum):
-    TCP = "TCP"
-    UDP = "UDP"
-    SCTP = "SCTP"
-
-
-class Direction(StrEnum):
-    INGRESS = "Ingress"
-    EGRESS = "Egress"
-
-
-@dataclass(frozen=True, slots=True)
-class NamedPort:
-    """A container port with a name (``spec.containers[].ports[]`` of the Pod)."""
-
-    name: str
-    port: int
-    protocol: Protocol = Protocol.TCP
 
 
 @dataclass(frozen=True, slots=True)
