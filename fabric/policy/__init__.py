@@ -7,7 +7,7 @@
     verdict     verdict()/trace(): evaluate a Compiled for one probe (the same sets and
                 rules the dataplane programs, not a second copy of the semantics)
 
-May import only ``fabric.resources`` models (NetworkPolicy, Namespace, Pod) and the
-standard library. Never imports fabric.dataplane, fabric.agent, fabric.workloads or
+May import only ``fabric.resources`` models (NetworkPolicy, Namespace, Pod), ``ipam.block``
+(pure block algebra, to read allocations) and the standard library. Never imports fabric.dataplane, fabric.agent, fabric.workloads or
 fabric.cli: the agent feeds it and renders its output, the CLI asks it for verdicts.
 """

@@ -130,6 +130,7 @@ class SetSpec:
     name: str
     kind: SetKind
     elements: frozenset[SetElement]
+    origin: str = ""  # what defines it, for people (trace, nft comments): not part of the name
 
 
 @dataclass(frozen=True, slots=True)
