@@ -52,7 +52,7 @@ from lab import netns as labns
 
 A4, B4 = IPv4Address("10.79.0.10"), IPv4Address("10.79.0.11")
 A6, B6 = IPv6Address("fd79::10"), IPv6Address("fd79::11")
-PEERS4 = SetSpec("sel_a4", "addr4", frozenset({A4}))
+PEERS4 = SetSpec("sel-a4", "addr4", frozenset({A4}))  # compiler names hold '-'
 PEERS6 = SetSpec("sel_a6", "addr6", frozenset({A6}))
 NETS = SetSpec(
     "blk_4", "net4", frozenset({ip_network("10.79.0.0/29"), ip_network("10.79.0.11/32")})
@@ -89,7 +89,7 @@ def test_render_dispatch_chains_and_ports() -> None:
     b_in = ingress(
         rule(
             0,
-            ("sel_a4", "sel_a6"),
+            ("sel-a4", "sel_a6"),
             (
                 PortMatch(Protocol.TCP, 80),
                 PortMatch(Protocol.TCP, 81),
@@ -150,7 +150,7 @@ def test_render_egress_named_ports_and_refusals() -> None:
     bad = Rule("x/out", 0, Direction.EGRESS, ("missing",), None)
     with pytest.raises(ValueError, match="missing"):
         render(compiled("fab0a", "fab0b", None, DirectionRules(("x/out",), (bad,))))
-    with pytest.raises(ValueError, match="own"):
+    with pytest.raises(ValueError, match="collides"):
         render(compiled("fab0a", "fab0b", sets={"pods": SetSpec("pods", "addr4", frozenset())}))
     with pytest.raises(ValueError, match="nft string"):
         render(compiled('fab"0a', "fab0b"))
@@ -265,7 +265,7 @@ def test_enforcement_probes_and_fail_closed(lab: Pods) -> None:
             assert not connects(a, dst, 80)
             assert connects(lab.node, dst, 80), "the node's probe must pass a deny-all"
         assert connects(b, "10.79.0.10", 80) and connects(b, "fd79::10", 80)  # replies
-        allow = ingress(rule(0, ("sel_a4", "sel_a6"), (PortMatch(Protocol.TCP, 81),)))
+        allow = ingress(rule(0, ("sel-a4", "sel_a6"), (PortMatch(Protocol.TCP, 81),)))
         await table.apply(render(compiled(ifa, ifb, allow)))
         for dst in ("10.79.0.11", "fd79::11"):
             assert connects(a, dst, 81) and not connects(a, dst, 80)
@@ -285,7 +285,7 @@ def test_enforcement_probes_and_fail_closed(lab: Pods) -> None:
 def test_readback_incremental_and_atomic(lab: Pods) -> None:
     ifa, ifb = lab.ifnames["a"], lab.ifnames["b"]
     table = PolicyTable(lab.nft)
-    allow = ingress(rule(0, ("sel_a4",), (PortMatch(Protocol.TCP, 80),)))
+    allow = ingress(rule(0, ("sel-a4",), (PortMatch(Protocol.TCP, 80),)))
 
     async def go() -> None:
         first = await table.sync(render(compiled(ifa, ifb, allow)))
@@ -296,9 +296,9 @@ def test_readback_incremental_and_atomic(lab: Pods) -> None:
             {n: s.elements for n, s in want.sets.items()}  # fmt: skip
         assert diff(held_from(kernel, {}), want).empty
         # a label change moves a pod into a selector: one element, nothing else
-        more = SetSpec("sel_a4", "addr4", frozenset({A4, IPv4Address("10.79.0.12")}))
+        more = SetSpec("sel-a4", "addr4", frozenset({A4, IPv4Address("10.79.0.12")}))
         change = await table.apply(
-            render(compiled(ifa, ifb, allow, sets={**ALL_SETS, "sel_a4": more}))
+            render(compiled(ifa, ifb, allow, sets={**ALL_SETS, "sel-a4": more}))
         )
         assert change.script == "add element inet fabric_filter sel_a4 { 10.79.0.12 }\n"
         # a refused transaction applies nothing: the table is as before
@@ -311,7 +311,7 @@ def test_readback_incremental_and_atomic(lab: Pods) -> None:
         assert e.value.stderr
         assert nft(lab.node, "-s", "list", "table", "inet", "fabric_filter") == before
         # an ADD of a pod with deny-all ingress: map and set elements, one shared chain
-        c = replace(compiled(ifa, ifb, allow, sets={**ALL_SETS, "sel_a4": more}))
+        c = replace(compiled(ifa, ifb, allow, sets={**ALL_SETS, "sel-a4": more}))
         c = Compiled({**c.endpoints, "x/c": EndpointRules("x/c", lab.ifnames["c"], (),
                       DirectionRules(("x/deny",), ()), None)}, c.sets)  # fmt: skip
         change = await table.apply(render(c))
@@ -344,7 +344,7 @@ table inet kube_proxy_like {
 """
     nft(lab.node, "-f", "-", stdin=others)
     theirs = nft(lab.node, "-s", "list", "ruleset")
-    allow = ingress(rule(0, ("sel_a4",), (PortMatch(Protocol.TCP, 80),)))
+    allow = ingress(rule(0, ("sel-a4",), (PortMatch(Protocol.TCP, 80),)))
     want = render(compiled(ifa, ifb, allow))
     table = PolicyTable(lab.nft)
 

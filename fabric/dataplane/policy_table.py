@@ -88,9 +88,10 @@ def render(compiled: Compiled, cut_established: bool = False) -> Desired:
     that collides with the table's own names."""
     sets: dict[str, SetDef] = {}
     for spec in compiled.sets.values():
-        if spec.name in OWN_NAMES:
-            raise ValueError(f"policy set name {spec.name!r} is one of the table's own")
-        sets[spec.name] = _set(spec)
+        s = _set(spec)
+        if s.name in OWN_NAMES or s.name in sets:
+            raise ValueError(f"policy set name {spec.name!r} collides with another set")
+        sets[s.name] = s
     chains: dict[str, ChainDef] = {BASE: _base(cut_established)}
     to_pod: set[str] = set()
     from_pod: set[str] = set()
@@ -159,23 +160,27 @@ def _matches(rule: Rule, ingress: bool, sets: Mapping[str, SetSpec]) -> list[str
         peers = []
         for name in rule.peer_sets:
             family = _family(sets, name)
-            peers.append((family, f"{'ip' if family == 4 else 'ip6'} {side} @{name} "))
+            peers.append((family, f"{'ip' if family == 4 else 'ip6'} {side} @{set_name(name)} "))
     out: list[str] = []
     ports = [""] if rule.ports is None else _ports(rule.ports)
     out += [peer + port for _, peer in peers for port in ports]
     for name in rule.named_port_sets:
         family = _family(sets, name)
         ip = "ip" if family == 4 else "ip6"
-        out += [f"{peer}{ip} daddr . meta l4proto . th dport @{check_name(name, 'set')} "
+        out += [f"{peer}{ip} daddr . meta l4proto . th dport @{set_name(name)} "
                 for f, peer in peers if f in (None, family)]  # fmt: skip
     return out
+
+
+def set_name(name: str) -> str:
+    """The nft name of compiled set ``name`` (nft names take no '-')."""
+    return check_name(name.replace("-", "_"), "set")
 
 
 def _family(sets: Mapping[str, SetSpec], name: str) -> int:
     spec = sets.get(name)
     if spec is None:
         raise ValueError(f"policy rule names set {name!r}, which the compiled model lacks")
-    check_name(name, "set")
     return 4 if spec.kind.endswith("4") else 6
 
 
@@ -213,7 +218,7 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def _set(spec: SetSpec) -> SetDef:
     types, flags = _TYPES[spec.kind]
-    return SetDef(check_name(spec.name, "set"), types, flags,
+    return SetDef(set_name(spec.name), types, flags,
                   elements=frozenset(_element(e) for e in spec.elements))  # fmt: skip
 
 
