@@ -147,7 +147,10 @@ class PolicyAgent:
         self.problem = None
         self.batches += 1
         self.observe("policy_resync" if resync else "policy", time.monotonic() - started)
-        if resync and not change.empty and self.batches > 1:
+        if self.batches == 1:
+            log.info("policy table adopted: %s", _summary(change) if not change.empty else
+                     "the kernel already held it")  # fmt: skip
+        elif resync and not change.empty:
             log.warning("policy resync repaired the table: %s", _summary(change))
         elif not change.empty:
             log.debug("policy batch: %s", _summary(change))
