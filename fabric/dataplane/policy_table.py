@@ -84,9 +84,14 @@ class Desired:
 # ---------------------------------------------------------------------- rendering
 
 
-def render(compiled: Compiled, cut_established: bool = False) -> Desired:
-    """The table for ``compiled``. Pure. ValueError for a set name nft cannot take or one
-    that collides with the table's own names."""
+def render(
+    compiled: Compiled,
+    cut_established: bool = False,
+    aliases: Mapping[str, Iterable[str]] | None = None,
+) -> Desired:
+    """The table for ``compiled``. Pure. ``aliases``: more host interfaces of an endpoint
+    (key -> ifnames: a pod attached to several networks), dispatched like its ``ifname``.
+    ValueError for a set name nft cannot take or one that collides with the table's own."""
     sets: dict[str, SetDef] = {}
     for spec in compiled.sets.values():
         s = _set(spec)
@@ -99,18 +104,18 @@ def render(compiled: Compiled, cut_established: bool = False) -> Desired:
     pods: set[str] = set()
     hairpin: set[str] = set()
     for ep in compiled.endpoints.values():
-        if ep.ifname is None:
-            continue
-        q = quote(ep.ifname)
-        pods.add(q)
-        hairpin.add(f"{q} . {q}")
+        ifnames = [*([ep.ifname] if ep.ifname else []), *(aliases or {}).get(ep.key, ())]
         for rules, ingress, elements in ((ep.ingress, True, to_pod), (ep.egress, False, from_pod)):
             if rules is None:
-                elements.add(f"{q} : {'accept' if ingress else 'continue'}")
-                continue
-            chain = endpoint_chain(rules, ingress, compiled.sets)
-            chains.setdefault(chain.name, chain)
-            elements.add(f"{q} : jump {chain.name}")
+                verdict = "accept" if ingress else "continue"
+            else:
+                chain = endpoint_chain(rules, ingress, compiled.sets)
+                chains.setdefault(chain.name, chain)
+                verdict = f"jump {chain.name}"
+            elements.update(f"{quote(i)} : {verdict}" for i in ifnames)
+        for i in ifnames:
+            pods.add(quote(i))
+            hairpin.add(f"{quote(i)} . {quote(i)}")
     sets[PODS] = SetDef(PODS, ("ifname",), elements=frozenset(pods))
     sets[HAIRPIN] = SetDef(HAIRPIN, ("ifname", "ifname"), elements=frozenset(hairpin))
     sets[TO_POD] = SetDef(TO_POD, ("ifname",), map_to="verdict", elements=frozenset(to_pod))
