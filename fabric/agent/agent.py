@@ -56,6 +56,8 @@ from fabric.agent.health import HealthServer
 from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
 from fabric.agent.kernel_routes import Gateways, desired_routes, kernel_changes
 from fabric.agent.metrics import Metrics
+from fabric.agent.policy import PREFIXES as POLICY_PREFIXES
+from fabric.agent.policy import ObjectIndex, PolicyAgent, read_cache
 from fabric.agent.probes import Probes
 from fabric.agent.registration import Registration
 from fabric.agent.sessions import Convergence, required_peers_up
@@ -65,6 +67,7 @@ from fabric.dataplane.nat import NatTable
 from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
 from fabric.dataplane.netlink.sysctls import write_sysctls
 from fabric.dataplane.pods import Dataplane
+from fabric.dataplane.policy_table import PolicyTable
 from fabric.dataplane.route_table import RouteTable
 from fabric.workloads.deps import Deps
 from fabric.workloads.pending import PendingDir
@@ -137,6 +140,7 @@ class Agent:
                 keys.NODES,
                 keys.node_affinities(cfg.node_name),
                 keys.BLOCKS,
+                *POLICY_PREFIXES,
             ],
             self._changed,
             cfg.resync_interval,
@@ -160,7 +164,19 @@ class Agent:
         self.speaker = Speaker(
             Path(cfg.run_dir) / "bgp", self._on_bgp_event, cfg.bgp.exabgp, log.getChild("speaker")
         )
-        self.probes = Probes(self.store, self.speaker, self.metrics, self._required_peers_up)
+        policy_objects = ObjectIndex()
+        self.policy = PolicyAgent(
+            cfg.node_name,
+            PolicyTable(),
+            lambda: read_cache(self.cache.data, policy_objects, self.blocks.blocks),
+            lambda: self.workloads.records.values(),  # noqa: PLW0108 (made below, replaced by recover)
+            cfg.policy.cut_established,
+            cfg.policy.resync_interval,
+            self.metrics.observe_reconcile,
+        )
+        self.probes = Probes(
+            self.store, self.speaker, self.metrics, self._required_peers_up, self.policy.check
+        )
         alloc = Allocator(self.store)
         self.workloads = Workloads(
             Deps(
@@ -171,6 +187,7 @@ class Agent:
                 state=StateDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
                 datastore_ok=self.probes.etcd_reachable,
                 pending=PendingDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
+                policy=self.policy,
             ),
             log.getChild("workloads"),
         )
@@ -224,6 +241,10 @@ class Agent:
         self.convergence = Convergence(adopted, deadline)
         intent = self._compute()
         await self._apply(intent, first=True)
+        try:  # adopt the policy table (kept in the kernel across restarts) before any ADD
+            await self.policy.program()
+        except Exception:
+            log.error("%s; /readyz fails until a batch works", self.policy.problem)
         # the adverts go in with the start: ExaBGP may bring a session up before start()
         # returns, and its End-of-RIB must follow our routes (the ToR drops what it kept)
         await self.speaker.start(
@@ -238,6 +259,7 @@ class Agent:
             asyncio.create_task(self._converge_loop(), name="converge"),
             asyncio.create_task(self._kernel_resync_loop(), name="kernel resync"),
             asyncio.create_task(self.routes.run(), name="routes"),
+            asyncio.create_task(self.policy.run(), name="policy"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
             asyncio.create_task(self.workloads.pending_loop(), name="recorded DELs"),
         ]
@@ -293,6 +315,10 @@ class Agent:
     # ----------------------------------------------------------------- reconcile
 
     def _changed(self, prefix: str) -> None:
+        if prefix in POLICY_PREFIXES or prefix == keys.BLOCKS:
+            self.policy.changed()
+            if prefix != keys.BLOCKS:
+                return  # the routing intent does not read policy objects
         if prefix == keys.NODES and keys.node(self.cfg.node_name) not in self.cache.items(
             keys.NODES
         ):

@@ -1,9 +1,9 @@
 """What the CNI verbs need from the rest of fabricd, as typed interfaces.
 
-``Workloads`` is given its dependencies through ``Deps``. The dataplane and the route table
-are ``Protocol``s: fabricd passes the real ``fabric.dataplane.pods.Dataplane`` and
-``fabric.dataplane.route_table.RouteTable``; the verb tests pass stand-ins that satisfy the
-same protocols (checked by mypy like any other argument, no ``type: ignore``).
+``Workloads`` is given its dependencies through ``Deps``. The dataplane, the route table and
+the policy gate are ``Protocol``s: fabricd passes the real ``fabric.dataplane.pods.Dataplane``,
+``fabric.dataplane.route_table.RouteTable`` and its policy programmer; the verb tests pass
+stand-ins that satisfy the same protocols (checked by mypy, no ``type: ignore``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fabric.dataplane.netlink import IPNetwork, KernelRoute
 from fabric.dataplane.route_table import FlushResult
 from fabric.workloads.pending import PendingDir
 from fabric.workloads.pod_ipam import PodIPAM
-from fabric.workloads.state import StateDir
+from fabric.workloads.state import Record, StateDir
 
 
 class PodDataplane(Protocol):
@@ -46,6 +46,16 @@ class HostRoutes(Protocol):
     def installed(self) -> Mapping[IPNetwork, KernelRoute]: ...
 
 
+class PolicyGate(Protocol):
+    """The agent's NetworkPolicy programmer, as the verbs see it."""
+
+    async def admit(self, rec: Record, cni_labels: str) -> None:
+        """Return once the endpoint of ``rec`` is programmed; raise when it cannot be."""
+
+    def release(self, handle: str) -> None:
+        """Forget the attachment ``handle`` (its entries go with the next batch)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Deps:
     node: str
@@ -55,3 +65,4 @@ class Deps:
     state: StateDir
     datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
     pending: PendingDir | None = None  # DELs recorded by the plugin while fabricd was down
+    policy: PolicyGate | None = None  # None: no NetworkPolicy enforcement (tests)

@@ -18,6 +18,10 @@ Contracts (docs/design/cni.md has the whole story):
   before the socket opens, every PENDING_INTERVAL after, and before any ADD of the same
   attachment (which answers 11 while it cannot be finished). It frees exactly the allocations
   the record names (IPAM sequence numbers), so an address given again later is never freed.
+- Fail closed (NetworkPolicy): with a ``policy`` gate, ADD returns only after the gate says
+  the pod's endpoint (its map entries, chains and set memberships) is in the kernel; until
+  then the dataplane drops the traffic of its veth as an unknown pod interface. A gate that
+  cannot program fails the ADD (11, try again later) and everything is undone.
 """
 
 from __future__ import annotations
@@ -155,7 +159,7 @@ class Workloads:
 
     async def add(self, req: Request) -> bytes:
         env, conf = req.env, req.conf
-        owner = Owner.of(conf.name, env)
+        owner = Owner.of(conf.name, env, conf.args)
         await self._pending_first(owner.handle)
         async with self._locks.hold(owner.handle):
             check_netns(env.netns)
@@ -220,7 +224,14 @@ class Workloads:
             rec = replace(rec, host_ifname=got.host_ifname, host_mac=got.host_mac,
                           pod_mac=got.pod_mac)  # fmt: skip
             undo.append(lambda: self._remove_routes(rec))
-            await self._add_routes(rec)
+            if self.d.policy is not None:
+                undo.append(self._releaser(rec.handle))
+            # the host route and the pod's policy endpoint are independent: made together
+            routes = asyncio.ensure_future(self._add_routes(rec))
+            admit = asyncio.ensure_future(self._admit(rec, owner.labels))
+            await finish_all(routes, admit)
+            routes.result()
+            admit.result()
             rec = replace(rec, phase=Phase.READY)
             self.d.state.save(rec)
         except BaseException:
@@ -228,6 +239,25 @@ class Workloads:
             raise
         self.records[rec.handle] = rec
         return rec
+
+    async def _admit(self, rec: Record, labels: str) -> None:
+        """Wait until the pod's policy endpoint is in the kernel (fail closed)."""
+        if self.d.policy is None:
+            return
+        try:
+            await self.d.policy.admit(rec, labels)
+        except CNIError:
+            raise
+        except Exception as e:
+            raise CNIError(Code.TRY_AGAIN_LATER,
+                           f"failed to program NetworkPolicy for {rec.handle}: {e}") from e  # fmt: skip
+
+    def _releaser(self, handle: str) -> Undo:
+        async def release() -> None:
+            if self.d.policy is not None:
+                self.d.policy.release(handle)
+
+        return release
 
     async def _undo(self, handle: str, undo: list[Undo]) -> None:
         """Undo in reverse; the record (first step) goes only if every other step worked."""
@@ -272,6 +302,8 @@ class Workloads:
     async def _forget(self, handle: str) -> None:
         self.records.pop(handle, None)
         self.d.state.remove(handle)
+        if self.d.policy is not None:
+            self.d.policy.release(handle)
 
     # ------------------------------------------------------------------ DEL
 
@@ -373,7 +405,7 @@ class Workloads:
 
     async def ipam_add(self, req: Request) -> bytes:
         conf = req.conf
-        owner = Owner.of(conf.name, req.env)
+        owner = Owner.of(conf.name, req.env, conf.args)
         await self._pending_first(owner.handle)
         async with self._locks.hold(owner.handle):
             await self._need_datastore()

@@ -18,7 +18,7 @@ from typing import Any
 
 from lab.bench import report
 
-BENCHES = ["ipam", "routes", "converge", "cni", "netlink"]
+BENCHES = ["ipam", "routes", "converge", "cni", "netlink", "policy"]
 OUT = Path(__file__).resolve().parent.parent / "out"
 
 

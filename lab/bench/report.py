@@ -66,6 +66,11 @@ SPECS: dict[str, Spec] = {
     # the guard of docs/adr/0002-netlink.md: below 5x, pyroute2 is worth reconsidering
     "netlink": Spec(("fabric_routes_per_s", "pyroute2_routes_per_s", "pyroute2_link_msg_ms"),
                     "routes_ratio", (Target("routes_ratio", ">=", 5.0),)),
+    "policy": Spec(("apply_p50_ms", "apply_p99_ms", "floor_p50_ms", "program_cold_s"), "apply_ratio",
+                   (Target("apply_p99_ms", "<=", 250), Target("apply_ratio", "<=", 3),
+                    Target("add_ratio_policy", "<=", 1.25), Target("cold_ratio", "<=", 3),
+                    Target("tput_ratio", ">=", 0.9), Target("conn_rate_ratio", ">=", 0.8)),
+                   ("policies", 1000)),
 }  # fmt: skip
 
 
