@@ -61,7 +61,7 @@ from fabric.agent.policy import ObjectIndex, PolicyAgent, read_cache
 from fabric.agent.probes import Probes
 from fabric.agent.registration import Registration
 from fabric.agent.sessions import Convergence, required_peers_up
-from fabric.agent.status import NodeView, StatusPublisher
+from fabric.agent.status import NodeView, StatusPublisher, node_view
 from fabric.agent.watch import Cache
 from fabric.dataplane.nat import NatTable
 from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
@@ -493,15 +493,6 @@ class Agent:
         return required_peers_up(self.cfg.bgp.required_peers, required, self._established())
 
     def _status_view(self) -> NodeView:
-        status, rib = self.speaker.sessions_status(), self.rib
-        return NodeView(
-            node=self.cfg.node_name,
-            sessions=tuple(
-                (s, status.get(s.peer_ip), rib.stats(s.peer_ip)) for s in self._sessions()
-            ),
-            speaker_pid=self.speaker.pid,
-            speaker_restarts=self.speaker.restarts,
-            announcements=tuple(sorted(str(a.prefix) for a in self.speaker.announced())),
-            converged=self.convergence.converged,
-            own_blocks=len(self.intent.blackholes) if self.intent is not None else None,
-        )
+        blocks = len(self.intent.blackholes) if self.intent is not None else None
+        return node_view(self.cfg.node_name, self._sessions(), self.speaker, self.rib,
+                         self.convergence.converged, blocks)  # fmt: skip

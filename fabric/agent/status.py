@@ -19,13 +19,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from bgp.model import Session, SessionState
-from bgp.rib import PeerStats
+from bgp.rib import PeerStats, Rib
 from bgp.sessions import SessionStatus
+from bgp.speaker import Speaker
 from fabric.agent.metrics import Metrics, SessionSample
 from fabric.agent.registration import Registration
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
@@ -58,6 +59,21 @@ class NodeView:
     announcements: tuple[str, ...]  # sorted prefixes
     converged: bool
     own_blocks: int | None  # None before the first intent
+
+
+def node_view(node: str, sessions: Iterable[Session], speaker: Speaker, rib: Rib,
+              converged: bool, own_blocks: int | None) -> NodeView:  # fmt: skip
+    """The view of the planned ``sessions`` as the speaker and the RIB see them now."""
+    status = speaker.sessions_status()
+    return NodeView(
+        node=node,
+        sessions=tuple((s, status.get(s.peer_ip), rib.stats(s.peer_ip)) for s in sessions),
+        speaker_pid=speaker.pid,
+        speaker_restarts=speaker.restarts,
+        announcements=tuple(sorted(str(a.prefix) for a in speaker.announced())),
+        converged=converged,
+        own_blocks=own_blocks,
+    )
 
 
 def build(view: NodeView, counts: RouteStats, items: list[dict[str, Any]]) -> dict[str, Any]:
