@@ -193,7 +193,7 @@ def test_status_route_list_waits_for_a_burst_to_settle(ns: str) -> None:
 
     async def go() -> None:
         with closing(RouteTable(PROTO, netns=ns)) as t:
-            pub = StatusPublisher(SimpleNamespace(routes=t))  # type: ignore[arg-type]
+            pub = StatusPublisher(SimpleNamespace(routes=t, rib=SimpleNamespace(best=dict)))  # type: ignore[arg-type]
             assert pub._route_items() == []
             routes = many(5)
             t.update(routes.items())

@@ -58,6 +58,7 @@ from fabric.agent.status import StatusPublisher
 from fabric.agent.watch import Cache
 from fabric.dataplane.nat import NatTable
 from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
+from fabric.dataplane.netlink.lookup import route_get
 from fabric.dataplane.netlink.sysctls import write_sysctls
 from fabric.dataplane.pods import Dataplane
 from fabric.dataplane.route_table import RouteTable
@@ -170,7 +171,8 @@ class Agent:
         self.speaker = Speaker(
             run_dir / "bgp", self._on_bgp_event, cfg.bgp.exabgp, log.getChild("speaker")
         )
-        self.health = HealthServer(cfg.health.listen, self.live, self.ready, self.metrics.registry)
+        self.health = HealthServer(cfg.health.listen, self.live, self.ready, self.metrics.registry,
+                                   route_lookup=self.route_lookup)  # fmt: skip
         self.status = StatusPublisher(self)
         self.intent: Intent | None = None
         self.adopted: dict[IPNetwork, KernelRoute] = {}
@@ -490,11 +492,11 @@ class Agent:
         detail["etcd"] = "ok" if etcd else "unreachable"
         speaker = await self.speaker.ping(timeout=1.5)
         detail["exabgp"] = "ok" if speaker else "not answering"
-        peers_ok, why = self._required_peers_up()
+        peers_ok, why = self.required_peers_up()
         detail["peers"] = why
         return Check(etcd and speaker and peers_ok, detail)
 
-    def _required_peers_up(self) -> tuple[bool, str]:
+    def required_peers_up(self) -> tuple[bool, str]:
         sessions = self.intent.sessions if self.intent is not None else ()
         status = self.speaker.sessions_status()
 
@@ -513,6 +515,13 @@ class Agent:
             return n > 0, f"{n}/{len(required)} required peers established"
         missing = [str(ip) for ip in mode if not up(ip)]
         return not missing, "missing: " + ", ".join(missing) if missing else "all established"
+
+    async def route_lookup(self, address: str) -> dict[str, Any]:
+        """The kernel's route to ``address`` here and fabricd's own entry for it
+        (``fabricctl explain --live``); ValueError for a bad address."""
+        found = await asyncio.to_thread(route_get, address)
+        return {"node": self.cfg.node_name, "protocol": self.cfg.routes.protocol,
+                "route": found.to_json()}  # fmt: skip
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -1,10 +1,14 @@
-"""What a node publishes about itself: BGP sessions and installed routes.
+"""What a node publishes about itself: BGP sessions, announcements, learned and installed
+routes, and its readiness.
 
 The document lives at ``status/<node>`` under the node's lease (it disappears with the
 node) and is rewritten only when its content changed, at most every couple of seconds.
 ``fabricctl bgp status`` and ``fabricctl routes`` read it. The route list is capped so the
 document stays far below etcd's request size limit; ``truncated`` says when it was cut.
-The same pass refreshes the Prometheus gauges.
+The same pass refreshes the Prometheus gauges. ``fabricctl explain`` reads the document too:
+``learned`` (the RIB's best routes with their next hops, capped like the route list) tells
+"the node learned it" apart from "fabricd installed it", and ``readiness`` says what
+``/readyz`` would answer (without pinging ExaBGP: the speaker's process state stands in).
 """
 
 from __future__ import annotations
@@ -41,8 +45,13 @@ def _info(state: SessionState, info: str) -> str:
     )
 
 
-def build(agent: Agent, items: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The status document; ``items`` (the route list) is computed when not given."""
+def build(
+    agent: Agent,
+    items: list[dict[str, Any]] | None = None,
+    learned: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The status document; ``items`` (the route list) and ``learned`` (the RIB's best routes)
+    are computed when not given."""
     status = agent.speaker.sessions_status()
     sessions = []
     for s in agent.intent.sessions if agent.intent is not None else ():
@@ -69,6 +78,10 @@ def build(agent: Agent, items: list[dict[str, Any]] | None = None) -> dict[str, 
     counts = agent.routes.stats()
     if items is None:
         items = route_items(agent.routes.installed())
+    if learned is None:
+        learned = learned_section(agent.rib.best())
+    peers_ok, peers_why = agent.required_peers_up()
+    speaker_ok = agent.speaker.pid is not None
     return {
         "node": agent.cfg.node_name,
         "speaker": {
@@ -84,6 +97,15 @@ def build(agent: Agent, items: list[dict[str, Any]] | None = None) -> dict[str, 
             "local": counts.devices,
             "truncated": counts.installed > MAX_ROUTES,
             "items": items,
+        },
+        "learned": learned,
+        "readiness": {
+            "ok": speaker_ok and peers_ok,
+            "detail": {
+                "etcd": "ok",  # this document reached etcd
+                "exabgp": "running" if speaker_ok else "not running",
+                "peers": peers_why,
+            },
         },
         "converged": agent.converged,
         "pid": os.getpid(),
@@ -108,6 +130,15 @@ def route_items(installed: Mapping[IPNetwork, KernelRoute]) -> list[dict[str, An
     return items
 
 
+def learned_section(best: Mapping[IPNetwork, frozenset[Any]]) -> dict[str, Any]:
+    """The RIB's best routes (the first MAX_ROUTES by address) with their next hops."""
+    first = heapq.nsmallest(
+        MAX_ROUTES, best, key=lambda d: (d.version, int(d.network_address), d.prefixlen)
+    )
+    items = [{"dst": str(d), "via": sorted(str(g) for g in best[d])} for d in first]
+    return {"count": len(best), "truncated": len(best) > MAX_ROUTES, "items": items}
+
+
 def update_metrics(agent: Agent, doc: dict[str, Any]) -> None:
     m = agent.metrics
     m.set_sessions(
@@ -129,6 +160,7 @@ class StatusPublisher:
         self.agent = agent
         self._last = b""
         self._items: list[dict[str, Any]] | None = None
+        self._learned: dict[str, Any] | None = None
         self._items_generation = -1
         self._items_at = 0.0
 
@@ -136,19 +168,24 @@ class StatusPublisher:
         """The route list, rebuilt when the table changed, but not while a burst of changes
         is being written (100k withdrawals): listing 2,000 routes each publish took CPU
         from the burst itself. Counts are always current; the list is at most
-        ITEMS_MAX_AGE old."""
+        ITEMS_MAX_AGE old. The learned list is rebuilt with it (a change of the RIB's best
+        routes changes the kernel table too)."""
         routes, now = self.agent.routes, time.monotonic()
         generation = routes.generation
         stale = generation != self._items_generation
-        if self._items is None or (
-            stale and (not routes.busy() or now - self._items_at >= ITEMS_MAX_AGE)
+        if (
+            self._items is None
+            or self._learned is None
+            or (stale and (not routes.busy() or now - self._items_at >= ITEMS_MAX_AGE))
         ):
             self._items = route_items(routes.installed())
+            self._learned = learned_section(self.agent.rib.best())
             self._items_generation, self._items_at = generation, now
         return self._items
 
     async def publish(self) -> None:
-        doc = build(self.agent, self._route_items())
+        items = self._route_items()
+        doc = build(self.agent, items, self._learned)
         update_metrics(self.agent, doc)
         body = json.dumps(doc, sort_keys=True).encode()
         if body == self._last:

@@ -34,6 +34,7 @@ from fabric.cli.common import (
     run,
     usage_json,
 )
+from fabric.cli.explain import explain
 from fabric.cli.ipam import ipam
 from fabric.cli.lab import lab
 from fabric.cli.output import (
@@ -93,7 +94,8 @@ def main(ctx: click.Context, etcd_endpoints: str, etcd_cacert: Path | None,
          etcd_cert: Path | None, etcd_key: Path | None, prefix: str, timeout: float) -> None:  # fmt: skip
     """Manage the fabric's IP pools, IPAM data, BGP peers and configuration in etcd.
 
-    Exit codes: 0 ok, 1 user error, 2 etcd unreachable, 3 `ipam check` found problems.
+    Exit codes: 0 ok, 1 user error, 2 etcd unreachable, 3 `ipam check` found problems,
+    4 `explain` found the path blocked.
     """
     endpoints = tuple(e.strip() for e in etcd_endpoints.split(",") if e.strip())
     if not endpoints:
@@ -357,3 +359,4 @@ main.add_command(bgp)
 main.add_command(routes)
 main.add_command(cni)
 main.add_command(lab)
+main.add_command(explain)
