@@ -53,6 +53,8 @@ from fabric.agent.config import AgentConfig, RequiredPeers
 from fabric.agent.health import Check, HealthServer
 from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
 from fabric.agent.metrics import Metrics
+from fabric.agent.policy import PREFIXES as POLICY_PREFIXES
+from fabric.agent.policy import ObjectIndex, PolicyAgent, read_cache
 from fabric.agent.registration import Registration
 from fabric.agent.status import StatusPublisher
 from fabric.agent.watch import Cache
@@ -61,6 +63,7 @@ from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_
 from fabric.dataplane.netlink.lookup import route_get
 from fabric.dataplane.netlink.sysctls import write_sysctls
 from fabric.dataplane.pods import Dataplane
+from fabric.dataplane.policy_table import PolicyTable
 from fabric.dataplane.route_table import RouteTable
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import CNIServer, answer
@@ -131,6 +134,7 @@ class Agent:
                 keys.NODES,
                 keys.node_affinities(cfg.node_name),
                 keys.BLOCKS,
+                *POLICY_PREFIXES,
             ],
             self._changed,
             cfg.resync_interval,
@@ -151,6 +155,16 @@ class Agent:
         self.routes = RouteTable(cfg.routes.protocol, cfg.routes.table)
         self.nat = NatTable()
         self.dataplane = Dataplane(log.getChild("dataplane"))
+        policy_objects = ObjectIndex()
+        self.policy = PolicyAgent(
+            cfg.node_name,
+            PolicyTable(),
+            lambda: read_cache(self.cache.data, policy_objects, self.blocks.blocks),
+            lambda: self.workloads.records.values(),  # noqa: PLW0108 (made below, replaced by recover)
+            cfg.policy.cut_established,
+            cfg.policy.resync_interval,
+            self.metrics.observe_reconcile,
+        )
         alloc = Allocator(self.store)
         self.workloads = Workloads(
             Deps(
@@ -160,6 +174,7 @@ class Agent:
                 routes=self.routes,
                 state=StateDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
                 datastore_ok=self._etcd_reachable,
+                policy=self.policy,
             ),
             log.getChild("workloads"),
         )
@@ -212,6 +227,10 @@ class Agent:
         self.converge_deadline = time.monotonic() + cfg.bgp.graceful_restart_time
         intent = self._compute()
         await self._apply(intent, first=True)
+        try:  # adopt the policy table (kept in the kernel across restarts) before any ADD
+            await self.policy.program()
+        except Exception:
+            log.error("%s; /readyz fails until a batch works", self.policy.problem)
         await self.speaker.start(list(intent.sessions), self.local.router_id)
         self.speaker.set_announcements(intent.adverts)
         await self.health.start()
@@ -223,6 +242,7 @@ class Agent:
             asyncio.create_task(self._converge_loop(), name="converge"),
             asyncio.create_task(self._kernel_resync_loop(), name="kernel resync"),
             asyncio.create_task(self.routes.run(), name="routes"),
+            asyncio.create_task(self.policy.run(), name="policy"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
         ]
         interval = systemd.watchdog_interval()
@@ -275,6 +295,10 @@ class Agent:
     # ----------------------------------------------------------------- reconcile
 
     def _changed(self, prefix: str) -> None:
+        if prefix in POLICY_PREFIXES or prefix == keys.BLOCKS:
+            self.policy.changed()
+            if prefix != keys.BLOCKS:
+                return  # the routing intent does not read policy objects
         if prefix == keys.NODES and keys.node(self.cfg.node_name) not in self.cache.items(
             keys.NODES
         ):
@@ -494,7 +518,8 @@ class Agent:
         detail["exabgp"] = "ok" if speaker else "not answering"
         peers_ok, why = self.required_peers_up()
         detail["peers"] = why
-        return Check(etcd and speaker and peers_ok, detail)
+        policy_ok, detail["policy"] = await self.policy.check()
+        return Check(etcd and speaker and peers_ok and policy_ok, detail)
 
     def required_peers_up(self) -> tuple[bool, str]:
         sessions = self.intent.sessions if self.intent is not None else ()

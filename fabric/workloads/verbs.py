@@ -12,6 +12,10 @@ Contracts (docs/design/cni.md has the whole story):
 - DEL is idempotent: a handle that holds nothing, a missing interface, an empty or vanished
   CNI_NETNS are success; only an unreachable etcd (11) fails it, and the runtime retries.
 - Requests for one attachment run one at a time; GC leaves attachments in flight alone.
+- Fail closed (NetworkPolicy): with a ``policy`` gate, ADD returns only after the gate says
+  the pod's endpoint (its map entries, chains and set memberships) is in the kernel; until
+  then the dataplane drops the traffic of its veth as an unknown pod interface. A gate that
+  cannot program fails the ADD (11, try again later) and everything is undone.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cni.errors import CNIError, Code
 from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Route, render
@@ -65,6 +69,16 @@ class _KeyedLocks:
         return frozenset(self._locks)
 
 
+class PolicyGate(Protocol):
+    """The agent's NetworkPolicy programmer, as the verbs see it."""
+
+    async def admit(self, rec: Record, cni_labels: str) -> None:
+        """Return once the endpoint of ``rec`` is programmed; raise when it cannot be."""
+
+    def release(self, handle: str) -> None:
+        """Forget the attachment ``handle`` (its entries go with the next batch)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Deps:
     node: str
@@ -73,6 +87,7 @@ class Deps:
     routes: RouteTable
     state: StateDir
     datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
+    policy: PolicyGate | None = None  # None: no NetworkPolicy enforcement (tests)
 
 
 class Workloads:
@@ -139,7 +154,7 @@ class Workloads:
 
     async def add(self, req: Request) -> bytes:
         env, conf = req.env, req.conf
-        owner = Owner.of(conf.name, env)
+        owner = Owner.of(conf.name, env, conf.args)
         async with self._locks.hold(owner.handle):
             check_netns(env.netns)
             old = self.records.get(owner.handle)
@@ -203,6 +218,7 @@ class Workloads:
                           pod_mac=got.pod_mac)  # fmt: skip
             undo.append(lambda: self._remove_routes(rec))
             await self._add_routes(rec)
+            await self._admit(rec, owner.labels, undo)
             rec = replace(rec, phase=Phase.READY)
             self.d.state.save(rec)
         except BaseException:
@@ -210,6 +226,24 @@ class Workloads:
             raise
         self.records[rec.handle] = rec
         return rec
+
+    async def _admit(self, rec: Record, labels: str, undo: list[Undo]) -> None:
+        """Wait until the pod's policy endpoint is in the kernel (fail closed)."""
+        gate = self.d.policy
+        if gate is None:
+            return
+
+        async def release() -> None:
+            gate.release(rec.handle)
+
+        undo.append(release)
+        try:
+            await _finish(asyncio.ensure_future(gate.admit(rec, labels)))
+        except CNIError:
+            raise
+        except Exception as e:
+            raise CNIError(Code.TRY_AGAIN_LATER,
+                           f"failed to program NetworkPolicy for {rec.handle}: {e}") from e  # fmt: skip
 
     async def _undo(self, handle: str, undo: list[Undo]) -> None:
         """Undo in reverse; the record (first step) goes only if every other step worked."""
@@ -254,6 +288,8 @@ class Workloads:
     async def _forget(self, handle: str) -> None:
         self.records.pop(handle, None)
         self.d.state.remove(handle)
+        if self.d.policy is not None:
+            self.d.policy.release(handle)
 
     # ------------------------------------------------------------------ DEL
 
@@ -340,7 +376,7 @@ class Workloads:
 
     async def ipam_add(self, req: Request) -> bytes:
         conf = req.conf
-        owner = Owner.of(conf.name, req.env)
+        owner = Owner.of(conf.name, req.env, conf.args)
         async with self._locks.hold(owner.handle):
             await self._need_datastore()
             try:
