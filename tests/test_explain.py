@@ -20,7 +20,10 @@ from fabric.cli.main import main
 from fabric.errors import CLIError
 from fabric.explain import evidence
 from fabric.explain.evidence import Kind
+from fabric.explain.policy import Checker, Inputs
 from fabric.explain.walk import Live, walk
+from fabric.resources.policy_codec import decode
+from fabric.resources.policy_store import PolicyStore
 from ipam import keys
 from ipam.allocator import Allocator, AssignRequest
 from ipam.pool import Pool
@@ -61,7 +64,7 @@ class Fabric:
             alloc = Allocator(s)
             for n, pod in (("node1", "a"), ("node3", "b")):
                 got = await alloc.auto_assign(AssignRequest(f"fabric.{pod}.eth0", n, num_v4=1,
-                                              attrs={"namespace": "x", "pod": pod}))  # fmt: skip
+                                              attrs={"namespace": "x", "pod": pod, "containerID": f"c{pod}"}))  # fmt: skip
                 self.ips[pod], self.blocks[pod] = str(got[0].ip), str(got[0].block)
 
         self.run(go)
@@ -98,13 +101,17 @@ class Fabric:
         else:
             self.run(lambda s: s.put(key, dumps(value)))
 
-    def explain(self, src: str = "x/a", dst: str = "x/b", live: Live | None = None) -> Any:
+    def explain(self, src: str = "x/a", dst: str = "x/b", live: Live | None = None,
+                port: str | None = None) -> Any:  # fmt: skip
         async def go(s: Store) -> Any:
             snap = await evidence.read(s)
+            pols, nss, pods, _ = await PolicyStore(s).snapshot()
             a, b = evidence.resolve(snap, src, "SRC"), evidence.resolve(snap, dst, "DST")
             a, b = evidence.same_family(a, b, snap)
             await evidence.read_statuses(s, snap, {n for n in (a.node, b.node) if n})
-            return walk(snap, a, b, live=live)
+            n, proto = parse_port(port)
+            check = Checker(snap, Inputs(pols, nss, pods), n, proto)
+            return walk(snap, a, b, n, proto, live=live, policy=check)
 
         return self.run(go)
 
@@ -136,7 +143,7 @@ def test_healthy_path_is_reachable(fab: Fabric) -> None:
         ("ipam", "ok"), ("ipam", "ok"), ("node", "ok"), ("node", "ok"),
         ("announcement", "ok"), ("announcement", "ok"), ("announcement", "ok"),
         ("announcement", "ok"), ("forwarding", "ok"), ("forwarding", "ok"),
-        ("forwarding", "ok")]  # fmt: skip
+        ("forwarding", "ok"), ("policy", "ok"), ("policy", "ok")]  # fmt: skip
     assert r.hops[5].evidence["learned"] == {"dst": fab.blocks["b"], "via": [TOR1]}
     assert r.hops[9].name == f"node3 -> {fab.ips['b']} (host route)"
 
@@ -237,7 +244,7 @@ def test_forwarding_faults_are_named(fab: Fabric) -> None:
 def test_same_node_needs_no_bgp(fab: Fabric) -> None:
     async def go(s: Store) -> None:
         await Allocator(s).auto_assign(AssignRequest("fabric.c.eth0", "node3", num_v4=1,
-                                                     attrs={"namespace": "x", "pod": "c"}))  # fmt: skip
+                                                     attrs={"namespace": "x", "pod": "c", "containerID": "cc"}))  # fmt: skip
 
     fab.run(go)
     r = fab.explain("x/c", "x/b")
@@ -249,7 +256,7 @@ def test_cli_exit_codes_and_formats(fab: Fabric, cli: Cli) -> None:
     r = cli("explain", "x/a", "x/b", "80/tcp")
     assert r.stdout.splitlines()[0].endswith(", 80/TCP") and r.stdout.rstrip().endswith("reachable")
     doc = json.loads(cli("explain", "x/a", "x/b", "-o", "json").stdout)
-    assert doc["verdict"] == "reachable" and doc["blockedAt"] is None and len(doc["hops"]) == 11
+    assert doc["verdict"] == "reachable" and doc["blockedAt"] is None and len(doc["hops"]) == 13
     assert yaml.safe_load(cli("explain", "x/a", "x/b", "-o", "yaml").stdout) == doc
     fab.put(keys.node("node3"), None)
     r = cli("explain", "x/a", "x/b", code=4)
@@ -275,3 +282,43 @@ def test_parse_port_refuses(text: str) -> None:
     with pytest.raises(CLIError, match="is not PORT/PROTO") as e:
         parse_port(text)
     assert e.value.resource == "PORT/PROTO"
+
+
+def _policy(fab: Fabric, doc: dict[str, Any]) -> None:
+    obj = decode(doc)
+    fab.run(lambda s: PolicyStore(s).apply([obj]))
+
+
+def test_policy_verdicts_come_from_the_compiler(fab: Fabric) -> None:
+    """A deny-all on x/b: blocked at its ingress, naming the policy; an allow of 80/TCP
+    from x/a opens 80 and only 80; an egress deny on x/a blocks at the source first."""
+    deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny-all", "namespace": "x"},
+            "spec": {"podSelector": {"matchLabels": {}}, "policyTypes": ["Ingress"]}}  # fmt: skip
+    _policy(fab, deny)
+    r = fab.explain(port="80/TCP")
+    assert r.blocked and r.blocked.layer == "policy" and r.blocked.name == "ingress at x/b"
+    assert r.blocked.detail.startswith("denied: selected by x/deny-all; no rule allows 80/TCP")
+    assert r.blocked.evidence["node"] == "node3" and r.blocked.evidence["policies"] == [
+        "x/deny-all"
+    ]
+    assert [h.state for h in r.hops if h.layer == "policy"] == ["ok", "blocked"]
+    assert "x/deny-all" in r.blocked.fix
+    # without a port only isolation is known
+    r = fab.explain()
+    assert r.summary == "reachable" and r.hops[-1].state == "unknown"
+    allow = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+             "metadata": {"name": "allow-80", "namespace": "x"},
+             "spec": {"podSelector": {"matchLabels": {}}, "ingress": [{"ports": [{"port": 80}]}]}}  # fmt: skip
+    _policy(fab, allow)
+    r = fab.explain(port="80/TCP")
+    assert r.summary == "reachable" and "allowed by x/allow-80 ingress[0]" in r.hops[-1].detail
+    r = fab.explain(port="81/TCP")
+    assert r.blocked and "x/allow-80, x/deny-all" in r.blocked.detail
+    assert fab.explain(port="80/UDP").blocked is not None
+    egress = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "no-egress", "namespace": "x"},
+              "spec": {"podSelector": {"matchLabels": {}}, "policyTypes": ["Egress"]}}  # fmt: skip
+    _policy(fab, egress)
+    r = fab.explain(port="80/TCP")
+    assert r.blocked and r.blocked.name == "egress at x/a" and r.blocked.evidence["node"] == "node1"

@@ -80,24 +80,32 @@ def explain(ctx: click.Context, src: str, dst: str, port_proto: str | None, live
     ipam (each end's allocation and its block's affinity), node (registered, fabricd and
     its BGP speaker running), announcement (the block announced, sessions established,
     learned by the other node, both ways), forwarding (the routes each node installed;
-    with --live, the kernel's own lookup on this node). The walk stops at the first
-    broken hop and says what to do.
+    with --live, the kernel's own lookup on this node), policy (the egress verdict on the
+    source's node and the ingress verdict on the destination's node for PORT/PROTO, from
+    the compiler that programs nftables). The walk stops at the first broken hop and says
+    what to do.
 
     Exit codes: 0 reachable, 4 blocked, 1 user error, 2 etcd unreachable.
     """
+    import asyncio
+
     from fabric.explain import evidence
+    from fabric.explain.policy import Checker, Inputs
     from fabric.explain.walk import walk
+    from fabric.resources.policy_store import PolicyStore
 
     port, proto = parse_port(port_proto)
 
-    async def gather(s: Services) -> tuple[Snapshot, Endpoint, Endpoint]:
-        snap = await evidence.read(s.store)
+    async def gather(s: Services) -> tuple[Snapshot, Inputs, Endpoint, Endpoint]:
+        snap, (pols, nss, pods, _) = await asyncio.gather(
+            evidence.read(s.store), PolicyStore(s.store).snapshot()
+        )
         a, b = evidence.resolve(snap, src, "SRC"), evidence.resolve(snap, dst, "DST")
         a, b = evidence.same_family(a, b, snap)
         await evidence.read_statuses(s.store, snap, {n for n in (a.node, b.node) if n})
-        return snap, a, b
+        return snap, Inputs(pols, nss, pods), a, b
 
-    snap, a, b = run(ctx, gather)
+    snap, inputs, a, b = run(ctx, gather)
     answers = None
     if live:
         from fabric.explain.live import lookup
@@ -106,6 +114,6 @@ def explain(ctx: click.Context, src: str, dst: str, port_proto: str | None, live
         if answers.node not in (a.node, b.node):
             raise CLIError(f"this is node {answers.node}: run --live on {a.node or b.node} "
                            "(the source's or the destination's node)", "--live")  # fmt: skip
-    report = walk(snap, a, b, port, proto, answers)
+    report = walk(snap, a, b, port, proto, answers, Checker(snap, inputs, port, proto))
     emit(report.to_json(), fmt, lambda: render(report))
     ctx.exit(errors.EXIT_BLOCKED if report.blocked is not None else errors.EXIT_OK)

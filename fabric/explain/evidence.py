@@ -57,7 +57,10 @@ class Allocation:
 
     @property
     def pod(self) -> str | None:
-        ns, pod = self.attrs.get("namespace"), self.attrs.get("pod")
+        ns, pod = (
+            self.attrs.get("namespace"),
+            self.attrs.get("pod") or self.attrs.get("containerID"),
+        )
         return f"{ns or 'default'}/{pod}" if pod else None
 
 
@@ -191,7 +194,9 @@ def _pod(snap: Snapshot, text: str, what: str) -> Endpoint:
     for b in snap.blocks.values():
         for ordinal, attr in b.allocated():
             sec = attr.secondary
-            if sec.get("pod") == pod and (sec.get("namespace") or "default") == ns:
+            # the policy endpoint's name: the pod, else (no Kubernetes arguments) the container
+            name = sec.get("pod") or sec.get("containerID")
+            if name == pod and (sec.get("namespace") or "default") == ns:
                 found.append(Allocation(b.ip(ordinal), b.cidr, attr.handle, dict(sec),
                                         node_of(b)))  # fmt: skip
     if not found:

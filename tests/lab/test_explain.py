@@ -2,13 +2,14 @@
 ``reachable`` (exit 0); each fault the reliability tests create is named as exactly its
 layer (exit 4): a pending block affinity (ipam), ``disableBGPExport`` on the pool and a
 node's sessions down (announcement), a route deleted behind fabricd's back (forwarding,
-seen with ``--live`` on the node), a node powered off (node). Each test starts and ends
+seen with ``--live`` on the node), a deny NetworkPolicy (policy), a node powered off (node). Each test starts and ends
 with the path whole again. The time ``explain`` takes is printed (``pytest -s``)."""
 
 from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,21 @@ from lab.runner import Lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
+# NetworkPolicy written the way `fabricctl apply` stores it (through the policy store)
+POLICY = """
+import asyncio, json, sys
+from fabric.resources.policy_codec import NETPOL, decode
+from fabric.resources.policy_store import PolicyStore
+from ipam.store import Store
+async def main(eps, verb, doc):
+    d = json.loads(doc)
+    async with Store(eps.split(','), '/fabric/v1') as s:
+        if verb == 'apply':
+            await PolicyStore(s).apply([decode(d)])
+        else:
+            await PolicyStore(s).delete(NETPOL, d['metadata']['name'], d['metadata']['namespace'])
+asyncio.run(main(*sys.argv[1:]))
+"""
 HOLD = 9.0  # BGP hold time in the lab
 LEASE = 15.0  # fabricd's lease TTL in the lab (lab/render.py)
 
@@ -117,7 +133,7 @@ def test_healthy_path_is_reachable_and_walks_every_layer(whole: Path) -> None:
     assert doc["source"]["ip"] == p.a.ip and doc["destination"]["ip"] == p.b.ip
     assert doc["source"]["node"] == "node1" and doc["destination"]["node"] == "node3"
     layers = {h["layer"] for h in doc["hops"]}
-    assert {"ipam", "node", "announcement", "forwarding"} <= layers
+    assert {"ipam", "node", "announcement", "forwarding", "policy"} <= layers
     assert all(h["state"] == "ok" for h in doc["hops"]), doc["hops"]
     learned = next(h for h in doc["hops"] if h["hop"].startswith("node1 learned"))
     tor1 = str(p.lab.node("node1").neighbors[0].address)
@@ -234,6 +250,34 @@ def test_route_deleted_behind_fabricds_back_is_blocked_at_forwarding(whole: Path
     # without --live the status document (fabricd's own table) cannot see it
     assert p.explain()["verdict"] == "reachable"
     p.lab.wait_for(lambda: block in p.lab.kernel_routes("node1"), 90, 1, "the resync repairs it")
+
+
+def _policy(lab: Lab, verb: str, doc: dict[str, Any]) -> None:
+    argv = [sys.executable, "-c", POLICY, ",".join(lab.etcd_endpoints), verb, json.dumps(doc)]
+    lab.exec("node1", argv, 60, True)
+
+
+def test_deny_policy_is_blocked_at_policy(whole: Path) -> None:
+    """A deny-all ingress in namespace default: explain names the policy at the destination's
+    ingress for 80/TCP, and the dataplane agrees (the pod no longer answers)."""
+    p = whole
+    deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "explain-deny", "namespace": "default"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}  # fmt: skip
+    _policy(p.lab, "apply", deny)
+    try:
+        doc = p.blocked_at("policy", "80/TCP")
+        p.lab.wait_for(lambda: not pods.ping(p.lab, p.a, p.b.ip), 10, 0.5, "the ping denied")
+    finally:
+        _policy(p.lab, "delete", deny)
+    h = hop(doc)
+    assert h["hop"] == f"ingress at {p.dst}" and h["evidence"]["node"] == "node3"
+    assert doc["reason"].startswith("denied: selected by default/explain-deny; no rule allows "
+                                    "80/TCP")  # fmt: skip
+    assert h["evidence"]["policies"] == ["default/explain-deny"]
+    egress = next(x for x in doc["hops"] if x["hop"] == f"egress at {p.src}")
+    assert egress["state"] == "ok" and "not isolated" in egress["detail"]
+    note(doc["summary"])
 
 
 def test_node_powered_off_is_blocked_at_node(whole: Path) -> None:
