@@ -298,7 +298,8 @@ def test_policy_verdicts_come_from_the_compiler(fab: Fabric) -> None:
     _policy(fab, deny)
     r = fab.explain(port="80/TCP")
     assert r.blocked and r.blocked.layer == "policy" and r.blocked.name == "ingress at x/b"
-    assert r.blocked.detail.startswith("denied: selected by x/deny-all; no rule allows 80/TCP")
+    assert r.blocked.detail == ("denied: selected by x/deny-all; no rule allows 80/TCP from x/a "
+                                "(on node3)")  # fmt: skip
     assert r.blocked.evidence["node"] == "node3" and r.blocked.evidence["policies"] == [
         "x/deny-all"
     ]

@@ -55,6 +55,7 @@ from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decod
 from fabric.agent.metrics import Metrics
 from fabric.agent.policy import PREFIXES as POLICY_PREFIXES
 from fabric.agent.policy import ObjectIndex, PolicyAgent, read_cache
+from fabric.agent.policy_metrics import policy_samples
 from fabric.agent.registration import Registration
 from fabric.agent.status import StatusPublisher
 from fabric.agent.watch import Cache
@@ -187,7 +188,8 @@ class Agent:
             run_dir / "bgp", self._on_bgp_event, cfg.bgp.exabgp, log.getChild("speaker")
         )
         self.health = HealthServer(cfg.health.listen, self.live, self.ready, self.metrics.registry,
-                                   route_lookup=self.route_lookup)  # fmt: skip
+                                   route_lookup=self.route_lookup,
+                                   before_metrics=self.refresh_policy_counters)  # fmt: skip
         self.status = StatusPublisher(self)
         self.intent: Intent | None = None
         self.adopted: dict[IPNetwork, KernelRoute] = {}
@@ -540,6 +542,12 @@ class Agent:
             return n > 0, f"{n}/{len(required)} required peers established"
         missing = [str(ip) for ip in mode if not up(ip)]
         return not missing, "missing: " + ", ".join(missing) if missing else "all established"
+
+    async def refresh_policy_counters(self) -> None:
+        """fabric_policy_packets_total from the policy table's counters (at scrape time)."""
+        if not self.policy.table.programmed:
+            return
+        self.metrics.policy_packets.set(policy_samples(await self.policy.table.counters()))
 
     async def route_lookup(self, address: str) -> dict[str, Any]:
         """The kernel's route to ``address`` here and fabricd's own entry for it

@@ -9,6 +9,9 @@ that hangs fails with "timed out", one that raises fails with its error). 200 wi
 ``ok``, or 503 with ``failed: <detail>``; ``?verbose`` answers the detail as JSON
 ``{"ok": bool, "detail": {...}}`` with the same status.
 
+``/metrics`` first awaits ``before_metrics`` when given (fabricd reads the nftables policy
+counters then; bounded by ``check_timeout``, a failure is logged and the scrape answered).
+
 Diagnostics: ``/route?dst=IP`` answers, as JSON, the kernel's route to IP on this node (the
 matching FIB entry, through pyroute2) with fabricd's node name and route protocol, for
 ``fabricctl explain --live``; 400 when ``dst`` is missing or not an address. It is served
@@ -95,6 +98,7 @@ class HealthServer:
         check_timeout: float = CHECK_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
         route_lookup: LookupFn | None = None,
+        before_metrics: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.host, self._port = split_listen(listen)
         self.checks = {"/livez": live, "/readyz": ready}
@@ -102,6 +106,7 @@ class HealthServer:
         self.check_timeout = check_timeout
         self.read_timeout = read_timeout
         self.route_lookup = route_lookup
+        self.before_metrics = before_metrics
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[Any]] = set()
 
@@ -180,6 +185,7 @@ class HealthServer:
         if method not in _METHODS:
             return HTTPStatus.METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "use GET\n"
         if url.path == "/metrics":
+            await self._refresh()
             return HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         if url.path == "/route":
             return await self._lookup(url.query)
@@ -193,6 +199,16 @@ class HealthServer:
             return status, "text/plain; charset=utf-8", "ok\n"
         reasons = "; ".join(f"{k}: {v}" for k, v in sorted(check.detail.items()))
         return status, "text/plain; charset=utf-8", f"failed: {reasons}\n"
+
+    async def _refresh(self) -> None:
+        """Metrics read at scrape time (nft counters): bounded, and never a failed scrape."""
+        if self.before_metrics is None:
+            return
+        try:
+            async with asyncio.timeout(self.check_timeout):
+                await self.before_metrics()
+        except Exception as e:  # the other metrics are still worth answering
+            log.warning("failed to refresh metrics before a scrape: %s: %s", type(e).__name__, e)
 
     async def _lookup(self, query: str) -> tuple[HTTPStatus, str, str]:
         assert self.route_lookup is not None

@@ -11,6 +11,7 @@ Without PORT/PROTO only isolation can be said: an end selected by a policy is "u
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,12 +91,18 @@ class Checker:
                        "port": c.port, "portMatches": c.port_ok} for c in dv.checks],
         }  # fmt: skip
         on = f" (on {node})" if node else ""
+        # the verdict names a peer that is not local to that node by its address
+        reason = dv.reason
+        for e in (src, dst):
+            if e.ip is not None and e.label != str(e.ip):
+                ip = re.escape(str(e.ip))
+                reason = re.sub(rf"\b(from|to) {ip}(?![0-9a-f.:])", rf"\1 {e.label}", reason)
         if dv.allowed:
-            return Hop(Layer.POLICY, name, State.OK, dv.reason + on, ev)
+            return Hop(Layer.POLICY, name, State.OK, reason + on, ev)
         which = ", ".join(dv.policies)
         peer = src.label if dv.direction is Direction.INGRESS else dst.label
         way = "from" if dv.direction is Direction.INGRESS else "to"
-        return Hop(Layer.POLICY, name, State.BLOCKED, dv.reason + on, ev,
+        return Hop(Layer.POLICY, name, State.BLOCKED, reason + on, ev,
                    f"add a {str(dv.direction).lower()} rule allowing {self.port}/{self.protocol} "
                    f"{way} {peer} to one of the selecting policies ({which}), or a new policy "
                    f"selecting {dv.endpoint}")  # fmt: skip

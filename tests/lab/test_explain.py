@@ -8,6 +8,7 @@ with the path whole again. The time ``explain`` takes is printed (``pytest -s``)
 from __future__ import annotations
 
 import json
+import re
 import resource
 import sys
 import time
@@ -257,27 +258,71 @@ def _policy(lab: Lab, verb: str, doc: dict[str, Any]) -> None:
     lab.exec("node1", argv, 60, True)
 
 
+def nft_packets(lab: Lab, node: str, label: str) -> int:
+    """Packets nft counted on ``node``'s policy table for rules labelled ``label``."""
+    r = lab.exec(node, ["nft", "-j", "list", "table", "inet", "fabric_filter"], check=True)
+    total = 0
+    for item in json.loads(r.stdout)["nftables"]:
+        rule = item.get("rule")
+        if rule and str(rule.get("comment", "")).split(" #")[0] == label:
+            total += sum(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+    return total
+
+
+def metric(lab: Lab, node: str, **labels: str) -> int:
+    _, text = lab.health(node, "/metrics")
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    m = re.search(rf"^fabric_policy_packets_total\{{{re.escape(want)}\}} (\S+)$", text, re.M)
+    return int(float(m.group(1))) if m else -1
+
+
+def counted(lab: Lab, node: str, label: str, **labels: str) -> tuple[int, int, int]:
+    """(nft before, the metric, nft after): the metric counts what nft counted."""
+    before = nft_packets(lab, node, label)
+    got = metric(lab, node, **labels)
+    return before, got, nft_packets(lab, node, label)
+
+
 def test_deny_policy_is_blocked_at_policy(whole: Path) -> None:
     """A deny-all ingress in namespace default: explain names the policy at the destination's
-    ingress for 80/TCP, and the dataplane agrees (the pod no longer answers)."""
+    ingress for 80/TCP, and the dataplane agrees (the pod no longer answers); an allow-all
+    ingress policy added opens it again. fabric_policy_packets_total counts what nft did."""
     p = whole
+    meta = {"namespace": "default"}
     deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": "explain-deny", "namespace": "default"},
+            "metadata": {"name": "explain-deny", **meta},
             "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}  # fmt: skip
+    allow = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+             "metadata": {"name": "explain-allow", **meta},
+             "spec": {"podSelector": {}, "ingress": [{}]}}  # fmt: skip
+    deny_labels = {"namespace": "", "policy": "", "direction": "ingress", "verdict": "deny"}
+    allow_labels = {"namespace": "default", "policy": "explain-allow", "direction": "ingress",
+                    "verdict": "allow"}  # fmt: skip
     _policy(p.lab, "apply", deny)
     try:
         doc = p.blocked_at("policy", "80/TCP")
         p.lab.wait_for(lambda: not pods.ping(p.lab, p.a, p.b.ip), 10, 0.5, "the ping denied")
+        denied = counted(p.lab, "node3", "default-deny ingress", **deny_labels)
+        _policy(p.lab, "apply", allow)
+        p.lab.wait_for(lambda: pods.ping(p.lab, p.a, p.b.ip), 10, 0.5, "the ping allowed")
+        opened = p.explain("80/TCP")
+        allowed = counted(p.lab, "node3", "default/explain-allow ingress[0]", **allow_labels)
     finally:
+        _policy(p.lab, "delete", allow)
         _policy(p.lab, "delete", deny)
     h = hop(doc)
     assert h["hop"] == f"ingress at {p.dst}" and h["evidence"]["node"] == "node3"
-    assert doc["reason"].startswith("denied: selected by default/explain-deny; no rule allows "
-                                    "80/TCP")  # fmt: skip
+    assert doc["reason"] == (f"denied: selected by default/explain-deny; no rule allows 80/TCP "
+                             f"from {p.src} (on node3)")  # fmt: skip
     assert h["evidence"]["policies"] == ["default/explain-deny"]
     egress = next(x for x in doc["hops"] if x["hop"] == f"egress at {p.src}")
     assert egress["state"] == "ok" and "not isolated" in egress["detail"]
-    note(doc["summary"])
+    assert opened["verdict"] == "reachable", opened["summary"]
+    assert "allowed by default/explain-allow ingress[0]" in opened["hops"][-1]["detail"]
+    note(f"{doc['summary']}; metric vs nft (before, metric, after): deny {denied}, "
+         f"allow {allowed}")  # fmt: skip
+    for before, got, after in (denied, allowed):
+        assert 0 < before <= got <= after
 
 
 def test_node_powered_off_is_blocked_at_node(whole: Path) -> None:
