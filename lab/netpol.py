@@ -34,7 +34,8 @@ from typing import Any
 import yaml
 
 from lab import pods
-from lab.runner import Lab, LabError
+from lab.runner import Lab
+from lab.view import LabError
 
 NAMESPACES = ("x", "y", "z")
 POD_NAMES = ("a", "b", "c")

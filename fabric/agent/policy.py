@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from fabric.dataplane.pods import host_ifname
+from fabric.dataplane.attachment import host_ifname
 from fabric.dataplane.policy_table import Change, Desired, PolicyTable, render
 from fabric.policy.compiler import compile as compile_policies
 from fabric.policy.endpoints import allocations, build_endpoints, cni_labels

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from bgp.model import Peer
+from bgp.config import Peer
 from fabric.errors import CLIError
 from fabric.resources import bgp as rb
 from fabric.resources.bgp_store import BGPStore

@@ -20,6 +20,7 @@ import pytest
 from fabric_helpers import fabric_lab
 
 from lab import pods
+from lab.control import BIN
 from lab.pods import Pod
 from lab.render import ETCD_PREFIX
 from lab.runner import Lab
@@ -165,8 +166,6 @@ def test_bad_questions_are_user_errors(whole: Path) -> None:
 
 
 def _bin() -> str:
-    from lab.runner import BIN
-
     return str(BIN / "fabricctl")
 
 
