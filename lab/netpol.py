@@ -204,6 +204,45 @@ class PolicyPod:
         doc: dict[str, Any] = json.loads(line)
         return doc
 
+    def ready(self) -> None:
+        """Wait for the agent's first line (its servers are bound)."""
+        hello = self.receive()
+        if not hello.get("ready"):
+            raise LabError(f"the agent of pod {self.key} did not start: {hello}")
+
+    def stop(self) -> None:
+        """End the agent: end of its stdin, then SIGKILL by PID after 5 s."""
+        if self.agent is None:
+            return
+        if self.agent.poll() is None:
+            assert self.agent.stdin is not None
+            self.agent.stdin.close()
+            try:
+                self.agent.wait(5)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait(5)
+        if self.agent.stdout is not None:
+            self.agent.stdout.close()
+
+
+def attach(lab: Lab, host: str, key: str, conf: dict[str, Any] | None = None,
+           sctp: bool = False) -> PolicyPod:  # fmt: skip
+    """Pod ``key`` ("ns/name") on ``host`` through the installed CNI plugin, with the
+    Kubernetes arguments a kubelet sends, and its agent started (call ``ready()``)."""
+    ns, name = key.split("/")
+    pod = pods.add(lab, host, f"{ns}-{name}",
+                   args=f";K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}", conf=conf)  # fmt: skip
+    ips: dict[int, str] = {}
+    for entry in pod.result.get("ips", []):
+        ip = ipaddress.ip_interface(entry["address"]).ip
+        ips[ip.version] = str(ip)
+    argv = ["ip", "netns", "exec", pod.netns_name, AGENT_PYTHON, "-I", "-S", str(AGENT),
+            "--ports", ",".join(map(str, PORTS)), *(["--sctp"] if sctp else [])]  # fmt: skip
+    agent = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    return PolicyPod(key, host, pod, ips, agent)
+
 
 class World:
     """Nine pods of the upstream model in a running fabric lab (fabricd on every host)."""
@@ -267,38 +306,15 @@ class World:
             conf = pods.netconf(ipam={"type": "fabric-ipam", "assignIPv6": True})
         self.apply(self.baseline())  # objects first: labels known before the ADD
         for key, host in placement(hosts).items():
-            ns, name = key.split("/")
-            pod = pods.add(lab, host, f"{ns}-{name}",
-                           args=f";K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}", conf=conf)  # fmt: skip
-            ips: dict[int, str] = {}
-            for entry in pod.result.get("ips", []):
-                ip = ipaddress.ip_interface(entry["address"]).ip
-                ips[ip.version] = str(ip)
-            self.pods[key] = PolicyPod(key, host, pod, ips)
+            self.pods[key] = attach(lab, host, key, conf, self.sctp)
         for p in self.pods.values():
-            argv = ["ip", "netns", "exec", p.pod.netns_name, AGENT_PYTHON, "-I", "-S", str(AGENT),
-                    "--ports", ",".join(map(str, PORTS)), *(["--sctp"] if self.sctp else [])]  # fmt: skip
-            p.agent = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-        for p in self.pods.values():
-            hello = p.receive()
-            if not hello.get("ready"):
-                raise LabError(f"the agent of pod {p.key} did not start: {hello}")
+            p.ready()
         return self
 
     def close(self) -> None:
         """Stop the agents (by their PIDs); the pods go with the lab."""
         for p in self.pods.values():
-            if p.agent is not None and p.agent.poll() is None:
-                assert p.agent.stdin is not None
-                p.agent.stdin.close()
-                try:
-                    p.agent.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.agent.kill()
-                    p.agent.wait(5)
-            if p.agent is not None and p.agent.stdout is not None:
-                p.agent.stdout.close()
+            p.stop()
 
     # ------------------------------------------------------------------ probing
     def ip(self, key: str, family: int = 4) -> str:

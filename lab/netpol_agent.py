@@ -15,7 +15,16 @@ All probes of a command run at once (non-blocking sockets, one ``selectors`` loo
 or SCTP probe succeeds when the handshake completes, a UDP probe when the echo comes back,
 each within ``timeout`` seconds. The answer is one JSON line
 ``{"results": {id: [ok, reason]}}`` with reason ``ok``, ``timeout``, ``refused`` or an
-errno name. End of stdin stops the agent.
+errno name.
+
+    {"watch": [ip, port], "want": true, "interval": 0.002, "timeout": 10}
+
+(the benchmark's flip detector) answers ``{"watching": true}`` at once, then starts a TCP
+connection attempt every ``interval`` seconds (each given 0.3 s, many in flight) until one
+completes, and answers ``{"t": <time.monotonic() of the completion>, "attempts": n}``
+(``t`` null after ``timeout`` s). With ``"want": false`` it probes one attempt at a time and
+answers when one fails (a reset, not a timing). CLOCK_MONOTONIC is the same in every
+network namespace, so ``t`` compares with the caller's clock. End of stdin stops the agent.
 """
 
 from __future__ import annotations
@@ -147,6 +156,61 @@ def probe(targets: list[list[Any]], timeout: float) -> dict[str, list[Any]]:
     return results
 
 
+def _attempt(ip: str, port: int) -> socket.socket:
+    s = socket.socket(_family(ip), socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.connect_ex((ip, port))
+    return s
+
+
+def watch(ip: str, port: int, want: bool, interval: float, timeout: float) -> dict[str, Any]:
+    """See the module docstring: the time the first connection completes (``want``) or
+    the first attempt fails (not ``want``)."""
+    end = time.monotonic() + timeout
+    attempts = 0
+    if not want:
+        while time.monotonic() < end:
+            attempts += 1
+            ok = probe([["w", ip, port, "TCP"]], 0.3)["w"][0]
+            if not ok:
+                return {"t": time.monotonic(), "attempts": attempts}
+            time.sleep(interval)
+        return {"t": None, "attempts": attempts}
+    sel = selectors.DefaultSelector()
+    started: dict[int, float] = {}
+    next_at = time.monotonic()
+    try:
+        while True:
+            now = time.monotonic()
+            if now > end:
+                return {"t": None, "attempts": attempts}
+            if now >= next_at:
+                s = _attempt(ip, port)
+                sel.register(s, selectors.EVENT_WRITE)
+                started[s.fileno()] = now
+                attempts += 1
+                next_at = now + interval
+            for key, _ in sel.select(max(0.0, next_at - time.monotonic())):
+                conn = key.fileobj
+                assert isinstance(conn, socket.socket)
+                if conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    return {"t": time.monotonic(), "attempts": attempts}
+                sel.unregister(conn)
+                started.pop(conn.fileno(), None)
+                conn.close()
+            for key in list(sel.get_map().values()):
+                conn = key.fileobj
+                assert isinstance(conn, socket.socket)
+                if time.monotonic() - started.get(conn.fileno(), 0.0) > 0.3:
+                    sel.unregister(conn)
+                    started.pop(conn.fileno(), None)
+                    conn.close()
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        sel.close()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ports", default="80,81")
@@ -158,6 +222,13 @@ def main() -> int:
         if not line.strip():
             continue
         cmd = json.loads(line)
+        if "watch" in cmd:
+            ip, port = cmd["watch"]
+            print(json.dumps({"watching": True}), flush=True)
+            got = watch(str(ip), int(port), bool(cmd.get("want", True)),
+                        float(cmd.get("interval", 0.002)), float(cmd.get("timeout", 10.0)))  # fmt: skip
+            print(json.dumps(got), flush=True)
+            continue
         out = probe(cmd.get("probe", []), float(cmd.get("timeout", 1.0)))
         print(json.dumps({"results": out}), flush=True)
     return 0

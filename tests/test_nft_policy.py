@@ -406,3 +406,11 @@ def test_counters_parse_labels() -> None:
         ("y/web", Direction.INGRESS, 2, 7, 700)  # fmt: skip
     assert got["default-deny ingress"].policy is None
     assert ip_address("10.79.0.10") == A4
+
+
+def test_render_aliases_dispatch_every_attachment_of_a_pod() -> None:
+    deny = DirectionRules(("x/deny",), ())
+    d = render(compiled("fab0a", "fab0b", deny), aliases={"x/b": ["fab1b"]})
+    (chain,) = {e.split()[-1] for e in d.sets[TO_POD].elements if "jump" in e}
+    assert {'"fab0b" : jump ' + chain, '"fab1b" : jump ' + chain} <= d.sets[TO_POD].elements
+    assert '"fab1b"' in d.sets[PODS].elements

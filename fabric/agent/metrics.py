@@ -28,6 +28,8 @@ class Reconciler(StrEnum):
     ANNOUNCEMENTS = "announcements"
     FULL_RESYNC = "full_resync"
     NAT = "nat"
+    POLICY = "policy"  # one NetworkPolicy batch: compile, render, nft transaction
+    POLICY_RESYNC = "policy_resync"  # the same, reading the kernel's table first
 
 
 class RouteKind(StrEnum):

@@ -77,6 +77,7 @@ class PolicyAgent:
         self._dirty = asyncio.Event()
         self._resync = True  # the first batch reads the kernel (adoption)
         self._last = 0.0
+        self.aliases: dict[str, list[str]] = {}  # endpoint key -> more host interfaces
 
     # ------------------------------------------------------------------ inputs
 
@@ -100,7 +101,9 @@ class PolicyAgent:
     # ------------------------------------------------------------------ programming
 
     def endpoints(self, inputs: Inputs) -> list[Endpoint]:
-        """Every endpoint in etcd, plus local attachments etcd does not show yet."""
+        """Every endpoint in etcd, plus local attachments etcd does not show yet; the host
+        interfaces of a pod's further attachments go to ``self.aliases``."""
+        self.aliases = {}
         eps = build_endpoints(allocations(inputs.blocks), inputs.pods, self.node, host_ifname)
         have = {e.ifname for e in eps if e.ifname is not None}
         pod_of = {(p.namespace, p.name): p for p in inputs.pods}
@@ -113,7 +116,9 @@ class PolicyAgent:
             if rec.host_ifname in have or not rec.ips:
                 continue
             ns, name = rec.namespace or "default", rec.pod or rec.container_id
-            if f"{ns}/{name}" in keys_seen:
+            if f"{ns}/{name}" in keys_seen:  # another attachment of a known pod
+                self.aliases.setdefault(f"{ns}/{name}", []).append(rec.host_ifname)
+                have.add(rec.host_ifname)
                 continue
             labels = cni_labels({"labels": labels_json} if labels_json else {})
             pod = pod_of.get((ns, name))
@@ -131,7 +136,7 @@ class PolicyAgent:
         compiled = compile_policies(inputs.policies, inputs.namespaces,
                                     self.endpoints(inputs), self.node)  # fmt: skip
         self.compiled = compiled
-        return render(compiled, self.cut_established)
+        return render(compiled, self.cut_established, self.aliases)
 
     async def program(self) -> Change:
         """One batch: compile, render, write the difference (read the kernel on resync)."""
@@ -147,7 +152,10 @@ class PolicyAgent:
         self.problem = None
         self.batches += 1
         self.observe("policy_resync" if resync else "policy", time.monotonic() - started)
-        if resync and not change.empty and self.batches > 1:
+        if self.batches == 1:
+            log.info("policy table adopted: %s", _summary(change) if not change.empty else
+                     "the kernel already held it")  # fmt: skip
+        elif resync and not change.empty:
             log.warning("policy resync repaired the table: %s", _summary(change))
         elif not change.empty:
             log.debug("policy batch: %s", _summary(change))

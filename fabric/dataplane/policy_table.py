@@ -29,6 +29,7 @@ Imports only fabric.dataplane and the pure data contract fabric.policy.model.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
@@ -83,9 +84,14 @@ class Desired:
 # ---------------------------------------------------------------------- rendering
 
 
-def render(compiled: Compiled, cut_established: bool = False) -> Desired:
-    """The table for ``compiled``. Pure. ValueError for a set name nft cannot take or one
-    that collides with the table's own names."""
+def render(
+    compiled: Compiled,
+    cut_established: bool = False,
+    aliases: Mapping[str, Iterable[str]] | None = None,
+) -> Desired:
+    """The table for ``compiled``. Pure. ``aliases``: more host interfaces of an endpoint
+    (key -> ifnames: a pod attached to several networks), dispatched like its ``ifname``.
+    ValueError for a set name nft cannot take or one that collides with the table's own."""
     sets: dict[str, SetDef] = {}
     for spec in compiled.sets.values():
         s = _set(spec)
@@ -98,18 +104,18 @@ def render(compiled: Compiled, cut_established: bool = False) -> Desired:
     pods: set[str] = set()
     hairpin: set[str] = set()
     for ep in compiled.endpoints.values():
-        if ep.ifname is None:
-            continue
-        q = quote(ep.ifname)
-        pods.add(q)
-        hairpin.add(f"{q} . {q}")
+        ifnames = [*([ep.ifname] if ep.ifname else []), *(aliases or {}).get(ep.key, ())]
         for rules, ingress, elements in ((ep.ingress, True, to_pod), (ep.egress, False, from_pod)):
             if rules is None:
-                elements.add(f"{q} : {'accept' if ingress else 'continue'}")
-                continue
-            chain = endpoint_chain(rules, ingress, compiled.sets)
-            chains.setdefault(chain.name, chain)
-            elements.add(f"{q} : jump {chain.name}")
+                verdict = "accept" if ingress else "continue"
+            else:
+                chain = endpoint_chain(rules, ingress, compiled.sets)
+                chains.setdefault(chain.name, chain)
+                verdict = f"jump {chain.name}"
+            elements.update(f"{quote(i)} : {verdict}" for i in ifnames)
+        for i in ifnames:
+            pods.add(quote(i))
+            hairpin.add(f"{quote(i)} . {quote(i)}")
     sets[PODS] = SetDef(PODS, ("ifname",), elements=frozenset(pods))
     sets[HAIRPIN] = SetDef(HAIRPIN, ("ifname", "ifname"), elements=frozenset(hairpin))
     sets[TO_POD] = SetDef(TO_POD, ("ifname",), map_to="verdict", elements=frozenset(to_pod))
@@ -138,13 +144,29 @@ def _base(cut_established: bool) -> ChainDef:
 
 def endpoint_chain(rules: DirectionRules, ingress: bool, sets: Mapping[str, SetSpec]) -> ChainDef:
     """The chain of one isolated direction: allowed packets ``accept`` (ingress, the last
-    check) or ``return`` (egress: the destination's ingress is checked next); the rest drop."""
+    check) or ``return`` (egress: the destination's ingress is checked next); the rest drop.
+    Memoised: every batch renders every endpoint, most of them unchanged."""
+    kinds: dict[str, str] = {}
+    for rule in rules.rules:
+        for name in (*(rule.peer_sets or ()), *rule.named_port_sets):
+            spec = sets.get(name)
+            if spec is None:
+                raise ValueError(f"policy rule names set {name!r}, which the compiled model lacks")
+            kinds[name] = spec.kind
+    return _endpoint_chain(rules, ingress, tuple(sorted(kinds.items())))
+
+
+@functools.lru_cache(maxsize=8192)
+def _endpoint_chain(
+    rules: DirectionRules, ingress: bool, kinds: tuple[tuple[str, str], ...]
+) -> ChainDef:
+    families = {name: 4 if kind.endswith("4") else 6 for name, kind in kinds}
     direction = "ingress" if ingress else "egress"
     verdict = "accept" if ingress else "return"
     out = [RuleDef("ct state invalid counter drop", f"invalid {direction}")]
     for rule in rules.rules:
         label = f"{rule.policy} {direction}[{rule.index}]"
-        out += [RuleDef(f"{m}counter {verdict}", label) for m in _matches(rule, ingress, sets)]
+        out += [RuleDef(f"{m}counter {verdict}", label) for m in _matches(rule, ingress, families)]
     out.append(RuleDef("counter drop", f"default-deny {direction}"))
     digest = hashlib.sha1(usedforsecurity=False)
     for r in out:
@@ -152,36 +174,30 @@ def endpoint_chain(rules: DirectionRules, ingress: bool, sets: Mapping[str, SetS
     return ChainDef(f"{'in' if ingress else 'out'}_{digest.hexdigest()[:16]}", tuple(out))
 
 
-def _matches(rule: Rule, ingress: bool, sets: Mapping[str, SetSpec]) -> list[str]:
+def _matches(rule: Rule, ingress: bool, families: Mapping[str, int]) -> list[str]:
     """The match parts (each ending in a space, or empty) whose OR is ``rule``."""
     side = "saddr" if ingress else "daddr"
     peers: list[tuple[int | None, str]] = [(None, "")]
     if rule.peer_sets is not None:
         peers = []
         for name in rule.peer_sets:
-            family = _family(sets, name)
+            family = families[name]
             peers.append((family, f"{'ip' if family == 4 else 'ip6'} {side} @{set_name(name)} "))
     out: list[str] = []
     ports = [""] if rule.ports is None else _ports(rule.ports)
     out += [peer + port for _, peer in peers for port in ports]
     for name in rule.named_port_sets:
-        family = _family(sets, name)
+        family = families[name]
         ip = "ip" if family == 4 else "ip6"
         out += [f"{peer}{ip} daddr . meta l4proto . th dport @{set_name(name)} "
                 for f, peer in peers if f in (None, family)]  # fmt: skip
     return out
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def set_name(name: str) -> str:
     """The nft name of compiled set ``name`` (nft names take no '-')."""
     return check_name(name.replace("-", "_"), "set")
-
-
-def _family(sets: Mapping[str, SetSpec], name: str) -> int:
-    spec = sets.get(name)
-    if spec is None:
-        raise ValueError(f"policy rule names set {name!r}, which the compiled model lacks")
-    return 4 if spec.kind.endswith("4") else 6
 
 
 def _ports(ports: Iterable[PortMatch]) -> list[str]:
@@ -222,6 +238,7 @@ def _set(spec: SetSpec) -> SetDef:
                   elements=frozenset(_element(e) for e in spec.elements))  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _element(e: object) -> str:
     if isinstance(e, tuple):
         addr, proto, port = e

@@ -105,7 +105,8 @@ class Checker:
         return Hop(Layer.POLICY, name, State.BLOCKED, reason + on, ev,
                    f"add a {str(dv.direction).lower()} rule allowing {self.port}/{self.protocol} "
                    f"{way} {peer} to one of the selecting policies ({which}), or a new policy "
-                   f"selecting {dv.endpoint}")  # fmt: skip
+                   f"selecting {dv.endpoint}; `fabricctl policy trace {src.given} {dst.given} "
+                   f"{self.port}/{self.protocol}` shows every policy and rule considered")  # fmt: skip
 
     def _isolation(self, src: Endpoint, dst: Endpoint) -> list[Hop]:
         hops: list[Hop] = []

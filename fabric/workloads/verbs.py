@@ -246,8 +246,14 @@ class Workloads:
             rec = replace(rec, host_ifname=got.host_ifname, host_mac=got.host_mac,
                           pod_mac=got.pod_mac)  # fmt: skip
             undo.append(lambda: self._remove_routes(rec))
-            await self._add_routes(rec)
-            await self._admit(rec, owner.labels, undo)
+            if self.d.policy is not None:
+                undo.append(self._releaser(rec.handle))
+            # the host route and the pod's policy endpoint are independent: made together
+            routes = asyncio.ensure_future(self._add_routes(rec))
+            admit = asyncio.ensure_future(self._admit(rec, owner.labels))
+            await finish_all(routes, admit)
+            routes.result()
+            admit.result()
             rec = replace(rec, phase=Phase.READY)
             self.d.state.save(rec)
         except BaseException:
@@ -256,23 +262,24 @@ class Workloads:
         self.records[rec.handle] = rec
         return rec
 
-    async def _admit(self, rec: Record, labels: str, undo: list[Undo]) -> None:
+    async def _admit(self, rec: Record, labels: str) -> None:
         """Wait until the pod's policy endpoint is in the kernel (fail closed)."""
-        gate = self.d.policy
-        if gate is None:
+        if self.d.policy is None:
             return
-
-        async def release() -> None:
-            gate.release(rec.handle)
-
-        undo.append(release)
         try:
-            await finish(asyncio.ensure_future(gate.admit(rec, labels)))
+            await self.d.policy.admit(rec, labels)
         except CNIError:
             raise
         except Exception as e:
             raise CNIError(Code.TRY_AGAIN_LATER,
                            f"failed to program NetworkPolicy for {rec.handle}: {e}") from e  # fmt: skip
+
+    def _releaser(self, handle: str) -> Undo:
+        async def release() -> None:
+            if self.d.policy is not None:
+                self.d.policy.release(handle)
+
+        return release
 
     async def _undo(self, handle: str, undo: list[Undo]) -> None:
         """Undo in reverse; the record (first step) goes only if every other step worked."""
