@@ -103,7 +103,7 @@ class Checker:
         peer = src.label if dv.direction is Direction.INGRESS else dst.label
         way = "from" if dv.direction is Direction.INGRESS else "to"
         return Hop(Layer.POLICY, name, State.BLOCKED, reason + on, ev,
-                   f"add a {str(dv.direction).lower()} rule allowing {self.port}/{self.protocol} "
+                   f"add an {str(dv.direction).lower()} rule allowing {self.port}/{self.protocol} "
                    f"{way} {peer} to one of the selecting policies ({which}), or a new policy "
                    f"selecting {dv.endpoint}; `fabricctl policy trace {src.given} {dst.given} "
                    f"{self.port}/{self.protocol}` shows every policy and rule considered")  # fmt: skip
