@@ -173,8 +173,9 @@ class Agent:
             cfg.policy.resync_interval,
             self.metrics.observe_reconcile,
         )
-        self.probes = Probes(self.store, self.speaker, self.metrics, self._required_peers_up,
-                             self.policy.check)  # fmt: skip
+        self.probes = Probes(
+            self.store, self.speaker, self.metrics, self._required_peers_up, self.policy.check
+        )
         alloc = Allocator(self.store)
         self.workloads = Workloads(
             Deps(
@@ -184,8 +185,8 @@ class Agent:
                 routes=self.routes,
                 state=StateDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
                 datastore_ok=self.probes.etcd_reachable,
-                policy=self.policy,
                 pending=PendingDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
+                policy=self.policy,
             ),
             log.getChild("workloads"),
         )

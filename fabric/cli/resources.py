@@ -89,8 +89,6 @@ def delete_cmd(ctx: click.Context, kind: str | None, name: str | None, path: str
                namespace: str | None) -> None:  # fmt: skip
     """Delete resource NAME of KIND, or those of -f FILE (an IPPool in use is refused: see
     `pool delete --force`)."""
-    from fabric.resources import documents as ry
-
     if path is not None:
         if kind or name:
             raise click.UsageError("give KIND NAME or -f FILE, not both")
@@ -100,6 +98,8 @@ def delete_cmd(ctx: click.Context, kind: str | None, name: str | None, path: str
         return
     if not kind or not name:
         raise click.UsageError("KIND and NAME are required (or -f FILE)")
+    from fabric.resources import documents as ry
+
     k = ry.kind_of(kind)
     ctx.meta[RESOURCE] = f"{k} {name}"
     click.echo(run(ctx, lambda s: ry.delete(s.maint, k, name, progress, namespace)))

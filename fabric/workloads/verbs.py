@@ -13,14 +13,14 @@ Contracts (docs/design/cni.md has the whole story):
   CNI_NETNS are success; only an unreachable etcd (11) fails it, and the runtime retries.
 - Requests for one attachment run one at a time, GC's teardown of it included (it takes
   the same per-attachment lock); GC leaves attachments in flight alone.
-- Fail closed (NetworkPolicy): with a ``policy`` gate, ADD returns only after the gate says
-  the pod's endpoint (its map entries, chains and set memberships) is in the kernel; until
-  then the dataplane drops the traffic of its veth as an unknown pod interface. A gate that
-  cannot program fails the ADD (11, try again later) and everything is undone.
 - A DEL the plugin recorded while fabricd was unreachable (pending.py) is finished at start
   before the socket opens, every PENDING_INTERVAL after, and before any ADD of the same
   attachment (which answers 11 while it cannot be finished). It frees exactly the allocations
   the record names (IPAM sequence numbers), so an address given again later is never freed.
+- Fail closed (NetworkPolicy): with a ``policy`` gate, ADD returns only after the gate says
+  the pod's endpoint (its map entries, chains and set memberships) is in the kernel; until
+  then the dataplane drops the traffic of its veth as an unknown pod interface. A gate that
+  cannot program fails the ADD (11, try again later) and everything is undone.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ class Deps:
     routes: RouteTable
     state: StateDir
     datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
-    policy: PolicyGate | None = None  # None: no NetworkPolicy enforcement (tests)
     pending: PendingDir | None = None  # DELs recorded by the plugin while fabricd was down
+    policy: PolicyGate | None = None  # None: no NetworkPolicy enforcement (tests)
 
 
 class Workloads:
