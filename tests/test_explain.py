@@ -181,6 +181,11 @@ def test_each_ipam_fault_is_named(fab: Fabric) -> None:
 
 
 def test_node_faults_are_named(fab: Fabric) -> None:
+    fab.publish(
+        "node3", readiness={"ok": False, "detail": {"peers": "0/1 required peers established"}}
+    )
+    r = fab.explain()  # peers belong to the announcement layer: the node hop only says so
+    assert r.hops[3].state == "ok" and "not ready (peers: 0/1 required" in r.hops[3].detail
     fab.publish("node3", speaker={"running": False, "pid": None, "restarts": 4})
     assert fab.explain().summary.startswith("blocked at node: the BGP speaker")
     fab.put(keys.status("node3"), None)

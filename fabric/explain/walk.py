@@ -223,11 +223,12 @@ def _node(snap: Snapshot, node: str) -> Hop:
                    f"({sp.get('restarts', 0)} restarts)", ev,
                    f"fabricd restarts it; see fabricd's log on {node}")  # fmt: skip
     detail = ready.get("detail") or {}
-    state = (
-        "ready"
-        if ready.get("ok")
-        else f"not ready ({'; '.join(f'{k}: {v}' for k, v in sorted(detail.items()))})"
-    )
+    if not ready:  # a fabricd older than the readiness field
+        state = "readiness not published"
+    elif ready.get("ok"):
+        state = "ready"
+    else:
+        state = f"not ready ({'; '.join(f'{k}: {v}' for k, v in sorted(detail.items()))})"
     return Hop(Layer.NODE, name, State.OK, f"registered, fabricd running, {state}", ev)
 
 
