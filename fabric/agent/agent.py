@@ -52,6 +52,7 @@ from bgp.rib import Rib
 from bgp.speaker import Speaker
 from fabric.agent import systemd
 from fabric.agent.config import AgentConfig
+from fabric.agent.diagnostics import refresh_policy_counters, route_lookup
 from fabric.agent.health import HealthServer
 from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
 from fabric.agent.kernel_routes import Gateways, desired_routes, kernel_changes
@@ -92,10 +93,6 @@ HOST_SYSCTLS = (
     ("net.ipv4.conf.all.ignore_routes_with_linkdown", "1", True),
     ("net.ipv6.conf.all.ignore_routes_with_linkdown", "1", False),
 )
-
-
-def _match(selector: str, labels: Any) -> bool:
-    return bool(parse_selector(selector).matches(labels))
 
 
 def _check_selector(selector: str) -> None:
@@ -196,11 +193,13 @@ class Agent:
             functools.partial(answer, self.workloads, self.metrics.cni_request),
         )
         self.health = HealthServer(
-            cfg.health.listen, self.probes.live, self.probes.ready, self.metrics.registry
-        )
-        self.status = StatusPublisher(
-            self._status_view, self.routes, self.metrics, self.store, self.registration
-        )
+            cfg.health.listen, self.probes.live, self.probes.ready, self.metrics.registry,
+            route_lookup=functools.partial(route_lookup, cfg.node_name, cfg.routes.protocol),
+            before_metrics=functools.partial(refresh_policy_counters, self.policy.table,
+                                             self.metrics),
+        )  # fmt: skip
+        self.status = StatusPublisher(self._status_view, self.routes, self.metrics, self.store,
+                                      self.registration, self.rib.best)  # fmt: skip
         self.intent: Intent | None = None
         self.convergence = Convergence({}, 0.0)  # replaced at start, with the adopted routes
         self._dirty = asyncio.Event()
@@ -361,7 +360,7 @@ class Agent:
                 self.local = replace(self.local, labels=dict(doc.labels))
         inputs = decode(self.local, self.interfaces, self.cache.data, self.blocks, _check_selector)
         self._borrowed = inputs.borrowed
-        return compute(inputs, _match)
+        return compute(inputs, lambda sel, labels: bool(parse_selector(sel).matches(labels)))
 
     async def _reconcile_loop(self) -> None:
         """Reconcile at once when idle (a new block is announced without delay); changes
@@ -495,4 +494,4 @@ class Agent:
     def _status_view(self) -> NodeView:
         blocks = len(self.intent.blackholes) if self.intent is not None else None
         return node_view(self.cfg.node_name, self._sessions(), self.speaker, self.rib,
-                         self.convergence.converged, blocks)  # fmt: skip
+                         self.convergence.converged, blocks, self._required_peers_up())  # fmt: skip
