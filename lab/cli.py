@@ -33,10 +33,13 @@ def main() -> None:
 @click.option("--fabric", is_flag=True,
               help="Also configure the datastore, start fabricd on every host, wait until all "
               "are ready, and install the CNI plugin (then: `python -m lab pod add`).")  # fmt: skip
-def up(topology: str, name: str | None, timeout: float, fabric: bool) -> None:
+@click.option("--tls", is_flag=True,
+              help="etcd requires TLS and client certificates (a CA and certificates are made "
+              "in the lab directory; fabricd and `lab`'s fabricctl use them).")  # fmt: skip
+def up(topology: str, name: str | None, timeout: float, fabric: bool, tls: bool) -> None:
     """Bring TOPOLOGY up (a file, or a bundled name: mesh3, two-rack, rr, dual-homed)."""
     try:
-        lab = Lab(topology, name=name, progress=progress)
+        lab = Lab(topology, name=name, progress=progress, tls=tls)
         lab.up(timeout=timeout)
     except (LabError, TopologyError, TimeoutError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e

@@ -72,7 +72,8 @@ from ipam.batch import BatchingAllocator
 from ipam.errors import IPAMError
 from ipam.resources import Node, loads
 from ipam.selector import parse as parse_selector
-from ipam.store import Store, TLSConfig
+from ipam.store import Store
+from ipam.tls import TLSConfig
 
 log = logging.getLogger("fabric.agent.agent")
 
