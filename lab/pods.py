@@ -166,7 +166,7 @@ class Probe:
 
     def __init__(self, lab: Lab, src: Pod, dst_ip: str, interval: float = 0.1) -> None:
         self.interval = interval
-        argv = ["ip", "netns", "exec", src.netns_name, "ping", "-n", "-O", "-W", "1",
+        argv = ["ip", "netns", "exec", src.netns_name, "ping", "-n", "-D", "-O", "-W", "1",
                 "-i", str(interval), dst_ip]  # fmt: skip
         self._proc = subprocess.Popen(
             ["ip", "netns", "exec", lab.netns(src.node), *argv],
@@ -186,6 +186,25 @@ class Probe:
 
     def replies(self) -> int:
         return sum(1 for ln in self._lines if "bytes from" in ln)
+
+    def times(self, seqs: list[int]) -> list[float]:
+        """When each of ``seqs`` was sent (epoch seconds, from ``ping -D``): the time on a
+        line of that sequence number, else the nearest earlier one's plus the interval(s)."""
+        at: dict[int, float] = {}
+        for ln in self._lines:
+            if ln.startswith("[") and "icmp_seq=" in ln:
+                seq = int(ln.split("icmp_seq=")[1].split()[0])
+                at.setdefault(seq, float(ln[1 : ln.index("]")]))
+        known = sorted(at)
+        out = []
+        for s in seqs:
+            if s in at:
+                out.append(at[s])
+                continue
+            prev = [k for k in known if k < s]
+            base = prev[-1] if prev else (known[0] if known else s)
+            out.append(at.get(base, 0.0) + (s - base) * self.interval)
+        return out
 
     def stop(self, settle: float = SETTLE) -> tuple[int, int, list[int]]:
         """Stop pinging after ``settle`` s (the last echo comes back or times out); (sent,

@@ -63,6 +63,13 @@ SPECS: dict[str, Spec] = {
                 (Target("add_ratio", "<=", 1.5), Target("del_ratio", "<=", 1.5))),
     "converge": Spec(("p50_ms", "p99_ms", "frr_p50_ms"), "ratio_p50",
                      (Target("ratio_p50", "<=", 1.5), Target("p99_ms", "<", 1000))),
+    "soak": Spec(("pods_created", "first_ping_loss_pct", "established_lost", "rss_growth_mb"),
+                 "ratio_first_to_settled",
+                 (Target("first_ping_loss_pct_outside_faults", "==", 0),
+                  Target("established_lost_outside_faults", "==", 0),
+                  Target("add_errors+del_errors", "==", 0),
+                  Target("ipam_leaks+dataplane_leaks+route_mismatch", "==", 0),
+                  Target("rss_growth_mb", "<", 10)), ("minutes", 10.0)),
 }  # fmt: skip
 
 
