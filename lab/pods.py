@@ -126,11 +126,12 @@ def _free_name(lab: Lab, node: str) -> str:
 
 
 def add(lab: Lab, node: str, name: str | None = None, args: str = "",
-        namespace: str = "default") -> Pod:  # fmt: skip
-    """A new pod on ``node``: a fresh namespace and a CNI ADD (``args``: see ``cni``)."""
+        namespace: str = "default", conf: dict[str, Any] | None = None) -> Pod:  # fmt: skip
+    """A new pod on ``node``: a fresh namespace and a CNI ADD (``args``, ``conf``: see
+    ``cni``; ``namespace``: K8S_POD_NAMESPACE)."""
     cid = name or _free_name(lab, node)
     netns = lab.add_netns(f"{lab.plan.prefix}p{cid[:40]}")
-    code, doc = cni(lab, node, "ADD", cid, netns, args=args, namespace=namespace)
+    code, doc = cni(lab, node, "ADD", cid, netns, conf=conf, args=args, namespace=namespace)
     if code != 0:
         c = int(doc.get("code", 0)) if isinstance(doc, dict) else 0
         raise PodError(f"CNI ADD of {cid} on {node} failed: {why(doc)}", c)

@@ -9,6 +9,7 @@ The unit file itself (what systemd is told about fabricd) is :mod:`fabric.unit`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -56,6 +57,14 @@ def status(text: str) -> bool:
 
 def watchdog_ping() -> bool:
     return notify("WATCHDOG=1")
+
+
+async def watchdog_loop(interval: float) -> None:
+    """Ping the watchdog every ``interval`` seconds while the event loop runs (a stuck loop
+    stops the pings and systemd restarts fabricd)."""
+    while True:
+        watchdog_ping()
+        await asyncio.sleep(interval)
 
 
 def watchdog_interval() -> float | None:

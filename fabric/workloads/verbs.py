@@ -11,11 +11,16 @@ Contracts (docs/design/cni.md has the whole story):
   addresses it holds.
 - DEL is idempotent: a handle that holds nothing, a missing interface, an empty or vanished
   CNI_NETNS are success; only an unreachable etcd (11) fails it, and the runtime retries.
-- Requests for one attachment run one at a time; GC leaves attachments in flight alone.
+- Requests for one attachment run one at a time, GC's teardown of it included (it takes
+  the same per-attachment lock); GC leaves attachments in flight alone.
 - A DEL the plugin recorded while fabricd was unreachable (pending.py) is finished at start
   before the socket opens, every PENDING_INTERVAL after, and before any ADD of the same
   attachment (which answers 11 while it cannot be finished). It frees exactly the allocations
   the record names (IPAM sequence numbers), so an address given again later is never freed.
+- Fail closed (NetworkPolicy): with a ``policy`` gate, ADD returns only after the gate says
+  the pod's endpoint (its map entries, chains and set memberships) is in the kernel; until
+  then the dataplane drops the traffic of its veth as an unknown pod interface. A gate that
+  cannot program fails the ADD (11, try again later) and everything is undone.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from cni.errors import CNIError, Code
 from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Route, render
@@ -48,6 +53,16 @@ Undo = Callable[[], Awaitable[object]]
 T = TypeVar("T")
 
 
+class PolicyGate(Protocol):
+    """The agent's NetworkPolicy programmer, as the verbs see it."""
+
+    async def admit(self, rec: Record, cni_labels: str) -> None:
+        """Return once the endpoint of ``rec`` is programmed; raise when it cannot be."""
+
+    def release(self, handle: str) -> None:
+        """Forget the attachment ``handle`` (its entries go with the next batch)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Deps:
     node: str
@@ -57,6 +72,7 @@ class Deps:
     state: StateDir
     datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
     pending: PendingDir | None = None  # DELs recorded by the plugin while fabricd was down
+    policy: PolicyGate | None = None  # None: no NetworkPolicy enforcement (tests)
 
 
 class Workloads:
@@ -146,7 +162,7 @@ class Workloads:
 
     async def run(self, plugin: str, req: Request) -> bytes:
         """Run one validated request; returns stdout. Raises CNIError or what a layer below
-        raised (fabric.errors.cni_error maps it)."""
+        raised (fabric.workloads.errors.cni_error maps it)."""
         ipam_only = plugin == "fabric-ipam"
         verb = req.env.command
         if verb is Verb.ADD:
@@ -165,7 +181,7 @@ class Workloads:
 
     async def add(self, req: Request) -> bytes:
         env, conf = req.env, req.conf
-        owner = Owner.of(conf.name, env)
+        owner = Owner.of(conf.name, env, conf.args)
         await self._pending_first(owner.handle)
         async with self._locks.hold(owner.handle):
             check_netns(env.netns)
@@ -230,7 +246,14 @@ class Workloads:
             rec = replace(rec, host_ifname=got.host_ifname, host_mac=got.host_mac,
                           pod_mac=got.pod_mac)  # fmt: skip
             undo.append(lambda: self._remove_routes(rec))
-            await self._add_routes(rec)
+            if self.d.policy is not None:
+                undo.append(self._releaser(rec.handle))
+            # the host route and the pod's policy endpoint are independent: made together
+            routes = asyncio.ensure_future(self._add_routes(rec))
+            admit = asyncio.ensure_future(self._admit(rec, owner.labels))
+            await finish_all(routes, admit)
+            routes.result()
+            admit.result()
             rec = replace(rec, phase=Phase.READY)
             self.d.state.save(rec)
         except BaseException:
@@ -238,6 +261,25 @@ class Workloads:
             raise
         self.records[rec.handle] = rec
         return rec
+
+    async def _admit(self, rec: Record, labels: str) -> None:
+        """Wait until the pod's policy endpoint is in the kernel (fail closed)."""
+        if self.d.policy is None:
+            return
+        try:
+            await self.d.policy.admit(rec, labels)
+        except CNIError:
+            raise
+        except Exception as e:
+            raise CNIError(Code.TRY_AGAIN_LATER,
+                           f"failed to program NetworkPolicy for {rec.handle}: {e}") from e  # fmt: skip
+
+    def _releaser(self, handle: str) -> Undo:
+        async def release() -> None:
+            if self.d.policy is not None:
+                self.d.policy.release(handle)
+
+        return release
 
     async def _undo(self, handle: str, undo: list[Undo]) -> None:
         """Undo in reverse; the record (first step) goes only if every other step worked."""
@@ -282,6 +324,8 @@ class Workloads:
     async def _forget(self, handle: str) -> None:
         self.records.pop(handle, None)
         self.d.state.remove(handle)
+        if self.d.policy is not None:
+            self.d.policy.release(handle)
 
     # ------------------------------------------------------------------ DEL
 
@@ -383,7 +427,7 @@ class Workloads:
 
     async def ipam_add(self, req: Request) -> bytes:
         conf = req.conf
-        owner = Owner.of(conf.name, req.env)
+        owner = Owner.of(conf.name, req.env, conf.args)
         await self._pending_first(owner.handle)
         async with self._locks.hold(owner.handle):
             await self._need_datastore()
@@ -426,11 +470,17 @@ class Workloads:
         stale = [r for r in self.records.values() if r.network == conf.name
                  and (r.container_id, r.ifname) not in valid and r.handle not in busy]  # fmt: skip
         for rec in stale:
-            self.log.info("GC: removing attachment %s", rec.handle)
-            await self._teardown(rec, rec.netns)
+            async with self._locks.hold(rec.handle):  # a DEL or ADD arriving now waits
+                if self.records.get(rec.handle) is not rec:
+                    continue  # deleted or rebuilt meanwhile: no longer what GC judged
+                self.log.info("GC: removing attachment %s", rec.handle)
+                await self._teardown(rec, rec.netns)
         for handle in await self.d.ipam.leaked(conf.name, valid, self._locks.busy()):
-            self.log.info("GC: releasing addresses of %s", handle)
-            await self.d.ipam.release(handle)
+            async with self._locks.hold(handle):
+                if handle in self.records:
+                    continue  # an ADD took the handle meanwhile: its addresses are in use
+                self.log.info("GC: releasing addresses of %s", handle)
+                await self.d.ipam.release(handle)
 
     async def status(self, conf: NetConf) -> None:
         if not await self.d.datastore_ok():

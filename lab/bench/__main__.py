@@ -18,7 +18,7 @@ from typing import Any
 
 from lab.bench import report
 
-BENCHES = ["ipam", "routes", "converge", "cni"]
+BENCHES = ["ipam", "routes", "converge", "cni", "policy"]
 LONG = ["soak"]  # not in `all`: 10 minutes by default
 OUT = Path(__file__).resolve().parent.parent / "out"
 
