@@ -82,7 +82,8 @@ from ipam.batch import BatchingAllocator
 from ipam.errors import IPAMError
 from ipam.resources import Node, loads
 from ipam.selector import parse as parse_selector
-from ipam.store import Store, TLSConfig
+from ipam.store import Store
+from ipam.tls import TLSConfig
 
 log = logging.getLogger("fabric.agent.agent")
 
@@ -233,7 +234,7 @@ class Agent:
         await self.cache.load()
         await self.workloads.recover()  # local pods' host routes, before the first resync
         # DELs recorded while fabricd was down: before the first resync and the first ADD
-        left = await self.workloads.finish_pending()
+        left = await self.workloads.pending.finish()
         if left:
             log.warning("%d recorded DELs could not be finished yet; retried", left)
         deadline = time.monotonic() + cfg.bgp.graceful_restart_time
@@ -260,7 +261,7 @@ class Agent:
             asyncio.create_task(self.routes.run(), name="routes"),
             asyncio.create_task(self.policy.run(), name="policy"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
-            asyncio.create_task(self.workloads.pending_loop(), name="recorded DELs"),
+            asyncio.create_task(self.workloads.pending.loop(), name="recorded DELs"),
         ]
         interval = systemd.watchdog_interval()
         if cfg.watchdog and interval:

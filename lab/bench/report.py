@@ -71,6 +71,13 @@ SPECS: dict[str, Spec] = {
                     Target("add_ratio_policy", "<=", 1.25), Target("cold_ratio", "<=", 3),
                     Target("tput_ratio", ">=", 0.9), Target("conn_rate_ratio", ">=", 0.8)),
                    ("policies", 1000)),
+    "soak": Spec(("pods_created", "first_ping_loss_pct", "established_lost", "rss_growth_mb"),
+                 "ratio_first_to_settled",
+                 (Target("first_ping_loss_pct_outside_faults", "==", 0),
+                  Target("established_lost_outside_faults", "==", 0),
+                  Target("add_errors+del_errors", "==", 0),
+                  Target("ipam_leaks+dataplane_leaks+route_mismatch", "==", 0),
+                  Target("rss_growth_mb", "<", 10)), ("minutes", 10.0)),
 }  # fmt: skip
 
 
