@@ -33,6 +33,7 @@ from bgp.adjout import AdjRibOut, Command
 from bgp.codec import Ack, RelayNotice, Reply, SpeakerShutdown
 from bgp.errors import SpeakerError
 from bgp.model import Advert, Event, IPAddress, PeerState, Session, SessionState, SpeakerRestarted
+from bgp.reload import ReloadCheck
 from bgp.render import exabgp_env, render_config
 from bgp.sessions import SessionBook, SessionStatus
 from bgp.supervisor import Supervisor
@@ -96,15 +97,11 @@ class Speaker:
         self._stopping = False
         self._ready = asyncio.Event()  # the current ExaBGP's relay passed the barrier
         self._idle = asyncio.Event()
-        self._reloaded = asyncio.Event()
         self._pump_soon = False
         self._pings: deque[asyncio.Future[bool]] = deque()
         self._relay_seen: dict[int, int] = {}  # relay pid -> lines it reported dropped
-        self._retry_timer: asyncio.TimerHandle | None = None
         self._inflight: deque[Command] = deque()
-        self._reload: str | None = None  # send, sent, verify, verifying, wait; None: done
-        self._reload_tries = 0
-        self._collect: list[str] | None = None
+        self._reload = ReloadCheck(self.log, self._schedule_pump)
         self._reset_process_state()
 
     # ------------------------------------------------------------------ public API
@@ -165,10 +162,9 @@ class Speaker:
             self._rib.mark_fresh(ip for ip, s in new.items() if self._sessions.get(ip) != s)
             self._write_config(text)
             self._set_sessions(sessions)
-            self._reload, self._reload_tries = "send", 0
-            self._reloaded.clear()
+            self._reload.request(self._generation, list(self._sessions))
             self._schedule_pump()
-        if not await _wait(self._reloaded, timeout):
+        if not await _wait(self._reload.done, timeout):
             self.log.warning("ExaBGP does not run configuration %d yet", self._generation)
             return False
         return True
@@ -213,8 +209,7 @@ class Speaker:
         so peers keep our routes as stale: a graceful restart), SIGKILL after
         ``stop_timeout`` s; close the socket. Idempotent."""
         self._stopping = True
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
+        self._reload.cancel()
         await self._child.stop(self.stop_timeout)
         for closing in (self._writer, self._server):
             if closing is not None:
@@ -270,11 +265,7 @@ class Speaker:
         self._rib.reset()
         self._inflight.clear()
         self._version_acks = 0
-        self._reload, self._reload_tries, self._collect = None, 0, None
-        self._reloaded.set()
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-            self._retry_timer = None
+        self._reload.reset()
         self._fail_pings()
 
     def _fail_pings(self) -> None:
@@ -364,8 +355,8 @@ class Speaker:
             self._version_acks += 1
             if self._pings and not (fut := self._pings.popleft()).done():
                 fut.set_result(True)
-        elif self._collect is not None:
-            self._collect.append(text)
+        else:
+            self._reload.collect(text)
 
     def _on_ack(self, ok: bool) -> None:
         if not self._synced:
@@ -397,8 +388,7 @@ class Speaker:
                 for ip in self._book.established()
                 for fam in self._sessions[ip].families
             )
-            if self._reload is not None:
-                self._reload = "send"
+            self._reload.resend()
         self._synced_once = True
         self._ready.set()
         self._schedule_pump()
@@ -431,8 +421,8 @@ class Speaker:
             if self._inflight and self._inflight[-1].exclusive:
                 return
             idle = not self._inflight
-            if self._reload in ("send", "verify"):  # drain the window, then send it alone
-                cmd = self._reload_command(idle)
+            if self._reload.wants_window:  # drain the window, then send it alone
+                cmd = self._reload.command(idle)
             else:  # routes keep flowing while a skipped reload waits for its retry
                 cmd = self._rib.next_command(idle)
             if cmd is None:
@@ -441,50 +431,8 @@ class Speaker:
                 self._rib.on_sent(cmd)
             self._inflight.append(cmd)
             self._write(cmd.text)
-        if not self._inflight and self._reload is None and self._rib.quiet():
+        if not self._inflight and self._reload.state is None and self._rib.quiet():
             self._idle.set()
-
-    # ------------------------------------------------------------------ reload check
-
-    def _reload_command(self, idle: bool) -> Command | None:
-        if self._reload == "send" and idle:
-            self._reload, self._reload_tries = "sent", self._reload_tries + 1
-            return Command("reload", exclusive=True, then=self._reload_sent)
-        if self._reload == "verify" and idle:
-            self._reload, self._collect = "verifying", []
-            return Command("show neighbor configuration", exclusive=True, then=self._verify)
-        return None
-
-    def _reload_sent(self, ok: bool) -> None:
-        if ok:
-            self._reload = "verify"
-        else:
-            self._reload_retry()
-
-    def _verify(self, ok: bool) -> None:
-        lines, self._collect = self._collect or [], None
-        got = {ip: d.split()[-2:] for ip, d in codec.neighbor_descriptions(lines).items()}
-        want = {ip: ["gen", str(self._generation)] for ip in self._sessions}
-        if ok and got == want:
-            self._reload = None
-            self._reloaded.set()
-            self.log.info("ExaBGP runs configuration %d", self._generation)
-        else:
-            self._reload_retry()
-
-    def _reload_retry(self) -> None:
-        delay = min(0.2 * 2 ** min(self._reload_tries, 5), 5.0)
-        log = self.log.warning if self._reload_tries >= 3 else self.log.info
-        log("ExaBGP skipped reload %d (try %d); retrying", self._generation, self._reload_tries)
-        self._reload = "wait"
-
-        def again() -> None:
-            self._retry_timer = None
-            if self._reload == "wait":
-                self._reload = "send"
-                self._schedule_pump()
-
-        self._retry_timer = asyncio.get_running_loop().call_later(delay, again)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> bool:

@@ -424,7 +424,7 @@ def test_reload_skipped_while_a_peer_is_down_is_retried(topo: Topo) -> None:
             await until(lambda: sp.announced() == set(ADVERTS[:2]), what="routes while waiting")
             await until(lambda: len(topo.r1.routes()) == 2, what="routes at r1")
             assert await task
-            print(f"\nreload took {time.monotonic() - t0:.1f} s, {sp._reload_tries} tries")
+            print(f"\nreload took {time.monotonic() - t0:.1f} s, {sp._reload.tries} tries")
             assert set(sp.sessions_status()) == {s1.peer_ip, s2.peer_ip, s3.peer_ip}
         finally:
             await sp.stop()
