@@ -37,8 +37,10 @@ from bgp.reload import ReloadCheck
 from bgp.render import exabgp_env, render_config
 from bgp.sessions import SessionBook, SessionStatus
 from bgp.supervisor import Supervisor
+from bgp.tcpstate import read_connections, read_drops
 
 WINDOW = 4  # commands awaiting an ack: the probe's best (3k prefixes/s on 5.0.15)
+PROBE_INTERVAL = 1.0  # s: kernel socket probe while a session is not up
 MAX_PINGS = 8  # unanswered pings; more would only pile up in a stopped ExaBGP's pipe
 RELAY_ENV = "FABRIC_RELAY_SOCKET"
 READ_SIZE = 256 * 1024
@@ -102,6 +104,7 @@ class Speaker:
         self._relay_seen: dict[int, int] = {}  # relay pid -> lines it reported dropped
         self._inflight: deque[Command] = deque()
         self._reload = ReloadCheck(self.log, self._schedule_pump)
+        self._probe_timer: asyncio.TimerHandle | None = None
         self._reset_process_state()
 
     # ------------------------------------------------------------------ public API
@@ -140,6 +143,7 @@ class Speaker:
             self.sock_path.unlink()
         self._server = await asyncio.start_unix_server(self._on_connect, path=str(self.sock_path))
         os.chmod(self.sock_path, 0o600)
+        self._probe_timer = asyncio.get_running_loop().call_later(PROBE_INTERVAL, self._probe)
         try:
             await self._child.start()
         except OSError as e:
@@ -210,6 +214,8 @@ class Speaker:
         ``stop_timeout`` s; close the socket. Idempotent."""
         self._stopping = True
         self._reload.cancel()
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
         await self._child.stop(self.stop_timeout)
         for closing in (self._writer, self._server):
             if closing is not None:
@@ -321,6 +327,7 @@ class Speaker:
             return
         if isinstance(parsed, list):
             for ev in parsed:
+                self._book.on_event(ev)
                 if isinstance(ev, PeerState):
                     self._on_state(ev)
                 self._emit(ev)
@@ -396,12 +403,21 @@ class Speaker:
     def _on_state(self, ev: PeerState) -> None:
         if ev.peer not in self._sessions:
             return
-        self._book.on_state(ev)
         if ev.state is SessionState.ESTABLISHED:
             self._rib.session_up(ev.peer, self._sessions[ev.peer].families)
             self._schedule_pump()
         else:
             self._rib.session_down(ev.peer)
+
+    def _probe(self) -> None:
+        """While a session is not up, give the session book the kernel's view of ExaBGP's
+        sockets: an attempt the peer never answers produces no ExaBGP event at all."""
+        pid = self.pid
+        if pid is not None and self._book.pending():
+            targets = {ip: (s.peer_port, s.passive) for ip, s in self._sessions.items()}
+            self._book.probe(read_connections(pid), read_drops(pid), targets)
+        if not self._stopping:
+            self._probe_timer = asyncio.get_running_loop().call_later(PROBE_INTERVAL, self._probe)
 
     # ------------------------------------------------------------------ sending
 

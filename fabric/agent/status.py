@@ -64,6 +64,12 @@ def build(agent: Agent, items: list[dict[str, Any]] | None = None) -> dict[str, 
                 "received": stats.received,
                 "accepted": stats.accepted,
                 "rejected": stats.rejected,
+                # the current run of connection attempts while the session is not up
+                "attempts": st.attempts if st is not None else 0,
+                "connectingSince": st.connecting_since if st is not None else None,
+                "lastFailure": st.last_failure if st is not None else "",
+                "hint": st.hint if st is not None else "",
+                "failedAttempts": st.failures if st is not None else 0,
             }
         )
     counts = agent.routes.stats()
@@ -112,7 +118,13 @@ def update_metrics(agent: Agent, doc: dict[str, Any]) -> None:
     m = agent.metrics
     m.set_sessions(
         SessionSample(
-            s["peerIP"], s["type"], s["state"], s["received"], s["accepted"], s["rejected"]
+            s["peerIP"],
+            s["type"],
+            s["state"],
+            s["received"],
+            s["accepted"],
+            s["rejected"],
+            s["failedAttempts"],
         )
         for s in doc["sessions"]
     )
