@@ -12,20 +12,31 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection
+from enum import StrEnum
 
 from bgp import codec
 from bgp.adjout import Command
 from bgp.model import IPAddress
 
 
+class Reload(StrEnum):
+    """Where a pending reconfigure stands (``None``: no reload pending)."""
+
+    SEND = "send"  # to be sent once the command window is empty
+    SENT = "sent"  # `reload` sent, its ack awaited
+    VERIFY = "verify"  # acked: `show neighbor configuration` to be sent
+    VERIFYING = "verifying"  # its lines are being collected
+    WAIT = "wait"  # ExaBGP skipped it: a retry is scheduled
+
+
 class ReloadCheck:
-    """States: send, sent, verify, verifying, wait; None when nothing is pending. The
-    speaker asks for ``command(idle)`` before its routes while ``wants_window``."""
+    """``state`` is a ``Reload``, or None when nothing is pending. The speaker asks for
+    ``command(idle)`` before its routes while ``wants_window``."""
 
     def __init__(self, log: logging.Logger, wake: Callable[[], None]) -> None:
         self.log = log
         self.wake = wake  # schedule the speaker's pump
-        self.state: str | None = None
+        self.state: Reload | None = None
         self.tries = 0
         self.generation = 0
         self.peers: Collection[IPAddress] = ()
@@ -36,7 +47,7 @@ class ReloadCheck:
 
     def request(self, generation: int, peers: Collection[IPAddress]) -> None:
         self.generation, self.peers = generation, peers
-        self.state, self.tries = "send", 0
+        self.state, self.tries = Reload.SEND, 0
         self.done.clear()
 
     def reset(self) -> None:
@@ -53,11 +64,11 @@ class ReloadCheck:
     def resend(self) -> None:
         """The relay was replaced: whatever was in flight is lost."""
         if self.state is not None:
-            self.state = "send"
+            self.state = Reload.SEND
 
     @property
     def wants_window(self) -> bool:
-        return self.state in ("send", "verify")
+        return self.state in (Reload.SEND, Reload.VERIFY)
 
     def collect(self, text: str) -> bool:
         """A reply line; True if it belonged to ``show neighbor configuration``."""
@@ -67,17 +78,17 @@ class ReloadCheck:
         return True
 
     def command(self, idle: bool) -> Command | None:
-        if self.state == "send" and idle:
-            self.state, self.tries = "sent", self.tries + 1
+        if self.state is Reload.SEND and idle:
+            self.state, self.tries = Reload.SENT, self.tries + 1
             return Command("reload", exclusive=True, then=self._sent)
-        if self.state == "verify" and idle:
-            self.state, self._collect = "verifying", []
+        if self.state is Reload.VERIFY and idle:
+            self.state, self._collect = Reload.VERIFYING, []
             return Command("show neighbor configuration", exclusive=True, then=self._verify)
         return None
 
     def _sent(self, ok: bool) -> None:
         if ok:
-            self.state = "verify"
+            self.state = Reload.VERIFY
         else:
             self._retry()
 
@@ -96,12 +107,12 @@ class ReloadCheck:
         delay = min(0.2 * 2 ** min(self.tries, 5), 5.0)
         log = self.log.warning if self.tries >= 3 else self.log.info
         log("ExaBGP skipped reload %d (try %d); retrying", self.generation, self.tries)
-        self.state = "wait"
+        self.state = Reload.WAIT
 
         def again() -> None:
             self._timer = None
-            if self.state == "wait":
-                self.state = "send"
+            if self.state is Reload.WAIT:
+                self.state = Reload.SEND
                 self.wake()
 
         self._timer = asyncio.get_running_loop().call_later(delay, again)

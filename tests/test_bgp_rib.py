@@ -11,6 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bgp.config import BGPConfig
+from bgp.import_policy import (
+    DEFAULT_ROUTE,
+    NEXT_HOP_IS_SELF,
+    ORIGINATOR_IS_SELF,
+    OUTSIDE_POOLS,
+    OWN_AS_IN_PATH,
+    ImportPolicy,
+)
 from bgp.model import (
     Announce,
     EndOfRib,
@@ -24,19 +32,7 @@ from bgp.model import (
     SessionState,
     SpeakerRestarted,
 )
-from bgp.rib import (
-    DEFAULT_ROUTE,
-    MAX_PREFIXES,
-    NEXT_HOP_IS_SELF,
-    ORIGINATOR_IS_SELF,
-    OUTSIDE_POOLS,
-    OWN_AS_IN_PATH,
-    Changes,
-    ImportPolicy,
-    PeerStats,
-    Rib,
-    graceful_down,
-)
+from bgp.rib import MAX_PREFIXES, Changes, PeerStats, Rib, graceful_down
 
 net = ipaddress.ip_network
 addr = ipaddress.ip_address

@@ -28,20 +28,20 @@ from typing import Any, TypeVar
 
 import pytest
 
-from fabric.dataplane.netlink import in_netns
-from fabric.dataplane.netlink.links import IPInterface
-from fabric.dataplane.netlink.sysctls import sysctl_path
-from fabric.dataplane.pods import (
+from fabric.dataplane.attachment import (
     HOST_MAC,
     Attached,
     Attachment,
-    Dataplane,
     DataplaneError,
     InterfaceExists,
     InvalidAttachment,
     NetnsNotFound,
     host_ifname,
 )
+from fabric.dataplane.netlink import in_netns
+from fabric.dataplane.netlink.links import IPInterface
+from fabric.dataplane.netlink.sysctls import sysctl_path
+from fabric.dataplane.pods import Dataplane
 from lab import netns as labns
 
 T = TypeVar("T")

@@ -25,9 +25,9 @@ from typing import Any
 
 from bgp.config import BGPConfig, Peer
 from bgp.errors import BGPError
+from bgp.import_policy import ImportPolicy
 from bgp.model import Advert, IPAddress, IPInterface, IPNetwork, NodeInfo, Session
 from bgp.plan import plan_sessions
-from bgp.rib import ImportPolicy
 from ipam import keys
 from ipam.block import Block
 from ipam.blocks import Affinity, AffinityState, node_of

@@ -131,6 +131,12 @@ class PodIPAM:
         """Idempotent: a handle that holds nothing (or never existed) releases nothing."""
         return await self.alloc.release_handle(handle)
 
+    async def release_exact(self, seqs: Mapping[IPAddress, int]) -> list[IPAddress]:
+        """Release each address only if it still holds the allocation of sequence number
+        ``seqs[ip]`` (one given later has another): returns the stale ones, left alone."""
+        _, stale = await self.alloc.release_ips(dict(seqs))
+        return stale
+
     async def prefix_lengths(self, assigned: list[AssignedIP], how: str) -> list[IPInterface]:
         """The addresses with the prefix length ``how`` asks for: host (/32, /128), the
         block's, or the pool's."""
