@@ -36,6 +36,16 @@ NO_ANSWER_HINT = (
     "no answer: check the password and TTL security on the peer (its kernel drops such "
     "packets silently and counts them: TCPMD5Failure / TCPMinTTLDrop), or a filter"
 )
+ONE_WAY_HINT = (
+    "the peer's OPEN arrived but it never answered ours: TTL security (GTSM) on the peer "
+    "only (its kernel counts TCPMinTTLDrop), or a filter dropping our packets"
+)
+BEFORE_OPEN_HINT = (
+    "the connection ends before the peer's OPEN: nothing listens (its BGP is down), or it "
+    "does not accept us (address or AS not configured, TTL security (GTSM) or a password on "
+    "one side only)"
+)
+REFUSED_HINT = "nothing listens on the peer's BGP port: is its BGP running and configured?"
 BEFORE_OPEN = "connection refused or reset before the peer's OPEN"
 REFUSED = "connection refused (the peer answered our SYN with a reset)"
 SYN_QUIET = 2.0  # s: a SYN unanswered this long is "no answer", not a handshake in flight
@@ -153,6 +163,10 @@ class SessionBook:
             run.failures += 1
             run.last_failure = self._why(run, ev.reason)
             run.hint = ""
+            if run.open_seen and ev.reason == "notification sent (4,0)":
+                run.hint = ONE_WAY_HINT
+            elif run.last_failure == BEFORE_OPEN:
+                run.hint = BEFORE_OPEN_HINT
             if run.last_failure == BEFORE_OPEN:
                 self._before_open.add(ev.peer)
         self._set(ev.peer, ev.state, now, info)
@@ -196,7 +210,7 @@ class SessionBook:
         if refused > 0 and len(self._before_open) == 1:
             run = self._runs.get(next(iter(self._before_open)))
             if run is not None and run.last_failure == BEFORE_OPEN:
-                run.last_failure = REFUSED
+                run.last_failure, run.hint = REFUSED, REFUSED_HINT
         self._before_open.clear()
         waiting: dict[IPAddress, set[int]] = {}
         for c in conns:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 
 from bgp.model import PeerGracefulRestart, PeerNotification, PeerState, SessionState
-from bgp.sessions import NO_ANSWER_HINT, REFUSED, SessionBook
+from bgp.sessions import NO_ANSWER_HINT, ONE_WAY_HINT, REFUSED, SessionBook
 from bgp.tcpstate import Conn, parse_netstat, parse_tcp
 
 ip = ipaddress.ip_address
@@ -55,8 +55,15 @@ def test_failed_attempts_are_counted_and_explained() -> None:
     b.on_event(state(SessionState.CONNECTED))
     b.on_event(state(SessionState.DOWN, "notification sent (1,1)"))
     assert b.snapshot()[PEER].last_failure.startswith("no answer to OPEN")
+    # GTSM at the peer only: its OPEN arrives, ours never does; our hold timer expires
+    b.on_event(state(SessionState.CONNECTED))
+    b.on_event(PeerGracefulRestart(PEER, 120))
+    b.on_event(state(SessionState.DOWN, "notification sent (4,0)"))
+    st = b.snapshot()[PEER]
+    assert st.last_failure == "hold timer expired (NOTIFICATION 4/0 sent)"
+    assert st.hint == ONE_WAY_HINT and st.attempts == 4
     b.restarting()  # an ExaBGP restart keeps the run
-    assert b.snapshot()[PEER].attempts == 3 and b.snapshot()[PEER].info == "Idle: restarting"
+    assert b.snapshot()[PEER].attempts == 4 and b.snapshot()[PEER].info == "Idle: restarting"
 
 
 def test_unanswered_syn_is_seen_in_the_kernel_and_hinted() -> None:
