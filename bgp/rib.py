@@ -289,13 +289,17 @@ class Rib:
         # Withdrawals first: RFC 4271 treats a prefix in both lists as announced.
         if event.withdrawn:
             self._withdraw(peer, t, event.withdrawn, touched)
-        check = self._policy.check
+        policy = self._policy
+        attrs = hop = path_reason = None
         for ann in event.announced:
             prefix = ann.prefix
             t.routes[prefix] = ann
             if t.stale:
                 t.stale.discard(prefix)
-            reason = check(peer, ann)
+            if ann.attrs is not attrs or ann.next_hop is not hop:  # once per UPDATE, mostly
+                attrs, hop = ann.attrs, ann.next_hop
+                path_reason = policy.check_path(peer, hop, attrs)
+            reason = path_reason or policy.check_prefix(prefix)
             if reason is not None:
                 if prefix not in t.refused:
                     self._unadmit(peer, t, prefix, touched)
@@ -303,7 +307,7 @@ class Rib:
                 self._reject(peer, prefix, reason)
             elif prefix in t.accepted:
                 self._add_path(prefix, peer, ann, touched)
-            elif prefix in t.overflow:
+            elif t.overflow and prefix in t.overflow:
                 self._reject(peer, prefix, MAX_PREFIXES)
             else:
                 if t.refused:
@@ -420,8 +424,8 @@ class Rib:
                 if best.pop(prefix, None) is not None:
                     out[prefix] = None
                 continue
-            new = _select(paths)
-            if new != best.get(prefix):
+            new, old = _select(paths), best.get(prefix)
+            if new is not old and new != old:
                 if new is None:
                     del best[prefix]
                 else:
@@ -433,19 +437,28 @@ class Rib:
 # Next-hop sets are few (one per peer or ECMP combination) but referenced by every prefix:
 # share one object per distinct set (100,000 routes via one router keep one frozenset).
 _HOPSETS: dict[frozenset[IPAddress], frozenset[IPAddress]] = {}
+_SINGLE: dict[IPAddress, frozenset[IPAddress]] = {}  # next hop -> its set of one, shared
 
 
 def _select(paths: dict[IPAddress, Announce]) -> frozenset[IPAddress] | None:
     """The ECMP set: next hops of the routes with the shortest AS path."""
     if not paths:
         return None
-    if len(paths) == 1:
-        for ann in paths.values():
-            hops = frozenset((ann.next_hop,))
-            break
-    else:
-        shortest = min(len(a.attrs.as_path) for a in paths.values())
-        hops = frozenset(a.next_hop for a in paths.values() if len(a.attrs.as_path) == shortest)
+    if len(paths) == 1:  # the common case: one set per next hop, found without building one
+        hop = next(iter(paths.values())).next_hop
+        single = _SINGLE.get(hop)
+        if single is None:
+            if len(_SINGLE) > 4096:
+                _SINGLE.clear()
+            single = _SINGLE[hop] = _shared(frozenset((hop,)))
+        return single
+    shortest = min(len(a.attrs.as_path) for a in paths.values())
+    return _shared(
+        frozenset(a.next_hop for a in paths.values() if len(a.attrs.as_path) == shortest)
+    )
+
+
+def _shared(hops: frozenset[IPAddress]) -> frozenset[IPAddress]:
     if len(_HOPSETS) > 4096:
         _HOPSETS.clear()
     return _HOPSETS.setdefault(hops, hops)

@@ -391,7 +391,7 @@ class Agent:
             if dst in own or local(dst):  # a local pod's /32 stays on its veth
                 continue
             if hops:
-                yield dst, KernelRoute(dst=dst, gateways=self._gateways(hops))
+                yield dst, KernelRoute.via(dst, self._gateways(hops))
             elif self.converged or dst not in self.adopted:
                 yield dst, None
             # else: keep the adopted route until the RIB has converged
