@@ -9,9 +9,15 @@ Invariants:
   ExaBGP answers ``error`` (``settle``): its RIBs did not change.
 - The global diff goes first; a fresh neighbor whose session comes up gets all of ``sent``
   scoped to it (``neighbor <ip> announce ...``); End-of-RIB for a session follows once
-  neither the global diff nor its catch-up has anything left (ExaBGP sends an EOR only
-  after the routes queued before it). EOR and route-refresh are ``exclusive``: their ack
-  can come synchronously, so they are sent with nothing else outstanding.
+  neither the global diff nor its catch-up has anything left and every command before it
+  is acknowledged (ExaBGP acks a route once it is in the neighbor RIBs, and sends a manual
+  EOR only when nothing is pending there). EOR and route-refresh are ``exclusive``: their
+  ack can come synchronously, so they are sent with nothing else outstanding.
+- No End-of-RIB before the desired set is ``declared`` (``set_desired`` called once): a
+  session may come up before the owner has said what to announce (fabricd starting:
+  ExaBGP's "up" can arrive with the relay's first lines), and an EOR then would tell a
+  graceful-restart helper to drop the routes it kept for us. Held EORs go out after the
+  first ``set_desired`` and its commands.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ def chunks(items: list[IPNetwork], n: int = codec.MAX_PER_LINE) -> Iterator[list
 class AdjRibOut:
     def __init__(self) -> None:
         self.desired: dict[IPNetwork, Advert] = {}
+        self.declared = False  # set_desired was called: EORs may go out
         self.has_neighbors = False
         self.reset()
 
@@ -72,6 +79,7 @@ class AdjRibOut:
 
     def set_desired(self, desired: dict[IPNetwork, Advert]) -> None:
         self.desired = desired
+        self.declared = True
         self.dirty = True
 
     def mark_fresh(self, peers: Iterable[IPAddress]) -> None:
@@ -99,8 +107,10 @@ class AdjRibOut:
         self.eor_due.pop(peer, None)
 
     def quiet(self) -> bool:
-        """Nothing left to send (commands in flight aside)."""
-        return not (self.dirty or self.plan or self.catchup or self.eor_due or self.refresh_due)
+        """Nothing left to send (commands in flight aside; EORs held until the desired set
+        is declared do not count)."""
+        eors = self.eor_due and self.declared
+        return not (self.dirty or self.plan or self.catchup or eors or self.refresh_due)
 
     # ------------------------------------------------------------------ commands
 
@@ -119,7 +129,7 @@ class AdjRibOut:
             del self.catchup[peer]
         if not idle:
             return None
-        for peer, fams in self.eor_due.items():
+        for peer, fams in self.eor_due.items() if self.declared else ():
             if peer in self.catchup:
                 continue
             fam = fams.pop(0)

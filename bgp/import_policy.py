@@ -14,7 +14,8 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from bgp.model import DEFAULT_AS, Announce, BGPConfig, IPAddress, IPNetwork, PathAttrs
+from bgp.config import BGPConfig
+from bgp.model import DEFAULT_AS, Announce, IPAddress, IPNetwork, PathAttrs
 
 # ((version, pool prefix length, {pool network >> host bits}), ...)
 _Inside = tuple[tuple[int, int, frozenset[int]], ...]

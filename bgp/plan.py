@@ -18,16 +18,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from bgp.config import BGPConfig, Peer
 from bgp.errors import ValidationError
 from bgp.model import (
     BGP_PORT,
     DEFAULT_HOLD_TIME,
     DEFAULT_RESTART_TIME,
-    BGPConfig,
     IPAddress,
     IPInterface,
     NodeInfo,
-    Peer,
     PeerType,
     Session,
 )
@@ -108,8 +107,10 @@ class _Settings:
     keepalive_time: int | None = None
     restart_time: int = DEFAULT_RESTART_TIME
     password_file: str | None = None
+    password_credential: str | None = None
     max_prefixes: int | None = None
     allow_local_as: int = 0
+    ttl_security: int = 0
 
     @classmethod
     def of(cls, peer: Peer) -> _Settings:
@@ -119,8 +120,10 @@ class _Settings:
             keepalive_time=peer.keepalive_time,
             restart_time=peer.max_restart_time or DEFAULT_RESTART_TIME,
             password_file=peer.password_file,
+            password_credential=peer.password_credential,
             max_prefixes=peer.max_prefixes,
             allow_local_as=peer.num_allowed_local_as,
+            ttl_security=peer.ttl_security or 0,
         )
 
 
@@ -168,6 +171,7 @@ class _Planner:
             hold_time=c.mesh_hold_time,
             restart_time=c.mesh_max_restart_time,
             password_file=c.mesh_password_file,
+            password_credential=c.mesh_password_credential,
         )
         return self._to_node(
             PeerType.MESH,
@@ -225,7 +229,11 @@ class _Planner:
                 required=required,
                 bidirectional=self._reversible(peer, node),
             )
-        local_address = self._source_for(ip)
+        if peer.source_address == "UseNodeIP":  # Calico: the node's own address, always
+            iface = self.local.ipv4 if ip.version == 4 else self.local.ipv6
+            local_address = None if iface is None else iface.ip
+        else:
+            local_address = self._source_for(ip)
         if local_address is None:
             return None
         cluster_id = self._reflects(local_as, peer.as_number, None)
@@ -241,9 +249,13 @@ class _Planner:
             hold_time=t.hold_time,
             keepalive_time=t.keepalive_time,
             password_file=t.password_file,
+            password_credential=t.password_credential,
             restart_time=t.restart_time,
             max_prefixes=t.max_prefixes,
             allow_local_as=t.allow_local_as,
+            ttl_security=t.ttl_security,
+            # sourceAddress None: the kernel picks; local_address stays the expected one
+            source_auto=peer.source_address == "None",
             required=required,
             # Calico: one BGPPeer per family towards routers; the session carries its own.
             families=(V4,) if ip.version == 4 else (V6,),
@@ -366,9 +378,11 @@ class _Planner:
             hold_time=t.hold_time,
             keepalive_time=t.keepalive_time,
             password_file=t.password_file,
+            password_credential=t.password_credential,
             restart_time=t.restart_time,
             max_prefixes=t.max_prefixes,
             allow_local_as=t.allow_local_as,
+            ttl_security=t.ttl_security,
             required=required,
             peer_node=node.name,
             families=families,

@@ -18,6 +18,7 @@ Fields of ``Session`` that ExaBGP cannot express are not rendered: ``keepalive_t
 from __future__ import annotations
 
 import base64
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,9 @@ from bgp.codec import FAMILIES
 from bgp.errors import ConfigRenderError
 from bgp.exabgp_main import RAW_ENV
 from bgp.model import BGP_PORT, MD5_MAX, IPAddress, Session
+
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # systemd: where LoadCredential= puts secrets
+GTSM_TTL = 255  # RFC 5082: a GTSM speaker sends with the maximum TTL
 
 PROCESS = "fabric"
 # Characters ExaBGP's tokeniser passes through unquoted; anything else is double-quoted,
@@ -68,6 +72,28 @@ def read_password(path: str) -> bytes:
     return key
 
 
+def credential_path(name: str) -> str:
+    """The file of systemd credential ``name``: ``$CREDENTIALS_DIRECTORY/<name>`` (fabricd's
+    unit loads it with ``LoadCredential=``). Raises ``ConfigRenderError`` when the variable
+    is unset (fabricd not started by systemd with credentials)."""
+    base = os.environ.get(CREDENTIALS_ENV)
+    if not base:
+        raise ConfigRenderError(
+            f"failed to read MD5 password credential {name}: ${CREDENTIALS_ENV} is not set "
+            "(give fabricd's unit LoadCredential=" + name + ":<file>)"
+        )
+    return os.path.join(base, name)
+
+
+def session_password(s: Session) -> bytes | None:
+    """The session's MD5 key (from its file or systemd credential), or None."""
+    if s.password_credential is not None:
+        return read_password(credential_path(s.password_credential))
+    if s.password_file is not None:
+        return read_password(s.password_file)
+    return None
+
+
 def _neighbor(s: Session, generation: int) -> list[str]:
     if s.local_address.version != s.peer_ip.version:
         raise ConfigRenderError(
@@ -86,7 +112,9 @@ def _neighbor(s: Session, generation: int) -> list[str]:
         f"neighbor {s.peer_ip} {{",
         f"    description {_word(f'{s.name} gen {generation}')};",
         f"    router-id {s.router_id};",
-        f"    local-address {s.local_address};",
+        # sourceAddress None: ExaBGP lets the kernel choose (active sessions only: a
+        # listening neighbor needs its address)
+        f"    local-address {'auto' if s.source_auto and not s.passive else s.local_address};",
         f"    local-as {s.local_as};",
         f"    peer-as {s.peer_as};",
         f"    hold-time {s.hold_time};",
@@ -97,10 +125,15 @@ def _neighbor(s: Session, generation: int) -> list[str]:
         lines += ["    passive true;", f"    listen {s.peer_port};"]
     elif s.peer_port != BGP_PORT:
         lines.append(f"    connect {s.peer_port};")
-    if s.password_file is not None:
+    password = session_password(s)
+    if password is not None:
         # base64 sidesteps ExaBGP's quoting, which cannot carry quotes or backslashes.
-        key = base64.b64encode(read_password(s.password_file)).decode()
+        key = base64.b64encode(password).decode()
         lines += [f"    md5-password {key};", "    md5-base64 true;"]
+    if s.ttl_security:
+        # GTSM (RFC 5082): send with TTL 255, have the kernel drop what arrives with a TTL
+        # below 256 - hops (IP_MINTTL / IPV6_MINHOPCOUNT, on the listening socket too)
+        lines += [f"    outgoing-ttl {GTSM_TTL};", f"    incoming-ttl {256 - s.ttl_security};"]
     lines += [
         "    manual-eor true;",
         # fabricd keeps the received routes (bgp/rib.py): an Adj-RIB-In in ExaBGP too would

@@ -24,10 +24,9 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from bgp import codec
@@ -36,6 +35,7 @@ from bgp.codec import Ack, RelayNotice, Reply, SpeakerShutdown
 from bgp.errors import SpeakerError
 from bgp.model import Advert, Event, IPAddress, PeerState, Session, SessionState, SpeakerRestarted
 from bgp.render import exabgp_env, render_config
+from bgp.sessions import SessionBook, SessionStatus
 from bgp.supervisor import Supervisor
 
 WINDOW = 4  # commands awaiting an ack: the probe's best (3k prefixes/s on 5.0.15)
@@ -44,16 +44,16 @@ RELAY_ENV = "FABRIC_RELAY_SOCKET"
 READ_SIZE = 256 * 1024
 RELAY_SCRIPT = Path(__file__).with_name("relay.py")
 EXABGP_SCRIPT = Path(__file__).with_name("exabgp_main.py")  # ExaBGP, debug logging free
-_INFO = {SessionState.CONNECTED: "Connected", SessionState.ESTABLISHED: "Established"}
 
 
-@dataclass(frozen=True, slots=True)
-class SessionStatus:
-    """One session as ``fabricctl bgp status`` shows it; ``since`` is ``time.time()``."""
+class Reload(StrEnum):
+    """Where a pending reconfigure stands (``None`` on the speaker: no reload pending)."""
 
-    state: SessionState
-    since: float
-    info: str
+    SEND = "send"  # to be sent once the command window is empty
+    SENT = "sent"  # `reload` sent, its ack awaited
+    VERIFY = "verify"  # acked: `show neighbor configuration` to be sent
+    VERIFYING = "verifying"  # its lines are being collected
+    WAIT = "wait"  # ExaBGP skipped it: a retry is scheduled
 
 
 class Speaker:
@@ -96,7 +96,7 @@ class Speaker:
         self._generation = 0
         self._config = ""  # the text in conf_path
         self._rib = AdjRibOut()
-        self._status: dict[IPAddress, SessionStatus] = {}
+        self._book = SessionBook()
         env = {**os.environ, **exabgp_env(self.log_path), RELAY_ENV: str(self.sock_path)}
         argv = [*self.exabgp_argv, "server", str(self.conf_path)]
         self._child = Supervisor(
@@ -113,7 +113,7 @@ class Speaker:
         self._relay_seen: dict[int, int] = {}  # relay pid -> lines it reported dropped
         self._retry_timer: asyncio.TimerHandle | None = None
         self._inflight: deque[Command] = deque()
-        self._reload: str | None = None  # send, sent, verify, verifying, wait; None: done
+        self._reload: Reload | None = None
         self._reload_tries = 0
         self._collect: list[str] | None = None
         self._reset_process_state()
@@ -131,14 +131,22 @@ class Speaker:
         return self._child.restarts
 
     async def start(
-        self, sessions: Sequence[Session], router_id: IPAddress, timeout: float = 30.0
+        self,
+        sessions: Sequence[Session],
+        router_id: IPAddress,
+        timeout: float = 30.0,
+        adverts: Iterable[Advert] | None = None,
     ) -> None:
         """Write the configuration, listen for the relay, spawn ExaBGP, wait until it answers.
-        Raises ``ConfigRenderError``, or ``SpeakerError`` (ExaBGP did not start or answer
-        within ``timeout``; it is stopped again)."""
+        ``adverts``: the desired set, in place before ExaBGP starts (else the first
+        ``set_announcements``); no End-of-RIB goes out before one of the two. Raises
+        ``ConfigRenderError``, ``ValidationError`` (an advert), or ``SpeakerError`` (ExaBGP
+        did not start or answer within ``timeout``; it is stopped again)."""
         if len(str(self.sock_path)) > 100:
             raise SpeakerError(f"failed to start ExaBGP: socket path {self.sock_path} too long")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if adverts is not None:
+            self.set_announcements(adverts)
         self._router_id = router_id
         self._write_config(self._render(list(sessions), self._generation))
         self._set_sessions(sessions)
@@ -168,7 +176,7 @@ class Speaker:
             self._rib.mark_fresh(ip for ip, s in new.items() if self._sessions.get(ip) != s)
             self._write_config(text)
             self._set_sessions(sessions)
-            self._reload, self._reload_tries = "send", 0
+            self._reload, self._reload_tries = Reload.SEND, 0
             self._reloaded.clear()
             self._schedule_pump()
         if not await _wait(self._reloaded, timeout):
@@ -209,7 +217,7 @@ class Speaker:
 
     def sessions_status(self) -> dict[IPAddress, SessionStatus]:
         """State of each configured session, from ExaBGP's neighbor-changes events."""
-        return dict(self._status)
+        return self._book.snapshot()
 
     async def stop(self) -> None:
         """SIGTERM ExaBGP (with GR negotiated it closes sessions without a NOTIFICATION,
@@ -254,11 +262,7 @@ class Speaker:
 
     def _set_sessions(self, sessions: Sequence[Session]) -> None:
         self._sessions = {s.peer_ip: s for s in sessions}
-        now = time.time()
-        self._status = {
-            ip: self._status.get(ip) or SessionStatus(SessionState.IDLE, now, "Idle")
-            for ip in self._sessions
-        }
+        self._book.configure(self._sessions)
         self._rib.keep_peers(set(self._sessions))
 
     def _exited(self, status: int | None) -> None:
@@ -266,9 +270,7 @@ class Speaker:
             self._writer.close()
             self._writer = None
         self._reset_process_state()
-        now = time.time()
-        for ip in self._status:
-            self._status[ip] = SessionStatus(SessionState.IDLE, now, "Idle: restarting")
+        self._book.restarting()
         self._emit(SpeakerRestarted(self.restarts))
 
     def _reset_process_state(self) -> None:
@@ -403,12 +405,11 @@ class Speaker:
         if self._synced_once:  # a new relay, or lost lines: ExaBGP's state is unknown
             self._rib.resync(
                 codec.route_refresh_command(fam, ip)
-                for ip, st in self._status.items()
-                if st.state is SessionState.ESTABLISHED
+                for ip in self._book.established()
                 for fam in self._sessions[ip].families
             )
             if self._reload is not None:
-                self._reload = "send"
+                self._reload = Reload.SEND
         self._synced_once = True
         self._ready.set()
         self._schedule_pump()
@@ -416,8 +417,7 @@ class Speaker:
     def _on_state(self, ev: PeerState) -> None:
         if ev.peer not in self._sessions:
             return
-        info = _INFO.get(ev.state) or (f"down: {ev.reason}" if ev.reason else "down")
-        self._status[ev.peer] = SessionStatus(ev.state, time.time(), info)
+        self._book.on_state(ev)
         if ev.state is SessionState.ESTABLISHED:
             self._rib.session_up(ev.peer, self._sessions[ev.peer].families)
             self._schedule_pump()
@@ -442,7 +442,7 @@ class Speaker:
             if self._inflight and self._inflight[-1].exclusive:
                 return
             idle = not self._inflight
-            if self._reload in ("send", "verify"):  # drain the window, then send it alone
+            if self._reload in (Reload.SEND, Reload.VERIFY):  # drain the window, then send it alone
                 cmd = self._reload_command(idle)
             else:  # routes keep flowing while a skipped reload waits for its retry
                 cmd = self._rib.next_command(idle)
@@ -458,17 +458,17 @@ class Speaker:
     # ------------------------------------------------------------------ reload check
 
     def _reload_command(self, idle: bool) -> Command | None:
-        if self._reload == "send" and idle:
-            self._reload, self._reload_tries = "sent", self._reload_tries + 1
+        if self._reload is Reload.SEND and idle:
+            self._reload, self._reload_tries = Reload.SENT, self._reload_tries + 1
             return Command("reload", exclusive=True, then=self._reload_sent)
-        if self._reload == "verify" and idle:
-            self._reload, self._collect = "verifying", []
+        if self._reload is Reload.VERIFY and idle:
+            self._reload, self._collect = Reload.VERIFYING, []
             return Command("show neighbor configuration", exclusive=True, then=self._verify)
         return None
 
     def _reload_sent(self, ok: bool) -> None:
         if ok:
-            self._reload = "verify"
+            self._reload = Reload.VERIFY
         else:
             self._reload_retry()
 
@@ -487,12 +487,12 @@ class Speaker:
         delay = min(0.2 * 2 ** min(self._reload_tries, 5), 5.0)
         log = self.log.warning if self._reload_tries >= 3 else self.log.info
         log("ExaBGP skipped reload %d (try %d); retrying", self._generation, self._reload_tries)
-        self._reload = "wait"
+        self._reload = Reload.WAIT
 
         def again() -> None:
             self._retry_timer = None
-            if self._reload == "wait":
-                self._reload = "send"
+            if self._reload is Reload.WAIT:
+                self._reload = Reload.SEND
                 self._schedule_pump()
 
         self._retry_timer = asyncio.get_running_loop().call_later(delay, again)

@@ -34,14 +34,21 @@ DEFAULT_PYTHON = "/usr/bin/python3"  # never PATH's python3 (a pyenv shim costs 
 # podman 4.3's libcni and Debian's reference plugins speak up to 1.0.0; a config at 1.1.0
 # would make them refuse to chain.
 DEFAULT_CNI_VERSION = "1.0.0"
+# fabricd's state dir holds this directory: the plugins record a DEL there while fabricd is
+# unreachable (cni/shim.py), fabricd finishes those DELs (fabric/workloads/pending.py)
+PENDING_DIR = "pending-del"
+DEFAULT_STATE_DIR = Path("/var/lib/fabric")  # cni.stateDir's default in fabricd.yaml
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
 _SOCKET_LINE = re.compile(r'^SOCKET = ".*"$', re.M)
 _PLUGIN_LINE = re.compile(r'^PLUGIN = ".*"$', re.M)
+_PENDING_LINE = re.compile(r'^PENDING = "[^"]*"', re.M)
 
 
-def plugin_source(socket_path: str, plugin: str, python: str = DEFAULT_PYTHON) -> str:
+def plugin_source(socket_path: str, plugin: str, python: str = DEFAULT_PYTHON,
+                  pending: str = "") -> str:  # fmt: skip
     """``plugin`` (fabric or fabric-ipam) talking to ``socket_path`` as one standalone
-    script (what the stubs run, without the install-time .pyc)."""
+    script (what the stubs run, without the install-time .pyc); ``pending``: where it records
+    a DEL while fabricd is unreachable ("": it does not)."""
     if plugin not in PLUGINS:
         raise ValueError(f"unknown plugin {plugin!r}")
     check_socket_path(socket_path)
@@ -50,14 +57,16 @@ def plugin_source(socket_path: str, plugin: str, python: str = DEFAULT_PYTHON) -
     first, _, rest = text.partition("\n")
     rest, n1 = _SOCKET_LINE.subn(f"SOCKET = {json.dumps(socket_path)}", rest, count=1)
     rest, n2 = _PLUGIN_LINE.subn(f"PLUGIN = {json.dumps(plugin)}", rest, count=1)
-    if not first.startswith("#!") or n1 != 1 or n2 != 1:
-        raise RuntimeError(f"{SHIM} lost its shebang, SOCKET or PLUGIN line")
+    rest, n3 = _PENDING_LINE.subn(f"PENDING = {json.dumps(pending)}", rest, count=1)
+    if not first.startswith("#!") or n1 != 1 or n2 != 1 or n3 != 1:
+        raise RuntimeError(f"{SHIM} lost its shebang, SOCKET, PLUGIN or PENDING line")
     return f"#!{python} -IS\n{rest}"
 
 
 def stub_source(socket_path: str, plugin: str, shim_dir: Path,
-                python: str = DEFAULT_PYTHON) -> str:  # fmt: skip
-    """The installed text of ``plugin``: import the compiled shim from ``shim_dir``, run it."""
+                python: str = DEFAULT_PYTHON, pending: str = "") -> str:  # fmt: skip
+    """The installed text of ``plugin``: import the compiled shim from ``shim_dir``, run it
+    (``pending``: see :func:`plugin_source`)."""
     if plugin not in PLUGINS:
         raise ValueError(f"unknown plugin {plugin!r}")
     check_socket_path(socket_path)
@@ -76,7 +85,7 @@ def stub_source(socket_path: str, plugin: str, shim_dir: Path,
         f"try:\n    from {SHIM_MODULE} import run\n"
         f"except ImportError:  # the shim's directory was removed: a CNI error, not a traceback\n"
         f"    sys.stdout.write({broken})\n    sys.exit(1)\n"
-        f"run({json.dumps(socket_path)}, {json.dumps(plugin)})\n"
+        f"run({json.dumps(socket_path)}, {json.dumps(plugin)}, {json.dumps(pending)})\n"
     )
 
 
@@ -179,14 +188,18 @@ def install(
     python: str = DEFAULT_PYTHON,
     link: bool = False,
     cni_version: str = DEFAULT_CNI_VERSION,
+    state_dir: Path | None = None,
 ) -> Installed:
     """Write the shim module and its .pyc (compiled by ``python``) into
     ``bin_dir/.fabric-shim``, both plugin stubs (0755) into ``bin_dir`` and the config list
-    (0644) into ``conf_dir``, creating the directories. Idempotent. The module goes first:
+    (0644) into ``conf_dir``, creating the directories. Idempotent. With ``state_dir``
+    (fabricd's cni.stateDir), a DEL while fabricd is unreachable is recorded in its
+    ``pending-del`` directory and answered with success; without, it answers 11. The module goes first:
     a stub being replaced meanwhile runs the new module, whose ``run`` keeps its signature.
     """
     shim_dir = bin_dir.absolute() / SHIM_DIR
-    texts = {p: stub_source(socket_path, p, shim_dir, python) for p in PLUGINS}
+    pending = str(state_dir.absolute() / PENDING_DIR) if state_dir is not None else ""
+    texts = {p: stub_source(socket_path, p, shim_dir, python, pending) for p in PLUGINS}
     network = conflist(name, mtu, pools, cni_version)
     shim_dir.mkdir(parents=True, exist_ok=True)
     conf_dir.mkdir(parents=True, exist_ok=True)

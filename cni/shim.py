@@ -15,14 +15,22 @@ Answered here without fabricd:
 - VERSION (runtimes call it with dummy values in the other variables);
 - fabricd unreachable: error 11 (try again later), or 50 for STATUS, within CONNECT_TIMEOUT;
   no answer within REPLY_TIMEOUT: error 11;
+- DEL while fabricd is unreachable (or gone mid-request): the request, framed exactly as it
+  would have been sent, is written durably to a new file in PENDING (fabricd's state dir,
+  ``pending-del/``; temporary file, fsync, rename, fsync of the directory) and the answer is
+  success, so the runtime can remove the sandbox and its netns. fabricd finishes every such
+  DEL before it serves an ADD of the same attachment (docs/design/cni.md). Without PENDING
+  (an old install) or when the file cannot be written: error 11 as before;
 - a missing or unknown CNI_COMMAND: error 4.
 """
 
 import _socket as socket  # socket's C core: the same calls, without socket.py's 5 ms of enum
 import posix  # os's C core: read, write, environ (bytes), times, _exit
+import time  # built in (no file to load): time_ns for the recorded DEL's name
 
 SOCKET = "/run/fabric/cni.sock"
 PLUGIN = "fabric"
+PENDING = ""  # where a DEL is recorded while fabricd is unreachable ("": not recorded)
 VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = "1.1.0"
 VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS")
@@ -126,6 +134,49 @@ def exchange(path: str, data: bytes) -> tuple[int, bytes]:
         s.close()
 
 
+def mkdirs(path: str) -> None:
+    """``path`` and its missing parents, mode 0700."""
+    try:
+        posix.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        parent = path.rsplit("/", 1)[0]
+        if not parent or parent == path:
+            raise
+        mkdirs(parent)
+        try:  # noqa: SIM105 (contextlib costs an import at every exec)
+            posix.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+
+
+def record(directory: str, data: bytes) -> None:
+    """Write ``data`` as a new file in ``directory`` (created 0700 with its parents if
+    missing): temporary name, fsync, rename, fsync of the directory. Raises OSError."""
+    mkdirs(directory)
+    name = f"{time.time_ns():020d}.{posix.getpid()}.del"
+    tmp = f"{directory}/.{name}.tmp"
+    fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[posix.write(fd, view) :]
+        posix.fsync(fd)
+    finally:
+        posix.close(fd)
+    try:
+        posix.rename(tmp, f"{directory}/{name}")
+    except OSError:
+        posix.unlink(tmp)
+        raise
+    fd = posix.open(directory, posix.O_RDONLY)
+    try:
+        posix.fsync(fd)
+    finally:
+        posix.close(fd)
+
+
 def getenv(name: str) -> str:
     """``name``'s value as os.environ would give it ("" when unset)."""
     return posix.environ.get(name.encode(), b"").decode("utf-8", "surrogateescape")
@@ -154,10 +205,17 @@ def main() -> int:
         write(error(4, "CNI_COMMAND " + what, version=version))
         return 1
     path = getenv("FABRIC_CNI_SOCKET") or SOCKET
+    data = request(stdin, too_large)
     try:
-        code, out = exchange(path, request(stdin, too_large))
+        code, out = exchange(path, data)
     except OSError as e:
         why = e.strerror or str(e) or type(e).__name__
+        if command == "DEL" and PENDING:
+            try:
+                record(PENDING, data)
+                return 0  # fabricd finishes it before an ADD of this attachment
+            except OSError as e2:
+                why += f"; recording the DEL in {PENDING} failed: {e2.strerror or e2}"
         if command == "STATUS":
             msg = "fabric is not available: fabricd does not answer"
             write(error(50, msg, f"{path}: {why}", version))
@@ -169,10 +227,10 @@ def main() -> int:
     return code
 
 
-def run(socket_path: str, plugin: str) -> None:
+def run(socket_path: str, plugin: str, pending: str = "") -> None:
     """The installed stub's entry: this module is imported from its install-time .pyc."""
-    global SOCKET, PLUGIN
-    SOCKET, PLUGIN = socket_path, plugin
+    global SOCKET, PLUGIN, PENDING
+    SOCKET, PLUGIN, PENDING = socket_path, plugin, pending
     posix._exit(main())
 
 

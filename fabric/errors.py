@@ -1,5 +1,5 @@
-"""The one place that maps errors to fabricctl exit codes and one-line messages, and to the
-error codes of CNI answers (``cni_error``).
+"""The one place that maps errors to fabricctl exit codes and one-line messages. (What a
+CNI verb's failure becomes for the runtime is :mod:`fabric.workloads.errors`.)
 
 Exit codes::
 
@@ -18,7 +18,6 @@ Errors are matched by type, never by their text.
 from __future__ import annotations
 
 from bgp import errors as bgp_errors
-from cni import errors as cni_errors
 from ipam import errors as ipam_errors
 
 EXIT_OK = 0
@@ -39,7 +38,7 @@ class CLIError(Exception):
         self.problem = problem
         self.resource = resource
         self.field = field
-        super().__init__(_join(resource, field, problem))
+        super().__init__(describe(resource, field, problem))
 
 
 # Order matters: the first matching type wins (subclasses before their parents).
@@ -74,7 +73,7 @@ def is_known(exc: BaseException) -> bool:
 def message(exc: BaseException, resource: str = "") -> str:
     """One line naming the resource (``resource`` fills in when the error names none)."""
     if isinstance(exc, ipam_errors.ValidationError | bgp_errors.ValidationError | CLIError):
-        text = _join(exc.resource or resource, exc.field, exc.problem)
+        text = describe(exc.resource or resource, exc.field, exc.problem)
     elif is_known(exc):
         text = str(exc) or type(exc).__name__
     else:
@@ -82,53 +81,10 @@ def message(exc: BaseException, resource: str = "") -> str:
     return "error: " + " ".join(text.split())
 
 
-def _join(resource: str, field: str, problem: str) -> str:
+def describe(resource: str, field: str, problem: str) -> str:
+    """``resource: field 'x': problem``, leaving out what is empty."""
     parts = [resource] if resource else []
     if field:
         parts.append(f"field {field!r}")
     parts.append(problem)
     return ": ".join(parts)
-
-
-# CNI ----------------------------------------------------------------------------------------
-# What a CNI verb's failure becomes for the runtime (docs/design/cni.md, "Error codes"). Order
-# matters as above. Dataplane and netlink errors are looked up lazily: fabricctl never loads
-# pyroute2 to start.
-
-
-def _cni_codes() -> tuple[tuple[type[BaseException], int], ...]:
-    from fabric.dataplane import pods as dataplane
-    from fabric.dataplane.netlink import NetlinkError
-
-    return (
-        (ipam_errors.DatastoreUnavailable, cni_errors.Code.TRY_AGAIN_LATER),
-        # retries ran out against concurrent writers: the same request may well succeed soon
-        (ipam_errors.ConflictError, cni_errors.Code.TRY_AGAIN_LATER),
-        (ipam_errors.ValidationError, cni_errors.Code.INVALID_CONFIG),
-        (ipam_errors.NotFoundError, cni_errors.Code.INVALID_CONFIG),
-        (ipam_errors.AlreadyAllocatedError, cni_errors.Code.ADDRESS_TAKEN),
-        (ipam_errors.ExhaustedError, cni_errors.Code.POOL_EXHAUSTED),
-        (ipam_errors.IPAMError, cni_errors.Code.TRY_AGAIN_LATER),  # etcd refused a request
-        (dataplane.InvalidAttachment, cni_errors.Code.INVALID_CONFIG),  # mtu, sysctls
-        (dataplane.NetnsNotFound, cni_errors.Code.UNKNOWN_CONTAINER),
-        (dataplane.InterfaceExists, cni_errors.Code.INTERFACE_EXISTS),
-        (dataplane.DataplaneError, cni_errors.Code.DATAPLANE_FAILURE),
-        (NetlinkError, cni_errors.Code.HOST_ROUTE_FAILURE),
-        (TimeoutError, cni_errors.Code.TRY_AGAIN_LATER),
-        (OSError, cni_errors.Code.IO_FAILURE),  # the state dir
-    )
-
-
-def cni_error(exc: BaseException) -> cni_errors.CNIError:
-    """The CNI error for ``exc``: a CNIError as is, a known error with its code, anything
-    else INTERNAL (a bug) naming the exception type."""
-    if isinstance(exc, cni_errors.CNIError):
-        return exc
-    for typ, code in _cni_codes():
-        if isinstance(exc, typ):
-            if isinstance(exc, ipam_errors.ValidationError):
-                return cni_errors.CNIError(code, _join(exc.resource, exc.field, exc.problem))
-            return cni_errors.CNIError(code, " ".join(str(exc).split()) or type(exc).__name__)
-    return cni_errors.CNIError(
-        cni_errors.Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ipam import keys
@@ -82,6 +82,18 @@ class Choice:
 def within(inner: IPNetwork, outer: IPNetwork) -> bool:
     """``inner`` lies inside ``outer`` (False across address families)."""
     return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]
+
+
+def settings_compares(s: Settings, pools: Iterable[str]) -> list[Cmp]:
+    """The compares of a commit that relied on settings ``s``: the reservations, the IPAM
+    config and each pool in ``pools`` (names) are still as read. Every commit path uses this
+    one helper, so none of them can forget one (a reserved address handed out, issue 16)."""
+    cmps = [
+        Cmp.prefix_unchanged_since(keys.RESERVATIONS, s.reservations_rev),
+        Cmp.mod(keys.CONFIG_IPAM, s.config_rev),
+    ]
+    cmps += [Cmp.mod(keys.pool(p), s.pools[p][0]) for p in sorted(set(pools))]
+    return cmps
 
 
 def validate_request(req: AssignRequest) -> None:
@@ -335,11 +347,8 @@ class Allocator:
         for c in choices:
             handle = handle.plus(c.block.cidr, len(c.ordinals))
         hkey = keys.handle(handle_id)
-        cmps = [Cmp.absent(hkey), Cmp.prefix_unchanged_since(keys.RESERVATIONS, s.reservations_rev),
-                Cmp.mod(keys.CONFIG_IPAM, s.config_rev)]  # fmt: skip
-        for c in choices:
-            cmps.append(Cmp.mod(keys.block(c.block.cidr), c.rev))
-            cmps.append(Cmp.mod(keys.pool(c.pool.name), s.pools[c.pool.name][0]))
+        cmps = [Cmp.absent(hkey), *settings_compares(s, (c.pool.name for c in choices))]
+        cmps += [Cmp.mod(keys.block(c.block.cidr), c.rev) for c in choices]
         ops = [Op.put(keys.block(c.block.cidr), c.block.dumps()) for c in choices]
         ops.append(Op.put(hkey, dumps(handle.to_json())))
         fail = [Op.get(keys.block(c.block.cidr)) for c in choices] + [Op.get(hkey)]
@@ -424,7 +433,7 @@ class Allocator:
                                   node_of(blk) != node, handle_id)  # fmt: skip
             r = await self.store.txn(
                 [Cmp.mod(keys.block(cidr), rev), Cmp.mod(hkey, hkv.mod if hkv else 0),
-                 Cmp.mod(keys.pool(pool.name), s.pools[pool.name][0])],
+                 *settings_compares(s, [pool.name])],
                 [Op.put(keys.block(cidr), new.dumps()),
                  Op.put(hkey, dumps(handle.plus(cidr, 1).to_json()))],
             )  # fmt: skip

@@ -17,7 +17,14 @@ import asyncio
 from dataclasses import dataclass
 
 from ipam import keys
-from ipam.allocator import Allocator, AssignedIP, AssignRequest, Choice, validate_request
+from ipam.allocator import (
+    Allocator,
+    AssignedIP,
+    AssignRequest,
+    Choice,
+    settings_compares,
+    validate_request,
+)
 from ipam.block import Block, IPNetwork
 from ipam.blocks import Handle
 from ipam.errors import IPAMError
@@ -135,10 +142,7 @@ class BatchingAllocator:
         self, settings: Settings, staged: list[_Staged], base_rev: dict[IPNetwork, int]
     ) -> tuple[list[Cmp], list[Op]]:
         a = self.alloc
-        cmps = [
-            Cmp.prefix_unchanged_since(keys.RESERVATIONS, settings.reservations_rev),
-            Cmp.mod(keys.CONFIG_IPAM, settings.config_rev),
-        ]
+        cmps: list[Cmp] = []
         ops = []
         pools = set()
         for cidr, rev in base_rev.items():
@@ -151,7 +155,7 @@ class BatchingAllocator:
                 pools.add(c.pool.name)
             cmps.append(Cmp.absent(keys.handle(st.req.handle)))
             ops.append(Op.put(keys.handle(st.req.handle), dumps(handle.to_json())))
-        cmps += [Cmp.mod(keys.pool(p), settings.pools[p][0]) for p in sorted(pools)]
+        cmps += settings_compares(settings, pools)
         return cmps, ops
 
     def _restore(self, originals: dict[IPNetwork, tuple[int, Block] | None]) -> None:

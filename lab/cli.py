@@ -16,9 +16,10 @@ import click
 import yaml
 
 from lab import clab
-from lab.runner import Lab, LabError, teardown
+from lab.runner import Lab, teardown
 from lab.state import LabState, lab_dir, list_labs
 from lab.topology import TopologyError, load
+from lab.view import LabError
 
 OUTPUT = click.Choice(["table", "json", "yaml"])
 

@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 import yaml
 
 from lab.netns import exists as netns_exists
-from lab.runner import Lab, LabError
+from lab.runner import Lab
+from lab.view import LabError
 
 NETWORK = "fabric"
 SETTLE = 1.1  # seconds for the last echo of a stopped probe to come back or time out (-W 1)
@@ -53,6 +54,30 @@ def socket_of(lab: Lab, node: str) -> str:
     return str(yaml.safe_load(lab.fabricd_config_path(node).read_text())["cni"]["socket"])
 
 
+def state_dir(lab: Lab, node: str) -> Path:
+    """fabricd's cni.stateDir in ``node`` (its records, and ``pending-del/``)."""
+    return Path(yaml.safe_load(lab.fabricd_config_path(node).read_text())["cni"]["stateDir"])
+
+
+def install_args(lab: Lab, node: str) -> list[str]:
+    """``fabricctl cni install`` arguments for ``node`` (its own bin and conf dirs)."""
+    d = cni_dir(lab, node)
+    return ["cni", "install", "--bin-dir", str(d / "bin"), "--conf-dir", str(d / "net.d"),
+            "--socket", socket_of(lab, node), "--state-dir", str(state_dir(lab, node)),
+            "--network-name", NETWORK]  # fmt: skip
+
+
+def live_handles(lab: Lab, nodes: list[str] | None = None) -> dict[str, list[str]]:
+    """The handles of the attachments each host's state dir records (for
+    ``fabricctl ipam check --live-handles``)."""
+    out = {}
+    for node in nodes or lab.nodes("node"):
+        d = state_dir(lab, node)
+        recs = [json.loads(p.read_text()) for p in d.glob("*.json")] if d.is_dir() else []
+        out[node] = sorted(str(r["handle"]) for r in recs)
+    return out
+
+
 def cni_dir(lab: Lab, node: str) -> Path:
     return lab.dir / node / "cni"
 
@@ -60,10 +85,7 @@ def cni_dir(lab: Lab, node: str) -> Path:
 def install(lab: Lab, nodes: list[str] | None = None) -> None:
     """``fabricctl cni install`` on each host, into ``<labdir>/<node>/cni/{bin,net.d}``."""
     for node in nodes or lab.nodes("node"):
-        d = cni_dir(lab, node)
-        r = lab.fabricctl(["cni", "install", "--bin-dir", str(d / "bin"), "--conf-dir",
-                           str(d / "net.d"), "--socket", socket_of(lab, node),
-                           "--network-name", NETWORK], node)  # fmt: skip
+        r = lab.fabricctl(install_args(lab, node), node)
         if r.returncode != 0:
             raise LabError(f"failed to install the CNI plugin on {node}: {r.stderr.strip()}")
 
@@ -100,11 +122,13 @@ def _free_name(lab: Lab, node: str) -> str:
             return cid
 
 
-def add(lab: Lab, node: str, name: str | None = None, args: str = "") -> Pod:
-    """A new pod on ``node``: a fresh namespace and a CNI ADD (``args``: see ``cni``)."""
+def add(lab: Lab, node: str, name: str | None = None, args: str = "",
+        conf: dict[str, Any] | None = None) -> Pod:  # fmt: skip
+    """A new pod on ``node``: a fresh namespace and a CNI ADD (``args``, ``conf``: see
+    ``cni``)."""
     cid = name or _free_name(lab, node)
     netns = lab.add_netns(f"{lab.plan.prefix}p{cid[:40]}")
-    code, doc = cni(lab, node, "ADD", cid, netns, args=args)
+    code, doc = cni(lab, node, "ADD", cid, netns, conf=conf, args=args)
     if code != 0:
         c = int(doc.get("code", 0)) if isinstance(doc, dict) else 0
         raise PodError(f"CNI ADD of {cid} on {node} failed: {doc}", c)

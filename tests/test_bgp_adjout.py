@@ -103,6 +103,34 @@ def test_eor_after_routes_and_only_when_idle() -> None:
     assert drain(rib) == []
 
 
+def test_no_eor_before_the_desired_set_is_declared() -> None:
+    """fabricd starting: the session may come up before the agent said what to announce;
+    an EOR then would make a graceful-restart helper drop the routes it kept for us."""
+    rib = AdjRibOut()
+    rib.keep_peers({PEER})
+    rib.session_up(PEER, ["ipv4 unicast"])
+    assert rib.next_command(idle=True) is None and rib.quiet()  # held, not queued
+    rib.set_desired({a.prefix: a for a in adverts(2)})
+    assert not rib.quiet()
+    assert drain(rib) == [
+        "announce attributes next-hop self nlri 10.100.0.0/32 10.100.0.1/32",
+        "neighbor 10.77.1.1 announce eor ipv4 unicast",
+    ]
+    # a new ExaBGP (reset) keeps the declared set: its EORs follow the re-announcement
+    rib.reset()
+    rib.session_up(PEER, ["ipv4 unicast"])
+    assert drain(rib) == [
+        "announce attributes next-hop self nlri 10.100.0.0/32 10.100.0.1/32",
+        "neighbor 10.77.1.1 announce eor ipv4 unicast",
+    ]
+    # declaring an empty set is a declaration too: nothing to announce, EOR at once
+    empty = AdjRibOut()
+    empty.keep_peers({PEER})
+    empty.session_up(PEER, ["ipv4 unicast"])
+    empty.set_desired({})
+    assert drain(empty) == ["neighbor 10.77.1.1 announce eor ipv4 unicast"]
+
+
 def test_fresh_neighbor_gets_everything_scoped_then_eor() -> None:
     rib = fresh_rib([*adverts(120), Advert(net("10.1.0.0/24"), None, ("65000:2",))])
     drain(rib)

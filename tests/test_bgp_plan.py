@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bgp.config import BGPConfig, Peer
 from bgp.errors import ValidationError
-from bgp.model import DEFAULT_AS, BGPConfig, NodeInfo, Peer, PeerType, Session
+from bgp.model import DEFAULT_AS, IPInterface, NodeInfo, PeerType, Session
 from bgp.plan import V4, V6, plan_sessions, session_name
 
 ip = ipaddress.ip_address
@@ -61,7 +62,7 @@ def plan(
     nodes: list[NodeInfo],
     peers: tuple[Peer, ...] | list[Peer] = (),
     config: BGPConfig = MESH,
-    local_interfaces: tuple[ipaddress.IPv4Interface, ...] | list[ipaddress.IPv4Interface] = (),
+    local_interfaces: Sequence[IPInterface] = (),
 ) -> list[Session]:
     return plan_sessions(local, nodes, peers, config, match, local_interfaces)
 
@@ -194,6 +195,32 @@ def test_peer_settings_are_carried_over() -> None:
     assert s.hold_time == 0  # 0 is a valid hold time (no keepalives), not "unset"
     assert (s.restart_time, s.max_prefixes, s.required) == (30, 500, False)
     assert s.allow_local_as == 1
+
+
+def test_gtsm_source_address_and_credential_are_carried_over() -> None:
+    base = dict(peer_ip=ip("10.9.0.1"), as_number=65100)
+    two_homed = node("n1", "10.0.0.1/24")
+    ifaces: list[IPInterface] = [ipaddress.IPv4Interface("10.9.0.2/24")]
+    # unset: the interface facing the router; UseNodeIP: the node address; None: the kernel
+    (s,) = plan(two_homed, [two_homed], [Peer("t", **base)], local_interfaces=ifaces)  # type: ignore[arg-type]
+    assert (s.local_address, s.source_auto, s.ttl_security) == (ip("10.9.0.2"), False, 0)
+    use_node = Peer("t", **base, source_address="UseNodeIP", ttl_security=1)  # type: ignore[arg-type]
+    (s,) = plan(two_homed, [two_homed], [use_node], local_interfaces=ifaces)
+    assert (s.local_address, s.source_auto, s.ttl_security) == (ip("10.0.0.1"), False, 1)
+    kernel = Peer("t", **base, source_address="None", password_credential="tor")  # type: ignore[arg-type]
+    (s,) = plan(two_homed, [two_homed], [kernel], local_interfaces=ifaces)
+    assert (s.source_auto, s.password_credential, s.password_file) == (True, "tor", None)
+    # UseNodeIP needs a node address of the peer's family: none, no session
+    v6 = Peer("t6", peer_ip=ip("fd00::fe"), as_number=65100, source_address="UseNodeIP")
+    assert (
+        plan(two_homed, [two_homed], [v6], local_interfaces=[ipaddress.IPv6Interface("fd00::1/64")])
+        == []
+    )
+    # node-to-node sessions carry GTSM on both ends
+    n2 = node("n2", "10.0.0.2/24")
+    sel = Peer("nodes", peer_selector="all()", ttl_security=1)
+    assert [s.ttl_security for s in plan(two_homed, [two_homed, n2], [sel])] == [1]
+    assert [s.ttl_security for s in plan(n2, [two_homed, n2], [sel])] == [1]
 
 
 def test_node_scoped_peers() -> None:

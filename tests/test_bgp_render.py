@@ -172,6 +172,14 @@ def test_validate_finds_errors(tmp_path: Path) -> None:
             id="ipv6",
         ),
         pytest.param("md5", id="md5"),
+        pytest.param(
+            [session("10.77.0.1", "10.77.0.2", ttl_security=2, source_auto=True)],
+            id="gtsm-auto-source",
+        ),
+        pytest.param(
+            [session("10.77.0.1", "10.77.0.2", ttl_security=1, passive=True)],
+            id="gtsm-passive",
+        ),
     ],
 )
 def test_exabgp_validate_accepts(tmp_path: Path, sessions: list[Session] | str) -> None:
@@ -184,3 +192,35 @@ def test_exabgp_validate_accepts(tmp_path: Path, sessions: list[Session] | str) 
     assert r.returncode == 0, r.stdout + r.stderr
     for s in sessions:
         assert f"neighbor  {s.peer_ip}" in r.stdout + r.stderr
+
+
+def test_gtsm_and_source_address_rendering() -> None:
+    text = render_config([session("10.77.0.1", "10.77.0.2", ttl_security=1)], RELAY, RID)
+    assert "outgoing-ttl 255;" in text and "incoming-ttl 255;" in text
+    assert "local-address 10.77.0.2;" in text
+    text = render_config(
+        [session("10.77.0.1", "10.77.0.2", ttl_security=3, source_auto=True)], RELAY, RID
+    )
+    assert "incoming-ttl 253;" in text and "local-address auto;" in text
+    plain = render_config([session("10.77.0.1", "10.77.0.2")], RELAY, RID)
+    assert "ttl" not in plain
+    # a listening neighbor needs its address: sourceAddress None does not apply
+    text = render_config(
+        [session("10.77.0.1", "10.77.0.2", source_auto=True, passive=True)], RELAY, RID
+    )
+    assert "local-address 10.77.0.2;" in text
+
+
+def test_password_from_systemd_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "tor-key").write_bytes(b"s3cret\n")
+    s = session("10.77.0.1", "10.77.0.2", password_credential="tor-key")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(ConfigRenderError, match=r"credential tor-key: \$CREDENTIALS_DIRECTORY"):
+        render_config([s], RELAY, RID)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    text = render_config([s], RELAY, RID)
+    assert f"md5-password {base64.b64encode(b's3cret').decode()};" in text
+    (tmp_path / "tor-key").write_bytes(b"")
+    with pytest.raises(ConfigRenderError) as e:
+        render_config([s], RELAY, RID)
+    assert str(tmp_path / "tor-key") in str(e.value) and "empty" in str(e.value)

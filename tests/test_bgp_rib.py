@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bgp.config import BGPConfig
 from bgp.import_policy import (
     DEFAULT_ROUTE,
     NEXT_HOP_IS_SELF,
@@ -20,7 +21,6 @@ from bgp.import_policy import (
 )
 from bgp.model import (
     Announce,
-    BGPConfig,
     EndOfRib,
     IPAddress,
     IPNetwork,

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from bgp import codec
+from bgp import interned
 from bgp.codec import parse_line
 from bgp.errors import SpeakerError
 from bgp.model import (
@@ -236,4 +236,4 @@ def test_large_update_with_extended_length_attribute() -> None:
     [u] = parse_line(packet(update(attrs=BASE + attr(8, comms, 0xC0), announced=nlri(*prefixes))))
     assert isinstance(u, PeerUpdate) and [str(a.prefix) for a in u.announced] == prefixes
     assert len(u.announced[0].attrs.communities) == 100
-    assert codec.Prefix4 is type(u.announced[0].prefix)
+    assert interned.Prefix4 is type(u.announced[0].prefix)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+from fabric.cli.common import LazyGroup
 from fabric.cli.main import main
 from ipam import keys
 from ipam.allocator import Allocator, AssignedIP, AssignRequest
@@ -465,7 +466,7 @@ def test_apply_update_rules(cli: Cli) -> None:
     ("doc", "words"),
     [
         ("apiVersion: v1\nkind: IPPool\nmetadata: {name: a}\nspec: {}\n", ["apiVersion"]),
-        ("apiVersion: fabric/v1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n", ["kind"]),
+        ("apiVersion: fabric/v1\nkind: Deployment\nmetadata: {name: a}\nspec: {}\n", ["kind"]),
         ("apiVersion: fabric/v1\nkind: IPPool\nspec: {}\n", ["metadata.name"]),
         ("apiVersion: fabric/v1\nkind: IPPool\nmetadata: {name: a}\n", ["IPPool a", "spec"]),
         (
@@ -500,7 +501,7 @@ def test_apply_errors_are_one_line(cli: Cli, doc: str, words: list[str]) -> None
 
 def test_get_and_delete_kinds(ctl: Ctl, allocate: Callable[..., object]) -> None:
     ctl("apply", "-f", "-", input=RESOURCES)
-    one_line_error(ctl("get", "pods", code=1).stderr, "unknown kind")
+    one_line_error(ctl("get", "deployments", code=1).stderr, "unknown kind")
     one_line_error(ctl("get", "ippool", "nope", code=1).stderr, "IPPool nope", "not found")
     assert "gateways deleted" in ctl("delete", "ipreservations", "gateways").stdout
     assert ctl("get", "ipreservations").stdout.strip() == "NAME   CIDRS"
@@ -537,3 +538,38 @@ def test_etcd_unreachable_default_deadline(etcd_env: dict[str, str]) -> None:
     p = _fabricctl(etcd_env, "--etcd-endpoints", "127.0.0.1:1", "pool", "list")
     assert p.returncode == 2
     one_line_error(p.stderr, "127.0.0.1:1")
+
+
+def _lazy_groups() -> list[tuple[str, LazyGroup]]:
+    from fabric.cli.resources import node
+
+    return [("fabricctl", main), ("fabricctl node", node)]  # type: ignore[list-item]
+
+
+def test_lazy_help_texts_match_their_commands() -> None:
+    """What `--help` lists for a command not yet imported is the first paragraph of that
+    command's own help (a command whose docstring changes must change the table too)."""
+    from importlib import import_module
+
+    for where, group in _lazy_groups():
+        for name, (ref, text) in group.lazy.items():
+            module, _, attr = ref.partition(":")
+            cmd = getattr(import_module(module), attr)
+            first = " ".join((cmd.help or "").split("\n\n")[0].split())
+            assert text == first, f"{where} {name}: lazy help {text!r} != {first!r}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["pool", "list", "--help"], ["node", "--help"]])
+def test_help_imports_no_etcd_or_bgp(args: list[str]) -> None:
+    """`fabricctl --help` and a command's --help load neither the etcd client nor the BGP
+    model: that is what keeps them fast (docs/bench.md, "fabricctl start")."""
+    code = (
+        "import sys\n"
+        "from fabric.cli.main import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "heavy = sorted(m for m in ('aetcd', 'grpc', 'bgp.model', 'ipam.store', 'yaml',"
+        " 'asyncio', 'fabric.resources.documents') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in r.stdout, r.stdout

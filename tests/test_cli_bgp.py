@@ -121,6 +121,14 @@ def test_peer_lifecycle(cli: Cli) -> None:
     cli("peer", "add", "rr", "--peer-selector", "route-reflector == 'true'",
         "--node-selector", "!has(route-reflector)", "--local-as-number", "64513", "--required")  # fmt: skip
     cli("peer", "add", "v6", "--peer-ip", "[fd00::1]:179", "--as-number", "1.10")  # asdot
+    cli("peer", "add", "gtsm", "--peer-ip", "10.255.16.5", "--as-number", "65002",
+        "--ttl-security", "1", "--source-address", "None", "--password-credential", "tor2")  # fmt: skip
+    gtsm = cli("peer", "show", "gtsm").stdout
+    assert "systemd credential tor2" in gtsm and "1 hop(s)" in gtsm and "None" in gtsm
+    assert json.loads(cli("get", "bgppeer", "gtsm", "-o", "json").stdout)["spec"] == {
+        "peerIP": "10.255.16.5", "asNumber": 65002, "ttlSecurity": 1, "sourceAddress": "None",
+        "password": {"credential": "tor2"}}  # fmt: skip
+    cli("peer", "delete", "gtsm")
 
     lines = cli("peer", "list").stdout.splitlines()
     assert lines[0].split() == ["NAME", "PEERIP", "ASN", "NODE/SELECTOR", "PEERSELECTOR", "HOLD"]
@@ -170,6 +178,11 @@ def test_peer_lifecycle(cli: Cli) -> None:
         (["--peer-ip", "10.0.0.1", "--as-number", "1", "--password-file", "key"],
          "--password-file"),
         (["--peer-ip", "10.0.0.1", "--as-number", "1", "--max-prefixes", "0"], "--max-prefixes"),
+        (["--peer-ip", "10.0.0.1", "--as-number", "1", "--ttl-security", "-1"], "--ttl-security"),
+        (["--peer-ip", "10.0.0.1", "--as-number", "1", "--source-address", "eth0"],
+         "--source-address"),
+        (["--peer-ip", "10.0.0.1", "--as-number", "1", "--password-credential", "a/b"],
+         "--password-credential"),
         (["--peer-ip", "10.0.0.1", "--as-number", "1", "--num-allowed-local-as", "11"],
          "--num-allowed-local-as"),
     ],
@@ -193,8 +206,8 @@ def test_peer_add_bad_name_and_duplicate(cli: Cli) -> None:
 
 def test_put_peer_create_only_is_atomic(call: Call) -> None:
     """Concurrent creations of one name: exactly one wins (the txn compares absence)."""
+    from bgp.config import Peer
     from bgp.errors import ValidationError
-    from bgp.model import Peer
 
     async def go(store: Store) -> list[object]:
         bs = BGPStore(store)
@@ -335,13 +348,19 @@ apiVersion: fabric/v1
 kind: BGPPeer
 metadata: {name: to-rr}
 spec: {peerSelector: "has(route-reflector)", node: node1, required: false}
+---
+apiVersion: projectcalico.org/v3
+kind: BGPPeer
+metadata: {name: rack2-tor}
+spec: {peerIP: 10.255.16.5, asNumber: 65002, node: node3, ttlSecurity: 1,
+       sourceAddress: UseNodeIP, password: {credential: rack2-tor}}
 """
 
 
 def test_bgp_apply_get_round_trip(cli: Cli, prefix: str) -> None:
     out = cli("apply", "-f", "-", input=BGP_RESOURCES).stdout
     assert out.splitlines() == ["BGPConfiguration default configured", "BGPPeer rack1-tor created",
-                                "BGPPeer to-rr created"]  # fmt: skip
+                                "BGPPeer to-rr created", "BGPPeer rack2-tor created"]  # fmt: skip
     again = cli("apply", "-f", "-", input=BGP_RESOURCES).stdout.split()
     assert "configured" not in again and "created" not in again
 
@@ -349,13 +368,17 @@ def test_bgp_apply_get_round_trip(cli: Cli, prefix: str) -> None:
     assert peer["spec"] == {"peerIP": "10.255.16.1", "asNumber": 65001,
                             "nodeSelector": "rack == 'r1'", "holdTime": 90, "keepaliveTime": 30,
                             "maxRestartTime": 120, "password": {"file": "/etc/fabric/tor.key"}}  # fmt: skip
+    peer = json.loads(cli("get", "bgppeers", "rack2-tor", "-o", "json").stdout)
+    assert peer["spec"] == {"peerIP": "10.255.16.5", "asNumber": 65002, "node": "node3",
+                            "ttlSecurity": 1, "sourceAddress": "UseNodeIP",
+                            "password": {"credential": "rack2-tor"}}  # fmt: skip
     cfg = json.loads(cli("get", "bgpconfiguration", "-o", "json").stdout)
     assert cfg["kind"] == "BGPConfiguration" and cfg["metadata"]["name"] == "default"
     assert cfg["spec"]["nodeMeshHoldTime"] == 90 and cfg["spec"]["nodeMeshMaxRestartTime"] == 120
     assert cfg["spec"]["nodeMeshPassword"] == {"file": "/etc/fabric/mesh.key"}
     lines = cli("get", "bgpconfigurations").stdout.splitlines()
     assert lines[1].split() == ["default", "false", "64600", "179"]
-    assert cli("get", "bgppeer").stdout.splitlines()[2].split() == [
+    assert cli("get", "bgppeer").stdout.splitlines()[3].split() == [
         "to-rr", "node1", "has(route-reflector)"]  # fmt: skip
 
     dumped = "\n".join(cli("get", k, "-o", "yaml").stdout for k in ("bgpconfig", "bgppeers"))
@@ -397,6 +420,14 @@ def _cfg_doc(spec: str, name: str = "default") -> str:
          ["BGPPeer p", "spec.keepOriginalNextHop", "unknown field"]),
         (_peer_doc("{peerIP: 10.0.0.1, asNumber: 1, password: {secretKeyRef: {name: s}}}"),
          ["BGPPeer p", "spec.password.secretKeyRef", "not supported"]),
+        (_peer_doc("{peerIP: 10.0.0.1, asNumber: 1, ttlSecurity: 256}"),
+         ["BGPPeer p", "spec.ttlSecurity", "0..255"]),
+        (_peer_doc("{peerIP: 10.0.0.1, asNumber: 1, sourceAddress: NodeIP}"),
+         ["BGPPeer p", "spec.sourceAddress", "UseNodeIP, None"]),
+        (_peer_doc("{peerIP: 10.0.0.1, asNumber: 1, password: {credential: ../k}}"),
+         ["BGPPeer p", "spec.passwordCredential", "credential name"]),
+        (_peer_doc("{peerIP: 10.0.0.1, asNumber: 1, password: {file: /k, credential: k}}"),
+         ["BGPPeer p", "spec.password", "{file: PATH} or {credential: NAME}"]),
         (_peer_doc("{peerIP: 10.0.0.1, asNumber: 1, holdTime: 1h1x}"),
          ["BGPPeer p", "spec.holdTime", "duration"]),
         (_peer_doc("{peerIP: 10.0.0.1, asNumber: 1}", name="Upper"), ["metadata.name"]),

@@ -105,6 +105,65 @@ def test_no_fabricd_is_try_again_later_quickly(plugin: Path, verb: str) -> None:
     assert took < 1.0
 
 
+@pytest.fixture
+def recording(tmp_path: Path) -> Path:
+    """A plugin installed with a state dir: it records a DEL while fabricd is down."""
+    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"),
+                        state_dir=tmp_path / "state" / "deep")  # fmt: skip
+    return done.plugins[0]
+
+
+def test_del_without_fabricd_is_recorded_and_answered_success(
+    recording: Path, tmp_path: Path
+) -> None:
+    from fabric.workloads.pending import PendingDir
+
+    pending = PendingDir(tmp_path / "state" / "deep")
+    for verb in ("ADD", "CHECK"):  # only DEL is recorded
+        code, doc, _ = run(recording, {**ENV, "CNI_COMMAND": verb})
+        assert code == 1 and doc["code"] == Code.TRY_AGAIN_LATER
+    assert pending.files() == []
+    code, doc, took = run(recording, {**ENV, "CNI_COMMAND": "DEL"})
+    assert (code, doc) == (0, None) and took < 1.0
+    run(recording.with_name("fabric-ipam"), {**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""})
+    files = pending.files()
+    assert len(files) == 2 and sorted(os.listdir(pending.path)) == [f.name for f in files]
+    assert stat.S_IMODE(pending.path.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    first, second = (pending.read(f) for f in files)
+    assert (first.plugin, second.plugin) == ("fabric", "fabric-ipam")
+    assert first.request.env.command is Verb.DEL and first.request.env.container_id == "c0ffee"
+    assert first.request.env.netns == "/run/netns/pod" and second.request.env.netns == ""
+    assert first.request.conf.name == "fabric"
+
+
+def test_del_that_cannot_be_recorded_is_try_again_later(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("a file where the state dir should be")
+    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"),
+                        state_dir=tmp_path / "state")  # fmt: skip
+    code, doc, _ = run(done.plugins[0], {**ENV, "CNI_COMMAND": "DEL"})
+    assert code == 1 and doc["code"] == Code.TRY_AGAIN_LATER
+    assert "recording the DEL in" in doc["details"] and "pending-del" in doc["details"]
+
+
+def test_pending_dir_sets_aside_what_is_not_a_del(tmp_path: Path) -> None:
+    from fabric.workloads.pending import PendingDir
+
+    pending = PendingDir(tmp_path)
+    pending.path.mkdir()
+    add = protocol.encode_request({**ENV, "FABRIC_CNI_PLUGIN": "fabric"}, CONF)
+    (pending.path / "1.del").write_bytes(add)
+    (pending.path / "2.del").write_bytes(b"garbage")
+    (pending.path / "3.del").write_bytes(add[:-3])
+    seen: list[str] = []
+
+    async def go() -> set[str]:
+        return await pending.finish(lambda p: asyncio.sleep(0, seen.append(p.path.name)))
+
+    assert asyncio.run(go()) == set() and seen == []
+    assert sorted(os.listdir(pending.path)) == ["1.del.bad", "2.del.bad", "3.del.bad"]
+
+
 def test_stale_socket_file_is_try_again_later(plugin: Path, tmp_path: Path) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(tmp_path / "cni.sock"))
@@ -288,6 +347,7 @@ def test_fabricctl_cni_install(tmp_path: Path) -> None:
 
     args = ["cni", "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir",
             str(tmp_path / "net.d"), "--socket", "/run/x/cni.sock", "--pool", "pods",
+            "--state-dir", str(tmp_path / "state"),
             "--pool", "fd00::/64", "--mtu", "1450", "--network-name", "k8s-pods"]  # fmt: skip
     for fmt in ("json", "yaml", "table"):
         r = CliRunner().invoke(main, [*args, "-o", fmt])
@@ -298,7 +358,8 @@ def test_fabricctl_cni_install(tmp_path: Path) -> None:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o755
         text = Path(p).read_text()
         assert text.startswith("#!/usr/bin/python3 -IS\n")
-        assert f'run("/run/x/cni.sock", "{Path(p).name}")' in text
+        pending = tmp_path / "state" / inst.PENDING_DIR
+        assert f'run("/run/x/cni.sock", "{Path(p).name}", "{pending}")' in text
     conf = json.loads(Path(data["conflist"]).read_text())
     assert stat.S_IMODE(os.stat(data["conflist"]).st_mode) == 0o644
     assert conf["name"] == "k8s-pods"

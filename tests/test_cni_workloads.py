@@ -15,7 +15,7 @@ import pytest
 
 from cni.errors import Code
 from cni.spec import parse_request
-from fabric.dataplane import pods as dp
+from fabric.dataplane import attachment as att
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
 from fabric.dataplane.route_table import FlushResult
 from fabric.workloads.pod_ipam import PodIPAM
@@ -37,7 +37,7 @@ NODE = "n1"
 class FakeDataplane:
     """create (while IPAM runs) + configure, like the real one; ``attached`` by host name."""
 
-    attached: dict[str, dp.Attachment] = field(default_factory=dict)
+    attached: dict[str, att.Attachment] = field(default_factory=dict)
     created: set[str] = field(default_factory=set)  # pairs made, not configured yet
     fail_create: BaseException | None = None
     fail_attach: BaseException | None = None  # configure fails (after removing the pair)
@@ -46,16 +46,16 @@ class FakeDataplane:
     calls: list[str] = field(default_factory=list)
 
     async def create(self, container_id: str, ifname: str, netns: str, mtu: int,
-                     fams: frozenset[int]) -> dp.Veth:  # fmt: skip
+                     fams: frozenset[int]) -> att.Veth:  # fmt: skip
         self.calls.append("create")
         if self.fail_create is not None:
             raise self.fail_create
-        host = dp.host_ifname(container_id, ifname)
+        host = att.host_ifname(container_id, ifname)
         self.created.add(host)
-        return dp.Veth(container_id, ifname, netns, mtu, fams, host, "0a:00:00:00:00:01", 1, 2,
+        return att.Veth(container_id, ifname, netns, mtu, fams, host, "0a:00:00:00:00:01", 1, 2,
                        -1, None)  # fmt: skip
 
-    async def configure(self, veth: dp.Veth, a: dp.Attachment) -> dp.Attached:
+    async def configure(self, veth: att.Veth, a: att.Attachment) -> att.Attached:
         self.calls.append("configure")
         await asyncio.sleep(self.attach_delay)
         self.created.discard(veth.host_ifname)
@@ -64,18 +64,18 @@ class FakeDataplane:
         self.attached[veth.host_ifname] = a
         return veth.attached(a)
 
-    async def discard(self, veth: dp.Veth) -> None:
+    async def discard(self, veth: att.Veth) -> None:
         self.calls.append("discard")
         self.created.discard(veth.host_ifname)
         self.attached.pop(veth.host_ifname, None)
 
     async def detach(self, container_id: str, ifname: str, netns: str | None) -> bool:
         self.calls.append("detach")
-        host = dp.host_ifname(container_id, ifname)
+        host = att.host_ifname(container_id, ifname)
         self.created.discard(host)
         return self.attached.pop(host, None) is not None
 
-    async def check(self, a: dp.Attachment) -> list[str]:
+    async def check(self, a: att.Attachment) -> list[str]:
         return list(self.problems)
 
     async def close(self) -> None:
@@ -226,9 +226,9 @@ def test_requested_ip_and_taken_ip(make: Any) -> None:
 @pytest.mark.parametrize(
     ("failure", "code"),
     [
-        (dp.InterfaceExists("eth0 exists"), Code.INTERFACE_EXISTS),
-        (dp.NetnsNotFound("gone"), Code.UNKNOWN_CONTAINER),
-        (dp.DataplaneError("EPERM"), Code.DATAPLANE_FAILURE),
+        (att.InterfaceExists("eth0 exists"), Code.INTERFACE_EXISTS),
+        (att.NetnsNotFound("gone"), Code.UNKNOWN_CONTAINER),
+        (att.DataplaneError("EPERM"), Code.DATAPLANE_FAILURE),
         (RuntimeError("bug"), Code.INTERNAL),
     ],
 )
@@ -252,7 +252,7 @@ def test_create_failure_releases_what_ipam_gave(make: Any) -> None:
 
     async def go() -> None:
         async with make() as e:
-            e.dp.fail_create = dp.InterfaceExists("eth0 exists")
+            e.dp.fail_create = att.InterfaceExists("eth0 exists")
             got, err = await e.call("ADD")
             assert got == 1 and err["code"] == Code.INTERFACE_EXISTS
             assert await e.held("net.c1.eth0") == [] and state_files(e) == []
@@ -278,7 +278,7 @@ def test_ipam_failure_discards_the_veth_made_meanwhile(make: Any) -> None:
 def test_route_failure_rolls_back(make: Any) -> None:
     async def go() -> None:
         async with make() as e:
-            e.routes.refuse.add(dp.host_ifname("c1", "eth0"))
+            e.routes.refuse.add(att.host_ifname("c1", "eth0"))
             code, err = await e.call("ADD")
             assert code == 1 and err["code"] == Code.HOST_ROUTE_FAILURE
             assert e.dp.attached == {} and e.dp.calls == ["create", "configure", "discard"]
@@ -353,7 +353,7 @@ def test_gc_releases_what_is_not_valid(make: Any) -> None:
             assert await e.held("net.drop.eth0") == [] and await e.held("net.leak.eth0") == []
             assert await e.held("other.x.eth0") != []
             assert state_files(e) == ["net.keep.eth0.json"]
-            assert list(e.dp.attached) == [dp.host_ifname("keep", "eth0")]
+            assert list(e.dp.attached) == [att.host_ifname("keep", "eth0")]
 
     asyncio.run(go())
 
@@ -391,7 +391,7 @@ def test_recover_finishes_interrupted_work(make: Any) -> None:
             _, res = await e.call("ADD", cid="ready")
             got = await e.alloc.auto_assign(AssignRequest("net.half.eth0", NODE))
             half = Record("net.half.eth0", "net", "half", "eth0", NETNS,
-                          dp.host_ifname("half", "eth0"), Phase.ADDING,
+                          att.host_ifname("half", "eth0"), Phase.ADDING,
                           (ipaddress.ip_interface(got[0].host_prefix),))  # fmt: skip
             e.w.d.state.save(half)
         async with make(setup=False) as e2:  # a restarted fabricd
@@ -464,7 +464,7 @@ def test_dual_stack_result(make: Any) -> None:
             assert code == 0, res
             v4, v6 = res["ips"]
             assert v4["address"].endswith("/32") and v6["address"].endswith("/128")
-            gw6 = str(dp.HOST_LL.ip)
+            gw6 = str(att.HOST_LL.ip)
             assert v6["gateway"] == gw6 and "version" not in v6
             assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"},
                                      {"dst": "::/0", "gw": gw6}]  # fmt: skip

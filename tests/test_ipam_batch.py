@@ -10,7 +10,7 @@ from ipam.allocator import Allocator, AssignRequest
 from ipam.batch import BatchingAllocator
 from ipam.errors import ValidationError
 from ipam.gc import Maintenance
-from ipam.pool import Pool
+from ipam.pool import Pool, Reservation
 from ipam.resources import Node
 from ipam.store import Store
 
@@ -62,5 +62,30 @@ def test_two_batching_allocators_on_one_node_never_duplicate(
             ips = [g[0].ip for g in got]
             assert len(set(ips)) == 200
             assert (await Maintenance(a1).check()).ips_in_use == 200
+
+    asyncio.run(main())
+
+
+def test_batch_honours_a_reservation_made_after_the_cache_was_warm(
+    etcd_endpoints: list[str], prefix: str
+) -> None:
+    """The combined commit compares the reservations it planned with (one helper builds the
+    settings compares of every commit path)."""
+
+    async def main() -> None:
+        async with Store(etcd_endpoints, prefix) as s, Store(etcd_endpoints, prefix) as s2:
+            a = Allocator(s)
+            b = BatchingAllocator(a)
+            await a.resources.create_pool(Pool.from_spec("p", {"cidr": "10.22.0.0/28",
+                                                               "blockSize": 28}))  # fmt: skip
+            first = await a.auto_assign(AssignRequest("h0", "n1"))  # warms caches and memos
+            nxt = [first[0].ip + i for i in range(1, 5)]
+            await Allocator(s2).resources.put_reservation(
+                Reservation.from_spec("late", {"reservedCIDRs": [f"{n}/32" for n in nxt]})
+            )
+            got = await asyncio.gather(
+                *(b.assign(AssignRequest(f"h{i}", "n1")) for i in range(1, 4))
+            )
+            assert not {g[0].ip for g in got} & set(nxt), "reserved addresses were handed out"
 
     asyncio.run(main())

@@ -364,3 +364,23 @@ def test_reservation_added_later_is_honoured_by_a_warm_allocator(
         assert got[0].ip != nxt, "the reservation made after the cache was warm was ignored"
 
     run(etcd_endpoints, prefix, body)
+
+
+def test_assign_ip_refuses_a_reservation_made_after_the_cache_was_warm(
+    etcd_endpoints: list[str], prefix: str
+) -> None:
+    """Issue 16: assign_ip checked reservations from the settings cache only and its commit did
+    not compare them, so a warm allocator handed out a freshly reserved address."""
+
+    async def body(a: Allocator, m: Maintenance) -> None:
+        await pool(a, "p", "10.15.0.0/28", blockSize=28)
+        await a.assign_ip("first", ip("10.15.0.2"), "n1")  # warms the settings cache
+        async with Store(etcd_endpoints, prefix) as other:  # another process reserves
+            await Allocator(other).resources.put_reservation(
+                Reservation.from_spec("late", {"reservedCIDRs": ["10.15.0.9/32"]})
+            )
+        with pytest.raises(ValidationError, match="reserved by IPReservation late"):
+            await a.assign_ip("sticky", ip("10.15.0.9"), "n1")
+        assert await a.ips_by_handle("sticky") == []
+
+    run(etcd_endpoints, prefix, body)

@@ -17,12 +17,11 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import closing
 from ipaddress import IPv4Network, ip_address, ip_network
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
 
-from fabric.agent.status import StatusPublisher
+from fabric.agent.status import RouteList
 from fabric.dataplane.netlink import IPAddress, IPNetwork, KernelRoute, dump_routes
 from fabric.dataplane.route_table import FlushResult, RouteTable
 from lab import netns as labns
@@ -193,17 +192,17 @@ def test_status_route_list_waits_for_a_burst_to_settle(ns: str) -> None:
 
     async def go() -> None:
         with closing(RouteTable(PROTO, netns=ns)) as t:
-            pub = StatusPublisher(SimpleNamespace(routes=t))  # type: ignore[arg-type]
-            assert pub._route_items() == []
+            pub = RouteList(t)
+            assert pub.items() == []
             routes = many(5)
             t.update(routes.items())
             await t.flush()
-            listed = pub._route_items()
+            listed = pub.items()
             assert [i["dst"] for i in listed] == sorted(str(d) for d in routes)
             t.update((dst, None) for dst in list(routes)[:2])  # pending: a burst goes on
-            assert pub._route_items() is listed
+            assert pub.items() is listed
             await t.flush()  # written, nothing pending, and no run() burst timer
-            assert len(pub._route_items()) == 3
+            assert len(pub.items()) == 3
 
     run(go())
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fabric import unit as fabric_unit
 from fabric.agent import systemd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,14 +84,12 @@ def test_child_env_drops_systemd_variables() -> None:
 
 
 def test_checked_in_unit_matches_unit_text() -> None:
-    shipped = (ROOT / "fabric" / "agent" / "fabricd.service").read_text()
-    assert shipped == systemd.unit_text(), (
-        "regenerate fabric/agent/fabricd.service from unit_text()"
-    )
+    shipped = (ROOT / "fabric" / "fabricd.service").read_text()
+    assert shipped == fabric_unit.unit_text(), "regenerate fabric/fabricd.service from unit_text()"
 
 
 def test_unit_text() -> None:
-    unit = systemd.unit_text("/etc/x/fabricd.yaml", "/opt/fabric/bin/fabricd")
+    unit = fabric_unit.unit_text("/etc/x/fabricd.yaml", "/opt/fabric/bin/fabricd")
     lines = set(unit.splitlines())
     for want in (
         "Type=notify",
@@ -111,12 +110,12 @@ def test_unit_text() -> None:
     assert "ProtectKernelTunables=yes" not in unit  # fabricd writes sysctls (proxy_arp)
     for bad in ("relative/fabricd", "/path with space", "/a%i", "/x$y"):
         with pytest.raises(ValueError):
-            systemd.unit_text(fabricd_path=bad)
+            fabric_unit.unit_text(fabricd_path=bad)
 
 
 def test_install_unit(tmp_path: Path) -> None:
-    path = systemd.install_unit(tmp_path, "/etc/fabric/fabricd.yaml", "/usr/bin/fabricd")
+    path = fabric_unit.install_unit(tmp_path, "/etc/fabric/fabricd.yaml", "/usr/bin/fabricd")
     assert path == tmp_path / "fabricd.service"
-    assert path.read_text() == systemd.unit_text(fabricd_path="/usr/bin/fabricd")
+    assert path.read_text() == fabric_unit.unit_text(fabricd_path="/usr/bin/fabricd")
     assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["fabricd.service"]

@@ -30,7 +30,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,24 +44,31 @@ from bgp.model import (
     NodeInfo,
     PeerState,
     PeerUpdate,
+    Session,
     SessionState,
     SpeakerRestarted,
 )
 from bgp.rib import Rib
 from bgp.speaker import Speaker
 from fabric.agent import systemd
-from fabric.agent.config import AgentConfig, RequiredPeers
-from fabric.agent.health import Check, HealthServer
+from fabric.agent.config import AgentConfig
+from fabric.agent.health import HealthServer
 from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
 from fabric.agent.metrics import Metrics
+from fabric.agent.policy import PREFIXES as POLICY_PREFIXES
+from fabric.agent.policy import ObjectIndex, PolicyAgent, read_cache
+from fabric.agent.probes import Probes
 from fabric.agent.registration import Registration
-from fabric.agent.status import StatusPublisher
+from fabric.agent.sessions import Convergence, required_peers_up
+from fabric.agent.status import NodeView, StatusPublisher
 from fabric.agent.watch import Cache
 from fabric.dataplane.nat import NatTable
 from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
 from fabric.dataplane.netlink.sysctls import write_sysctls
 from fabric.dataplane.pods import Dataplane
+from fabric.dataplane.policy_table import PolicyTable
 from fabric.dataplane.route_table import RouteTable
+from fabric.workloads.pending import PendingDir
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import CNIServer, answer
 from fabric.workloads.state import StateDir
@@ -78,11 +85,11 @@ log = logging.getLogger("fabric.agent.agent")
 
 RECONCILE_DEBOUNCE = 0.01  # coalesces a burst of watch events into one reconcile
 STATUS_INTERVAL = 2.0
-RECONFIGURE_WAIT = 1.0
+RECONFIGURE_WAIT = 1.0  # seconds a reconcile waits for ExaBGP to confirm a reload
 HOST_SYSCTLS = (
     ("net.ipv4.conf.all.ignore_routes_with_linkdown", "1", True),
     ("net.ipv6.conf.all.ignore_routes_with_linkdown", "1", False),
-)  # seconds a reconcile waits for ExaBGP to confirm a reload
+)
 
 
 def _match(selector: str, labels: Any) -> bool:
@@ -131,6 +138,7 @@ class Agent:
                 keys.NODES,
                 keys.node_affinities(cfg.node_name),
                 keys.BLOCKS,
+                *POLICY_PREFIXES,
             ],
             self._changed,
             cfg.resync_interval,
@@ -151,6 +159,22 @@ class Agent:
         self.routes = RouteTable(cfg.routes.protocol, cfg.routes.table)
         self.nat = NatTable()
         self.dataplane = Dataplane(log.getChild("dataplane"))
+        self.speaker = Speaker(
+            Path(cfg.run_dir) / "bgp", self._on_bgp_event, cfg.bgp.exabgp, log.getChild("speaker")
+        )
+        policy_objects = ObjectIndex()
+        self.policy = PolicyAgent(
+            cfg.node_name,
+            PolicyTable(),
+            lambda: read_cache(self.cache.data, policy_objects, self.blocks.blocks),
+            lambda: self.workloads.records.values(),  # noqa: PLW0108 (made below, replaced by recover)
+            cfg.policy.cut_established,
+            cfg.policy.resync_interval,
+            self.metrics.observe_reconcile,
+        )
+        self.probes = Probes(
+            self.store, self.speaker, self.metrics, self._required_peers_up, self.policy.check
+        )
         alloc = Allocator(self.store)
         self.workloads = Workloads(
             Deps(
@@ -159,7 +183,9 @@ class Agent:
                 dataplane=self.dataplane,
                 routes=self.routes,
                 state=StateDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
-                datastore_ok=self._etcd_reachable,
+                datastore_ok=self.probes.etcd_reachable,
+                pending=PendingDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
+                policy=self.policy,
             ),
             log.getChild("workloads"),
         )
@@ -167,23 +193,20 @@ class Agent:
             Path(cfg.cni.socket),
             functools.partial(answer, self.workloads, self.metrics.cni_request),
         )
-        run_dir = Path(cfg.run_dir)
-        self.speaker = Speaker(
-            run_dir / "bgp", self._on_bgp_event, cfg.bgp.exabgp, log.getChild("speaker")
+        self.health = HealthServer(
+            cfg.health.listen, self.probes.live, self.probes.ready, self.metrics.registry
         )
-        self.health = HealthServer(cfg.health.listen, self.live, self.ready, self.metrics.registry)
-        self.status = StatusPublisher(self)
+        self.status = StatusPublisher(
+            self._status_view, self.routes, self.metrics, self.store, self.registration
+        )
         self.intent: Intent | None = None
-        self.adopted: dict[IPNetwork, KernelRoute] = {}
-        self.converged = False
-        self.converge_deadline = 0.0
-        self.eor: set[IPAddress] = set()
+        self.convergence = Convergence({}, 0.0)  # replaced at start, with the adopted routes
         self._dirty = asyncio.Event()
         self._changed_prefixes: set[str] = set()  # watched prefixes changed since the last pass
         self._borrowed: tuple[IPAddress, ...] = ()  # as of the last pass
         self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._etcd_ok = (0.0, False)
+        self._tasks: list[asyncio.Task[Any]] = []  # run forever: one that ends is a failure
+        self._jobs: set[asyncio.Task[Any]] = set()  # one-off work, held until it ends
         self._gw_tuples: dict[frozenset[IPAddress], tuple[IPAddress, ...]] = {}
 
     # ----------------------------------------------------------------- lifecycle
@@ -199,7 +222,7 @@ class Agent:
         except (OSError, NetlinkError) as e:
             log.warning("failed to set host sysctls %s: %s", HOST_SYSCTLS, e)
         n = await self.routes.adopt()
-        self.adopted = {
+        adopted = {
             dst: r
             for dst, r in self.routes.installed().items()
             if not r.blackhole and r.dev is None
@@ -208,11 +231,23 @@ class Agent:
         await self.registration.register()
         await self.cache.load()
         await self.workloads.recover()  # local pods' host routes, before the first resync
-        self.converge_deadline = time.monotonic() + cfg.bgp.graceful_restart_time
+        # DELs recorded while fabricd was down: before the first resync and the first ADD
+        left = await self.workloads.finish_pending()
+        if left:
+            log.warning("%d recorded DELs could not be finished yet; retried", left)
+        deadline = time.monotonic() + cfg.bgp.graceful_restart_time
+        self.convergence = Convergence(adopted, deadline)
         intent = self._compute()
         await self._apply(intent, first=True)
-        await self.speaker.start(list(intent.sessions), self.local.router_id)
-        self.speaker.set_announcements(intent.adverts)
+        try:  # adopt the policy table (kept in the kernel across restarts) before any ADD
+            await self.policy.program()
+        except Exception:
+            log.error("%s; /readyz fails until a batch works", self.policy.problem)
+        # the adverts go in with the start: ExaBGP may bring a session up before start()
+        # returns, and its End-of-RIB must follow our routes (the ToR drops what it kept)
+        await self.speaker.start(
+            list(intent.sessions), self.local.router_id, adverts=intent.adverts
+        )
         await self.health.start()
         await self.cni.start()
         self._tasks = [
@@ -222,11 +257,15 @@ class Agent:
             asyncio.create_task(self._converge_loop(), name="converge"),
             asyncio.create_task(self._kernel_resync_loop(), name="kernel resync"),
             asyncio.create_task(self.routes.run(), name="routes"),
+            asyncio.create_task(self.policy.run(), name="policy"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
+            asyncio.create_task(self.workloads.pending_loop(), name="recorded DELs"),
         ]
         interval = systemd.watchdog_interval()
         if cfg.watchdog and interval:
-            self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+            self._tasks.append(
+                asyncio.create_task(systemd.watchdog_loop(interval), name="watchdog")
+            )
         systemd.ready()
         log.info(
             "fabricd ready: %d sessions, %d announcements",
@@ -258,9 +297,9 @@ class Agent:
         systemd.stopping()
         log.info("fabricd stopping; kernel routes stay in place")
         await self.cni.stop()  # first: no new CNI work; requests in flight finish
-        for t in self._tasks:
+        for t in (*self._tasks, *self._jobs):
             t.cancel()
-        for t in self._tasks:
+        for t in (*self._tasks, *self._jobs):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         with contextlib.suppress(Exception):
@@ -274,10 +313,14 @@ class Agent:
     # ----------------------------------------------------------------- reconcile
 
     def _changed(self, prefix: str) -> None:
+        if prefix in POLICY_PREFIXES or prefix == keys.BLOCKS:
+            self.policy.changed()
+            if prefix != keys.BLOCKS:
+                return  # the routing intent does not read policy objects
         if prefix == keys.NODES and keys.node(self.cfg.node_name) not in self.cache.items(
             keys.NODES
         ):
-            asyncio.get_running_loop().create_task(self._reregister())
+            self._spawn(self._reregister(), "re-register")
         self._changed_prefixes.add(prefix)
         self._dirty.set()
 
@@ -290,6 +333,19 @@ class Agent:
             return False
         blocks = self.blocks.blocks(self.cache.data.get(keys.BLOCKS, {}))
         return tuple(borrowed_ips(blocks, self.cfg.node_name)) == self._borrowed
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run one-off work in the background. The loop holds tasks only weakly: the agent
+        keeps each one until it ends (a bare create_task can be collected mid-run), logs a
+        failure, and cancels what is left at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._jobs.add(task)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[Any]) -> None:
+        self._jobs.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.error("background job %s failed: %s", task.get_name(), e, exc_info=e)
 
     async def _reregister(self) -> None:
         with contextlib.suppress(IPAMError):
@@ -368,14 +424,14 @@ class Agent:
     def _on_bgp_event(self, ev: Event) -> None:
         if isinstance(ev, SpeakerRestarted):
             self.metrics.exabgp_restart()
-            self.eor.clear()
+            self.convergence.speaker_restarted()
             log.warning("ExaBGP restarted (%d restarts); learned routes kept as stale", ev.restarts)
         elif isinstance(ev, EndOfRib):
-            self.eor.add(ev.peer)
+            self.convergence.end_of_rib(ev.peer)
         elif isinstance(ev, PeerState) and ev.state != SessionState.ESTABLISHED:
-            self.eor.discard(ev.peer)
+            self.convergence.session_down(ev.peer)
         self._route_changes(self.rib.apply(ev, time.monotonic()))
-        if isinstance(ev, PeerUpdate | EndOfRib) and not self.converged:
+        if isinstance(ev, PeerUpdate | EndOfRib) and not self.convergence.converged:
             self._check_converged()
 
     def _route_changes(self, changes: dict[IPNetwork, frozenset[IPAddress] | None]) -> None:
@@ -392,34 +448,26 @@ class Agent:
                 continue
             if hops:
                 yield dst, KernelRoute.via(dst, self._gateways(hops))
-            elif self.converged or dst not in self.adopted:
+            elif not self.convergence.keeps(dst):
                 yield dst, None
             # else: keep the adopted route until the RIB has converged
 
-    def _check_converged(self) -> None:
-        """Converged: every planned session is up and has sent End-of-RIB, or the
-        graceful-restart time since start has passed (a peer that stays down)."""
-        status = self.speaker.sessions_status()
-        sessions = self.intent.sessions if self.intent is not None else ()
-        complete = all(
-            s.peer_ip in self.eor
-            and (st := status.get(s.peer_ip)) is not None
-            and st.state == SessionState.ESTABLISHED
-            for s in sessions
-        )
-        if complete or time.monotonic() >= self.converge_deadline:
-            self._converge()
+    def _sessions(self) -> tuple[Session, ...]:
+        return self.intent.sessions if self.intent is not None else ()
 
-    def _converge(self) -> None:
-        if self.converged:
-            return
-        self.converged = True
-        best = self.rib.best()
-        stale = [d for d in self.adopted if d not in best]
-        for dst in stale:
-            self.routes.set(dst, None)
-        log.info("RIB converged; removing %d adopted routes nobody announces", len(stale))
-        self.adopted = {}
+    def _established(self) -> set[IPAddress]:
+        return {ip for ip, st in self.speaker.sessions_status().items()
+                if st.state == SessionState.ESTABLISHED}  # fmt: skip
+
+    def _check_converged(self) -> None:
+        planned = [s.peer_ip for s in self._sessions()]
+        stale = self.convergence.check(
+            time.monotonic(), planned, self._established(), self.rib.best
+        )
+        if stale is not None:
+            for dst in stale:
+                self.routes.set(dst, None)
+            log.info("RIB converged; removing %d adopted routes nobody announces", len(stale))
 
     def _gateways(self, hops: frozenset[IPAddress]) -> tuple[IPAddress, ...]:
         """One shared tuple per next-hop set (100,000 routes via one ToR share one)."""
@@ -434,8 +482,7 @@ class Agent:
         """The whole kernel table fabricd wants: local pods' host routes, then own blocks as
         blackholes, then best learned routes, then (until converged) adopted ones."""
         desired: dict[IPNetwork, KernelRoute] = {}
-        if not self.converged:
-            desired.update(self.adopted)
+        desired.update(self.convergence.adopted)  # empty once converged
         for dst, hops in self.rib.best().items():
             if hops:
                 desired[dst] = KernelRoute(dst=dst, gateways=self._gateways(hops))
@@ -459,7 +506,7 @@ class Agent:
                 )  # fmt: skip
 
     async def _converge_loop(self) -> None:
-        while not self.converged:
+        while not self.convergence.converged:
             await asyncio.sleep(0.5)
             self._check_converged()
         while True:
@@ -468,63 +515,20 @@ class Agent:
 
     # ----------------------------------------------------------------- health
 
-    async def _etcd_reachable(self) -> bool:
-        at, ok = self._etcd_ok
-        if time.monotonic() - at < 2.0:
-            return ok
-        try:
-            await self.store.status(deadline=1.0)
-            ok = True
-        except IPAMError:
-            self.metrics.etcd_error("status")
-            ok = False
-        self._etcd_ok = (time.monotonic(), ok)
-        return ok
-
-    async def live(self) -> Check:
-        speaker = await self.speaker.ping(timeout=1.5)
-        return Check(speaker, {"eventLoop": "ok", "exabgp": "ok" if speaker else "not answering"})
-
-    async def ready(self) -> Check:
-        detail: dict[str, str] = {}
-        etcd = await self._etcd_reachable()
-        detail["etcd"] = "ok" if etcd else "unreachable"
-        speaker = await self.speaker.ping(timeout=1.5)
-        detail["exabgp"] = "ok" if speaker else "not answering"
-        peers_ok, why = self._required_peers_up()
-        detail["peers"] = why
-        return Check(etcd and speaker and peers_ok, detail)
-
     def _required_peers_up(self) -> tuple[bool, str]:
-        sessions = self.intent.sessions if self.intent is not None else ()
-        status = self.speaker.sessions_status()
+        required = [s.peer_ip for s in self._sessions() if s.required]
+        return required_peers_up(self.cfg.bgp.required_peers, required, self._established())
 
-        def up(ip: IPAddress) -> bool:
-            st = status.get(ip)
-            return st is not None and st.state == SessionState.ESTABLISHED
-
-        mode = self.cfg.bgp.required_peers
-        if mode == RequiredPeers.NONE:
-            return True, "not required"
-        if isinstance(mode, RequiredPeers):  # "auto": at least one required (ToR / RR) session up
-            required = [s.peer_ip for s in sessions if s.required]
-            if not required:
-                return True, "no required peers configured"
-            n = sum(1 for ip in required if up(ip))
-            return n > 0, f"{n}/{len(required)} required peers established"
-        missing = [str(ip) for ip in mode if not up(ip)]
-        return not missing, "missing: " + ", ".join(missing) if missing else "all established"
-
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            systemd.watchdog_ping()
-            await asyncio.sleep(interval)
-
-
-async def run_agent(
-    cfg: AgentConfig, on_started: Callable[[Agent], Awaitable[None]] | None = None
-) -> None:
-    agent = Agent(cfg)
-    if on_started is not None:
-        await on_started(agent)
-    await agent.run()
+    def _status_view(self) -> NodeView:
+        status, rib = self.speaker.sessions_status(), self.rib
+        return NodeView(
+            node=self.cfg.node_name,
+            sessions=tuple(
+                (s, status.get(s.peer_ip), rib.stats(s.peer_ip)) for s in self._sessions()
+            ),
+            speaker_pid=self.speaker.pid,
+            speaker_restarts=self.speaker.restarts,
+            announcements=tuple(sorted(str(a.prefix) for a in self.speaker.announced())),
+            converged=self.convergence.converged,
+            own_blocks=len(self.intent.blackholes) if self.intent is not None else None,
+        )

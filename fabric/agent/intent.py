@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from bgp.config import BGPConfig, Peer
 from bgp.errors import BGPError
 from bgp.import_policy import ImportPolicy
-from bgp.model import Advert, BGPConfig, IPAddress, IPInterface, IPNetwork, NodeInfo, Peer, Session
+from bgp.model import Advert, IPAddress, IPInterface, IPNetwork, NodeInfo, Session
 from bgp.plan import plan_sessions
 from ipam import keys
 from ipam.block import Block

@@ -5,6 +5,9 @@ node) and is rewritten only when its content changed, at most every couple of se
 ``fabricctl bgp status`` and ``fabricctl routes`` read it. The route list is capped so the
 document stays far below etcd's request size limit; ``truncated`` says when it was cut.
 The same pass refreshes the Prometheus gauges.
+
+The publisher never sees the agent: it reads a ``NodeView`` (a frozen snapshot the agent
+builds on request) and the route table, so this module imports nothing of ``agent``.
 """
 
 from __future__ import annotations
@@ -16,18 +19,21 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from bgp.model import SessionState
-from fabric.agent.metrics import SessionSample
+from bgp.model import Session, SessionState
+from bgp.rib import PeerStats
+from bgp.sessions import SessionStatus
+from fabric.agent.metrics import Metrics, SessionSample
+from fabric.agent.registration import Registration
+from fabric.dataplane.netlink import IPNetwork, KernelRoute
+from fabric.dataplane.route_table import RouteStats, RouteTable
 from ipam import keys
 from ipam.errors import IPAMError
 from ipam.resources import dumps
-
-if TYPE_CHECKING:
-    from fabric.agent.agent import Agent
-    from fabric.dataplane.netlink import IPNetwork, KernelRoute
+from ipam.store import Store
 
 log = logging.getLogger("fabric.agent.status")
 
@@ -41,13 +47,23 @@ def _info(state: SessionState, info: str) -> str:
     )
 
 
-def build(agent: Agent, items: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The status document; ``items`` (the route list) is computed when not given."""
-    status = agent.speaker.sessions_status()
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """What the status document shows of the agent, taken at one moment."""
+
+    node: str
+    sessions: tuple[tuple[Session, SessionStatus | None, PeerStats], ...]  # planned ones
+    speaker_pid: int | None
+    speaker_restarts: int
+    announcements: tuple[str, ...]  # sorted prefixes
+    converged: bool
+    own_blocks: int | None  # None before the first intent
+
+
+def build(view: NodeView, counts: RouteStats, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The status document; ``items`` is the route list (``route_items``)."""
     sessions = []
-    for s in agent.intent.sessions if agent.intent is not None else ():
-        st = status.get(s.peer_ip)
-        stats = agent.rib.stats(s.peer_ip)
+    for s, st, stats in view.sessions:
         state = st.state if st is not None else SessionState.IDLE
         sessions.append(
             {
@@ -66,18 +82,15 @@ def build(agent: Agent, items: list[dict[str, Any]] | None = None) -> dict[str, 
                 "rejected": stats.rejected,
             }
         )
-    counts = agent.routes.stats()
-    if items is None:
-        items = route_items(agent.routes.installed())
     return {
-        "node": agent.cfg.node_name,
+        "node": view.node,
         "speaker": {
-            "running": agent.speaker.pid is not None,
-            "pid": agent.speaker.pid,
-            "restarts": agent.speaker.restarts,
+            "running": view.speaker_pid is not None,
+            "pid": view.speaker_pid,
+            "restarts": view.speaker_restarts,
         },
         "sessions": sessions,
-        "announcements": sorted(str(a.prefix) for a in agent.speaker.announced()),
+        "announcements": list(view.announcements),
         "routes": {
             "installed": counts.installed,
             "blackholes": counts.blackholes,
@@ -85,7 +98,7 @@ def build(agent: Agent, items: list[dict[str, Any]] | None = None) -> dict[str, 
             "truncated": counts.installed > MAX_ROUTES,
             "items": items,
         },
-        "converged": agent.converged,
+        "converged": view.converged,
         "pid": os.getpid(),
     }
 
@@ -108,8 +121,7 @@ def route_items(installed: Mapping[IPNetwork, KernelRoute]) -> list[dict[str, An
     return items
 
 
-def update_metrics(agent: Agent, doc: dict[str, Any]) -> None:
-    m = agent.metrics
+def update_metrics(m: Metrics, doc: dict[str, Any], own_blocks: int | None) -> None:
     m.set_sessions(
         SessionSample(
             s["peerIP"], s["type"], s["state"], s["received"], s["accepted"], s["rejected"]
@@ -120,24 +132,25 @@ def update_metrics(agent: Agent, doc: dict[str, Any]) -> None:
     blackhole, local = routes["blackholes"], routes["local"]
     m.set_routes(unicast=routes["installed"] - blackhole - local, blackhole=blackhole, local=local)
     m.set_announcements(len(doc["announcements"]))
-    if agent.intent is not None:
-        m.set_ipam(len(agent.intent.blackholes))
+    if own_blocks is not None:
+        m.set_ipam(own_blocks)
 
 
-class StatusPublisher:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self._last = b""
+class RouteList:
+    """The document's route list of one route table, rebuilt only when worth it."""
+
+    def __init__(self, routes: RouteTable) -> None:
+        self.routes = routes
         self._items: list[dict[str, Any]] | None = None
         self._items_generation = -1
         self._items_at = 0.0
 
-    def _route_items(self) -> list[dict[str, Any]]:
+    def items(self) -> list[dict[str, Any]]:
         """The route list, rebuilt when the table changed, but not while a burst of changes
         is being written (100k withdrawals): listing 2,000 routes each publish took CPU
         from the burst itself. Counts are always current; the list is at most
         ITEMS_MAX_AGE old."""
-        routes, now = self.agent.routes, time.monotonic()
+        routes, now = self.routes, time.monotonic()
         generation = routes.generation
         stale = generation != self._items_generation
         if self._items is None or (
@@ -147,15 +160,26 @@ class StatusPublisher:
             self._items_generation, self._items_at = generation, now
         return self._items
 
+
+class StatusPublisher:
+    """Writes ``status/<node>`` (see the module docstring) from ``view()`` and ``routes``."""
+
+    def __init__(self, view: Callable[[], NodeView], routes: RouteTable, metrics: Metrics,
+                 store: Store, registration: Registration) -> None:  # fmt: skip
+        self.view, self.routes, self.metrics = view, routes, metrics
+        self.store, self.registration = store, registration
+        self.route_list = RouteList(routes)
+        self._last = b""
+
     async def publish(self) -> None:
-        doc = build(self.agent, self._route_items())
-        update_metrics(self.agent, doc)
+        view = self.view()
+        doc = build(view, self.routes.stats(), self.route_list.items())
+        update_metrics(self.metrics, doc, view.own_blocks)
         body = json.dumps(doc, sort_keys=True).encode()
         if body == self._last:
             return
         doc["updated"] = time.time()
-        key = keys.status(self.agent.cfg.node_name)
-        await self.agent.store.put(key, dumps(doc), self.agent.registration.lease)
+        await self.store.put(keys.status(view.node), dumps(doc), self.registration.lease)
         self._last = body
 
     async def run(self, interval: float) -> None:
@@ -163,10 +187,10 @@ class StatusPublisher:
             try:
                 await self.publish()
             except IPAMError as e:
-                self.agent.metrics.etcd_error("status")
+                self.metrics.etcd_error("status")
                 log.warning("failed to publish node status: %s", e)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.agent.registration.renewed.wait(), interval)
-            if self.agent.registration.renewed.is_set():
-                self.agent.registration.renewed.clear()
+                await asyncio.wait_for(self.registration.renewed.wait(), interval)
+            if self.registration.renewed.is_set():
+                self.registration.renewed.clear()
                 self._last = b""  # re-register: write again under the new lease

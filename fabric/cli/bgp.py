@@ -15,8 +15,9 @@ from typing import Any
 
 import click
 
+from bgp.config import BGPConfig, Peer
 from bgp.errors import ValidationError
-from bgp.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME, BGPConfig, Peer
+from bgp.model import DEFAULT_HOLD_TIME, DEFAULT_RESTART_TIME
 from fabric.cli.common import (
     RESOURCE,
     Command,
@@ -43,6 +44,8 @@ _PEER_OPTIONS = {
     "holdTime": "--hold-time", "keepaliveTime": "--keepalive-time",
     "maxRestartTime": "--max-restart-time", "maxPrefixes": "--max-prefixes",
     "required": "--required", "numAllowedLocalASNumbers": "--num-allowed-local-as",
+    "passwordCredential": "--password-credential", "ttlSecurity": "--ttl-security",
+    "sourceAddress": "--source-address",
 }  # fmt: skip
 _CONFIG_OPTIONS = {
     "asNumber": "--as-number", "nodeToNodeMeshEnabled": "--node-to-node-mesh",
@@ -97,6 +100,14 @@ def peer() -> None:
 )
 @click.option("--password-file", metavar="PATH",
               help="Absolute path, on every node, of a file holding the TCP MD5 key.")  # fmt: skip
+@click.option("--password-credential", metavar="NAME",
+              help="Instead of --password-file: the systemd credential NAME holds the key "
+              "(LoadCredential=NAME:PATH in fabricd's unit).")  # fmt: skip
+@click.option("--ttl-security", metavar="HOPS",
+              help="GTSM: the peer is at most HOPS away; send TTL 255, accept >= 256-HOPS.")  # fmt: skip
+@click.option("--source-address", metavar="MODE",
+              help="UseNodeIP (the node's address) or None (the kernel picks); default: the "
+              "interface facing the peer, else the node's address.")  # fmt: skip
 @click.option(
     "--hold-time", metavar="S", help=f"Hold time: seconds or 1m30s (default {DEFAULT_HOLD_TIME})."
 )
@@ -117,7 +128,13 @@ def peer_add(ctx: click.Context, /, name: str, **opts: Any) -> None:
     """
     ctx.meta[RESOURCE] = f"BGPPeer {name}"
     spec = {field: opts[option[2:].replace("-", "_")] for field, option in _PEER_OPTIONS.items()}
-    for f in ("asNumber", "localASNumber", "maxPrefixes", "numAllowedLocalASNumbers"):
+    for f in (
+        "asNumber",
+        "localASNumber",
+        "maxPrefixes",
+        "numAllowedLocalASNumbers",
+        "ttlSecurity",
+    ):
         spec[f] = _num(spec[f])
     try:
         new = rb.peer_from_spec(name, {k: v for k, v in spec.items() if v is not None})
@@ -160,7 +177,10 @@ def peer_show(ctx: click.Context, name: str, fmt: str) -> None:
             ("Name", p.name), ("Peer IP", s.get("peerIP")), ("AS number", p.as_number),
             ("Peer selector", p.peer_selector), ("Peers with it", scope),
             ("Local AS number", p.local_as_number or "the node's"),
-            ("Password file", p.password_file),
+            ("Password", f"file {p.password_file}" if p.password_file else
+             f"systemd credential {p.password_credential}" if p.password_credential else None),
+            ("TTL security", f"{p.ttl_security} hop(s)" if p.ttl_security else "off"),
+            ("Source address", p.source_address or "facing interface, else node address"),
             ("Hold time", rb.seconds(p.hold_time) or f"{DEFAULT_HOLD_TIME}s (default)"),
             ("Keepalive time", rb.seconds(p.keepalive_time) or "hold time / 3"),
             ("Max restart time", rb.seconds(p.max_restart_time) or f"{DEFAULT_RESTART_TIME}s (default)"),

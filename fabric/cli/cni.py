@@ -31,6 +31,10 @@ def cni() -> None:
               help=f"Where the runtime reads network configs ({inst.CONFLIST} goes there).")  # fmt: skip
 @click.option("--socket", "socket_path", default="/run/fabric/cni.sock", show_default=True,
               metavar="PATH", help="fabricd's CNI socket (cni.socket in fabricd.yaml).")  # fmt: skip
+@click.option("--state-dir", default=str(inst.DEFAULT_STATE_DIR), show_default=True,
+              metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="fabricd's cni.stateDir: a DEL while fabricd is down is recorded in its "
+              f"{inst.PENDING_DIR}/ and answered with success.")  # fmt: skip
 @click.option("--network-name", default="fabric", show_default=True,
               help="The network's name (part of every IPAM handle).")  # fmt: skip
 @click.option("--mtu", type=click.IntRange(68, 65535), default=1500, show_default=True,
@@ -45,7 +49,8 @@ def cni() -> None:
               help=f"Symlink {', '.join(inst.REFERENCE_PLUGINS)} from {inst.REFERENCE_DIR} "
               "into --bin-dir.")  # fmt: skip
 @output_option
-def install(bin_dir: Path, conf_dir: Path, socket_path: str, network_name: str, mtu: int,
+def install(bin_dir: Path, conf_dir: Path, socket_path: str, state_dir: Path,
+            network_name: str, mtu: int,
             pools: tuple[str, ...], cni_version: str, python: str, link_reference: bool,
             fmt: str) -> None:  # fmt: skip
     """Write the plugins `fabric` and `fabric-ipam` (0755) into --bin-dir and
@@ -58,7 +63,7 @@ def install(bin_dir: Path, conf_dir: Path, socket_path: str, network_name: str, 
     _check(network_name, pools, socket_path, python)
     try:
         done = inst.install(bin_dir, conf_dir, socket_path, network_name, mtu, pools, python,
-                            link_reference, cni_version)  # fmt: skip
+                            link_reference, cni_version, state_dir)  # fmt: skip
     except OSError as e:
         where = e.filename or str(bin_dir)
         raise CLIError(f"cannot write the plugin: {e.strerror}", str(where)) from e
@@ -67,6 +72,7 @@ def install(bin_dir: Path, conf_dir: Path, socket_path: str, network_name: str, 
         "conflist": str(done.conflist),
         "links": [str(p) for p in done.links],
         "socket": socket_path,
+        "pendingDir": str(state_dir.absolute() / inst.PENDING_DIR),
         "network": done.network,
     }
 

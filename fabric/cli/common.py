@@ -7,15 +7,15 @@ line on stderr and an exit code, both decided in fabric.errors.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -28,15 +28,17 @@ from fabric.cli.output import (
     to_yaml_documents,
 )
 from fabric.errors import CLIError
-from fabric.resources import documents as ry
-from ipam.allocator import Allocator
-from ipam.gc import Maintenance, PoolUsage
-from ipam.resources import Resources
-from ipam.store import Store, TLSConfig
+
+if TYPE_CHECKING:  # the etcd stack is imported where a command runs (see run())
+    from ipam.allocator import Allocator
+    from ipam.gc import Maintenance, PoolUsage
+    from ipam.resources import Resources
+    from ipam.store import Store, TLSConfig
 
 T = TypeVar("T")
 
 DEFAULT_ENDPOINTS = "127.0.0.1:2379"
+DEFAULT_PREFIX = "/fabric/v1"  # ipam.store.DEFAULT_PREFIX, without importing the etcd client
 # A CLI user waits for an answer: 5 s rides out an etcd leader election, and is short
 # enough that "etcd is down" is reported (exit 2) quickly.
 DEFAULT_TIMEOUT = 5.0
@@ -98,6 +100,44 @@ class Group(click.Group):
             return super().invoke(ctx)
 
 
+class LazyGroup(Group):
+    """A group whose subcommands named in ``lazy`` (name -> ("module:attribute", the first
+    paragraph of the command's help)) are imported only when one of them runs or shows its
+    own help. The group's own ``--help`` lists them from the text given here, shortened as
+    click shortens a command's help, so it imports none of them."""
+
+    def __init__(self, *args: Any, lazy: Mapping[str, tuple[str, str]] | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.lazy: dict[str, tuple[str, str]] = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, _, attr = self.lazy[cmd_name][0].partition(":")
+            cmd = getattr(import_module(module), attr)
+            if not isinstance(cmd, click.Command):
+                raise TypeError(f"{module}:{attr} is not a click command")
+            self.add_command(cmd, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.lazy and name not in self.commands:
+                limit = formatter.width - 6 - len(name)
+                # shortened exactly as click shortens a loaded command's help
+                short = click.Command(name, help=self.lazy[name][1]).get_short_help_str(limit)
+                rows.append((name, short))
+            elif (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 @contextmanager
 def _usage_exit() -> Iterator[None]:
     """A bad command line is a user error: exit 1 (click's 2 means "etcd down" here)."""
@@ -124,6 +164,12 @@ def run(ctx: click.Context, fn: Callable[[Services], Awaitable[T]]) -> T:
     """Run ``fn`` against a fresh store that is closed afterwards."""
     s = ctx.find_object(Settings)
     assert s is not None
+
+    import asyncio
+
+    from ipam.allocator import Allocator
+    from ipam.gc import Maintenance
+    from ipam.store import Store
 
     async def go() -> T:
         store = Store(list(s.endpoints), s.prefix, s.tls, deadline=s.timeout)
@@ -170,6 +216,8 @@ def emit(data: Any, fmt: str, render_table: Callable[[], str]) -> None:
 
 def emit_resources(kind: str, docs: Sequence[Mapping[str, Any]], fmt: str, single: bool) -> None:
     """Resources as a table, JSON (one object, or a List) or YAML documents (apply input)."""
+    from fabric.resources import documents as ry
+
     f = Format(fmt)
     if f is Format.YAML:
         click.echo(to_yaml_documents(docs))

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
+from functools import cache
 from typing import Any
-
-import yaml
 
 
 class Format(StrEnum):
@@ -83,25 +82,32 @@ def to_json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=False)
 
 
-class _Dumper(yaml.SafeDumper):
-    """Block style, keys in the order given, no aliases."""
+@cache
+def _dumper() -> type:
+    """A SafeDumper with block style, keys in the order given and no aliases. PyYAML is
+    imported on first use: table output (the default) never needs it."""
+    import yaml
 
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return Dumper
+
+
+def _dump(data: Any, **kw: Any) -> str:
+    import yaml
+
+    return str(yaml.dump(data, Dumper=_dumper(), default_flow_style=False, sort_keys=False, **kw))
 
 
 def to_yaml(data: Any) -> str:
-    return yaml.dump(data, Dumper=_Dumper, default_flow_style=False, sort_keys=False).rstrip()
+    return _dump(data).rstrip()
 
 
 def to_yaml_documents(docs: Sequence[Mapping[str, Any]]) -> str:
     """Several YAML documents separated by ``---`` (valid input for ``apply -f``)."""
-    return "".join(
-        yaml.dump(
-            dict(d), Dumper=_Dumper, default_flow_style=False, sort_keys=False, explicit_start=True
-        )
-        for d in docs
-    ).rstrip()
+    return "".join(_dump(dict(d), explicit_start=True) for d in docs).rstrip()
 
 
 def structured(data: Any, fmt: Format) -> str:

@@ -26,18 +26,32 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_network
-from types import MappingProxyType
 from typing import TypeVar
 
-from fabric.dataplane.netlink import IPAddress, IPNetwork, NetlinkError, in_netns, open_netns
+from fabric.dataplane.attachment import (
+    HOST_LL,
+    HOST_MAC,
+    MIN_MTU,
+    MIN_MTU_V6,
+    Attached,
+    Attachment,
+    DataplaneError,
+    Families,
+    InterfaceExists,
+    InvalidAttachment,
+    Veth,
+    families,
+    has_version,
+    host_ifname,
+    validate_ifname,
+    validate_link,
+)
+from fabric.dataplane.netlink import NetlinkError, in_netns, open_netns
 from fabric.dataplane.netlink.links import (
     IPInterface,
     Link,
@@ -45,156 +59,20 @@ from fabric.dataplane.netlink.links import (
     address_request,
     no_ipv6_autoconf_request,
     random_mac,
-    route_request,
     up_request,
 )
-from fabric.dataplane.netlink.sysctls import Sysctl, sysctl_path, sysctl_problems, write_sysctls
+from fabric.dataplane.netlink.sysctls import Sysctl, sysctl_problems, write_sysctls
+from fabric.dataplane.pod_netns import (
+    configure_pod,
+    in_pod,
+    open_pod_netns,
+    pod_netns,
+    pod_problems,
+    prepare_pod,
+    remove_pod_end,
+)
 
 T = TypeVar("T")
-Families = frozenset[int]  # IP versions: {4}, {6} or {4, 6}
-
-HOST_MAC = "ee:ee:ee:ee:ee:ee"  # every host end: pods see one gateway MAC wherever they move
-HOST_LL = IPv6Interface("fe80::ecee:eeff:feee:eeee/64")  # EUI-64 of HOST_MAC
-GATEWAY_V4 = IPv4Address("169.254.1.1")  # never answered by anyone but proxy ARP
-IFNAMSIZ = 16  # with the NUL: names are 1..15 bytes
-MIN_MTU, MIN_MTU_V6, MAX_MTU = 68, 1280, 65535
-
-
-class DataplaneError(Exception):
-    """Attaching or detaching a pod failed; ``errno`` when the kernel said why.
-
-    Tree: DataplaneError > InvalidAttachment (bad input, ``field`` names it), NetnsNotFound
-    (the netns path is missing or not a network namespace), InterfaceExists (the pod already
-    has an interface of that name). Anything else is a kernel refusal or a failed sysctl.
-    """
-
-    def __init__(self, message: str, errno: int = 0) -> None:
-        super().__init__(message)
-        self.errno = errno
-
-
-class InvalidAttachment(DataplaneError, ValueError):
-    """A value the dataplane refuses before touching the kernel. ``field``: which one."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"invalid {field}: {problem}", errno.EINVAL)
-        self.field = field
-
-
-class NetnsNotFound(DataplaneError):
-    """The netns path does not exist or is not a network namespace."""
-
-
-class InterfaceExists(DataplaneError):
-    """The pod's netns has an interface of the requested name already (nothing was made)."""
-
-
-def host_ifname(container_id: str, ifname: str) -> str:
-    """The host end's name: ``fab`` + 11 hex digits of sha1("<container_id>.<ifname>")."""
-    digest = hashlib.sha1(f"{container_id}.{ifname}".encode(), usedforsecurity=False)
-    return "fab" + digest.hexdigest()[:11]
-
-
-def validate_ifname(ifname: str, field: str = "ifname") -> None:
-    """InvalidAttachment unless ``ifname`` is a name the kernel accepts (dev_valid_name)."""
-    if not 0 < len(ifname.encode()) < IFNAMSIZ:
-        raise InvalidAttachment(field, f"{ifname!r} must be 1..{IFNAMSIZ - 1} bytes")
-    if ifname in (".", "..") or "/" in ifname or ":" in ifname:
-        raise InvalidAttachment(field, f"{ifname!r} must not be '.', '..' or hold '/' or ':'")
-    if any(c.isspace() or not c.isprintable() for c in ifname):
-        raise InvalidAttachment(field, f"{ifname!r} must not hold whitespace")
-
-
-def _sysctl_key(key: str) -> None:
-    try:
-        sysctl_path(key)
-    except ValueError as e:
-        raise InvalidAttachment(f"sysctls[{key!r}]", str(e)) from e
-
-
-@dataclass(frozen=True, slots=True)
-class Attachment:
-    """One pod interface to make. ``netns`` is a path (/run/netns/x, /proc/<pid>/ns/net).
-
-    ``ips`` become /32 and /128 (Calico forces them too: the pod has no on-link subnet).
-    ``sysctls`` are written in the pod's netns; only ``net.*`` keys. Raises InvalidAttachment.
-    """
-
-    container_id: str
-    ifname: str
-    netns: str
-    ips: tuple[IPv4Interface | IPv6Interface, ...]
-    mtu: int = 1500
-    sysctls: Mapping[str, str] = field(default_factory=dict, hash=False)
-
-    def __post_init__(self) -> None:
-        ips = tuple(type(ip)(ip.ip) for ip in self.ips)  # /32, /128
-        if not ips or len(set(ips)) != len(ips):
-            raise InvalidAttachment("ips", "one or more addresses, each once")
-        low = MIN_MTU_V6 if any(ip.version == 6 for ip in ips) else MIN_MTU
-        _validate_link(self.container_id, self.ifname, self.netns, self.mtu, low)
-        for key, value in self.sysctls.items():
-            _sysctl_key(key)
-            if not value or "\n" in value or "\0" in value:
-                raise InvalidAttachment(f"sysctls[{key!r}]", f"bad value {value!r}")
-        object.__setattr__(self, "ips", ips)
-        object.__setattr__(self, "sysctls", MappingProxyType(dict(self.sysctls)))
-
-
-def _validate_link(
-    container_id: str, ifname: str, netns: str, mtu: int, low: int = MIN_MTU
-) -> None:
-    if not container_id or not container_id.isprintable():
-        raise InvalidAttachment("container_id", f"{container_id!r} must be printable")
-    validate_ifname(ifname)
-    if not netns:
-        raise InvalidAttachment("netns", "a path is needed")
-    if not low <= mtu <= MAX_MTU:
-        raise InvalidAttachment("mtu", f"{mtu} must be {low}..{MAX_MTU}")
-
-
-@dataclass(frozen=True, slots=True)
-class Attached:
-    """What :meth:`Dataplane.attach` made (for the CNI result: interfaces and ips)."""
-
-    host_ifname: str
-    host_mac: str
-    pod_ifname: str
-    pod_mac: str
-    netns: str
-    ips: tuple[IPv4Interface | IPv6Interface, ...]
-    pod_ifindex: int
-
-
-@dataclass(slots=True, eq=False)
-class Veth:
-    """A pair :meth:`Dataplane.create` made and nobody configured yet (both ends down, no
-    address). Holds the claim on ``host_ifname``, the pod's netns (``fd``) and a netlink
-    socket made inside it (``sock``), until :meth:`Dataplane.configure` or
-    :meth:`Dataplane.discard` (then ``sock`` is None).
-    """
-
-    container_id: str
-    ifname: str
-    netns: str
-    mtu: int
-    families: Families
-    host_ifname: str
-    pod_mac: str
-    host_index: int
-    pod_index: int
-    fd: int
-    sock: LinkSocket | None
-
-    def fits(self, a: Attachment) -> None:
-        """InvalidAttachment unless ``a`` is the attachment this pair was made for."""
-        made = (self.container_id, self.ifname, self.netns, self.mtu)
-        if made != (a.container_id, a.ifname, a.netns, a.mtu):
-            raise InvalidAttachment("attachment", f"{a} is not what {self.host_ifname} is for")
-
-    def attached(self, a: Attachment) -> Attached:
-        return Attached(self.host_ifname, HOST_MAC, self.ifname, self.pod_mac, self.netns, a.ips,
-                        self.pod_index)  # fmt: skip
 
 
 class Dataplane:
@@ -236,7 +114,7 @@ class Dataplane:
         """
         if not fams or not fams <= {4, 6}:
             raise InvalidAttachment("families", f"{sorted(fams)}: 4, 6 or both")
-        _validate_link(container_id, ifname, netns, mtu, MIN_MTU_V6 if 6 in fams else MIN_MTU)
+        validate_link(container_id, ifname, netns, mtu, MIN_MTU_V6 if 6 in fams else MIN_MTU)
         return await asyncio.to_thread(self._create_pair, container_id, ifname, netns, mtu, fams)
 
     async def configure(self, veth: Veth, a: Attachment) -> Attached:
@@ -307,13 +185,13 @@ class Dataplane:
         self._claim(host)
         fd = -1
         try:
-            fd = _open_pod_netns(netns)
+            fd = open_pod_netns(netns)
             if _same_file(fd, self.netns or "/proc/thread-self/ns/net"):
                 raise InvalidAttachment("netns", f"{netns} is the host's own namespace")
             link = self._create(container_id, ifname, netns, mtu, host, pod_mac, fd)
             try:
                 self._configure_host(fams, host, link.ifindex)
-                sock = _in_pod(fd, lambda: _prepare_pod(ifname, link.peer_index, fams))
+                sock = in_pod(fd, lambda: prepare_pod(ifname, link.peer_index, fams))
             except NetlinkError as e:
                 self._roll_back(host)
                 raise DataplaneError(f"{e} (in {netns})", e.errno) from e
@@ -340,7 +218,7 @@ class Dataplane:
     def _configure_steps(self, veth: Veth, a: Attachment) -> None:
         """The pod's addresses and sysctls; raises without undoing (the caller discards)."""
         assert veth.sock is not None
-        _configure_pod(a, veth.pod_index, veth.sock, veth.fd)
+        configure_pod(a, veth.pod_index, veth.sock, veth.fd)
 
     def _discard(self, veth: Veth) -> None:
         if veth.sock is None:  # configured or discarded: no claim held any more
@@ -418,7 +296,7 @@ class Dataplane:
                 self.log.debug("detach %s: netns %s: %s", host, netns, e)
                 return False
             try:
-                return _in_pod(fd, lambda: _remove_pod_end(ifname))
+                return in_pod(fd, lambda: remove_pod_end(ifname))
             finally:
                 os.close(fd)
 
@@ -426,7 +304,7 @@ class Dataplane:
 
     def _check(self, a: Attachment) -> list[str]:
         host = host_ifname(a.container_id, a.ifname)
-        v6 = _has(a, 6)
+        v6 = has_version(a, 6)
 
         def read_host(sock: LinkSocket) -> tuple[Link | None, list[IPInterface]]:
             link = sock.get_link(host)
@@ -441,8 +319,8 @@ class Dataplane:
             if v6 and HOST_LL not in addresses:
                 out.append(f"{host} lacks its address {HOST_LL}")
             out += self._in_host(lambda: sysctl_problems(_host_sysctls(families(a.ips), host)))
-        with _pod_netns(a.netns) as fd:
-            out += _in_pod(fd, lambda: _pod_problems(a, link.ifindex if link else None))
+        with pod_netns(a.netns) as fd:
+            out += in_pod(fd, lambda: pod_problems(a, link.ifindex if link else None))
         return out
 
     # ------------------------------------------------------------ helpers
@@ -495,85 +373,6 @@ class Dataplane:
             self._busy.discard(host)
 
 
-# ---------------------------------------------------------------- pod side (in its netns)
-
-
-def _prepare_pod(ifname: str, index: int, fams: Families) -> LinkSocket:
-    """Run by the calling thread while it is inside the pod's netns (:func:`in_netns`): a
-    netlink socket there (it stays in that netns, usable from any thread), IPv6 enabled on
-    the interface if it was not (runtimes may disable it in pods; its addresses and route
-    would be refused), up, the pod's routes.
-    """
-    enable_v6 = [(f"net/ipv6/conf/{ifname}/disable_ipv6", "0", True)] if 6 in fams else []
-    requests = [up_request(index, ifname)]
-    requests += [route_request(dst, index, ifname, via) for dst, via in _pod_routes(fams)]
-    sock = LinkSocket()
-    try:
-        write_sysctls(enable_v6, only_if_differs=True)
-        sock.apply(requests)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _configure_pod(a: Attachment, index: int, sock: LinkSocket, fd: int) -> None:
-    """The pod's addresses (one batch on ``sock``, in the pod's netns), then its sysctls,
-    written from inside the pod's netns (``fd``) only when there are some."""
-    try:
-        sock.apply([address_request(index, a.ifname, ip) for ip in a.ips])
-        if a.sysctls:
-            items = [(key, value, True) for key, value in a.sysctls.items()]
-            _in_pod(fd, lambda: write_sysctls(items))
-    except NetlinkError as e:
-        raise DataplaneError(f"{e} (in {a.netns})", e.errno) from e
-
-
-def _pod_routes(families: Families) -> list[tuple[IPNetwork, IPAddress | None]]:
-    """(destination, gateway) of the pod's routes; no gateway: a device route."""
-    out: list[tuple[IPNetwork, IPAddress | None]] = []
-    if 4 in families:
-        out += [(ip_network(GATEWAY_V4), None), (ip_network("0.0.0.0/0"), GATEWAY_V4)]
-    if 6 in families:
-        out.append((ip_network("::/0"), HOST_LL.ip))
-    return out
-
-
-def _remove_pod_end(ifname: str) -> bool:
-    """Delete the veth ``ifname`` in this thread's netns (never a link of another kind)."""
-    try:
-        with closing(LinkSocket()) as sock:
-            link = sock.get_link(ifname)
-            return link is not None and link.kind == "veth" and sock.delete_link("", link.ifindex)
-    except NetlinkError as e:
-        raise DataplaneError(f"failed to delete {ifname} in the pod: {e}", e.errno) from e
-
-
-def _pod_problems(a: Attachment, host_index: int | None) -> list[str]:
-    """What :func:`_configure_pod` would make and is not there: run in the pod's netns."""
-    try:
-        with closing(LinkSocket()) as sock:
-            link = sock.get_link(a.ifname)
-            if link is None:
-                return [f"{a.ifname} is missing in {a.netns}"]
-            addresses = set(sock.addresses(link.ifindex))
-            routes = {(d.route.dst, d.route.gateways, d.route.dev) for d in sock.dump()}
-    except NetlinkError as e:
-        raise DataplaneError(f"failed to read {a.ifname} in {a.netns}: {e}", e.errno) from e
-    out = link.problems("veth", None, a.mtu)
-    if host_index is not None and link.peer_index != host_index:
-        out.append(f"{a.ifname} is not the peer of the host end")
-    out += [f"{a.ifname} lacks its address {ip}" for ip in a.ips if ip not in addresses]
-    for dst, via in _pod_routes(families(a.ips)):
-        if (dst, (via,) if via else (), None if via else a.ifname) not in routes:
-            how = f"via {via}" if via else f"dev {a.ifname}"
-            out.append(f"route {dst} {how} is missing in {a.netns}")
-    return out + sysctl_problems([(key, value, True) for key, value in a.sysctls.items()])
-
-
-# ---------------------------------------------------------------- sysctls
-
-
 def _host_sysctls(families: Families, host: str) -> list[Sysctl]:
     """(key with '/', value, required) for the host end; accept_ra=0 is best effort when the
     pod has no IPv6 (the node may have no IPv6 at all).
@@ -595,34 +394,6 @@ def _host_sysctls(families: Families, host: str) -> list[Sysctl]:
     return out
 
 
-# ---------------------------------------------------------------- small helpers
-
-
-@contextmanager
-def _pod_netns(path: str) -> Iterator[int]:
-    fd = _open_pod_netns(path)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _open_pod_netns(path: str) -> int:
-    try:
-        return open_netns(path)
-    except NetlinkError as e:
-        raise NetnsNotFound(str(e), e.errno) from e
-
-
-def _has(a: Attachment, version: int) -> bool:
-    return any(ip.version == version for ip in a.ips)
-
-
-def families(ips: Iterable[IPv4Interface | IPv6Interface | IPAddress]) -> Families:
-    """The IP versions of ``ips``: what :meth:`Dataplane.create` prepares for."""
-    return frozenset(ip.version for ip in ips)
-
-
 def _same_file(fd: int, netns: str) -> bool:
     """Whether ``fd`` is the namespace ``netns`` (a name under /run/netns or a path)."""
     try:
@@ -630,10 +401,3 @@ def _same_file(fd: int, netns: str) -> bool:
     except OSError:  # the host netns is unknown: what follows fails with a clear error
         return False
     return os.path.samestat(os.fstat(fd), host)
-
-
-def _in_pod(fd: int, fn: Callable[[], T]) -> T:
-    try:
-        return in_netns(fd, fn)
-    except OSError as e:  # setns into the pod refused (nothing ran)
-        raise DataplaneError(f"failed to enter the pod netns: {e}", e.errno or 0) from e

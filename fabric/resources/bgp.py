@@ -7,8 +7,11 @@ Specs use Calico's field names. Beyond what the bgp model stores, documents may 
   ``holdTime``, ``keepaliveTime``, ``maxRestartTime``, ``nodeMeshHoldTime`` and
   ``nodeMeshMaxRestartTime``; they are stored and printed as whole seconds;
 - ``password: {file: PATH}`` (and ``nodeMeshPassword: {file: PATH}``): fabricd reads the key
-  from that file on each node. Calico's ``secretKeyRef`` is refused (no Kubernetes here);
-  the flat ``passwordFile`` / ``nodeMeshPasswordFile`` are accepted too.
+  from that file on each node; ``password: {credential: NAME}``: from the systemd credential
+  NAME (``LoadCredential=NAME:/path`` in fabricd's unit; read from
+  ``$CREDENTIALS_DIRECTORY/NAME``). Calico's ``secretKeyRef`` is refused (no Kubernetes
+  here); the flat ``passwordFile`` / ``passwordCredential`` (``nodeMeshPasswordFile`` /
+  ``nodeMeshPasswordCredential``) are accepted too.
 
 Only the BGPConfiguration named ``default`` exists (no per-node overrides).
 """
@@ -20,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
+from bgp.config import BGPConfig, Peer
 from bgp.errors import ValidationError
-from bgp.model import BGPConfig, Peer
 from fabric.resources.bgp_store import BGPStore, check_selector
 from ipam import keys
 from ipam.errors import NotFoundError
@@ -58,18 +61,25 @@ def parse_duration(v: Any, fld: str, res: str = "") -> int | None:
 
 
 def _password_file(d: dict[str, Any], ref: str, flat: str, res: str) -> None:
-    """Turn ``ref: {file: PATH}`` into the model's ``flat: PATH`` in place."""
+    """Turn ``ref: {file: PATH}`` / ``ref: {credential: NAME}`` into the model's
+    ``flat: PATH`` / ``<flat minus File>Credential: NAME`` in place."""
     if ref not in d:
         return
     pw = d.pop(ref)
-    if flat in d:
-        raise ValidationError(ref, f"set at most one of {ref} and {flat}", res)
+    cred = flat.removesuffix("File") + "Credential"
+    for taken in (flat, cred):
+        if taken in d:
+            raise ValidationError(ref, f"set at most one of {ref} and {taken}", res)
     if isinstance(pw, Mapping) and "secretKeyRef" in pw:
         raise ValidationError(f"{ref}.secretKeyRef", "not supported: fabricd reads the "
-                              f"password from a file on each node ({ref}: {{file: PATH}})", res)  # fmt: skip
-    if not isinstance(pw, Mapping) or set(pw) != {"file"}:
-        raise ValidationError(ref, "must be {file: PATH}", res)
-    d[flat] = pw["file"]
+                              f"password from a file on each node ({ref}: {{file: PATH}} or "
+                              "{credential: NAME}, a systemd credential)", res)  # fmt: skip
+    if not isinstance(pw, Mapping) or len(pw) != 1 or set(pw) - {"file", "credential"}:
+        raise ValidationError(ref, "must be {file: PATH} or {credential: NAME}", res)
+    if "file" in pw:
+        d[flat] = pw["file"]
+    else:
+        d[cred] = pw["credential"]
 
 
 def _in_spec(e: ValidationError, res: str) -> ValidationError:
@@ -104,10 +114,14 @@ def _normalised(
 
 
 def _with_password_ref(d: dict[str, Any], pw_file_key: str, pw_key: str) -> dict[str, Any]:
-    """The inverse for display: ``pw_file_key: F`` back to ``{pw_key: {file: F}}``."""
+    """The inverse for display: ``pw_file_key: F`` back to ``{pw_key: {file: F}}``, the
+    credential name to ``{pw_key: {credential: N}}``."""
     pw = d.pop(pw_file_key, None)
+    cred = d.pop(pw_file_key.removesuffix("File") + "Credential", None)
     if pw is not None:
         d[pw_key] = {"file": pw}
+    elif cred is not None:
+        d[pw_key] = {"credential": cred}
     return d
 
 

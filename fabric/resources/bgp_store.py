@@ -13,8 +13,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from bgp.config import BGPConfig, Peer
 from bgp.errors import ValidationError
-from bgp.model import BGPConfig, Peer
 from ipam import keys, selector
 from ipam.errors import ConflictError, NotFoundError
 from ipam.errors import ValidationError as IPAMValidationError

@@ -37,7 +37,7 @@ from cni.protocol import (
     encode_reply,
 )
 from cni.spec import Verb, error_version, parse_request, version_answer
-from fabric.errors import cni_error
+from fabric.workloads.errors import cni_error
 from fabric.workloads.verbs import Workloads
 
 READ_TIMEOUT = 5.0  # the shim sends its whole request at once

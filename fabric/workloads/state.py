@@ -57,6 +57,9 @@ class Record:
     pod: str = ""
     namespace: str = ""
     sysctls: Mapping[str, str] = field(default_factory=dict)
+    # IPAM's sequence number of each address in ``ips`` (same order; empty in records older
+    # than it): a recorded DEL frees exactly these allocations, never a later one
+    seqs: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +77,7 @@ class Record:
             "pod": self.pod,
             "namespace": self.namespace,
             "sysctls": dict(self.sysctls),
+            "seqs": list(self.seqs),
         }
 
     @classmethod
@@ -94,6 +98,7 @@ class Record:
             pod=str(d.get("pod") or ""),
             namespace=str(d.get("namespace") or ""),
             sysctls={str(k): str(v) for k, v in (d.get("sysctls") or {}).items()},
+            seqs=tuple(int(q) for q in d.get("seqs") or ()),
         )
 
 

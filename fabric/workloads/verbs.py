@@ -11,58 +11,56 @@ Contracts (docs/design/cni.md has the whole story):
   addresses it holds.
 - DEL is idempotent: a handle that holds nothing, a missing interface, an empty or vanished
   CNI_NETNS are success; only an unreachable etcd (11) fails it, and the runtime retries.
-- Requests for one attachment run one at a time; GC leaves attachments in flight alone.
+- Requests for one attachment run one at a time, GC's teardown of it included (it takes
+  the same per-attachment lock); GC leaves attachments in flight alone.
+- A DEL the plugin recorded while fabricd was unreachable (pending.py) is finished at start
+  before the socket opens, every PENDING_INTERVAL after, and before any ADD of the same
+  attachment (which answers 11 while it cannot be finished). It frees exactly the allocations
+  the record names (IPAM sequence numbers), so an address given again later is never freed.
+- Fail closed (NetworkPolicy): with a ``policy`` gate, ADD returns only after the gate says
+  the pod's endpoint (its map entries, chains and set memberships) is in the kernel; until
+  then the dataplane drops the traffic of its veth as an unknown pod interface. A gate that
+  cannot program fails the ADD (11, try again later) and everything is undone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
 from cni.errors import CNIError, Code
 from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Route, render
 from cni.spec import VALID_ATTACHMENTS, IPAMConf, NetConf, Request, Verb
+from fabric.dataplane import attachment as att
 from fabric.dataplane import pods as dp
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
 from fabric.dataplane.route_table import RouteTable
 from fabric.workloads.checks import check_netns, check_result, gateway_v6
+from fabric.workloads.pending import PendingDel, PendingDir
 from fabric.workloads.pod_ipam import Owner, PodIPAM
 from fabric.workloads.state import Phase, Record, StateDir
+from fabric.workloads.tasks import KeyedLocks, finish, finish_all
 
 GATEWAY_V4 = ipaddress.IPv4Address("169.254.1.1")  # Calico's: on-link, answered by proxy ARP
 DEFAULT_MTU = 1500
+PENDING_INTERVAL = 5.0  # s between sweeps of the recorded DELs (the ADD path checks too)
 Undo = Callable[[], Awaitable[object]]
 T = TypeVar("T")
 
 
-class _KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+class PolicyGate(Protocol):
+    """The agent's NetworkPolicy programmer, as the verbs see it."""
 
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+    async def admit(self, rec: Record, cni_labels: str) -> None:
+        """Return once the endpoint of ``rec`` is programmed; raise when it cannot be."""
 
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    def busy(self) -> frozenset[str]:
-        return frozenset(self._locks)
+    def release(self, handle: str) -> None:
+        """Forget the attachment ``handle`` (its entries go with the next batch)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +71,8 @@ class Deps:
     routes: RouteTable
     state: StateDir
     datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
+    pending: PendingDir | None = None  # DELs recorded by the plugin while fabricd was down
+    policy: PolicyGate | None = None  # None: no NetworkPolicy enforcement (tests)
 
 
 class Workloads:
@@ -83,7 +83,9 @@ class Workloads:
         self.log = log or logging.getLogger("fabric.workloads.verbs")
         self.records: dict[str, Record] = {}
         self._routed: set[IPNetwork] = set()  # destinations of the host routes we want
-        self._locks = _KeyedLocks()
+        self._locks = KeyedLocks()
+        self._pending_lock = asyncio.Lock()
+        self._pending_left: set[str] = set()  # handles whose recorded DEL failed
 
     # ------------------------------------------------------------------ start-up
 
@@ -103,6 +105,46 @@ class Workloads:
         self._routed = set(self.routes())
         self.log.info("%d local pod attachments", len(self.records))
 
+    # ------------------------------------------------------------------ recorded DELs
+
+    async def finish_pending(self) -> int:
+        """Run every DEL the plugin recorded while fabricd was unreachable; returns how many
+        failed (kept for the next sweep)."""
+        if self.d.pending is None:
+            return 0
+        async with self._pending_lock:
+            self._pending_left = await self.d.pending.finish(self._recorded_delete)
+        return len(self._pending_left)
+
+    async def pending_loop(self, interval: float = PENDING_INTERVAL) -> None:
+        """Sweep the recorded DELs every ``interval`` s (a DEL recorded while fabricd was
+        starting, or one that failed because etcd was down). Runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.d.pending is not None and (self._pending_left or self.d.pending.files()):
+                await self.finish_pending()
+
+    async def _pending_first(self, handle: str) -> None:
+        """Before an ADD of ``handle``: its recorded DEL, if any, is finished first (else 11).
+        One directory scan when there is none."""
+        if self.d.pending is None:
+            return
+        if handle in self._pending_left or self.d.pending.files():
+            await self.finish_pending()
+        if handle in self._pending_left:
+            raise CNIError(Code.TRY_AGAIN_LATER,
+                           f"a DEL of {handle} recorded while fabricd was down is not finished")  # fmt: skip
+
+    async def _recorded_delete(self, p: PendingDel) -> None:
+        req = p.request
+        owner = Owner.of(req.conf.name, req.env)
+        async with self._locks.hold(owner.handle):
+            if p.plugin == "fabric-ipam":
+                await self.d.ipam.release(owner.handle)
+                return
+            rec = self.records.get(owner.handle) or self._unknown(owner, req)
+            await self._teardown(rec, req.env.netns or rec.netns, exact=True)
+
     def owns(self, dst: IPNetwork) -> bool:
         """``dst`` is a local pod's host route (no BGP-learned route may replace it)."""
         return dst in self._routed
@@ -120,7 +162,7 @@ class Workloads:
 
     async def run(self, plugin: str, req: Request) -> bytes:
         """Run one validated request; returns stdout. Raises CNIError or what a layer below
-        raised (fabric.errors.cni_error maps it)."""
+        raised (fabric.workloads.errors.cni_error maps it)."""
         ipam_only = plugin == "fabric-ipam"
         verb = req.env.command
         if verb is Verb.ADD:
@@ -139,7 +181,8 @@ class Workloads:
 
     async def add(self, req: Request) -> bytes:
         env, conf = req.env, req.conf
-        owner = Owner.of(conf.name, env)
+        owner = Owner.of(conf.name, env, conf.args)
+        await self._pending_first(owner.handle)
         async with self._locks.hold(owner.handle):
             check_netns(env.netns)
             old = self.records.get(owner.handle)
@@ -170,7 +213,7 @@ class Workloads:
             container_id=owner.container_id,
             ifname=owner.ifname,
             netns=netns,
-            host_ifname=dp.host_ifname(owner.container_id, owner.ifname),
+            host_ifname=att.host_ifname(owner.container_id, owner.ifname),
             phase=Phase.ADDING,
             mtu=conf.mtu or DEFAULT_MTU,
             pod=owner.pod,
@@ -189,20 +232,28 @@ class Workloads:
                 self.d.dataplane.create(rec.container_id, rec.ifname, netns, rec.mtu, fams))  # fmt: skip
             assign = asyncio.ensure_future(self.d.ipam.assign(owner, conf.ipam, req.env.args.ips))
             try:
-                await _finish_all(assign, create)
+                await finish_all(assign, create)
             finally:  # a failed create removed what it made (and a pod interface of that
                 if create.done() and not create.cancelled() and create.exception() is None:
                     veth = create.result()  # name may be someone else's): undo only a success
                     undo.append(lambda: self.d.dataplane.discard(veth))
             assigned = assign.result()  # IPAM's error first: pool exhausted, etcd down
             veth = create.result()
-            rec = replace(rec, ips=tuple(ipaddress.ip_interface(a.host_prefix) for a in assigned))
-            got = await _finish(asyncio.ensure_future(
+            rec = replace(rec, ips=tuple(ipaddress.ip_interface(a.host_prefix) for a in assigned),
+                          seqs=tuple(a.seq for a in assigned))  # fmt: skip
+            got = await finish(asyncio.ensure_future(
                 self.d.dataplane.configure(veth, _attachment(rec))))  # fmt: skip
             rec = replace(rec, host_ifname=got.host_ifname, host_mac=got.host_mac,
                           pod_mac=got.pod_mac)  # fmt: skip
             undo.append(lambda: self._remove_routes(rec))
-            await self._add_routes(rec)
+            if self.d.policy is not None:
+                undo.append(self._releaser(rec.handle))
+            # the host route and the pod's policy endpoint are independent: made together
+            routes = asyncio.ensure_future(self._add_routes(rec))
+            admit = asyncio.ensure_future(self._admit(rec, owner.labels))
+            await finish_all(routes, admit)
+            routes.result()
+            admit.result()
             rec = replace(rec, phase=Phase.READY)
             self.d.state.save(rec)
         except BaseException:
@@ -210,6 +261,25 @@ class Workloads:
             raise
         self.records[rec.handle] = rec
         return rec
+
+    async def _admit(self, rec: Record, labels: str) -> None:
+        """Wait until the pod's policy endpoint is in the kernel (fail closed)."""
+        if self.d.policy is None:
+            return
+        try:
+            await self.d.policy.admit(rec, labels)
+        except CNIError:
+            raise
+        except Exception as e:
+            raise CNIError(Code.TRY_AGAIN_LATER,
+                           f"failed to program NetworkPolicy for {rec.handle}: {e}") from e  # fmt: skip
+
+    def _releaser(self, handle: str) -> Undo:
+        async def release() -> None:
+            if self.d.policy is not None:
+                self.d.policy.release(handle)
+
+        return release
 
     async def _undo(self, handle: str, undo: list[Undo]) -> None:
         """Undo in reverse; the record (first step) goes only if every other step worked."""
@@ -254,36 +324,53 @@ class Workloads:
     async def _forget(self, handle: str) -> None:
         self.records.pop(handle, None)
         self.d.state.remove(handle)
+        if self.d.policy is not None:
+            self.d.policy.release(handle)
 
     # ------------------------------------------------------------------ DEL
 
     async def delete(self, req: Request) -> None:
         owner = Owner.of(req.conf.name, req.env)
         async with self._locks.hold(owner.handle):
-            rec = self.records.get(owner.handle)
-            if rec is None:
-                rec = Record(owner.handle, req.conf.name, owner.container_id, owner.ifname,
-                             req.env.netns, dp.host_ifname(owner.container_id, owner.ifname),
-                             Phase.DELETING)  # fmt: skip
+            rec = self.records.get(owner.handle) or self._unknown(owner, req)
             await self._teardown(rec, req.env.netns or rec.netns)
 
-    async def _teardown(self, rec: Record, netns: str) -> None:
+    @staticmethod
+    def _unknown(owner: Owner, req: Request) -> Record:
+        """The record of an attachment this node has none of (its DEL still cleans up)."""
+        return Record(owner.handle, req.conf.name, owner.container_id, owner.ifname,
+                      req.env.netns, att.host_ifname(owner.container_id, owner.ifname),
+                      Phase.DELETING)  # fmt: skip
+
+    async def _teardown(self, rec: Record, netns: str, exact: bool = False) -> None:
         """Everything of ``rec`` goes: record marked ``deleting`` first, then host routes,
         then interfaces and addresses together (the kernel's veth teardown takes ~20 ms; the
         host route is already gone, so an address reused meanwhile never reaches the old
-        pod), then the record. Raises when etcd cannot release or the kernel refuses."""
+        pod), then the record. Raises when etcd cannot release or the kernel refuses.
+        ``exact`` (a recorded DEL): free only the allocations the record names, by their
+        sequence numbers, when it names them; else everything the handle holds."""
         if rec.handle in self.records or rec.phase is not Phase.DELETING:
             rec = replace(rec, phase=Phase.DELETING)
             self.d.state.save(rec)
             self.records[rec.handle] = rec
         await self._unroute(rec)
         results = await asyncio.gather(
-            self.d.ipam.release(rec.handle), self._detach(rec, netns), return_exceptions=True
+            self._release(rec, exact), self._detach(rec, netns), return_exceptions=True
         )
         for r in results:
             if isinstance(r, BaseException):
                 raise r
         await self._forget(rec.handle)
+
+    async def _release(self, rec: Record, exact: bool) -> None:
+        if not (exact and rec.seqs and len(rec.seqs) == len(rec.ips)):
+            await self.d.ipam.release(rec.handle)
+            return
+        stale = await self.d.ipam.release_exact(
+            {i.ip: q for i, q in zip(rec.ips, rec.seqs, strict=True)})  # fmt: skip
+        if stale:
+            self.log.warning("recorded DEL of %s: %s were given again since; left alone",
+                             rec.handle, ", ".join(map(str, stale)))  # fmt: skip
 
     async def _take_down(self, rec: Record, netns: str) -> None:
         """Host routes and interfaces of ``rec`` (the addresses stay with the handle)."""
@@ -300,7 +387,7 @@ class Workloads:
     async def _detach(self, rec: Record, netns: str) -> None:
         try:
             await self.d.dataplane.detach(rec.container_id, rec.ifname, netns or None)
-        except dp.NetnsNotFound:  # the pod's namespace is gone: the host end may not be
+        except att.NetnsNotFound:  # the pod's namespace is gone: the host end may not be
             await self.d.dataplane.detach(rec.container_id, rec.ifname, None)
 
     # ------------------------------------------------------------------ CHECK
@@ -340,7 +427,8 @@ class Workloads:
 
     async def ipam_add(self, req: Request) -> bytes:
         conf = req.conf
-        owner = Owner.of(conf.name, req.env)
+        owner = Owner.of(conf.name, req.env, conf.args)
+        await self._pending_first(owner.handle)
         async with self._locks.hold(owner.handle):
             await self._need_datastore()
             try:
@@ -382,11 +470,17 @@ class Workloads:
         stale = [r for r in self.records.values() if r.network == conf.name
                  and (r.container_id, r.ifname) not in valid and r.handle not in busy]  # fmt: skip
         for rec in stale:
-            self.log.info("GC: removing attachment %s", rec.handle)
-            await self._teardown(rec, rec.netns)
+            async with self._locks.hold(rec.handle):  # a DEL or ADD arriving now waits
+                if self.records.get(rec.handle) is not rec:
+                    continue  # deleted or rebuilt meanwhile: no longer what GC judged
+                self.log.info("GC: removing attachment %s", rec.handle)
+                await self._teardown(rec, rec.netns)
         for handle in await self.d.ipam.leaked(conf.name, valid, self._locks.busy()):
-            self.log.info("GC: releasing addresses of %s", handle)
-            await self.d.ipam.release(handle)
+            async with self._locks.hold(handle):
+                if handle in self.records:
+                    continue  # an ADD took the handle meanwhile: its addresses are in use
+                self.log.info("GC: releasing addresses of %s", handle)
+                await self.d.ipam.release(handle)
 
     async def status(self, conf: NetConf) -> None:
         if not await self.d.datastore_ok():
@@ -404,33 +498,12 @@ class Workloads:
 # ---------------------------------------------------------------------- helpers
 
 
-async def _finish(task: asyncio.Future[T]) -> T:
-    """Await ``task`` to its end even when cancelled meanwhile, then re-raise: its work (a
-    thread in the kernel, a batched etcd commit) runs on, and undoing it before it ended would
-    miss what it made."""
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
-
-
-async def _finish_all(*tasks: asyncio.Future[Any]) -> None:
-    """Await every task to its end, failed or not, even when cancelled meanwhile (then
-    re-raise): what each did must be known before anything is undone."""
-    try:
-        await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
-    except asyncio.CancelledError:
-        await asyncio.wait(tasks)
-        raise
-
-
 def _host_nets(ips: tuple[IPInterface, ...]) -> list[IPNetwork]:
     return [ipaddress.ip_network((i.ip, i.ip.max_prefixlen)) for i in ips]
 
 
-def _attachment(rec: Record) -> dp.Attachment:
-    return dp.Attachment(container_id=rec.container_id, ifname=rec.ifname, netns=rec.netns,
+def _attachment(rec: Record) -> att.Attachment:
+    return att.Attachment(container_id=rec.container_id, ifname=rec.ifname, netns=rec.netns,
                          ips=rec.ips, mtu=rec.mtu, sysctls=dict(rec.sysctls))  # fmt: skip
 
 

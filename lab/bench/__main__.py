@@ -19,7 +19,7 @@ from typing import Any
 
 from lab.bench import report
 
-BENCHES = ["ipam", "routes", "converge", "cni"]
+BENCHES = ["ipam", "routes", "converge", "cni", "policy"]
 OUT = Path(__file__).resolve().parent.parent / "out"
 
 

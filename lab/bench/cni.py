@@ -32,9 +32,10 @@ from typing import Any
 
 import yaml
 
-from lab import netns
+from lab import netns, pods
 from lab.ipam_load import percentile
-from lab.runner import Lab, LabError
+from lab.runner import Lab
+from lab.view import LabError
 
 N, QUICK_N = 200, 20
 WARMUP = 3
@@ -192,6 +193,7 @@ def install(lab: Lab) -> tuple[Path, dict[str, Any]]:
     sock = yaml.safe_load(lab.fabricd_config_path(HOST).read_text())["cni"]["socket"]
     r = lab.fabricctl(["cni", "install", "--bin-dir", str(d / "bin"), "--conf-dir",
                        str(d / "net.d"), "--socket", str(sock), "--network-name", NETWORK,
+                       "--state-dir", str(pods.state_dir(lab, HOST)),
                        "--cni-version", CNI_VERSION], HOST)  # fmt: skip
     if r.returncode != 0:
         raise LabError(f"failed to install the CNI plugin: {r.stderr.strip()}")

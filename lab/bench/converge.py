@@ -42,7 +42,8 @@ import yaml
 from fabric.dataplane.netlink.core import in_netns
 from lab import pods, procs, render, routers
 from lab.ipam_load import percentile
-from lab.runner import Lab, LabError
+from lab.runner import Lab
+from lab.view import LabError
 
 TOPOLOGY = Path(__file__).resolve().parent.parent / "topologies" / "two-rack.clab.yml"
 OUT = Path(__file__).resolve().parent.parent / "out"

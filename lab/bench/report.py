@@ -64,6 +64,11 @@ SPECS: dict[str, Spec] = {
                 (Target("add_ratio", "<=", 1.5), Target("del_ratio", "<=", 1.5))),
     "converge": Spec(("p50_ms", "p99_ms", "frr_p50_ms"), "ratio_p50",
                      (Target("ratio_p50", "<=", 1.5), Target("p99_ms", "<", 1000))),
+    "policy": Spec(("apply_p50_ms", "apply_p99_ms", "floor_p50_ms", "program_cold_s"), "apply_ratio",
+                   (Target("apply_p99_ms", "<=", 250), Target("apply_ratio", "<=", 3),
+                    Target("add_ratio_policy", "<=", 1.25), Target("cold_ratio", "<=", 3),
+                    Target("tput_ratio", ">=", 0.9), Target("conn_rate_ratio", ">=", 0.8)),
+                   ("policies", 1000)),
 }  # fmt: skip
 
 

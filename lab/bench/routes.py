@@ -39,7 +39,8 @@ from typing import Any
 import yaml
 
 from lab import render, routers
-from lab.runner import Lab, LabError
+from lab.runner import Lab
+from lab.view import LabError
 
 PREFIXES = ipaddress.IPv4Network("10.100.0.0/15")  # 131,072 /32s, only inside the lab
 SIZES, QUICK_SIZES = (10_000, 100_000), (1_000,)

@@ -17,7 +17,8 @@ from fabric_helpers import fabric_lab
 
 from cni.errors import Code
 from cni.spec import SUPPORTED
-from fabric.dataplane.pods import host_ifname
+from fabric.dataplane.attachment import host_ifname
+from lab.pods import state_dir
 from lab.runner import Lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
@@ -33,6 +34,7 @@ def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
         d = lab.dir / node / "cni"
         r = lab.fabricctl(["cni", "install", "--bin-dir", str(d / "bin"), "--conf-dir",
                            str(d / "net.d"), "--socket", socket_of(lab, node),
+                           "--state-dir", str(state_dir(lab, node)),
                            "--network-name", NETWORK], node)  # fmt: skip
         assert r.returncode == 0, r.stderr
     return lab

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from fabric_helpers import fabric_lab
 
+from lab.pods import state_dir
 from lab.runner import Lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
@@ -132,7 +133,8 @@ def runtime(lab: Lab) -> Runtime:
     d = lab.dir / NODE / "cni"
     sock = yaml.safe_load(lab.fabricd_config_path(NODE).read_text())["cni"]["socket"]
     r = lab.fabricctl(["cni", "install", "--bin-dir", str(d / "bin"), "--conf-dir",
-                       str(d / "net.d"), "--socket", sock, "--network-name", NETWORK], NODE)  # fmt: skip
+                       str(d / "net.d"), "--socket", sock, "--network-name", NETWORK,
+                       "--state-dir", str(state_dir(lab, NODE))], NODE)  # fmt: skip
     assert r.returncode == 0, r.stderr
     conflist = json.loads((d / "net.d" / "10-fabric.conflist").read_text())
     return Runtime(lab, NODE, conflist, [str(d / "bin"), REFERENCE_DIR])

@@ -30,7 +30,7 @@ import pytest
 from lab_checks import lab_name
 
 from cni.errors import Code
-from fabric.dataplane.pods import host_ifname
+from fabric.dataplane.attachment import host_ifname
 from lab import pods, procs
 from lab.etcd import EtcdCluster, EtcdMember
 from lab.pods import Pod

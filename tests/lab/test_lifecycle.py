@@ -9,8 +9,9 @@ import pytest
 from lab_checks import assert_gone, lab_name, root_links, snapshot
 
 from lab import netns
-from lab.runner import Lab, LabError
+from lab.runner import Lab
 from lab.topology import Role
+from lab.view import LabError
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 

@@ -32,8 +32,9 @@ from typing import Any
 import pytest
 import yaml
 
-from fabric.dataplane.pods import host_ifname
+from fabric.dataplane.attachment import host_ifname
 from lab import netns, render
+from lab.pods import state_dir
 from lab.runner import Lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.root, pytest.mark.slow]
@@ -145,8 +146,8 @@ def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
         d = lab.dir / node / "cni"
         sock = yaml.safe_load(lab.fabricd_config_path(node).read_text())["cni"]["socket"]
         r = lab.fabricctl(["cni", "install", "--bin-dir", str(d / "bin"), "--conf-dir",
-                           str(d / "net.d"), "--socket", sock, "--network-name", NETWORK],
-                          node)  # fmt: skip
+                           str(d / "net.d"), "--socket", sock, "--network-name", NETWORK,
+                           "--state-dir", str(state_dir(lab, node))], node)  # fmt: skip
         assert r.returncode == 0, r.stderr
     return lab
 
@@ -215,3 +216,33 @@ def test_container_gets_a_fabric_address_and_pings_a_pod_on_another_node(
     assert r.returncode == 0, r.stderr
     assert not ipam(lab, ip)["inUse"]
     assert veth not in lab.exec(NODE, ["ip", "-o", "link", "show"]).stdout
+
+
+def test_rm_while_fabricd_is_down_succeeds_and_leaks_nothing(lab: Lab, podman: Podman) -> None:
+    """podman's teardown DEL while fabricd is stopped: the container and its netns go at
+    once; fabricd, back, frees the address and removes the veth, route and record."""
+    name = "fabric-outage"
+    r = podman.run("-d", "--name", name, "--network", NETWORK, cmd=("/bin/sleep", "600"))
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.strip().splitlines()[-1]
+    fmt = f'{{{{(index .NetworkSettings.Networks "{NETWORK}").IPAddress}}}}'
+    ip = podman("inspect", name, "--format", fmt).stdout.strip()
+    sandbox = podman("inspect", name, "--format", "{{.NetworkSettings.SandboxKey}}").stdout.strip()
+    assert ip and sandbox and os.path.exists(sandbox), (ip, sandbox)
+    pending = state_dir(lab, NODE) / "pending-del"
+    lab.stop_fabricd(NODE)
+    try:
+        r = podman("rm", "--force", "--time", "0", name)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.exists(sandbox)
+        assert name not in podman("ps", "-a", "--format", "{{.Names}}").stdout
+        assert len(list(pending.glob("*.del"))) == 1
+        assert ipam(lab, ip)["inUse"]  # not yet: fabricd is down
+    finally:
+        lab.start_fabricd(NODE)
+        lab.wait_for(lambda: lab.health(NODE)[0] == 200, 60, what="fabricd ready again")
+    assert not list(pending.glob("*.del"))
+    assert not ipam(lab, ip)["inUse"]
+    assert host_ifname(cid, "eth0") not in lab.exec(NODE, ["ip", "-o", "link", "show"]).stdout
+    assert "dev" not in lab.exec(NODE, ["ip", "route", "show", ip]).stdout
+    assert not list(state_dir(lab, NODE).glob(f"*.{cid}.eth0.json"))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from lab.runner import Lab, LabError
+from lab.runner import Lab
 from lab.topology import Role
+from lab.view import LabError
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 ROUTERS = ("spine", "tor1", "tor2")

@@ -1,0 +1,149 @@
+"""Pure unit tests of the agent's own logic (no etcd, no kernel, no ExaBGP): the tasks it
+starts in the background, convergence after a start, the /readyz peers check."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from ipaddress import ip_address, ip_network
+from pathlib import Path
+from typing import Any
+
+from fabric.agent.agent import Agent
+from fabric.agent.config import RequiredPeers, parse_config
+from fabric.agent.sessions import Convergence, required_peers_up
+from fabric.dataplane.netlink import KernelRoute
+from ipam import keys
+
+
+def config(tmp_path: Path) -> str:
+    return (
+        "nodeName: n1\naddresses: {ipv4: 10.80.0.2/24}\n"
+        "etcd: {endpoints: ['http://127.0.0.1:1'], timeout: 1.0}\n"
+        f"runDir: {tmp_path}/run\n"
+        f"cni: {{socket: {tmp_path}/run/cni.sock, stateDir: {tmp_path}/state}}\n"
+        "health: {listen: '127.0.0.1:0'}\n"
+    )
+
+
+def held_by(agent: Agent, task: asyncio.Task[Any]) -> bool:
+    """The agent holds ``task`` strongly (the loop holds tasks only through a WeakSet)."""
+    return any(
+        v is task or (isinstance(v, set | list | tuple) and task in v) for v in vars(agent).values()
+    )
+
+
+def test_re_registration_task_is_held_until_it_ends(tmp_path: Path) -> None:
+    """Issue 16: the re-registration started when this node's Node key vanished was a bare
+    create_task, which asyncio may collect while it runs."""
+
+    async def go() -> None:
+        agent = Agent(parse_config(config(tmp_path)))
+        try:
+            before = asyncio.all_tasks()
+            agent._changed(keys.NODES)  # the cache does not have this node: re-register
+            (task,) = asyncio.all_tasks() - before
+            assert held_by(agent, task), "a background task nobody holds"
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0)
+            assert not held_by(agent, task), "a finished task is still held"
+        finally:
+            await agent.store.close()
+
+    asyncio.run(go())
+
+
+# ---------------------------------------------------------------- convergence after a start
+
+A, B = ip_address("10.0.0.1"), ip_address("10.0.0.2")
+KEPT, GONE = ip_network("10.1.0.0/26"), ip_network("10.1.0.64/26")
+ADOPTED = {d: KernelRoute(dst=d, gateways=(A,)) for d in (KEPT, GONE)}
+DEADLINE = 100.0
+
+
+def announced() -> set[Any]:
+    return {KEPT}
+
+
+def test_converges_when_every_planned_peer_is_up_and_sent_end_of_rib() -> None:
+    c = Convergence(ADOPTED, DEADLINE)
+    assert c.keeps(GONE) and c.keeps(KEPT)
+    c.end_of_rib(A)
+    assert c.check(1.0, [A, B], {A, B}, announced) is None, "B has not sent End-of-RIB"
+    c.end_of_rib(B)
+    assert c.check(1.0, [A, B], {A}, announced) is None, "B is not established"
+    assert c.check(2.0, [A, B], {A, B}, announced) == [GONE]
+    assert c.converged and not c.keeps(GONE) and not c.keeps(KEPT) and c.adopted == {}
+    assert c.check(3.0, [A, B], {A, B}, announced) is None, "converging happens once"
+
+
+def test_a_peer_that_stays_down_converges_at_the_deadline() -> None:
+    c = Convergence(ADOPTED, DEADLINE)
+    c.end_of_rib(A)
+    assert c.check(DEADLINE - 0.1, [A, B], {A}, announced) is None
+    assert c.keeps(GONE)
+    assert c.check(DEADLINE, [A, B], {A}, announced) == [GONE]
+    assert c.converged
+
+
+def test_no_planned_session_converges_at_once() -> None:
+    c = Convergence(ADOPTED, DEADLINE)
+    assert c.check(0.0, [], set(), announced) == [GONE]
+
+
+def test_an_exabgp_restart_in_the_middle_voids_every_end_of_rib() -> None:
+    c = Convergence(ADOPTED, DEADLINE)
+    c.end_of_rib(A)
+    c.speaker_restarted()
+    c.end_of_rib(B)
+    assert c.check(1.0, [A, B], {A, B}, announced) is None, "A's End-of-RIB predates the restart"
+    c.end_of_rib(A)
+    assert c.check(1.0, [A, B], {A, B}, announced) == [GONE]
+
+
+def test_a_session_that_flaps_in_the_middle_needs_its_end_of_rib_again() -> None:
+    c = Convergence(ADOPTED, DEADLINE)
+    c.end_of_rib(A)
+    c.end_of_rib(B)
+    c.session_down(B)
+    assert c.check(1.0, [A, B], {A, B}, announced) is None
+    assert c.keeps(GONE)
+    c.end_of_rib(B)
+    assert c.check(1.0, [A, B], {A, B}, announced) == [GONE]
+
+
+def test_announced_is_read_only_when_converging() -> None:
+    calls: list[int] = []
+
+    def counted() -> set[Any]:
+        calls.append(1)
+        return {KEPT, GONE}
+
+    c = Convergence(ADOPTED, DEADLINE)
+    for _ in range(3):
+        assert c.check(1.0, [A], set(), counted) is None
+    assert calls == []
+    assert c.check(DEADLINE, [A], set(), counted) == [] and calls == [1]
+
+
+# ---------------------------------------------------------------- /readyz peers
+
+
+def test_required_peers() -> None:
+    assert required_peers_up(RequiredPeers.NONE, [A], set()) == (True, "not required")
+    assert required_peers_up(RequiredPeers.AUTO, [], set()) == (
+        True,
+        "no required peers configured",
+    )
+    assert required_peers_up(RequiredPeers.AUTO, [A, B], {B}) == (
+        True,
+        "1/2 required peers established",
+    )
+    assert required_peers_up(RequiredPeers.AUTO, [A, B], set()) == (
+        False,
+        "0/2 required peers established",
+    )
+    assert required_peers_up((A, B), [], {A}) == (False, "missing: 10.0.0.2")
+    assert required_peers_up((A,), [], {A}) == (True, "all established")
