@@ -15,9 +15,9 @@ tested in tests/test_bgp_exabgp_main.py.
   ``'{:02X}'.format`` per byte (4,096 calls per full UPDATE); ``bytes.hex`` gives the same
   text.
 - **Idle reactor** (``idle_reactor``): ExaBGP's loop polls every 10 ms (``reactor.speed``
-  1.0), 100 wake-ups a second with nothing to do: 1.5% of a core per node. Once nothing
-  has happened for ``IDLE_AFTER`` s and no API command is half done, it polls every
-  ``IDLE_POLL`` s instead. Sockets of established peers and the API pipe are in the poll
+  1.0), 100 wake-ups a second with nothing to do: 1.5% of a core per node. Once no turn
+  has asked to run again at once (a peer or an API command with more to do) for
+  ``IDLE_AFTER`` s and no API command is half done, it polls every ``IDLE_POLL`` s instead. Sockets of established peers and the API pipe are in the poll
   set, so a message or a command still wakes it at once; only its timers (keepalives, hold
   time, connection retries, a listening socket) run up to ``IDLE_POLL`` s late, and BGP's
   are whole seconds.
@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 RAW_ENV = "FABRIC_EXABGP_RAW_UPDATES"
-IDLE_AFTER = 1.0  # s without I/O before the loop polls slowly
+IDLE_AFTER = 0.1  # s without a turn that asked to run again before the loop polls slowly
 IDLE_POLL = 0.25  # s between polls when idle
 
 
@@ -101,9 +101,10 @@ def idle_reactor(after: float = IDLE_AFTER, poll: float = IDLE_POLL) -> bool:
             busy_at[0] = now
         elif now - busy_at[0] >= after:
             sleeptime = int(poll * 1000)
-        for fd in wait(self, sleeptime):
-            busy_at[0] = time.monotonic()
-            yield fd
+        # A socket that became readable is not work in itself (a peer's keepalive every
+        # few seconds would keep the 10 ms tick forever): the next turn reads it, and a peer
+        # or command with more to do asks for sleeptime 0, which is.
+        yield from wait(self, sleeptime)
 
     Reactor._wait_for_io = _wait_for_io
     return True

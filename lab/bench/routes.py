@@ -230,12 +230,23 @@ class Bench:
                     todo.discard(i)
                 elif t > timeout:
                     side = (HOST, REF)[i]
-                    raise LabError(f"timed out after {timeout:.0f} s: {side} has {count} prefixes")
+                    raise LabError(
+                        f"timed out after {timeout:.0f} s: {side} has {count} prefixes "
+                        f"({self._diagnose()})"
+                    )
                 else:
                     near |= abs(count - want[i]) <= NEAR * n
             self.peak_kb = max(self.peak_kb, self._rss_kb())
             time.sleep(POLL_NEAR if near else min(POLL, max(POLL_NEAR, t / 20)))
         return at
+
+    def _diagnose(self) -> str:
+        """What a timed-out phase leaves to look at: sessions on both sides, fabricd's log."""
+        inj = routers.bird_sessions(self.inj_dir)
+        status = self.lab.fabricctl(["bgp", "status", "--node", HOST, "-o", "json"]).stdout
+        out = self.lab.dir / HOST / "fabricd.out"
+        tail = out.read_text(errors="replace")[-1500:] if out.exists() else "(no fabricd.out)"
+        return f"injector sessions {inj}; fabricd bgp status {status[:600]}; fabricd.out: {tail}"
 
     def _rss_kb(self) -> int:
         return status_kb(self.host_pid, "VmRSS") + status_kb(self.exabgp_pid, "VmRSS")
