@@ -35,7 +35,7 @@ from typing import Any
 
 RAW_ENV = "FABRIC_EXABGP_RAW_UPDATES"
 IDLE_AFTER = 0.1  # s without a turn that asked to run again before the loop polls slowly
-IDLE_POLL = 0.25  # s between polls when idle
+IDLE_POLL = 0.5  # s between polls when idle: BGP timers are whole seconds
 
 
 def quiet_debug(level: str | None) -> bool:
