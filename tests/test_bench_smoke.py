@@ -40,11 +40,16 @@ def test_routes_bench_smoke() -> None:
     last = lines[-1]
     assert list(last) == ["bench", "n", "fabric_install_s", "bird_install_s", "install_ratio",
                           "fabric_withdraw_s", "bird_withdraw_s", "withdraw_ratio",
-                          "fabricd_rss_mb", "exabgp_rss_mb"]  # fmt: skip
-    assert last["bench"] == "routes" and last["n"] == 1000
+                          "fabricd_rss_mb", "exabgp_rss_mb", "idle_pct", "load"]  # fmt: skip
+    assert last["bench"] == "routes" and last["n"] == 1000 and last["load"] is False
     per_n = lines[-2]  # the detailed line of the same run: what each kernel held
     assert per_n["n"] == 1000 and per_n["rounds"] == 1
     assert per_n["fabric_routes"] == 1000 and per_n["bird_routes"] == 1000
+    for side in ("fabricd", "exabgp", "relay"):  # CPU seconds per side, both phases
+        assert per_n[f"{side}_install_cpu_s"] >= 0 and per_n[f"{side}_withdraw_cpu_s"] >= 0
+    idle = lines[-3]  # sessions up, nothing changing: CPU of each side, % of a core
+    assert idle["idle_s"] >= 5 and idle["idle_pct"] == last["idle_pct"] >= 0
+    assert idle["fabricd_idle_rss_mb"] > 0 and idle["exabgp_idle_rss_mb"] > 0
     for key in ("fabric_install_s", "bird_install_s", "fabric_withdraw_s", "bird_withdraw_s"):
         assert last[key] > 0, key
     assert last["fabricd_rss_mb"] > 0 and last["exabgp_rss_mb"] > 0
