@@ -21,7 +21,7 @@ import pytest
 import yaml
 from fabric_helpers import fabric_lab
 
-from lab import pods
+from lab import pods, procs
 from lab.pods import Flows, Pod, Probe
 from lab.runner import BIN, Lab
 
@@ -79,10 +79,12 @@ asyncio.run(main(*sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
+def lab(make_lab) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
     lab = fabric_lab(make_lab, "two-rack")
     pods.install(lab, list(HOSTS))
-    return lab
+    yield lab
+    for m in lab.etcd.members if lab.etcd else ():  # reaped: some are restarted here
+        m.stop(timeout=3)
 
 
 def store(lab: Lab, verb: str, docs: list[Any]) -> None:
@@ -310,3 +312,29 @@ def test_add_is_fail_closed(lab: Lab, world: dict[str, Pod], clean: None) -> Non
                      new.ip, count=1)  # fmt: skip
     pods.delete(lab, new)
     store(lab, "delete", [["Pod", "default", name]])
+
+
+def test_etcd_down_enforcement_stays(lab: Lab, world: dict[str, Pod], clean: None) -> None:
+    """Every etcd member stopped: the table stays as programmed (allowed still allowed,
+    denied still denied, for 5 s); etcd back: a change applies again."""
+    web, other, db = world["web"], world["other"], world["db"]
+    store(lab, "apply", [policy("db-deny"), policy("db-allow", FROM_WEB)])
+    until(lambda: http(web, db.ip) and not http(other, db.ip), what="the policy")
+    etcd = lab.etcd
+    assert etcd is not None
+    try:
+        for m in etcd.members:
+            m.stop(timeout=3)
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            assert http(web, db.ip) and not http(other, db.ip)
+    finally:
+        node = lab.nodes("etcd")[0]
+        for m in etcd.start_stopped(30):
+            assert m.proc is not None
+            argv = [str(a) for a in m.proc.args]  # type: ignore[union-attr]
+            lab.state.add_proc(procs.record(m.proc.pid, argv[4:], m.netns or "", node,
+                                            f"etcd-{m.name}"))  # fmt: skip
+    lab.wait_for(lambda: lab.health("node3")[0] == 200, 60, what="node3 ready after etcd")
+    store(lab, "delete", [["NetworkPolicy", "default", "db-allow"]])
+    until(lambda: not http(web, db.ip), timeout=30, what="a change after etcd came back")
