@@ -25,7 +25,7 @@ port name and protocol) and family, so they survive element changes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, collapse_addresses
 
@@ -215,9 +215,11 @@ def compile(
     namespaces: Iterable[Namespace],
     endpoints: Iterable[Endpoint],
     local_node: str | None,
+    only: Collection[str] | None = None,
 ) -> Compiled:
-    """Rules for every endpoint on ``local_node`` (every endpoint when None); every
-    endpoint, local or remote, feeds the selector and named-port sets."""
+    """Rules for every endpoint on ``local_node`` (every endpoint when None; of those, only
+    the keys in ``only`` when given, as trace() does); every endpoint, local or remote,
+    feeds the selector and named-port sets."""
     pols = sorted(policies, key=lambda p: p.key)
     eps = sorted(endpoints, key=lambda e: e.key)
     by_ns: dict[str, list[Endpoint]] = {}
@@ -229,7 +231,9 @@ def compile(
     b = _Builder(eps, {n.name: n.labels for n in namespaces}, {}, by_ns, {})
     out: dict[str, EndpointRules] = {}
     for e in eps:
-        if local_node is not None and e.node != local_node:
+        if (local_node is not None and e.node != local_node) or (
+            only is not None and e.key not in only
+        ):
             continue
         dirs: dict[Direction, DirectionRules | None] = {}
         for d in (Direction.INGRESS, Direction.EGRESS):
