@@ -184,35 +184,47 @@ def test_deny_all_blocks_pods_not_the_host_probe(
     print(f"deny-all enforced {took * 1000:.0f} ms after the etcd write (incl. probe timeouts)")
 
 
+@pytest.mark.parametrize("node", ["node3", "node1"])  # the server's host, the client's
 def test_sigkill_restart_neither_opens_nor_blocks(
-    lab: Lab, world: dict[str, Pod], clean: None
+    lab: Lab, world: dict[str, Pod], clean: None, node: str
 ) -> None:
     web, other, db = world["web"], world["other"], world["db"]
     store(lab, "apply", [policy("db-deny"), policy("db-allow", FROM_WEB)])
     until(lambda: http(web, db.ip) and not http(other, db.ip), what="the policy")
-    before = table(lab, "node3")
+    before = table(lab, node)
     denied = Probe(lab, other, db.ip)
     try:
         with Flows(lab, [(web, db)]) as flows:
-            for node in ("node3", "node1"):
-                lab.stop_fabricd(node, signal.SIGKILL)
-                time.sleep(1.0)  # no fabricd at all for a while
-                lab.start_fabricd(node)
-                lab.wait_for(lambda n=node: lab.health(n)[0] == 200, 60,
-                             what=f"fabricd in {node} ready")  # fmt: skip
-            time.sleep(1.0)
+            lab.stop_fabricd(node, signal.SIGKILL)
+            time.sleep(1.0)  # no fabricd at all for a while
+            lab.start_fabricd(node)
+            lab.wait_for(lambda: lab.health(node)[0] == 200, 60, what=f"fabricd in {node} ready")
+            settle(lab)
         loss = flows.stop()
     finally:
         sent, lost, _ = denied.stop()
-    logs = {n: [line for line in (lab.dir / n / "fabricd.out").read_text().splitlines()
-                if "policy" in line] for n in ("node1", "node3")}  # fmt: skip
-    assert not flows.lossy(), f"an allowed flow lost packets across restarts: {loss} {logs}"
+    log = (lab.dir / node / "fabricd.out").read_text().splitlines()
+    adopted = [line for line in log if "policy table adopted" in line]
+    assert adopted[-1].endswith("the kernel already held it"), adopted
+    # The table is not touched across the restart (above: nothing written at adoption). The
+    # restart itself, with no policy at all, lost 1-4 pings (<= 0.2 s) on this shared machine
+    # (load average 11-19) in 4 of 6 runs: the bound is that, not zero.
+    assert all(v.window <= 0.5 for v in loss.values()), f"allowed flow: {loss}"
     assert sent > 10 and lost == sent, f"a denied flow got through: {sent - lost} replies"
-    after = table(lab, "node3")
+    after = table(lab, node)
     assert chains(after) == chains(before)
     # adopted, not rewritten: the allowing rule's counter kept counting from where it was
     label = "default/db-allow ingress[0]"
-    assert rule_packets(after, label) >= rule_packets(before, label) > 0
+    assert rule_packets(after, label) >= rule_packets(before, label)
+    if node == "node3":
+        assert rule_packets(before, label) > 0
+
+
+def settle(lab: Lab) -> None:
+    """Every router's BGP sessions Established again, then a second of steady state."""
+    for r in (*lab.nodes("frr"), *lab.nodes("bird")):
+        lab.wait_for(lambda r=r: lab.established(r), 60, what=f"BGP sessions of {r}")
+    time.sleep(1.0)
 
 
 def chains(doc: dict[str, Any]) -> set[str]:
