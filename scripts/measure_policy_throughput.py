@@ -1,13 +1,16 @@
 """Measure what the policy table costs a TCP stream: iperf3 from pod a to pod b through a
-node namespace (scratch namespaces this script creates and deletes), with no table, with
-b isolated and allowed by the last of ``--rules`` rules (established packets skip them), and
-the same with ``cutEstablished`` (every packet of the flow walks the chain).
+node namespace (scratch namespaces this script creates and deletes), with b not isolated
+("none": the table as fabricd writes it with no policy, so conntrack is on as on any fabric
+node; without any ct rule a namespace does no conntrack and is ~27% faster at new
+connections), with b isolated and allowed by the last of ``--rules`` rules (established packets skip them), and
+the same with ``cutEstablished`` (every packet of the flow walks the chain); and new TCP
+connections per second (one at a time, each through the chain) in each mode.
 
     sudo .venv/bin/python scripts/measure_policy_throughput.py [--rules 200] [--seconds 3]
         [--rounds 2]
 
 Prints one JSON object: Gbit/s per mode (median of the rounds, modes interleaved) and the
-ratios to no table. The machine may be shared: compare the ratios, not the absolute rates.
+ratios to "none". The machine may be shared: compare the ratios, not the absolute rates.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import argparse
 import asyncio
 import json
 import secrets
+import socket
 import statistics
 import subprocess
+import threading
 import time
 from ipaddress import IPv4Address
 
+from fabric.dataplane.netlink import in_netns
 from fabric.dataplane.nft import Nft
 from fabric.dataplane.policy_table import PolicyTable, render
 from fabric.policy.model import (
@@ -38,14 +44,23 @@ from lab import netns as labns
 A, B = IPv4Address("10.82.0.10"), IPv4Address("10.82.0.11")
 
 
-def model(n_rules: int) -> Compiled:
+def model(n_rules: int, isolated: bool = True) -> Compiled:
     peers = SetSpec("s4-a", "addr4", frozenset({A}))
     rules = tuple(Rule(f"x/p{i}", 0, Direction.INGRESS, ("s4-a",),
                        (PortMatch(Protocol.TCP, 6000 + i),)) for i in range(n_rules - 1))  # fmt: skip
-    rules += (Rule("x/allow", 0, Direction.INGRESS, ("s4-a",), (PortMatch(Protocol.TCP, 5201),)),)
+    rules += (
+        Rule(
+            "x/allow",
+            0,
+            Direction.INGRESS,
+            ("s4-a",),
+            (PortMatch(Protocol.TCP, 5201), PortMatch(Protocol.TCP, 7000)),
+        ),
+    )
     return Compiled({
         "x/a": EndpointRules("x/a", "fabma", (A,), None, None),
-        "x/b": EndpointRules("x/b", "fabmb", (B,), DirectionRules(("x/allow",), rules), None),
+        "x/b": EndpointRules("x/b", "fabmb", (B,),
+                             DirectionRules(("x/allow",), rules) if isolated else None, None),
     }, {"s4-a": peers})  # fmt: skip
 
 
@@ -53,6 +68,40 @@ def iperf(client: str, seconds: int) -> float:
     out = subprocess.run(["ip", "netns", "exec", client, "iperf3", "-c", str(B), "-t",
                           str(seconds), "-J"], capture_output=True, text=True, check=True)  # fmt: skip
     return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def conn_rate(client: str, seconds: float) -> tuple[float, int]:
+    """New TCP connections per second from ``client`` to b:7000, one at a time, and the
+    attempts not answered within 1 s."""
+    n, failed, end = 0, 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        s = in_netns(client, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        with s:
+            s.settimeout(1.0)
+            try:
+                s.connect((str(B), 7000))
+                n += 1
+            except TimeoutError:
+                failed += 1
+    return n / seconds, failed
+
+
+def acceptor(ns: str) -> socket.socket:
+    srv = in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((str(B), 7000))
+    srv.listen(512)
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return srv
 
 
 def main(args: argparse.Namespace) -> dict[str, object]:
@@ -75,20 +124,30 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         server = subprocess.Popen(["ip", "netns", "exec", b, "iperf3", "-s"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         time.sleep(0.5)
+        srv = acceptor(b)
         table = PolicyTable(Nft(node))
         modes = {"none": None, "policy": False, "policy_cut": True}
         got: dict[str, list[float]] = {m: [] for m in modes}
+        conns: dict[str, list[float]] = {m: [] for m in modes}
+        fails = dict.fromkeys(modes, 0)
         for _ in range(args.rounds):
             for mode, cut in modes.items():
-                if cut is None:
-                    asyncio.run(table.remove())
-                else:
-                    asyncio.run(table.sync(render(model(args.rules), cut)))
+                # "none": the table with b not isolated (conntrack on, as on any fabric node)
+                asyncio.run(table.sync(render(model(args.rules, cut is not None), bool(cut))))
                 got[mode].append(iperf(a, args.seconds))
+                rate, failed = conn_rate(a, args.seconds)
+                conns[mode].append(rate)
+                fails[mode] += failed
+        srv.close()
         med = {m: statistics.median(v) for m, v in got.items()}
+        cps = {m: statistics.median(v) for m, v in conns.items()}
         return {"rules": args.rules, **{f"{m}_gbps": round(v, 2) for m, v in med.items()},
                 "policy_ratio": round(med["policy"] / med["none"], 3),
-                "cut_ratio": round(med["policy_cut"] / med["none"], 3)}  # fmt: skip
+                "cut_ratio": round(med["policy_cut"] / med["none"], 3),
+                **{f"{m}_conn_per_s": round(v) for m, v in cps.items()},
+                "policy_conn_ratio": round(cps["policy"] / cps["none"], 3),
+                "cut_conn_ratio": round(cps["policy_cut"] / cps["none"], 3),
+                **{f"{m}_conn_failed": v for m, v in fails.items()}}  # fmt: skip
     finally:
         if server is not None:
             server.kill()
