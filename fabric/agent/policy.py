@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from fabric.dataplane.attachment import host_ifname
 from fabric.dataplane.policy_table import Change, Desired, PolicyTable, render
-from fabric.policy.compiler import compile as compile_policies
-from fabric.policy.endpoints import allocations, build_endpoints, cni_labels
+from fabric.policy.endpoints import EndpointCache, cni_labels
+from fabric.policy.incremental import IncrementalCompiler
 from fabric.policy.model import Compiled, Endpoint
 from fabric.resources.policy_model import Namespace, NetworkPolicy, Pod
 from fabric.resources.policy_store import NAMESPACES, NETWORKPOLICIES, PODS, parse_kv
@@ -79,6 +79,8 @@ class PolicyAgent:
         self._resync = True  # the first batch reads the kernel (adoption)
         self._last = 0.0
         self.aliases: dict[str, list[str]] = {}  # endpoint key -> more host interfaces
+        self._endpoints = EndpointCache(node, host_ifname)
+        self._compiler = IncrementalCompiler(node)
 
     # ------------------------------------------------------------------ inputs
 
@@ -105,19 +107,19 @@ class PolicyAgent:
         """Every endpoint in etcd, plus local attachments etcd does not show yet; the host
         interfaces of a pod's further attachments go to ``self.aliases``."""
         self.aliases = {}
-        eps = build_endpoints(allocations(inputs.blocks), inputs.pods, self.node, host_ifname)
+        eps = self._endpoints.build(inputs.blocks, inputs.pods)
         have = {e.ifname for e in eps if e.ifname is not None}
-        pod_of = {(p.namespace, p.name): p for p in inputs.pods}
+        pod_of = self._endpoints.pod_of
         local: dict[str, tuple[Record, str]] = {
             r.handle: (r, "") for r in self.records() if r.phase is Phase.READY
         }
         local.update(self._pending)
-        keys_seen = {e.key for e in eps}
+        keys_seen = set(self._endpoints.keys)
         for rec, labels_json in local.values():
             if rec.host_ifname in have or not rec.ips:
                 continue
             ns, name = rec.namespace or "default", rec.pod or rec.container_id
-            if f"{ns}/{name}" in keys_seen:  # another attachment of a known pod
+            if (ns, name) in keys_seen:  # another attachment of a known pod
                 self.aliases.setdefault(f"{ns}/{name}", []).append(rec.host_ifname)
                 have.add(rec.host_ifname)
                 continue
@@ -129,13 +131,13 @@ class PolicyAgent:
             eps.append(Endpoint(ns, name, tuple(i.ip for i in rec.ips), labels, ports,
                                 self.node, rec.host_ifname))  # fmt: skip
             have.add(rec.host_ifname)
-            keys_seen.add(f"{ns}/{name}")
+            keys_seen.add((ns, name))
         return eps
 
     def desired(self) -> Desired:
         inputs = self.read()
-        compiled = compile_policies(inputs.policies, inputs.namespaces,
-                                    self.endpoints(inputs), self.node)  # fmt: skip
+        compiled = self._compiler.compile(inputs.policies, inputs.namespaces,
+                                          self.endpoints(inputs))  # fmt: skip
         self.compiled = compiled
         return render(compiled, self.cut_established, self.aliases)
 

@@ -25,8 +25,8 @@ port name and protocol) and family, so they survive element changes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, collapse_addresses
 
 from fabric.policy import selectors
@@ -81,25 +81,54 @@ def block_networks(block: IPBlock) -> list[IPNetwork]:
     return [*collapse_addresses(v4), *collapse_addresses(v6)]
 
 
+Contribution = Callable[[Endpoint], list[SetElement]]  # one endpoint's elements of a set
+
+
+def _addrs(e: Endpoint, fam: int) -> list[SetElement]:
+    return [ip for ip in e.ips if ip.version == fam]
+
+
+def _pod_matches(sel: LabelSelector | None, labels: Mapping[str, str]) -> bool:
+    return sel is None or sel.empty or selectors.matches(sel, labels)
+
+
+def _member_addrs(member: Callable[[Endpoint], bool], fam: int) -> Contribution:
+    return lambda e: _addrs(e, fam) if member(e) else []
+
+
 @dataclass(slots=True)
 class _Builder:
-    """One compile: the inputs indexed, and the sets named so far."""
+    """One compile: the inputs indexed, and the sets named so far. ``contributions`` says,
+    for each set whose elements come from endpoints, what one endpoint puts in it: the
+    definition the incremental path (fabric.policy.incremental) re-evaluates per endpoint."""
 
     endpoints: list[Endpoint]
     ns_labels: Mapping[str, Mapping[str, str]]
     sets: dict[str, SetSpec]
-    by_namespace: dict[str, list[Endpoint]]
     rules: dict[tuple[str, int, Direction], Rule]  # rules that do not depend on the target
+    contributions: dict[str, Contribution] = field(default_factory=dict)
     label_index: dict[tuple[str, str], list[Endpoint]] | None = None  # built on first use
+    _by_namespace: dict[str, list[Endpoint]] | None = None  # built on first use
+
+    @property
+    def by_namespace(self) -> dict[str, list[Endpoint]]:
+        if self._by_namespace is None:
+            self._by_namespace = {}
+            for e in self.endpoints:
+                self._by_namespace.setdefault(e.namespace, []).append(e)
+        return self._by_namespace
 
     def namespace_labels(self, ns: str) -> Mapping[str, str]:
         return self.ns_labels.get(ns) or {NAMESPACE_NAME_LABEL: ns}
 
     # sets ------------------------------------------------------------------------------
 
-    def _add(self, name: str, kind: SetKind, elements: Iterable[SetElement], origin: str) -> str:
+    def _add(self, name: str, kind: SetKind, elements: Iterable[SetElement], origin: str,
+             contribution: Contribution | None = None) -> str:  # fmt: skip
         if name not in self.sets:
             self.sets[name] = SetSpec(name, kind, frozenset(elements), origin)
+            if contribution is not None:
+                self.contributions[name] = contribution
         return name
 
     def peer_sets(self, policy: NetworkPolicy, peer: Peer) -> list[str]:
@@ -129,10 +158,24 @@ class _Builder:
             in_scope = {ns for ns in self.by_namespace
                         if selectors.matches(nsel, self.namespace_labels(ns))}  # fmt: skip
         members = self.members(in_scope, psel)
+        member = self.peer_member(policy.namespace, nsel, psel)
         for name, fam, kind in ((names[0], 4, "addr4"), (names[1], 6, "addr6")):
-            ips = [ip for e in members for ip in e.ips if ip.version == fam]
-            self._add(name, kind, ips, definition)
+            ips = [ip for e in members for ip in _addrs(e, fam)]
+            self._add(name, kind, ips, definition, _member_addrs(member, fam))
         return names
+
+    def peer_member(self, policy_ns: str, nsel: LabelSelector | None,
+                    psel: LabelSelector | None) -> Callable[[Endpoint], bool]:  # fmt: skip
+        """Whether one endpoint is a member of the selector peer (what ``members`` finds)."""
+
+        ns_labels = self.ns_labels  # not self: a held set must not keep the builder alive
+
+        def member(e: Endpoint) -> bool:
+            labels = ns_labels.get(e.namespace) or {NAMESPACE_NAME_LABEL: e.namespace}
+            in_scope = e.namespace == policy_ns if nsel is None else selectors.matches(nsel, labels)
+            return in_scope and _pod_matches(psel, e.labels)
+
+        return member
 
     def members(self, namespaces: set[str], sel: LabelSelector | None) -> list[Endpoint]:
         """Endpoints of ``namespaces`` matched by ``sel`` (None/empty: all of them). With
@@ -147,9 +190,9 @@ class _Builder:
                         self.label_index.setdefault(kv, []).append(e)
             candidates = min((self.label_index.get(kv, []) for kv in sel.match_labels), key=len)
             return [e for e in candidates
-                    if e.namespace in namespaces and selectors.matches(sel, e.labels)]  # fmt: skip
+                    if e.namespace in namespaces and _pod_matches(sel, e.labels)]  # fmt: skip
         return [e for ns in sorted(namespaces) for e in self.by_namespace[ns]
-                if selectors.matches(sel, e.labels)]  # fmt: skip
+                if _pod_matches(sel, e.labels)]  # fmt: skip
 
     def named_port_sets(self, name: str, protocol: Protocol) -> list[str]:
         definition = f"named port {name}/{protocol}"
@@ -157,10 +200,14 @@ class _Builder:
         if out[0] in self.sets:
             return out
         for fam, kind in ((4, "addrport4"), (6, "addrport6")):
-            elems = [(ip, protocol, p.port) for e in self.endpoints for p in e.ports
-                     if p.name == name and p.protocol == protocol
-                     for ip in e.ips if ip.version == fam]  # fmt: skip
-            self._add(set_name(f"p{fam}", definition), kind, elems, definition)  # type: ignore[arg-type]
+
+            def contribution(e: Endpoint, fam: int = fam) -> list[SetElement]:
+                return [(ip, protocol, p.port) for p in e.ports
+                        if p.name == name and p.protocol == protocol
+                        for ip in e.ips if ip.version == fam]  # fmt: skip
+
+            elems = [x for e in self.endpoints for x in contribution(e)]
+            self._add(set_name(f"p{fam}", definition), kind, elems, definition, contribution)  # type: ignore[arg-type]
         return out
 
     # rules -----------------------------------------------------------------------------
@@ -210,6 +257,29 @@ def selects(policy: NetworkPolicy, endpoint: Endpoint) -> bool:
     )
 
 
+def endpoint_rules(b: _Builder, pols_by_ns: Mapping[str, list[NetworkPolicy]],
+                   e: Endpoint) -> EndpointRules:  # fmt: skip
+    """The rules of one endpoint (its sets named into ``b``)."""
+    dirs: dict[Direction, DirectionRules | None] = {}
+    for d in (Direction.INGRESS, Direction.EGRESS):
+        selecting = [p for p in pols_by_ns.get(e.namespace, ())
+                     if d in p.policy_types and selects(p, e)]  # fmt: skip
+        if not selecting:
+            dirs[d] = None
+            continue
+        rules = tuple(b.rule(p, i, d, r, e) for p in selecting
+                      for i, r in enumerate(p.ingress if d is Direction.INGRESS else p.egress))  # fmt: skip
+        dirs[d] = DirectionRules(tuple(p.key for p in selecting), rules)
+    return EndpointRules(e.key, e.ifname, e.ips, dirs[Direction.INGRESS], dirs[Direction.EGRESS])
+
+
+def policies_by_namespace(policies: Iterable[NetworkPolicy]) -> dict[str, list[NetworkPolicy]]:
+    out: dict[str, list[NetworkPolicy]] = {}
+    for p in sorted(policies, key=lambda p: p.key):
+        out.setdefault(p.namespace, []).append(p)
+    return out
+
+
 def compile(
     policies: Iterable[NetworkPolicy],
     namespaces: Iterable[Namespace],
@@ -220,31 +290,25 @@ def compile(
     """Rules for every endpoint on ``local_node`` (every endpoint when None; of those, only
     the keys in ``only`` when given, as trace() does); every endpoint, local or remote,
     feeds the selector and named-port sets."""
-    pols = sorted(policies, key=lambda p: p.key)
+    return compile_with(policies, namespaces, endpoints, local_node, only)[0]
+
+
+def compile_with(
+    policies: Iterable[NetworkPolicy],
+    namespaces: Iterable[Namespace],
+    endpoints: Iterable[Endpoint],
+    local_node: str | None,
+    only: Collection[str] | None = None,
+) -> tuple[Compiled, _Builder]:
+    """compile(), and the builder it used (its sets' contributions, for the incremental path)."""
     eps = sorted(endpoints, key=lambda e: e.key)
-    by_ns: dict[str, list[Endpoint]] = {}
-    for e in eps:
-        by_ns.setdefault(e.namespace, []).append(e)
-    pols_by_ns: dict[str, list[NetworkPolicy]] = {}
-    for p in pols:
-        pols_by_ns.setdefault(p.namespace, []).append(p)
-    b = _Builder(eps, {n.name: n.labels for n in namespaces}, {}, by_ns, {})
+    pols_by_ns = policies_by_namespace(policies)
+    b = _Builder(eps, {n.name: n.labels for n in namespaces}, {}, {})
     out: dict[str, EndpointRules] = {}
     for e in eps:
         if (local_node is not None and e.node != local_node) or (
             only is not None and e.key not in only
         ):
             continue
-        dirs: dict[Direction, DirectionRules | None] = {}
-        for d in (Direction.INGRESS, Direction.EGRESS):
-            selecting = [p for p in pols_by_ns.get(e.namespace, ())
-                         if d in p.policy_types and selects(p, e)]  # fmt: skip
-            if not selecting:
-                dirs[d] = None
-                continue
-            rules = tuple(b.rule(p, i, d, r, e) for p in selecting
-                          for i, r in enumerate(p.ingress if d is Direction.INGRESS else p.egress))  # fmt: skip
-            dirs[d] = DirectionRules(tuple(p.key for p in selecting), rules)
-        out[e.key] = EndpointRules(e.key, e.ifname, e.ips, dirs[Direction.INGRESS],
-                                   dirs[Direction.EGRESS])  # fmt: skip
-    return Compiled(out, dict(sorted(b.sets.items())))
+        out[e.key] = endpoint_rules(b, pols_by_ns, e)
+    return Compiled(out, dict(sorted(b.sets.items()))), b

@@ -56,30 +56,91 @@ def endpoint_key(attrs: Mapping[str, str]) -> tuple[str, str]:
             attrs.get("pod") or attrs.get("containerID", ""))  # fmt: skip
 
 
-def build_endpoints(allocs: Iterable[Allocation], pods: Iterable[Pod], local_node: str | None,
-                    host_ifname: HostIfname | None = None) -> list[Endpoint]:  # fmt: skip
-    """One Endpoint per pod that holds addresses, sorted by key. ``host_ifname`` names the
-    host end of a local attachment (the dataplane's naming; None leaves ifname unset)."""
+def _group(allocs: Iterable[Allocation]) -> dict[tuple[str, str], list[Allocation]]:
     by_key: dict[tuple[str, str], list[Allocation]] = {}
     for a in allocs:
         if a.attrs.get("containerID"):
             by_key.setdefault(endpoint_key(a.attrs), []).append(a)
+    return by_key
+
+
+def _endpoint(ns: str, name: str, group: list[Allocation], pod: Pod | None,
+              local_node: str | None, host_ifname: HostIfname | None) -> Endpoint:  # fmt: skip
+    group = sorted(group, key=lambda a: (a.attrs.get("ifname") != "eth0", a.ip.version, a.ip))
+    labels = {}
+    for a in group:
+        labels.update(cni_labels(a.attrs))
+    if pod is not None:
+        labels.update(pod.labels)
+    node = group[0].node
+    ifname = None
+    if host_ifname is not None and node == local_node:
+        first = group[0].attrs
+        ifname = host_ifname(first.get("containerID", ""), first.get("ifname", "eth0"))
+    ips = tuple(dict.fromkeys(a.ip for a in group))
+    ports = tuple(p for p in pod.ports if p.name) if pod is not None else ()
+    return Endpoint(ns, name, ips, labels, ports, node, ifname)
+
+
+def build_endpoints(allocs: Iterable[Allocation], pods: Iterable[Pod], local_node: str | None,
+                    host_ifname: HostIfname | None = None) -> list[Endpoint]:  # fmt: skip
+    """One Endpoint per pod that holds addresses, sorted by key. ``host_ifname`` names the
+    host end of a local attachment (the dataplane's naming; None leaves ifname unset)."""
     pod_of = {(p.namespace, p.name): p for p in pods}
-    out: list[Endpoint] = []
-    for (ns, name), group in sorted(by_key.items()):
-        group.sort(key=lambda a: (a.attrs.get("ifname") != "eth0", a.ip.version, a.ip))
-        labels = {}
-        for a in group:
-            labels.update(cni_labels(a.attrs))
-        pod = pod_of.get((ns, name))
-        if pod is not None:
-            labels.update(pod.labels)
-        node = group[0].node
-        ifname = None
-        if host_ifname is not None and node == local_node:
-            first = group[0].attrs
-            ifname = host_ifname(first.get("containerID", ""), first.get("ifname", "eth0"))
-        ips = tuple(dict.fromkeys(a.ip for a in group))
-        ports = tuple(p for p in pod.ports if p.name) if pod is not None else ()
-        out.append(Endpoint(ns, name, ips, labels, ports, node, ifname))
-    return out
+    return [_endpoint(ns, name, group, pod_of.get((ns, name)), local_node, host_ifname)
+            for (ns, name), group in sorted(_group(allocs).items())]  # fmt: skip
+
+
+class EndpointCache:
+    """``build_endpoints(allocations(blocks), pods, ...)`` with memory, for fabricd's batches:
+    only the allocations of Block objects that are new or gone since the last call are
+    looked at (the agent's BlockIndex re-parses only blocks whose revision changed), and an
+    endpoint is rebuilt only when its allocations or its Pod object changed; unchanged
+    endpoints come back as the same objects (what the incremental compile compares first).
+    ``pod_of`` and ``keys`` are the last call's Pods by (namespace, name) and endpoint keys."""
+
+    def __init__(self, local_node: str | None, host_ifname: HostIfname | None = None) -> None:
+        self.local_node, self.host_ifname = local_node, host_ifname
+        self._blocks: dict[int, tuple[Block, list[Allocation]]] = {}  # the Block pins its id
+        self._groups: dict[tuple[str, str], list[Allocation]] = {}
+        self._eps: dict[tuple[str, str], Endpoint] = {}
+        self._sorted: list[Endpoint] = []
+        self.pod_of: dict[tuple[str, str], Pod] = {}
+        self.keys: set[tuple[str, str]] = set()
+
+    def build(self, blocks: Iterable[Block], pods: Iterable[Pod]) -> list[Endpoint]:
+        """The endpoints, sorted by key (a new list each call)."""
+        now = {id(b): b for b in blocks}
+        gone = [al for k, (_, al) in self._blocks.items() if k not in now]
+        new = {k: (b, allocations([b])) for k, b in now.items() if k not in self._blocks}
+        pod_of = {(p.namespace, p.name): p for p in pods}
+        affected = {k for k in pod_of.keys() | self.pod_of.keys()
+                    if pod_of.get(k) is not self.pod_of.get(k)}  # fmt: skip
+        for al in gone:
+            for a in al:
+                if a.attrs.get("containerID"):
+                    key = endpoint_key(a.attrs)
+                    affected.add(key)
+                    group = [x for x in self._groups.get(key, ()) if x is not a]
+                    if group:
+                        self._groups[key] = group
+                    else:
+                        self._groups.pop(key, None)
+        for _, al in new.values():
+            for key, group in _group(al).items():
+                affected.add(key)
+                self._groups.setdefault(key, []).extend(group)
+        self._blocks = {k: self._blocks.get(k) or new[k] for k in now}
+        self.pod_of = pod_of
+        if not affected:
+            return list(self._sorted)
+        for key in affected:
+            members = self._groups.get(key)
+            if members:
+                self._eps[key] = _endpoint(*key, members, pod_of.get(key), self.local_node,
+                                           self.host_ifname)  # fmt: skip
+            else:
+                self._eps.pop(key, None)
+        self.keys = set(self._eps)
+        self._sorted = [self._eps[k] for k in sorted(self._eps)]
+        return list(self._sorted)
