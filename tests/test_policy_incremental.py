@@ -84,6 +84,7 @@ def test_incremental_equals_full_compile_after_every_change(
         want = compile_policies(pols, nss, eps.values(), LOCAL)
         assert got.endpoints == want.endpoints
         assert got.sets == want.sets, set(got.sets) ^ set(want.sets)
+    assert inc.fallbacks == 0
     assert inc.deltas > 0 or inc.full == 7
 
 

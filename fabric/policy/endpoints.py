@@ -13,7 +13,9 @@ is the host end of the first attachment on ``local_node`` (``eth0`` first).
 
 from __future__ import annotations
 
+import bisect
 import json
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -105,6 +107,8 @@ class EndpointCache:
         self._groups: dict[tuple[str, str], list[Allocation]] = {}
         self._eps: dict[tuple[str, str], Endpoint] = {}
         self._sorted: list[Endpoint] = []
+        self._order: list[tuple[str, str]] = []  # the keys of _eps, sorted
+        self._pods: tuple[Pod, ...] = ()
         self.pod_of: dict[tuple[str, str], Pod] = {}
         self.keys: set[tuple[str, str]] = set()
 
@@ -113,9 +117,14 @@ class EndpointCache:
         now = {id(b): b for b in blocks}
         gone = [al for k, (_, al) in self._blocks.items() if k not in now]
         new = {k: (b, allocations([b])) for k, b in now.items() if k not in self._blocks}
-        pod_of = {(p.namespace, p.name): p for p in pods}
-        affected = {k for k in pod_of.keys() | self.pod_of.keys()
-                    if pod_of.get(k) is not self.pod_of.get(k)}  # fmt: skip
+        pods = tuple(pods)
+        affected: set[tuple[str, str]] = set()
+        if len(pods) != len(self._pods) or any(map(operator.is_not, pods, self._pods)):
+            pod_of = {(p.namespace, p.name): p for p in pods}
+            affected = {k for k in pod_of.keys() | self.pod_of.keys()
+                        if pod_of.get(k) is not self.pod_of.get(k)}  # fmt: skip
+            self.pod_of, self._pods = pod_of, pods
+        pod_of = self.pod_of
         for al in gone:
             for a in al:
                 if a.attrs.get("containerID"):
@@ -131,16 +140,17 @@ class EndpointCache:
                 affected.add(key)
                 self._groups.setdefault(key, []).extend(group)
         self._blocks = {k: self._blocks.get(k) or new[k] for k in now}
-        self.pod_of = pod_of
         if not affected:
             return list(self._sorted)
         for key in affected:
             members = self._groups.get(key)
             if members:
+                if key not in self._eps:
+                    bisect.insort(self._order, key)
                 self._eps[key] = _endpoint(*key, members, pod_of.get(key), self.local_node,
                                            self.host_ifname)  # fmt: skip
-            else:
-                self._eps.pop(key, None)
+            elif self._eps.pop(key, None) is not None:
+                del self._order[bisect.bisect_left(self._order, key)]
         self.keys = set(self._eps)
-        self._sorted = [self._eps[k] for k in sorted(self._eps)]
+        self._sorted = [self._eps[k] for k in self._order]
         return list(self._sorted)

@@ -42,6 +42,7 @@ class _State:
     policies: tuple[NetworkPolicy, ...]
     ns_labels: dict[str, Mapping[str, str]]
     endpoints: dict[str, Endpoint]
+    ids: dict[int, Endpoint]  # the last call's endpoint objects (held: their ids stay theirs)
     contributions: dict[str, Contribution]
     by_ip: dict[IPAddress, set[str]]  # address -> keys of the endpoints holding it
     compiled: Compiled
@@ -56,12 +57,14 @@ def _address(x: SetElement) -> IPAddress | None:
 
 class IncrementalCompiler:
     """``compile(policies, namespaces, endpoints)`` for ``local_node``, equal to
-    fabric.policy.compiler.compile; ``full`` / ``deltas`` count how each call was done."""
+    fabric.policy.compiler.compile; ``full`` / ``deltas`` / ``fallbacks`` count how each call
+    was done."""
 
     def __init__(self, local_node: str | None) -> None:
         self.local_node = local_node
         self.full = 0
         self.deltas = 0
+        self.fallbacks = 0  # deltas that raised (a bug): redone in full
         self._state: _State | None = None
 
     def compile(
@@ -72,27 +75,39 @@ class IncrementalCompiler:
     ) -> Compiled:
         pols = tuple(sorted(policies, key=lambda p: p.key))
         ns_labels = {n.name: n.labels for n in namespaces}
-        eps: dict[str, Endpoint] = {}
-        for e in endpoints:
-            if e.key in eps:  # not one endpoint per key: only compile() defines that
-                return self._full(pols, namespaces, list(endpoints), ns_labels)
-            eps[e.key] = e
+        listed = list(endpoints)
         st = self._state
         if st is None or st.policies != pols or st.ns_labels != ns_labels:
-            return self._full(pols, namespaces, list(eps.values()), ns_labels)
+            return self._full(pols, namespaces, listed, ns_labels)
+        # what changed, found by object identity (EndpointCache returns unchanged endpoints
+        # as the same objects): only new objects' keys are looked at
+        ids = {id(e): e for e in listed}
+        if len(ids) != len(listed):
+            return self._full(pols, namespaces, listed, ns_labels)
+        added = [e for i, e in ids.items() if i not in st.ids]
+        removed = [e for i, e in st.ids.items() if i not in ids]
+        eps = dict(st.endpoints)
+        for e in removed:
+            if eps.get(k := e.key) is e:
+                del eps[k]
+        for e in added:
+            if (k := e.key) in eps:  # not one endpoint per key: only compile() defines that
+                return self._full(pols, namespaces, listed, ns_labels)
+            eps[k] = e
         old = st.endpoints
-        changed = [k for k in eps.keys() | old.keys()
+        changed = [k for k in {e.key for e in (*added, *removed)}
                    if not ((a := old.get(k)) is (b := eps.get(k)) or a == b)]  # fmt: skip
         if not changed:
-            st.endpoints = eps
+            st.endpoints, st.ids = eps, ids
             return st.compiled
         if len(changed) > MAX_DELTA + len(eps) // 8:
-            return self._full(pols, namespaces, list(eps.values()), ns_labels)
+            return self._full(pols, namespaces, listed, ns_labels)
         try:
-            return self._delta(st, pols, ns_labels, eps, sorted(changed))
+            return self._delta(st, pols, ns_labels, eps, ids, sorted(changed))
         except Exception:
+            self.fallbacks += 1
             self._state = None  # half-updated indexes: the next call compiles in full
-            return self._full(pols, namespaces, list(eps.values()), ns_labels)
+            return self._full(pols, namespaces, listed, ns_labels)
 
     def _full(self, pols: tuple[NetworkPolicy, ...], namespaces: Iterable[Namespace],
               eps: list[Endpoint], ns_labels: dict[str, Mapping[str, str]]) -> Compiled:  # fmt: skip
@@ -105,12 +120,13 @@ class IncrementalCompiler:
             for e in eps:
                 for ip in e.ips:
                     by_ip.setdefault(ip, set()).add(e.key)
-            self._state = _State(pols, ns_labels, by_key, b.contributions, by_ip, compiled)
+            self._state = _State(pols, ns_labels, by_key, {id(e): e for e in eps},
+                                 b.contributions, by_ip, compiled)  # fmt: skip
         return compiled
 
     def _delta(self, st: _State, pols: tuple[NetworkPolicy, ...],
                ns_labels: dict[str, Mapping[str, str]], eps: dict[str, Endpoint],
-               changed: list[str]) -> Compiled:  # fmt: skip
+               ids: dict[int, Endpoint], changed: list[str]) -> Compiled:  # fmt: skip
         old = st.endpoints
         for k in changed:  # the address index follows the endpoints
             if (o := old.get(k)) is not None:
@@ -151,7 +167,7 @@ class IncrementalCompiler:
         compiled = Compiled(dict(sorted(rules.items())),
                             {name: b.sets[name] for name in sorted(named)})  # fmt: skip
         contributions = {**st.contributions, **b.contributions}
-        self._state = _State(pols, ns_labels, eps, {n: contributions[n] for n in named
+        self._state = _State(pols, ns_labels, eps, ids, {n: contributions[n] for n in named
                                                     if n in contributions},
                              st.by_ip, compiled)  # fmt: skip
         self.deltas += 1
