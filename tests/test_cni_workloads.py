@@ -138,7 +138,8 @@ def make(etcd_endpoints: list[str], prefix: str, tmp_path: Path) -> Callable[...
     import contextlib
 
     @contextlib.asynccontextmanager
-    async def ctx(endpoints: list[str] | None = None, setup: bool = True) -> AsyncIterator[Env]:
+    async def ctx(endpoints: list[str] | None = None, setup: bool = True,
+                  policy: Any = None) -> AsyncIterator[Env]:  # fmt: skip
         async with Store(endpoints or etcd_endpoints, prefix, deadline=1.0) as store:
             alloc = Allocator(store)
             if endpoints is None and setup:
@@ -151,7 +152,7 @@ def make(etcd_endpoints: list[str], prefix: str, tmp_path: Path) -> Callable[...
                 return ok[0]
 
             deps = Deps(NODE, PodIPAM(alloc, BatchingAllocator(alloc), NODE), fdp,
-                        routes, StateDir(tmp_path / "state"), datastore_ok)  # fmt: skip
+                        routes, StateDir(tmp_path / "state"), datastore_ok, policy=policy)  # fmt: skip
             w = Workloads(deps)
             await w.recover()
             yield Env(w, fdp, routes, alloc, tmp_path / "state", ok)
@@ -221,6 +222,44 @@ def test_requested_ip_and_taken_ip(make: Any) -> None:
             assert await e.held("net.c2.eth0") == [] and state_files(e) == ["net.c1.eth0.json"]
             code, err = await e.call("ADD", cid="c3", args=";IP=10.1.1.1")
             assert code == 1 and err["code"] == Code.INVALID_CONFIG
+
+    asyncio.run(go())
+
+
+@dataclass
+class RecordingGate:
+    """A policy gate that records what it is asked (the real one: tests/test_nft_agent.py)."""
+
+    admitted: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)
+
+    async def admit(self, rec: Record, cni_labels: str) -> None:
+        self.admitted.append((rec.handle, rec.host_ifname, [str(i.ip) for i in rec.ips]))
+        await asyncio.sleep(0.05)  # a batch in flight while the veth is configured
+        self.done.append(rec.handle)
+
+    def release(self, handle: str) -> None:
+        self.released.append(handle)
+
+
+def test_policy_endpoint_is_admitted_with_the_address_and_released_on_failure(make: Any) -> None:
+    """The gate is asked as soon as the address is known (host interface by name, as nft
+    matches it); a configure failure waits for the admit to end, then releases it."""
+
+    async def go() -> None:
+        gate = RecordingGate()
+        async with make(policy=gate) as e:
+            code, res = await e.call("ADD")
+            assert code == 0, res
+            assert gate.admitted == [("net.c1.eth0", att.host_ifname("c1", "eth0"),
+                                      [res["ips"][0]["address"].split("/")[0]])]  # fmt: skip
+            assert gate.done == ["net.c1.eth0"] and gate.released == []
+            e.dp.fail_attach = OSError(5, "configure failed")
+            code, err = await e.call("ADD", cid="c2")
+            assert code == 1 and "configure failed" in err["msg"], err
+            assert gate.done[-1] == "net.c2.eth0" and set(gate.released) == {"net.c2.eth0"}
+            assert await e.held("net.c2.eth0") == []
 
     asyncio.run(go())
 

@@ -188,16 +188,24 @@ class Workloads:
             veth = create.result()
             rec = replace(rec, ips=tuple(ipaddress.ip_interface(a.host_prefix) for a in assigned),
                           seqs=tuple(a.seq for a in assigned))  # fmt: skip
-            got = await finish(asyncio.ensure_future(
-                self.d.dataplane.configure(veth, _attachment(rec))))  # fmt: skip
+            if self.d.policy is not None:
+                undo.append(self._releaser(rec.handle))
+            # the pod's policy endpoint needs only its addresses and its host interface's name
+            # (nft matches names; the name is the veth's): programmed while the veth is
+            # configured and the host route added; the ADD returns after all of them
+            admit = asyncio.ensure_future(self._admit(rec, owner.labels))
+            try:
+                got = await finish(asyncio.ensure_future(
+                    self.d.dataplane.configure(veth, _attachment(rec))))  # fmt: skip
+            except BaseException:
+                await finish_all(admit)  # ended before the undo releases its endpoint
+                if not admit.cancelled():
+                    admit.exception()  # configure's error is the ADD's
+                raise
             rec = replace(rec, host_ifname=got.host_ifname, host_mac=got.host_mac,
                           pod_mac=got.pod_mac)  # fmt: skip
             undo.append(lambda: self._remove_routes(rec))
-            if self.d.policy is not None:
-                undo.append(self._releaser(rec.handle))
-            # the host route and the pod's policy endpoint are independent: made together
             routes = asyncio.ensure_future(self._add_routes(rec))
-            admit = asyncio.ensure_future(self._admit(rec, owner.labels))
             await finish_all(routes, admit)
             routes.result()
             admit.result()
