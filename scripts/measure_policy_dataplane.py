@@ -26,6 +26,7 @@ from ipaddress import IPv4Address, IPv6Address
 from fabric.dataplane.nft import Nft
 from fabric.dataplane.policy_table import PolicyTable, render
 from fabric.policy.compiler import compile as compile_policies
+from fabric.policy.incremental import IncrementalCompiler
 from fabric.policy.model import Endpoint, NamedPort
 from fabric.resources.policy_model import Namespace, NetworkPolicy, Pod
 from lab import netns as labns
@@ -80,7 +81,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                        input=cold.script, text=True, check=True)  # fmt: skip
         out["floor_cold_s"] = round(time.perf_counter() - t0, 3)
         out["cold_ratio"] = round(out["program_cold_s"] / out["floor_cold_s"], 2)  # type: ignore[operator]
-        add_s, add_b, lab_s, lab_b, cmp_s = [], [], [], [], []
+        add_s, add_b, lab_s, lab_b, cmp_s, nft_s = [], [], [], [], [], []
+        inc = IncrementalCompiler("me")  # as fabricd's batches compile
+        inc.compile(pols, nss, eps)
         for i in range(args.repeat):
             # a pod ADD: one more local endpoint (compile + render + apply, as a batch does)
             k = args.remote + args.local + i
@@ -91,19 +94,27 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                            (), "me", f"fab{k:011x}")  # fmt: skip
             eps.append(new)
             t0 = time.perf_counter()
-            change = await table.apply(render(compile_policies(pols, nss, eps, "me")))
+            want = render(inc.compile(pols, nss, eps))
+            t1 = time.perf_counter()
+            change = await table.apply(want)
             add_s.append(time.perf_counter() - t0)
+            nft_s.append(time.perf_counter() - t1)
             add_b.append(len(change.script))
             # a label change: a remote pod gains role r0 (enters selector sets)
             j = i * 7 + 1
             eps[j] = replace(eps[j], labels={**eps[j].labels, "role": "r0", "app": "app-0"})
             t0 = time.perf_counter()
-            compiled = compile_policies(pols, nss, eps, "me")
+            compiled = inc.compile(pols, nss, eps)
             cmp_s.append(time.perf_counter() - t0)
-            change = await table.apply(render(compiled))
+            want = render(compiled)
+            t1 = time.perf_counter()
+            change = await table.apply(want)
             lab_s.append(time.perf_counter() - t0)
+            nft_s.append(time.perf_counter() - t1)
             lab_b.append(len(change.script))
         out["add_batch_ms_p50"] = round(statistics.median(add_s) * 1000, 1)
+        out["batch_nft_ms_p50"] = round(statistics.median(nft_s) * 1000, 1)  # table.apply alone
+        out["batches_full_delta"] = [inc.full, inc.deltas]
         out["add_batch_bytes_p50"] = statistics.median(add_b)
         out["label_batch_ms_p50"] = round(statistics.median(lab_s) * 1000, 1)
         out["label_compile_ms_p50"] = round(statistics.median(cmp_s) * 1000, 1)
