@@ -15,11 +15,13 @@ cd "$here"
 
 PKGS=(etcd-server etcd-client iproute2 iputils-ping frr bird2 containernetworking-plugins
       iptables nftables procps psmisc python3-venv python3-pip graphviz
-      podman runc busybox-static)
+      podman runc busybox-static iperf3)
 # podman, runc, busybox-static: tests/lab/test_podman.py (a real CNI runtime; runc because
-# crun fails on hybrid cgroups). Sockets and timers first: they would start their services.
+# crun fails on hybrid cgroups). iperf3: the policy benchmark's pod-to-pod throughput (its
+# package ships iperf3.service, disabled below like the others). Sockets and timers first:
+# they would start their services.
 UNITS=(etcd.service frr.service bird.service podman.socket podman-auto-update.timer
-       podman.service podman-restart.service podman-auto-update.service)
+       podman.service podman-restart.service podman-auto-update.service iperf3.service)
 
 log() { printf '[deps] %s\n' "$*"; }
 

@@ -19,7 +19,9 @@ from click.testing import CliRunner, Result
 from fabric.cli.common import LazyGroup
 from fabric.cli.main import main
 from ipam import keys
-from ipam.allocator import Allocator, AssignedIP, AssignRequest
+from ipam.allocator import Allocator
+from ipam.commit import AssignedIP
+from ipam.request import AssignRequest
 from ipam.resources import Node, Resources
 from ipam.store import Store
 
@@ -466,7 +468,7 @@ def test_apply_update_rules(cli: Cli) -> None:
     ("doc", "words"),
     [
         ("apiVersion: v1\nkind: IPPool\nmetadata: {name: a}\nspec: {}\n", ["apiVersion"]),
-        ("apiVersion: fabric/v1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n", ["kind"]),
+        ("apiVersion: fabric/v1\nkind: Deployment\nmetadata: {name: a}\nspec: {}\n", ["kind"]),
         ("apiVersion: fabric/v1\nkind: IPPool\nspec: {}\n", ["metadata.name"]),
         ("apiVersion: fabric/v1\nkind: IPPool\nmetadata: {name: a}\n", ["IPPool a", "spec"]),
         (
@@ -501,7 +503,7 @@ def test_apply_errors_are_one_line(cli: Cli, doc: str, words: list[str]) -> None
 
 def test_get_and_delete_kinds(ctl: Ctl, allocate: Callable[..., object]) -> None:
     ctl("apply", "-f", "-", input=RESOURCES)
-    one_line_error(ctl("get", "pods", code=1).stderr, "unknown kind")
+    one_line_error(ctl("get", "deployments", code=1).stderr, "unknown kind")
     one_line_error(ctl("get", "ippool", "nope", code=1).stderr, "IPPool nope", "not found")
     assert "gateways deleted" in ctl("delete", "ipreservations", "gateways").stdout
     assert ctl("get", "ipreservations").stdout.strip() == "NAME   CIDRS"

@@ -319,14 +319,16 @@ def test_concurrent_attaches(spaces: Namespaces, node: str, dp: Dataplane) -> No
     assert sorted(fab_links(node)) == sorted(a.host_ifname for a in got)
 
 
-# ---------------------------------------------------------------- timing
+# ---------------------------------------------------------------- many pods in a row
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v4v6"])
-def test_timing(spaces: Namespaces, node: str, v6: bool) -> None:
-    """Attach/detach times over FABRIC_DP_N (200) fresh pod namespaces, the Dataplane in a
-    thread inside the node namespace (as fabricd runs). Prints the numbers (-s).
+def test_many_attach_then_detach(spaces: Namespaces, node: str, v6: bool) -> None:
+    """FABRIC_DP_N (200) fresh pod namespaces attached and detached one after another by one
+    Dataplane in a thread inside the node namespace (as fabricd runs): every one works and
+    no host end is left. The times are printed (-s) for a look; speed is the cni
+    benchmark's business (lab/bench/cni.py), never a test's.
     """
     n = int(os.environ.get("FABRIC_DP_N", "200"))
     taken = set(labns.listed())
@@ -359,7 +361,8 @@ def test_timing(spaces: Namespaces, node: str, v6: bool) -> None:
         print(f"\n{what} {'v4+v6' if v6 else 'v4'} n={len(ms)} ms: min {ms[0]:.2f} "
               f"median {statistics.median(ms):.2f} p90 {ms[int(len(ms) * 0.9)]:.2f} "
               f"max {ms[-1]:.2f}")  # fmt: skip
-    assert statistics.median(add) < 0.015
+    assert len(add) == len(delete) == n
+    assert fab_links(node) == []
 
 
 # ---------------------------------------------------------------- create, then configure

@@ -106,6 +106,12 @@ class CNIConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    cut_established: bool  # a flow the new rules deny stops at the update (default: kept)
+    resync_interval: float  # seconds between full checks of table inet fabric_filter
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str  # debug | info | warning | error
     format: str  # text | json
@@ -124,6 +130,7 @@ class AgentConfig:
     routes: RoutesConfig
     bgp: BGPSettings
     cni: CNIConfig
+    policy: PolicyConfig
     run_dir: Path
     log: LogConfig
     resync_interval: float
@@ -328,6 +335,11 @@ KEYS: tuple[Key, ...] = (
         "announced to peers."),
     Key("cni.socket", _path(), "/run/fabric/cni.sock", "Socket the CNI plugin uses."),
     Key("cni.stateDir", _path(), "/var/lib/fabric", "Directory for CNI state."),
+    Key("policy.cutEstablished", _choice(False, True), False, "NetworkPolicy: true stops "
+        "established connections the new rules deny, at the update (every packet of a flow "
+        "is checked); false keeps them until they end, as Calico and kube-router do."),
+    Key("policy.resyncInterval", _number(1, 86400), 60, "Seconds between full checks of the "
+        "nftables table inet fabric_filter (drift is repaired)."),
     Key("runDir", _path(), "/run/fabric", "Runtime directory (ExaBGP config and pipes)."),
     Key("log.level", _choice("debug", "info", "warning", "error"), "info", "debug, info, "
         "warning or error."),
@@ -339,7 +351,7 @@ KEYS: tuple[Key, ...] = (
 )
 _SECTIONS = {
     "addresses": Addresses, "etcd": EtcdConfig, "health": HealthConfig, "routes": RoutesConfig,
-    "bgp": BGPSettings, "cni": CNIConfig, "log": LogConfig,
+    "bgp": BGPSettings, "cni": CNIConfig, "policy": PolicyConfig, "log": LogConfig,
 }
 # fmt: on
 # The keys each mapping may hold ("" is the top level); other mappings (labels) are free.

@@ -1,14 +1,14 @@
 """What fabricd's /livez and /readyz check, and the cached etcd probe CNI requests share.
 
 Live: the event loop answers (this code runs) and ExaBGP answers a ping. Ready: etcd
-answers, ExaBGP answers, and the required peers are Established (``bgp.requiredPeers``,
-decided by ``sessions.required_peers_up``).
+answers, ExaBGP answers, the required peers are Established (``bgp.requiredPeers``,
+decided by ``sessions.required_peers_up``) and the policy table is programmed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from bgp.speaker import Speaker
 from fabric.agent.health import Check
@@ -22,8 +22,10 @@ PING_TIMEOUT = 1.5  # s: under the health server's request timeout
 
 class Probes:
     def __init__(self, store: Store, speaker: Speaker, metrics: Metrics,
-                 peers: Callable[[], tuple[bool, str]]) -> None:  # fmt: skip
+                 peers: Callable[[], tuple[bool, str]],
+                 policy: Callable[[], Awaitable[tuple[bool, str]]]) -> None:  # fmt: skip
         self.store, self.speaker, self.metrics, self.peers = store, speaker, metrics, peers
+        self.policy = policy  # the policy table programmed (or why not)
         self._etcd_ok = (0.0, False)  # (when, answer)
 
     async def etcd_reachable(self) -> bool:
@@ -50,4 +52,5 @@ class Probes:
         speaker = await self.speaker.ping(timeout=PING_TIMEOUT)
         detail["exabgp"] = "ok" if speaker else "not answering"
         peers_ok, detail["peers"] = self.peers()
-        return Check(etcd and speaker and peers_ok, detail)
+        policy_ok, detail["policy"] = await self.policy()
+        return Check(etcd and speaker and peers_ok and policy_ok, detail)

@@ -71,14 +71,15 @@ def main(ctx: click.Context, etcd_endpoints: str, etcd_cacert: Path | None,
          etcd_cert: Path | None, etcd_key: Path | None, prefix: str, timeout: float) -> None:  # fmt: skip
     """Manage the fabric's IP pools, IPAM data, BGP peers and configuration in etcd.
 
-    Exit codes: 0 ok, 1 user error, 2 etcd unreachable, 3 `ipam check` found problems.
+    Exit codes: 0 ok, 1 user error, 2 etcd unreachable, 3 `ipam check` found problems,
+    4 `explain` found the path blocked.
     """
     endpoints = tuple(e.strip() for e in etcd_endpoints.split(",") if e.strip())
     if not endpoints:
         raise click.BadParameter("at least one endpoint is required", param_hint="--etcd-endpoints")
     tls = None
     if etcd_cacert or etcd_cert or etcd_key or any(e.startswith("https://") for e in endpoints):
-        from ipam.store import TLSConfig
+        from ipam.tls import TLSConfig
 
         tls = TLSConfig(etcd_cacert, etcd_cert, etcd_key)
     ctx.obj = Settings(endpoints, prefix, tls, timeout)
@@ -93,7 +94,7 @@ main.lazy.update({
     "apply": ("fabric.cli.resources:apply_cmd", "Create or update resources from YAML."),
     "get": ("fabric.cli.resources:get_cmd", "Show resources of KIND, or the one NAME."),
     "delete": ("fabric.cli.resources:delete_cmd",
-               "Delete resource NAME of KIND (an IPPool in use is refused: see `pool delete --force`)."),
+               "Delete resource NAME of KIND, or those of -f FILE (an IPPool in use is refused: see `pool delete --force`)."),
     "node": ("fabric.cli.resources:node", "Nodes known to the fabric."),
     "install-unit": ("fabric.cli.unit:install_unit",
                      "Write the systemd unit fabricd.service (then `systemctl daemon-reload` and `systemctl enable --now fabricd`)."),
@@ -106,4 +107,9 @@ main.lazy.update({
                "Kernel routes fabricd installed on each node, as it last published them."),
     "cni": ("fabric.cli.cni:cni", "The CNI plugin: binaries and network configuration."),
     "lab": ("fabric.cli.lab:lab", "The network-namespace lab (development and demos)."),
+    "label": ("fabric.cli.policy:label",
+              "Set (KEY=VALUE) or remove (KEY-) labels of a pod (NS/NAME) or a namespace (NAME), as `kubectl label` does. A pod or namespace without an object yet (a pod attached by the CNI plugin) gets one holding just these labels. Policy selectors follow at once."),
+    "policy": ("fabric.cli.policy:policy", "NetworkPolicy: what the compiled rules do to a connection."),
+    "explain": ("fabric.cli.explain:explain",
+                "Why can (or can't) SRC reach DST: each hop with its state and the evidence read."),
 })  # fmt: skip

@@ -34,7 +34,10 @@ from fabric.cli.common import (
 def apply_cmd(ctx: click.Context, path: str) -> None:
     """Create or update resources from YAML.
 
-    Kinds: IPPool, IPReservation, IPAMConfig, Node, BGPPeer, BGPConfiguration.
+    Kinds: IPPool, IPReservation, IPAMConfig, Node, BGPPeer, BGPConfiguration, and
+    NetworkPolicy, Namespace, Pod (Kubernetes documents; `kind: List` of them too, so
+    `kubectl get namespaces,pods,networkpolicies -A -o yaml` applies as it is). Every
+    document is validated before anything is written.
     """
     from fabric.resources import documents as ry
 
@@ -53,34 +56,53 @@ def apply_cmd(ctx: click.Context, path: str) -> None:
 @click.command("get", cls=Command)
 @click.argument("kind")
 @click.argument("name", required=False)
+@click.option("-n", "--namespace", help="Namespace of networkpolicy/pod (default: default).")
+@click.option("-A", "--all-namespaces", "all_ns", is_flag=True, help="Every namespace.")
 @output_option
 @click.pass_context
-def get_cmd(ctx: click.Context, kind: str, name: str | None, fmt: str) -> None:
+def get_cmd(ctx: click.Context, kind: str, name: str | None, namespace: str | None,
+            all_ns: bool, fmt: str) -> None:  # fmt: skip
     """Show resources of KIND, or the one NAME.
 
-    KIND: ippool, ipreservation, ipamconfig, node, bgppeer, bgpconfiguration.
+    KIND: ippool, ipreservation, ipamconfig, node, bgppeer, bgpconfiguration,
+    networkpolicy (netpol), namespace (ns), pod (po). NAME of a pod or policy may be NS/NAME.
 
     `get KIND -o yaml` prints documents that `apply -f` accepts.
     """
     from fabric.resources import documents as ry
 
     k = ry.kind_of(kind)
+    ns = None if all_ns and name is None else namespace or "default"
     ctx.meta[RESOURCE] = f"{k} {name}" if name else k
-    docs = run(ctx, lambda s: ry.get(s.res, k, name))
+    docs = run(ctx, lambda s: ry.get(s.res, k, name, ns))
     emit_resources(k, docs, fmt, single=name is not None or k in ry.SINGLETONS)
 
 
 @click.command("delete", cls=Command)
-@click.argument("kind")
-@click.argument("name")
+@click.argument("kind", required=False)
+@click.argument("name", required=False)
+@click.option("-f", "--filename", "path", metavar="FILE",
+              help='Delete the resources named in this YAML file ("-" for stdin).')  # fmt: skip
+@click.option("-n", "--namespace", help="Namespace of networkpolicy/pod (default: default).")
 @click.pass_context
-def delete_cmd(ctx: click.Context, kind: str, name: str) -> None:
-    """Delete resource NAME of KIND (an IPPool in use is refused: see `pool delete --force`)."""
+def delete_cmd(ctx: click.Context, kind: str | None, name: str | None, path: str | None,
+               namespace: str | None) -> None:  # fmt: skip
+    """Delete resource NAME of KIND, or those of -f FILE (an IPPool in use is refused: see
+    `pool delete --force`)."""
+    if path is not None:
+        if kind or name:
+            raise click.UsageError("give KIND NAME or -f FILE, not both")
+        from fabric.cli.policy import delete_file
+
+        delete_file(ctx, path)
+        return
+    if not kind or not name:
+        raise click.UsageError("KIND and NAME are required (or -f FILE)")
     from fabric.resources import documents as ry
 
     k = ry.kind_of(kind)
     ctx.meta[RESOURCE] = f"{k} {name}"
-    click.echo(run(ctx, lambda s: ry.delete(s.maint, k, name, progress)))
+    click.echo(run(ctx, lambda s: ry.delete(s.maint, k, name, progress, namespace)))
 
 
 @click.group(

@@ -9,26 +9,20 @@ source address). Design and invariants: docs/design/routes.md.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Network, IPv6Network, collapse_addresses
 
+from fabric.dataplane.nft import NFT, Nft, NftError
+
 IPNetwork = IPv4Network | IPv6Network
 
-NFT = "/usr/sbin/nft"
-NSENTER = "/usr/bin/nsenter"
 TABLE = "fabric_nat"
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,30}")
 
 
-class NatError(Exception):
-    """nft refused a command or could not be run; ``stderr`` has nft's own words."""
-
-    def __init__(self, message: str, stderr: str = "") -> None:
-        super().__init__(message)
-        self.stderr = stderr
+NatError = NftError  # nft refused a command or could not be run; ``stderr`` has its words
 
 
 def _elements(cidrs: Iterable[IPNetwork], version: int) -> str:
@@ -88,6 +82,7 @@ class NatTable:
         if not _NAME.fullmatch(table):
             raise ValueError(f"nft table name {table!r}: letters, digits and '_'")
         self.netns, self.table, self.nft = netns, table, nft
+        self._runner = Nft(netns, nft)
         self._script: str | None = None  # what we applied last ...
         self._listing: str | None = None  # ... and how nft listed the table right after
 
@@ -138,21 +133,4 @@ class NatTable:
         return await self._nft(["-s", "list", "table", "inet", self.table])
 
     async def _nft(self, args: list[str], stdin: str | None = None, what: str = "list") -> str:
-        argv = [self.nft, *args]
-        if self.netns is not None:
-            path = self.netns if "/" in self.netns else f"/run/netns/{self.netns}"
-            argv = [NSENTER, f"--net={path}", *argv]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        except OSError as e:
-            raise NatError(f"failed to {what} nft table {self.table}: {e}") from e
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-        if proc.returncode != 0:
-            text = err.decode(errors="replace").strip()
-            raise NatError(f"failed to {what} nft table {self.table}: {text}", text)
-        return out.decode()
+        return await self._runner.run(args, stdin, what=what, table=self.table)

@@ -7,6 +7,9 @@ Calico's field names); ``apiVersion`` may be ``projectcalico.org/v3`` or ``fabri
 is our subset of Calico's). A ``kind: List`` (or ``IPPoolList``...) with ``items`` is
 accepted as well, so ``get -o json`` output can be applied too.
 
+NetworkPolicy (networking.k8s.io/v1), Namespace and Pod (v1) keep their Kubernetes envelope
+(fabric.resources.policy_documents), so kubectl's output applies as it is.
+
 Node follows Calico's shape: labels in ``metadata.labels``, ``spec.addresses`` as a list of
 ``{address: ...}`` (plain strings accepted), ``spec.bgp.asNumber`` and
 ``spec.bgp.routeReflectorClusterID``.
@@ -24,6 +27,7 @@ import yaml
 from bgp.config import Peer
 from fabric.errors import CLIError
 from fabric.resources import bgp as rb
+from fabric.resources import policy_documents as pd
 from fabric.resources.bgp_store import BGPStore
 from ipam import keys
 from ipam.errors import NotFoundError, ValidationError
@@ -37,7 +41,7 @@ IPAM_CONFIG_NAME = "default"  # the singleton's name, as Calico's IPAMConfigurat
 
 IPPOOL, IPRESERVATION, IPAMCONFIG, NODE = "IPPool", "IPReservation", "IPAMConfig", "Node"
 BGPPEER, BGPCONFIG = rb.BGPPEER, rb.BGPCONFIG
-KINDS = (IPPOOL, IPRESERVATION, IPAMCONFIG, NODE, *rb.KINDS)
+KINDS = (IPPOOL, IPRESERVATION, IPAMCONFIG, NODE, *rb.KINDS, *pd.KINDS)
 SINGLETONS = (IPAMCONFIG, BGPCONFIG)  # one resource named "default"; `get` shows it alone
 _ALIASES = {
     IPPOOL: ("ippool", "ippools", "pool", "pools", "ipp", "ipps"),
@@ -45,6 +49,7 @@ _ALIASES = {
     IPAMCONFIG: ("ipamconfig", "ipamconfigs", "ipamconfiguration", "ipamconfigurations"),
     NODE: ("node", "nodes", "no"),
     **rb.ALIASES,
+    **pd.ALIASES,
 }
 KIND_NAMES = {alias: kind for kind, aliases in _ALIASES.items() for alias in aliases}
 
@@ -56,7 +61,7 @@ def kind_of(text: str) -> str:
     kind = KIND_NAMES.get(text.lower())
     if kind is None:
         raise CLIError(f"unknown kind {text!r} (use one of: ippool, ipreservation, ipamconfig, "
-                       "node, bgppeer, bgpconfiguration, or their plurals)")  # fmt: skip
+                       "node, bgppeer, bgpconfiguration, networkpolicy, namespace, pod, or their plurals)")  # fmt: skip
     return kind
 
 
@@ -69,10 +74,11 @@ class Document:
     spec: Mapping[str, Any]
     labels: Mapping[str, str] = field(default_factory=dict)
     where: str = ""
+    obj: pd.PolicyObject | None = None  # NetworkPolicy/Namespace/Pod: validated already
 
     @property
     def resource(self) -> str:
-        return f"{self.kind} {self.name}"
+        return pd.resource(self.obj) if self.obj is not None else f"{self.kind} {self.name}"
 
 
 # parsing -----------------------------------------------------------------------------------
@@ -110,6 +116,9 @@ def _expand_list(d: object, where: str) -> list[object] | None:
 def _document(d: object, where: str) -> Document:
     if not isinstance(d, Mapping):
         raise CLIError("a resource must be a mapping with apiVersion, kind, metadata, spec", where)
+    if d.get("kind") in pd.KINDS:
+        obj = pd.parse(d, where)
+        return Document(str(d["kind"]), obj.name, {}, obj.labels, where, obj)
     api = d.get("apiVersion")
     if api not in API_VERSIONS:
         raise CLIError(f"{api!r} is not supported (use one of {', '.join(API_VERSIONS)})",
@@ -270,6 +279,8 @@ async def apply(res: Resources, doc: Document) -> str:
 
 
 async def _apply(res: Resources, doc: Document) -> str:
+    if doc.obj is not None:
+        return (await pd.apply(res.store, [doc.obj]))[0]
     if doc.kind in rb.KINDS:
         return await rb.apply(BGPStore(res.store), doc.kind, doc.name, doc.spec)
     if doc.kind == IPPOOL:
@@ -310,10 +321,13 @@ async def _apply_pool(res: Resources, doc: Document) -> str:
     return "configured"
 
 
-async def get(res: Resources, kind: str, name: str | None) -> list[dict[str, Any]]:
+async def get(res: Resources, kind: str, name: str | None,
+              namespace: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Resources of ``kind`` (all, or the one named), as documents; NotFoundError if named
-    and absent."""
+    and absent. ``namespace`` (None = all) only matters for NetworkPolicy and Pod."""
     out: list[dict[str, Any]]
+    if kind in pd.KINDS:
+        return await pd.get(res.store, kind, name, namespace)
     if kind in rb.KINDS:
         return [_resource(kind, n, s) for n, s in await rb.get(BGPStore(res.store), kind, name)]
     if kind == IPPOOL:
@@ -333,10 +347,13 @@ async def get(res: Resources, kind: str, name: str | None) -> list[dict[str, Any
     return out
 
 
-async def delete(maint: Maintenance, kind: str, name: str, progress: Progress) -> str:
+async def delete(maint: Maintenance, kind: str, name: str, progress: Progress,
+                 namespace: str | None = None) -> str:  # fmt: skip
     """Delete one resource; a pool in use is refused (InUseError), a node's addresses and
     blocks are released first. Returns a line saying what was done."""
     res = maint.resources
+    if kind in pd.KINDS:
+        return await pd.delete(res.store, kind, name, namespace)
     if kind in rb.KINDS:
         return await rb.delete(BGPStore(res.store), kind, name)
     if kind == IPPOOL:
@@ -377,6 +394,8 @@ async def delete_node(maint: Maintenance, name: str, progress: Progress) -> GCRe
 
 def table_rows(kind: str, docs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """Headers and rows for ``get KIND`` (and ``pool list``/``node list``/``peer list``)."""
+    if kind in pd.KINDS:
+        return pd.table_rows(kind, docs)
     if kind in rb.KINDS:
         return rb.table_rows(kind, docs)
     if kind == IPPOOL:

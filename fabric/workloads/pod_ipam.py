@@ -9,14 +9,18 @@ namespace, network, containerID, ifname): GC matches on those, never on parsing 
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cni.result import IPAddress, IPInterface
 from cni.spec import Env, IPAMConf
-from ipam.allocator import Allocator, AssignedIP, AssignRequest
+from ipam.allocator import Allocator
 from ipam.batch import BatchingAllocator
+from ipam.commit import AssignedIP
 from ipam.errors import IPAMError, ValidationError
+from ipam.request import AssignRequest
 
 
 def handle_id(network: str, container_id: str, ifname: str) -> str:
@@ -31,6 +35,7 @@ class Owner:
     pod: str = ""
     namespace: str = ""
     infra_container_id: str = ""  # K8S_POD_INFRA_CONTAINER_ID (the sandbox)
+    labels: str = ""  # args.cni.labels as a sorted JSON object (policy reads it)
 
     @property
     def handle(self) -> str:
@@ -44,13 +49,35 @@ class Owner:
             a["namespace"] = self.namespace
         if self.infra_container_id:
             a["infraContainerID"] = self.infra_container_id
+        if self.labels:
+            a["labels"] = self.labels
         return a
 
     @classmethod
-    def of(cls, network: str, env: Env) -> Owner:
+    def of(cls, network: str, env: Env, conf_args: Mapping[str, Any] | None = None) -> Owner:
+        """``conf_args`` (the network config's ``args``) only matters for ADD: its
+        ``cni.labels`` are recorded on the allocation for NetworkPolicy."""
         a = env.args
         return cls(network, env.container_id, env.ifname, a.pod_name, a.pod_namespace,
-                   a.infra_container_id)  # fmt: skip
+                   a.infra_container_id, cni_labels(conf_args or {}))  # fmt: skip
+
+
+def cni_labels(conf_args: Mapping[str, Any]) -> str:
+    """``args.cni.labels`` (``[{"key": k, "value": v}, ...]``, the CNI convention) as a sorted
+    JSON object, "" when absent; ValidationError naming the entry when malformed."""
+    cni = conf_args.get("cni")
+    raw = cni.get("labels") if isinstance(cni, Mapping) else None
+    if raw is None:
+        return ""
+    if not isinstance(raw, list):
+        raise ValidationError("args.cni.labels", "must be a list of {key, value}")
+    labels: dict[str, str] = {}
+    for i, e in enumerate(raw):
+        if not (isinstance(e, Mapping) and isinstance(e.get("key"), str)
+                and isinstance(e.get("value"), str)):  # fmt: skip
+            raise ValidationError(f"args.cni.labels[{i}]", "must be {key: string, value: string}")
+        labels[e["key"]] = e["value"]
+    return json.dumps(labels, sort_keys=True, separators=(",", ":")) if labels else ""
 
 
 class PodIPAM:

@@ -1,0 +1,472 @@
+"""NetworkPolicy in the kernel: table ``inet fabric_filter``, fabricd's own and nobody else's.
+
+``render(compiled)`` turns the compiled model (fabric.policy.model, pure data) into the
+table fabricd wants (``Desired``: sets, maps and chains); ``PolicyTable`` makes the kernel
+hold exactly that, writing only the difference, in one ``nft -f`` transaction per call:
+
+    chain forward   (hook forward, priority filter, policy accept)
+        ct state established,related accept           (cutEstablished: replies + related)
+        iifname . oifname @hairpin accept             a pod reaching itself via the host
+        iifname "fab*" iifname != @pods drop          unknown pod interface: fail closed
+        oifname "fab*" oifname != @pods drop
+        iifname vmap @from_pod                        egress: jump out_<h> | continue
+        oifname vmap @to_pod                          ingress: jump in_<h> | accept
+    chain in_<h> / out_<h>   (one per distinct rule list; h = digest of that list)
+        ct state invalid drop
+        <one rule per (peer set x protocol) of each policy rule, counter, comment>  accept|return
+        counter drop                                  default deny
+
+Host-originated traffic to local pods (kubelet probes) takes OUTPUT, never this chain.
+Chains are content-addressed: an endpoint whose policies change points its map element at
+another chain, so a pod ADD, DEL or label change writes set and map elements only. Every
+rule's comment is ``<policy> <direction>[<index>] #<id>`` (id: digest of label and text),
+by which a chain read back from the kernel is compared, and per-rule counters are read.
+Invariants and error taxonomy: docs/design/policy.md, "Dataplane".
+
+Imports only fabric.dataplane and the pure data contract fabric.policy.model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+from fabric.dataplane.nft import (
+    ChainDef,
+    Hook,
+    Listing,
+    Nft,
+    RuleDef,
+    SetDef,
+    Transaction,
+    check_name,
+    quote,
+)
+from fabric.policy.model import (
+    Compiled,
+    Direction,
+    DirectionRules,
+    PortMatch,
+    Protocol,
+    Rule,
+    SetSpec,
+)
+
+TABLE = "fabric_filter"
+BASE = "forward"
+TO_POD, FROM_POD, PODS, HAIRPIN = "to_pod", "from_pod", "pods", "hairpin"
+OWN_NAMES = frozenset({BASE, TO_POD, FROM_POD, PODS, HAIRPIN})
+POD_IFACES = "fab*"  # fabric.dataplane.pods.host_ifname: every host-side pod veth
+_TYPES = {
+    "addr4": (("ipv4_addr",), ()),
+    "addr6": (("ipv6_addr",), ()),
+    "net4": (("ipv4_addr",), ("interval",)),
+    "net6": (("ipv6_addr",), ("interval",)),
+    "addrport4": (("ipv4_addr", "inet_proto", "inet_service"), ()),
+    "addrport6": (("ipv6_addr", "inet_proto", "inet_service"), ()),
+}
+_LABEL = re.compile(r"(?P<policy>\S+/\S+) (?P<direction>ingress|egress)\[(?P<index>\d+)\]")
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """The whole table: every set and map with its elements, every chain with its rules."""
+
+    sets: Mapping[str, SetDef]
+    chains: Mapping[str, ChainDef]
+
+
+# ---------------------------------------------------------------------- rendering
+
+
+def render(
+    compiled: Compiled,
+    cut_established: bool = False,
+    aliases: Mapping[str, Iterable[str]] | None = None,
+) -> Desired:
+    """The table for ``compiled``. Pure. ``aliases``: more host interfaces of an endpoint
+    (key -> ifnames: a pod attached to several networks), dispatched like its ``ifname``.
+    ValueError for a set name nft cannot take or one that collides with the table's own."""
+    sets: dict[str, SetDef] = {}
+    for spec in compiled.sets.values():
+        s = _set(spec)
+        if s.name in OWN_NAMES or s.name in sets:
+            raise ValueError(f"policy set name {spec.name!r} collides with another set")
+        sets[s.name] = s
+    chains: dict[str, ChainDef] = {BASE: _base(cut_established)}
+    to_pod: set[str] = set()
+    from_pod: set[str] = set()
+    pods: set[str] = set()
+    hairpin: set[str] = set()
+    for ep in compiled.endpoints.values():
+        ifnames = [*([ep.ifname] if ep.ifname else []), *(aliases or {}).get(ep.key, ())]
+        for rules, ingress, elements in ((ep.ingress, True, to_pod), (ep.egress, False, from_pod)):
+            if rules is None:
+                verdict = "accept" if ingress else "continue"
+            else:
+                chain = endpoint_chain(rules, ingress, compiled.sets)
+                chains.setdefault(chain.name, chain)
+                verdict = f"jump {chain.name}"
+            elements.update(f"{quote(i)} : {verdict}" for i in ifnames)
+        for i in ifnames:
+            pods.add(quote(i))
+            hairpin.add(f"{quote(i)} . {quote(i)}")
+    sets[PODS] = SetDef(PODS, ("ifname",), elements=frozenset(pods))
+    sets[HAIRPIN] = SetDef(HAIRPIN, ("ifname", "ifname"), elements=frozenset(hairpin))
+    sets[TO_POD] = SetDef(TO_POD, ("ifname",), map_to="verdict", elements=frozenset(to_pod))
+    sets[FROM_POD] = SetDef(FROM_POD, ("ifname",), map_to="verdict",
+                            elements=frozenset(from_pod))  # fmt: skip
+    return Desired(sets, chains)
+
+
+def _base(cut_established: bool) -> ChainDef:
+    conntrack = (
+        [RuleDef("ct direction reply accept", "replies"),
+         RuleDef("ct state related accept", "related")]
+        if cut_established
+        else [RuleDef("ct state established,related accept", "established")]
+    )  # fmt: skip
+    p = quote(POD_IFACES)
+    return ChainDef(BASE, (
+        *conntrack,
+        RuleDef(f"iifname . oifname @{HAIRPIN} accept", "pod to itself"),
+        RuleDef(f"iifname {p} iifname != @{PODS} counter drop", "unknown pod interface egress"),
+        RuleDef(f"oifname {p} oifname != @{PODS} counter drop", "unknown pod interface ingress"),
+        RuleDef(f"iifname vmap @{FROM_POD}", "egress dispatch"),
+        RuleDef(f"oifname vmap @{TO_POD}", "ingress dispatch"),
+    ), Hook("forward"))  # fmt: skip
+
+
+def endpoint_chain(rules: DirectionRules, ingress: bool, sets: Mapping[str, SetSpec]) -> ChainDef:
+    """The chain of one isolated direction: allowed packets ``accept`` (ingress, the last
+    check) or ``return`` (egress: the destination's ingress is checked next); the rest drop.
+    Memoised: every batch renders every endpoint, most of them unchanged."""
+    kinds: dict[str, str] = {}
+    for rule in rules.rules:
+        for name in (*(rule.peer_sets or ()), *rule.named_port_sets):
+            spec = sets.get(name)
+            if spec is None:
+                raise ValueError(f"policy rule names set {name!r}, which the compiled model lacks")
+            kinds[name] = spec.kind
+    return _endpoint_chain(rules, ingress, tuple(sorted(kinds.items())))
+
+
+@functools.lru_cache(maxsize=8192)
+def _endpoint_chain(
+    rules: DirectionRules, ingress: bool, kinds: tuple[tuple[str, str], ...]
+) -> ChainDef:
+    families = {name: 4 if kind.endswith("4") else 6 for name, kind in kinds}
+    direction = "ingress" if ingress else "egress"
+    verdict = "accept" if ingress else "return"
+    out = [RuleDef("ct state invalid counter drop", f"invalid {direction}")]
+    for rule in rules.rules:
+        label = f"{rule.policy} {direction}[{rule.index}]"
+        out += [RuleDef(f"{m}counter {verdict}", label) for m in _matches(rule, ingress, families)]
+    out.append(RuleDef("counter drop", f"default-deny {direction}"))
+    digest = hashlib.sha1(usedforsecurity=False)
+    for r in out:
+        digest.update(f"{r.label}\0{r.text}\n".encode())
+    return ChainDef(f"{'in' if ingress else 'out'}_{digest.hexdigest()[:16]}", tuple(out))
+
+
+def _matches(rule: Rule, ingress: bool, families: Mapping[str, int]) -> list[str]:
+    """The match parts (each ending in a space, or empty) whose OR is ``rule``."""
+    side = "saddr" if ingress else "daddr"
+    peers: list[tuple[int | None, str]] = [(None, "")]
+    if rule.peer_sets is not None:
+        peers = []
+        for name in rule.peer_sets:
+            family = families[name]
+            peers.append((family, f"{'ip' if family == 4 else 'ip6'} {side} @{set_name(name)} "))
+    out: list[str] = []
+    ports = [""] if rule.ports is None else _ports(rule.ports)
+    out += [peer + port for _, peer in peers for port in ports]
+    for name in rule.named_port_sets:
+        family = families[name]
+        ip = "ip" if family == 4 else "ip6"
+        out += [f"{peer}{ip} daddr . meta l4proto . th dport @{set_name(name)} "
+                for f, peer in peers if f in (None, family)]  # fmt: skip
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def set_name(name: str) -> str:
+    """The nft name of compiled set ``name`` (nft names take no '-')."""
+    return check_name(name.replace("-", "_"), "set")
+
+
+def _ports(ports: Iterable[PortMatch]) -> list[str]:
+    """One match per protocol: ``meta l4proto tcp [th dport 80 | { 80, 90-99 }] ``."""
+    by_proto: dict[Protocol, list[tuple[int, int]] | None] = {}
+    for pm in ports:
+        have = by_proto.setdefault(pm.protocol, [])
+        if pm.port is None or have is None:
+            by_proto[pm.protocol] = None  # every port of the protocol
+        else:
+            have.append((pm.port, pm.end_port if pm.end_port is not None else pm.port))
+    out = []
+    for proto in sorted(by_proto):
+        ranges = by_proto[proto]
+        match = f"meta l4proto {proto.lower()} "
+        if ranges is not None:
+            items = [f"{a}" if a == b else f"{a}-{b}" for a, b in _merge(ranges)]
+            match += f"th dport {items[0]} " if len(items) == 1 else \
+                f"th dport {{ {', '.join(items)} }} "  # fmt: skip
+        out.append(match)
+    return out
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, overlapping and adjacent ranges joined (nft refuses overlapping intervals)."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _set(spec: SetSpec) -> SetDef:
+    types, flags = _TYPES[spec.kind]
+    return SetDef(set_name(spec.name), types, flags,
+                  elements=frozenset(_element(e) for e in spec.elements))  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _element(e: object) -> str:
+    if isinstance(e, tuple):
+        addr, proto, port = e
+        return f"{addr} . {str(proto).lower()} . {int(port)}"
+    if isinstance(e, IPv4Network | IPv6Network):
+        return str(e.network_address) if e.prefixlen == e.max_prefixlen else str(e)
+    if isinstance(e, IPv4Address | IPv6Address):
+        return str(e)
+    raise ValueError(f"set element {e!r} is not an address, network or (address, proto, port)")
+
+
+# ---------------------------------------------------------------------- diffing
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What the kernel holds (or what we last wrote): sets and, per chain, hook and rule ids."""
+
+    sets: Mapping[str, SetDef]
+    chains: Mapping[str, tuple[Hook | None, tuple[str | None, ...]]]
+
+    @classmethod
+    def of(cls, d: Desired) -> Held:
+        return cls(d.sets, {n: (c.hook, c.ids()) for n, c in d.chains.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One call's transaction: ``full`` when the table was (re)created."""
+
+    full: bool = False
+    elements_added: int = 0
+    elements_deleted: int = 0
+    chains_written: int = 0
+    chains_deleted: int = 0
+    sets_added: int = 0
+    sets_deleted: int = 0
+    script: str = field(default="", repr=False)
+
+    @property
+    def empty(self) -> bool:
+        return not self.script
+
+
+def diff(have: Held | None, want: Desired, table: str = TABLE) -> Change:
+    """The transaction making ``have`` into ``want`` (None: no table). Pure.
+
+    Order inside it: new sets and chains are declared, set elements added and deleted,
+    chains filled (new) or flushed and refilled (rule ids differ), map elements swapped,
+    then stale chains and sets deleted (nothing references them by then). A set of another
+    shape, or a base chain on another hook, makes it a full rewrite, still one transaction."""
+    tx = Transaction(table)
+    full = have is None or _incompatible(have, want)
+    if full:
+        tx.add_table()
+        if have is not None:
+            tx.delete_table()
+            tx.add_table()
+        have = Held({}, {})
+    assert have is not None
+    hs, hc = have.sets, have.chains
+    n = dict.fromkeys(("ea", "ed", "cw", "cd", "sa", "sd"), 0)
+    for name, s in sorted(want.sets.items()):
+        if name not in hs:
+            tx.add_set(s)
+            n["sa"] += 1
+    for name, c in sorted(want.chains.items()):
+        if name not in hc:
+            tx.add_chain(c)
+    maps = {k: s for k, s in want.sets.items() if s.map_to}
+    for name, s in sorted(want.sets.items()):
+        if name not in maps:
+            _elements(tx, name, hs.get(name), s, n)
+    for name, c in sorted(want.chains.items(), key=lambda kv: kv[0] == BASE):
+        held = hc.get(name)
+        if held is not None and held[1] == c.ids():
+            continue
+        if held is not None:
+            tx.flush_chain(name)
+        tx.add_rules(name, c.rules)
+        n["cw"] += 1
+    for name, s in sorted(maps.items()):
+        _elements(tx, name, hs.get(name), s, n)
+    for name in sorted(set(hc) - set(want.chains)):
+        tx.flush_chain(name)
+        tx.delete_chain(name)
+        n["cd"] += 1
+    for name in sorted(set(hs) - set(want.sets)):
+        tx.delete_set(hs[name])
+        n["sd"] += 1
+    return Change(full, n["ea"], n["ed"], n["cw"], n["cd"], n["sa"], n["sd"], tx.render())
+
+
+def _incompatible(have: Held, want: Desired) -> bool:
+    shapes = any(n in have.sets and have.sets[n].shape() != s.shape()
+                 for n, s in want.sets.items())  # fmt: skip
+    hooks = any(n in have.chains and have.chains[n][0] != c.hook for n, c in want.chains.items())
+    return shapes or hooks
+
+
+def _elements(
+    tx: Transaction, name: str, old: SetDef | None, new: SetDef, n: dict[str, int]
+) -> None:
+    before = old.elements if old is not None else frozenset()
+    gone, added = before - new.elements, new.elements - before
+    if gone:
+        tx.delete_elements(name, gone)
+        n["ed"] += len(gone)
+    if added:
+        tx.add_elements(name, added)
+        n["ea"] += len(added)
+
+
+def held_from(listing: Listing, known: Mapping[tuple[str, str], str]) -> Held:
+    """The kernel's table as ``Held``. A rule whose expressions differ from those ``known``
+    for its id (recorded when last verified) counts as foreign: its chain is rewritten."""
+    chains: dict[str, tuple[Hook | None, tuple[str | None, ...]]] = {}
+    for name, c in listing.chains.items():
+        ids = tuple(
+            None if r.id is not None and known.get((name, r.id), r.expr) != r.expr else r.id
+            for r in c.rules
+        )
+        chains[name] = (c.hook, ids)
+    return Held(listing.sets, chains)
+
+
+# ---------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True, slots=True)
+class RuleCounter:
+    """Packets and bytes of the rules of one policy rule (``policy`` "ns/name", direction,
+    index), summed over the chains holding it; policy None for the table's own rules
+    (``label``: "default-deny ingress", "unknown pod interface egress", ...)."""
+
+    label: str
+    policy: str | None
+    direction: Direction | None
+    index: int | None
+    packets: int
+    bytes: int
+
+
+class PolicyTable:
+    """The table in the kernel. Calls are serialised; ``apply`` diffs against what it last
+    wrote (reading the kernel only after a failure), ``sync`` against the kernel."""
+
+    def __init__(self, nft: Nft | None = None, table: str = TABLE) -> None:
+        self.nft = nft or Nft()
+        self.table = check_name(table, "table")
+        self._held: Held | None = None  # what the kernel holds as far as we know
+        self._known: dict[tuple[str, str], str] = {}  # (chain, rule id) -> verified exprs
+        self._lock = asyncio.Lock()
+        self.last = Change()
+
+    @property
+    def programmed(self) -> bool:
+        """The last call succeeded (the kernel holds what was asked)."""
+        return self._held is not None
+
+    async def apply(self, want: Desired) -> Change:
+        """Make the kernel hold ``want``, writing the difference from what was last written
+        (the kernel is read first when that is unknown). NftError: nothing was applied."""
+        async with self._lock:
+            if self._held is None:
+                return await self._sync(want)
+            return await self._write(diff(self._held, want, self.table), want)
+
+    async def sync(self, want: Desired) -> Change:
+        """Read the kernel's table and repair only what differs from ``want`` (all of it
+        when the table is missing): start-up adoption and the periodic resync."""
+        async with self._lock:
+            return await self._sync(want)
+
+    async def _sync(self, want: Desired) -> Change:
+        self._held = None
+        listing = await self.nft.list_table(self.table)
+        if listing is None:
+            self._known.clear()
+            return await self._write(diff(None, want, self.table), want)
+        for name, chain in listing.chains.items():
+            for r in chain.rules:
+                if r.id is not None:
+                    self._known.setdefault((name, r.id), r.expr)
+        return await self._write(diff(held_from(listing, self._known), want, self.table), want)
+
+    async def _write(self, change: Change, want: Desired) -> Change:
+        self._held = None
+        if not change.empty:
+            await self.nft.run(["-f", "-"], change.script, what="program", table=self.table)
+        self._held = Held.of(want)
+        live = set(want.chains)
+        self._known = {k: v for k, v in self._known.items() if k[0] in live}
+        self.last = change
+        return change
+
+    async def remove(self) -> bool:
+        """Delete the table (and nothing else). False when it was not there."""
+        async with self._lock:
+            self._held = None
+            self._known.clear()
+            if not await self.nft.exists(self.table):
+                return False
+            await self.nft.run(["delete", "table", "inet", self.table], what="remove",
+                               table=self.table)  # fmt: skip
+            return True
+
+    async def counters(self) -> list[RuleCounter]:
+        """Per-rule counters, summed per label over every chain; empty without the table."""
+        listing = await self.nft.list_table(self.table)
+        return counters(listing) if listing is not None else []
+
+
+def counters(listing: Listing) -> list[RuleCounter]:
+    """Per-label counters of a listing. Pure."""
+    sums: dict[str, tuple[int, int]] = {}
+    for chain in listing.chains.values():
+        for r in chain.rules:
+            if r.id is None:
+                continue
+            p, b = sums.get(r.label, (0, 0))
+            sums[r.label] = (p + r.packets, b + r.bytes)
+    out = []
+    for label, (p, b) in sorted(sums.items()):
+        m = _LABEL.fullmatch(label)
+        if m:
+            direction = Direction.INGRESS if m["direction"] == "ingress" else Direction.EGRESS
+            out.append(RuleCounter(label, m["policy"], direction, int(m["index"]), p, b))
+        else:
+            out.append(RuleCounter(label, None, None, None, p, b))
+    return out

@@ -1,0 +1,128 @@
+"""Measure the policy dataplane alone (no etcd, no lab): compile + render + nft for the
+policy benchmark's load (lab/bench/policy_load.py: 1,000 policies, 5,000 remote endpoints)
+and 250 local pods, in a scratch network namespace this script creates and deletes.
+
+    sudo .venv/bin/python scripts/measure_policy_dataplane.py [--policies N] [--remote N]
+        [--local N] [--repeat N]
+
+Prints one JSON object: compile/render seconds; cold write of the whole table through
+PolicyTable.sync against ``nft -f`` of the same script alone (floor); the size and time of
+the incremental batches a pod ADD and a label change make (median of --repeat runs).
+CPU seconds of this process are reported next to wall time (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import statistics
+import subprocess
+import time
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv6Address
+
+from fabric.dataplane.nft import Nft
+from fabric.dataplane.policy_table import PolicyTable, render
+from fabric.policy.compiler import compile as compile_policies
+from fabric.policy.model import Endpoint, NamedPort
+from fabric.resources.policy_model import Namespace, NetworkPolicy, Pod
+from lab import netns as labns
+from lab.bench import policy_load as load
+
+
+def endpoints(n_remote: int, n_local: int, n_ns: int) -> list[Endpoint]:
+    out = []
+    for k in range(n_remote + n_local):
+        local = k >= n_remote
+        doc = load.remote_pod(load.ns_name(k % n_ns), k)
+        pod = load.decode_all([doc])[0]
+        assert isinstance(pod, Pod)
+        ips = (IPv4Address(0x0A500000 + k), IPv6Address((0xFD50 << 112) + k))
+        out.append(Endpoint(pod.namespace, pod.name, ips, dict(pod.labels),
+                            tuple(NamedPort(p.name, p.port, p.protocol) for p in pod.ports),
+                            "me" if local else "other",
+                            f"fab{k:011x}" if local else None))  # fmt: skip
+    return out
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    n_ns = 20
+    objs = load.decode_all(load.namespaces(n_ns) + load.policies(args.policies, n_ns))
+    pols = [o for o in objs if isinstance(o, NetworkPolicy)]
+    nss = [o for o in objs if isinstance(o, Namespace)]
+    eps = endpoints(args.remote, args.local, n_ns)
+    t0, c0 = time.perf_counter(), time.process_time()
+    compiled = compile_policies(pols, nss, eps, "me")
+    t1, c1 = time.perf_counter(), time.process_time()
+    desired = render(compiled)
+    t2, c2 = time.perf_counter(), time.process_time()
+    out: dict[str, object] = {
+        "policies": len(pols), "remote": args.remote, "local": args.local,
+        "sets": len(desired.sets), "chains": len(desired.chains),
+        "elements": sum(len(s.elements) for s in desired.sets.values()),
+        "compile_s": round(t1 - t0, 3), "compile_cpu_s": round(c1 - c0, 3),
+        "render_s": round(t2 - t1, 3), "render_cpu_s": round(c2 - c1, 3),
+    }  # fmt: skip
+    ns = f"b1m{secrets.token_hex(2)}"
+    floor_ns = ns + "f"
+    try:
+        labns.add(ns)
+        labns.add(floor_ns)
+        table = PolicyTable(Nft(ns))
+        t0 = time.perf_counter()
+        cold = await table.sync(desired)
+        out["program_cold_s"] = round(time.perf_counter() - t0, 3)
+        out["cold_script_bytes"] = len(cold.script)
+        t0 = time.perf_counter()
+        subprocess.run(["ip", "netns", "exec", floor_ns, "nft", "-f", "-"],  # noqa: ASYNC221
+                       input=cold.script, text=True, check=True)  # fmt: skip
+        out["floor_cold_s"] = round(time.perf_counter() - t0, 3)
+        out["cold_ratio"] = round(out["program_cold_s"] / out["floor_cold_s"], 2)  # type: ignore[operator]
+        add_s, add_b, lab_s, lab_b, cmp_s = [], [], [], [], []
+        for i in range(args.repeat):
+            # a pod ADD: one more local endpoint (compile + render + apply, as a batch does)
+            k = args.remote + args.local + i
+            doc = load.remote_pod(load.ns_name(k % n_ns), k)
+            pod = load.decode_all([doc])[0]
+            assert isinstance(pod, Pod)
+            new = Endpoint(pod.namespace, pod.name, (IPv4Address(0x0A500000 + k),), dict(pod.labels),
+                           (), "me", f"fab{k:011x}")  # fmt: skip
+            eps.append(new)
+            t0 = time.perf_counter()
+            change = await table.apply(render(compile_policies(pols, nss, eps, "me")))
+            add_s.append(time.perf_counter() - t0)
+            add_b.append(len(change.script))
+            # a label change: a remote pod gains role r0 (enters selector sets)
+            j = i * 7 + 1
+            eps[j] = replace(eps[j], labels={**eps[j].labels, "role": "r0", "app": "app-0"})
+            t0 = time.perf_counter()
+            compiled = compile_policies(pols, nss, eps, "me")
+            cmp_s.append(time.perf_counter() - t0)
+            change = await table.apply(render(compiled))
+            lab_s.append(time.perf_counter() - t0)
+            lab_b.append(len(change.script))
+        out["add_batch_ms_p50"] = round(statistics.median(add_s) * 1000, 1)
+        out["add_batch_bytes_p50"] = statistics.median(add_b)
+        out["label_batch_ms_p50"] = round(statistics.median(lab_s) * 1000, 1)
+        out["label_compile_ms_p50"] = round(statistics.median(cmp_s) * 1000, 1)
+        out["label_batch_bytes_p50"] = statistics.median(lab_b)
+        t0 = time.perf_counter()
+        resync = await table.sync(render(compile_policies(pols, nss, eps, "me")))
+        out["resync_nodrift_s"] = round(time.perf_counter() - t0, 3)
+        out["resync_nodrift_bytes"] = len(resync.script)
+        out["cpu_s_total"] = round(time.process_time(), 2)
+    finally:
+        labns.delete(ns)
+        labns.delete(floor_ns)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policies", type=int, default=1000)
+    ap.add_argument("--remote", type=int, default=5000)
+    ap.add_argument("--local", type=int, default=250)
+    ap.add_argument("--repeat", type=int, default=5)
+    print(json.dumps(asyncio.run(main(ap.parse_args()))))
