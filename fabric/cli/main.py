@@ -108,5 +108,5 @@ main.lazy.update({
     "lab": ("fabric.cli.lab:lab", "The network-namespace lab (development and demos)."),
     "label": ("fabric.cli.policy:label",
               "Set (KEY=VALUE) or remove (KEY-) labels of a pod (NS/NAME) or a namespace (NAME), as `kubectl label` does. A pod or namespace without an object yet (a pod attached by the CNI plugin) gets one holding just these labels. Policy selectors follow at once."),
-    "policy": ("fabric.cli.policy:policy", "NetworkPolicy: what the compiled rules do to a connection."),
+    "policy": ("fabric.cli.policy:policy", "NetworkPolicy: what the compiled rules do to a connection, and what they denied."),
 })  # fmt: skip
