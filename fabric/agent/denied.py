@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from fabric.dataplane import policy_log
+from fabric.dataplane.netlink import in_netns
 from fabric.dataplane.nflog import LoggedPacket, NflogSocket
 from fabric.dataplane.nft import Listing
 from fabric.dataplane.policy_table import endpoint_chain
@@ -104,7 +105,7 @@ class DeniedCollector:
         ingress = p.prefix.endswith("ingress")
         index = p.outdev if ingress else p.indev
         try:
-            ifname = socket.if_indextoname(index) if index else None
+            ifname = in_netns(self.netns, lambda: socket.if_indextoname(index)) if index else None
         except OSError:  # the veth went away since
             ifname = None
         self._seq += 1
