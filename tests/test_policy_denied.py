@@ -203,3 +203,71 @@ def test_document_round_trip_and_bound() -> None:
         "x/a -> x/b 81/TCP denied at ingress of x/b: selected by [deny-all], no rule allows it"
     )
     assert parse({"denials": [{"seq": "x"}]}) == []
+
+
+# ---------------------------------------------------------------------- fabricctl, real etcd
+
+
+def _denial(node: str, seq: int, port: int) -> Denial:
+    return Denial(seq, 1_700_000_000.0 + seq, node, "ingress", "x/b", "x/a", "x/b", "10.0.0.1",
+                  "10.0.0.2", "TCP", port, ("x/deny-all",), "denied")  # fmt: skip
+
+
+def _put(endpoints: list[str], prefix: str, node: str, ds: list[Denial]) -> None:
+    from fabric.policy.denied import key
+    from ipam.store import Store
+
+    async def go() -> None:
+        store = Store(endpoints, prefix)
+        try:
+            await store.put(key(node), json.dumps(document(node, ds, 0, len(ds))).encode())
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.etcd
+def test_fabricctl_policy_denied_reads_and_follows(etcd_endpoints: list[str], prefix: str) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from fabric.cli.main import main
+
+    env = {"FABRIC_ETCD_ENDPOINTS": ",".join(etcd_endpoints), "FABRIC_PREFIX": prefix}
+    runner = CliRunner()
+    r = runner.invoke(main, ["policy", "denied"], env=env, catch_exceptions=False)
+    assert r.exit_code == 0 and "No denied connections logged." in r.stdout
+    _put(etcd_endpoints, prefix, "n1", [_denial("n1", 1, 81), _denial("n1", 2, 82)])
+    _put(etcd_endpoints, prefix, "n2", [_denial("n2", 1, 83)])
+    r = runner.invoke(main, ["policy", "denied"], env=env, catch_exceptions=False)
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["TIME", "NODE", "DENIED"] and len(lines) == 4
+    assert " ".join(lines[1].split()[1:]) == (
+        "n1 x/a -> x/b 81/TCP denied at ingress of x/b: selected by [deny-all], no rule allows it"
+    )
+    r = runner.invoke(main, ["policy", "denied", "--node", "n2", "-o", "json"], env=env,
+                      catch_exceptions=False)  # fmt: skip
+    doc = json.loads(r.stdout)
+    assert [d["port"] for d in doc["denials"]] == [83] and doc["nodes"][0]["logged"] == 1
+    r = runner.invoke(main, ["policy", "denied", "-o", "yaml"], env=env, catch_exceptions=False)
+    assert "policies:\n    - x/deny-all" in r.stdout or "- x/deny-all" in r.stdout
+    # --follow: what is there, then each new denial once
+    fabricctl = Path(sys.executable).parent / "fabricctl"
+    proc = subprocess.Popen([str(fabricctl), "policy", "denied", "--node", "n1", "--follow",
+                             "-o", "json"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert [json.loads(proc.stdout.readline())["port"] for _ in range(2)] == [81, 82]
+        _put(etcd_endpoints, prefix, "n1", [_denial("n1", s, 80 + s) for s in (1, 2, 3)])
+        assert json.loads(proc.stdout.readline())["port"] == 83
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()

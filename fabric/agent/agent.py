@@ -52,7 +52,7 @@ from bgp.rib import Rib
 from bgp.speaker import Speaker
 from fabric.agent import systemd
 from fabric.agent.config import AgentConfig
-from fabric.agent.denied import DeniedCollector, PolicyPackets, counters_loop
+from fabric.agent.denied import DeniedTraffic
 from fabric.agent.health import HealthServer
 from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
 from fabric.agent.metrics import Metrics
@@ -67,10 +67,8 @@ from fabric.dataplane.nat import NatTable
 from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
 from fabric.dataplane.netlink.sysctls import write_sysctls
 from fabric.dataplane.pods import Dataplane
-from fabric.dataplane.policy_log import DeniedLog
 from fabric.dataplane.policy_table import PolicyTable
 from fabric.dataplane.route_table import RouteTable
-from fabric.policy.denied import endpoint_names
 from fabric.workloads.pending import PendingDir
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import CNIServer, answer
@@ -175,7 +173,13 @@ class Agent:
             cfg.policy.resync_interval,
             self.metrics.observe_reconcile,
         )
-        self._denied_setup(cfg)
+        self.denied = DeniedTraffic(
+            cfg.node_name,
+            cfg.policy,
+            self.policy,
+            lambda k, v: self.store.put(k, v, self.registration.lease),
+        )
+        self.metrics.registry.register(self.denied.packets)
         self.probes = Probes(
             self.store, self.speaker, self.metrics, self._required_peers_up, self.policy.check
         )
@@ -263,7 +267,6 @@ class Agent:
             asyncio.create_task(self.routes.run(), name="routes"),
             asyncio.create_task(self.policy.run(), name="policy"),
             asyncio.create_task(self.denied.run(), name="denied log"),
-            asyncio.create_task(self._policy_counters(), name="policy counters"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
             asyncio.create_task(self.workloads.pending_loop(), name="recorded DELs"),
         ]
@@ -315,24 +318,6 @@ class Agent:
         await self.dataplane.close()
         with contextlib.suppress(Exception):
             await self.store.close()
-
-    def _denied_setup(self, cfg: AgentConfig) -> None:
-        """The denied-traffic log and the per-policy counters (fabric.agent.denied)."""
-        p = cfg.policy
-        if p.denied_log_group >= 0:
-            self.policy.log = DeniedLog(p.denied_log_group, p.denied_log_rate,
-                                        2 * p.denied_log_rate, p.denied_log_cap)  # fmt: skip
-        self.denied = DeniedCollector(
-            cfg.node_name, p.denied_log_group, lambda: self.policy.compiled,
-            lambda: endpoint_names(self.policy.read().blocks),
-            lambda k, body: self.store.put(k, body, self.registration.lease))  # fmt: skip
-        self.policy_packets = PolicyPackets()
-        self.metrics.registry.register(self.policy_packets)
-
-    async def _policy_counters(self) -> None:
-        table = self.policy.table
-        await counters_loop(lambda: table.nft.list_table(table.table),
-                            lambda: self.policy.compiled, self.policy_packets)  # fmt: skip
 
     # ----------------------------------------------------------------- reconcile
 

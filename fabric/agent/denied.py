@@ -30,12 +30,14 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from fabric.agent.config import PolicyConfig
+from fabric.agent.policy import PolicyAgent
 from fabric.dataplane import policy_log
 from fabric.dataplane.netlink import in_netns
 from fabric.dataplane.nflog import LoggedPacket, NflogSocket
 from fabric.dataplane.nft import Listing
 from fabric.dataplane.policy_table import endpoint_chain
-from fabric.policy.denied import KEEP, Denial, describe, document, key
+from fabric.policy.denied import KEEP, Denial, describe, document, endpoint_names, key
 from fabric.policy.model import Compiled, IPAddress
 
 log = logging.getLogger("fabric.agent.denied")
@@ -216,3 +218,28 @@ async def counters_loop(
         except Exception as e:
             log.warning("failed to read the policy counters: %s", e)
         await asyncio.sleep(interval)
+
+
+class DeniedTraffic:
+    """fabricd's part: the table's log settings, the collector and the counters' reader."""
+
+    def __init__(self, node: str, cfg: PolicyConfig, policy: PolicyAgent,
+                 publish: Callable[[str, bytes], Any]) -> None:  # fmt: skip
+        if cfg.denied_log_group >= 0:
+            policy.log = policy_log.DeniedLog(cfg.denied_log_group, cfg.denied_log_rate,
+                                              2 * cfg.denied_log_rate, cfg.denied_log_cap)  # fmt: skip
+        self.policy = policy
+        self.collector = DeniedCollector(node, cfg.denied_log_group, lambda: policy.compiled,
+                                         lambda: endpoint_names(policy.read().blocks), publish)  # fmt: skip
+        self.packets = PolicyPackets()
+
+    async def run(self) -> None:
+        table = self.policy.table
+        await asyncio.gather(
+            self.collector.run(),
+            counters_loop(
+                lambda: table.nft.list_table(table.table),
+                lambda: self.policy.compiled,
+                self.packets,
+            ),
+        )
