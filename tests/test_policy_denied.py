@@ -29,9 +29,16 @@ from test_nft_policy import (  # type: ignore[import-not-found]
     lab,
     listen,
     listing,
+    nft,
 )
 
-from fabric.agent.denied import DeniedCollector, PolicyPackets, policy_samples
+from fabric.agent.denied import (
+    DeniedCollector,
+    PolicyPackets,
+    listing_rows,
+    policy_samples,
+    text_rows,
+)
 from fabric.dataplane.netlink import in_netns
 from fabric.dataplane.nflog import LoggedPacket, NflogSocket, decode
 from fabric.dataplane.nft import parse_listing
@@ -120,8 +127,15 @@ def test_denied_probe_is_logged_named_and_counted(lab: Pods) -> None:
         ]
         counted = deny_counter(lab.node, "default-deny ingress")
         assert counted >= 2
-        samples = policy_samples(parse_listing(listing(lab.node)), model)
+        samples = policy_samples(listing_rows(parse_listing(listing(lab.node))), model)
         assert samples[("x", "deny", "ingress", "deny")] == counted
+        text = nft(lab.node, "-t", "list", "table", "inet", "fabric_filter")
+        rows = text_rows(text)  # the terse text fabricd reads: the JSON listing's counted rules
+        assert rows and set(rows) <= set(listing_rows(parse_listing(listing(lab.node))))
+        assert ("deny_in", "", 0) not in rows and any(
+            c.startswith("default-deny") for _, c, _ in rows
+        )
+        assert policy_samples(text_rows(text), model) == samples
         metric = PolicyPackets()
         metric.set(samples)
         (fam,) = metric.collect()

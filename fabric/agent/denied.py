@@ -11,7 +11,7 @@ reader nor etcd sees a flood under a scan.
 ``policy_samples`` maps the table's rule counters to ``fabric_policy_packets_total``:
 allow rules per policy, default-deny drops per endpoint chain, attributed to each policy
 selecting the endpoints of that chain (chains are per policy set, so this is exact). Read
-every ``COUNTERS_INTERVAL`` seconds with one ``nft -j list table``, never on the packet path.
+every ``COUNTERS_INTERVAL`` seconds with one ``nft -t list table``, never on the packet path.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
@@ -46,6 +46,7 @@ PUBLISH_INTERVAL = 0.5  # s between writes of denied/<node>: a probe shows withi
 COUNTERS_INTERVAL = 15.0  # s between reads of the table's counters (a typical scrape)
 
 PolicyKey = tuple[str, str, str, str]  # namespace, policy, direction, verdict
+_ID = re.compile(r"\s*#[0-9a-f]{12}$")  # fabric.dataplane.nft.RuleDef.comment
 _ALLOW = re.compile(r"(?P<ns>[^/\s]+)/(?P<name>\S+) (?P<direction>ingress|egress)\[\d+\]")
 
 
@@ -159,27 +160,53 @@ def chain_policies(compiled: Compiled) -> dict[str, tuple[str, str, tuple[str, .
     return out
 
 
-def policy_samples(listing: Listing, compiled: Compiled | None) -> dict[PolicyKey, int]:
-    """``fabric_policy_packets_total`` from one listing: per (namespace, policy, direction,
-    verdict) the packets its allow rules accepted ("allow") and the default-deny drops at
-    the endpoints it selects ("deny"; a packet denied at an endpoint selected by two
-    policies counts for both). Drops in chains the model no longer has count for no one."""
+Row = tuple[str, str, int]  # chain, rule comment, packets
+
+
+def listing_rows(listing: Listing) -> list[Row]:
+    """The counted rules of a ``Listing`` (``nft -j list table``)."""
+    return [(c.name, r.comment, r.packets) for c in listing.chains.values() for r in c.rules]
+
+
+_CHAIN = re.compile(r"^\s*chain (\S+) \{")
+_COUNTED = re.compile(r'counter packets (\d+) bytes \d+ .*comment "([^"]*)"$')
+
+
+def text_rows(text: str) -> list[Row]:
+    """The counted rules of ``nft -t list table`` (terse text: no set elements). At the
+    benchmark's 1,000 policies (4,120 rules) nft takes 0.15 s CPU and this 0.02 s, against
+    0.20 s and 0.13 s for the JSON listing (scripts/measure_policy_counters.py)."""
+    out: list[Row] = []
+    chain = ""
+    for line in text.splitlines():
+        if m := _CHAIN.match(line):
+            chain = m.group(1)
+        elif (m := _COUNTED.search(line)) is not None:
+            out.append((chain, m.group(2), int(m.group(1))))
+    return out
+
+
+def policy_samples(rows: Iterable[Row], compiled: Compiled | None) -> dict[PolicyKey, int]:
+    """``fabric_policy_packets_total`` from the table's counted rules: per (namespace,
+    policy, direction, verdict) the packets its allow rules accepted ("allow") and the
+    default-deny drops at the endpoints it selects ("deny"; a packet denied at an endpoint
+    selected by two policies counts for both). Drops in chains the model no longer has
+    count for no one."""
     chains = chain_policies(compiled) if compiled is not None else {}
     out: dict[PolicyKey, int] = {}
 
     def add(k: PolicyKey, n: int) -> None:
         out[k] = out.get(k, 0) + n
 
-    for name, chain in listing.chains.items():
-        for r in chain.rules:
-            label = r.label
-            if label.startswith("default-deny ") and name in chains:
-                direction, _, policies = chains[name]
-                for p in policies:
-                    ns, _, pol = p.partition("/")
-                    add((ns, pol, direction, "deny"), r.packets)
-            elif r.id is not None and (m := _ALLOW.fullmatch(label)):
-                add((m["ns"], m["name"], m["direction"], "allow"), r.packets)
+    for name, comment, packets in rows:
+        label = _ID.sub("", comment)
+        if label.startswith("default-deny ") and name in chains:
+            direction, _, policies = chains[name]
+            for p in policies:
+                ns, _, pol = p.partition("/")
+                add((ns, pol, direction, "deny"), packets)
+        elif label != comment and (m := _ALLOW.fullmatch(label)):
+            add((m["ns"], m["name"], m["direction"], "allow"), packets)
     return out
 
 
@@ -209,12 +236,11 @@ async def counters_loop(
     read: Callable[[], Any], compiled: Callable[[], Compiled | None], metric: PolicyPackets,
     interval: float = COUNTERS_INTERVAL,
 ) -> None:  # fmt: skip
-    """Every ``interval``: one listing of the table into ``metric``; failures are logged."""
+    """Every ``interval``: one terse listing of the table (``read()``: its text) into
+    ``metric``; failures (no table, no nft) are logged and the metric keeps its values."""
     while True:
         try:
-            listing = await read()
-            if listing is not None:
-                metric.set(policy_samples(listing, compiled()))
+            metric.set(policy_samples(text_rows(await read()), compiled()))
         except Exception as e:
             log.warning("failed to read the policy counters: %s", e)
         await asyncio.sleep(interval)
@@ -238,7 +264,7 @@ class DeniedTraffic:
         await asyncio.gather(
             self.collector.run(),
             counters_loop(
-                lambda: table.nft.list_table(table.table),
+                lambda: table.nft.run(["-t", "list", "table", "inet", table.table]),
                 lambda: self.policy.compiled,
                 self.packets,
             ),

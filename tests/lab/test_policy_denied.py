@@ -140,6 +140,9 @@ def test_denied_probe_shows_within_2s(
     assert d["line"] == want
     assert d["node"] == "node3" and d["policies"] == ["default/deny-all"]
     assert latency < 2.0
+    shown = lab.fabricctl(["policy", "denied", "--node", "node3"])
+    assert shown.returncode == 0 and want in shown.stdout
+    print(shown.stdout)
 
 
 def test_scan_stays_bounded_and_metric_counts_what_nft_counted(
