@@ -7,8 +7,8 @@ scratch network namespace this script creates and deletes:
 Programs the table (with the denied-traffic log) once, then per repeat: one listing (wall
 time, nft's CPU from RUSAGE_CHILDREN, size) and ``policy_samples`` over it (this process's
 CPU), for the terse text listing fabricd reads (``text``) and the JSON one (``json``, what
-``Nft.list_table`` reads). Prints one JSON object with medians. fabricd does this every 15 s
-(fabric/agent/denied.py, COUNTERS_INTERVAL); the machine may be shared: CPU seconds are
+``Nft.list_table`` reads). Prints one JSON object with medians. fabricd does this at each
+scrape of /metrics (fabric/agent/diagnostics.py); the machine may be shared: CPU seconds are
 what to compare.
 """
 
@@ -25,7 +25,7 @@ import time
 
 from measure_policy_dataplane import endpoints  # type: ignore[import-not-found]
 
-from fabric.agent.denied import listing_rows, policy_samples, text_rows
+from fabric.agent.policy_metrics import listing_rows, policy_samples, text_rows
 from fabric.dataplane.nft import Nft, parse_listing
 from fabric.dataplane.policy_log import DeniedLog
 from fabric.dataplane.policy_table import PolicyTable, render

@@ -32,13 +32,9 @@ from test_nft_policy import (  # type: ignore[import-not-found]
     nft,
 )
 
-from fabric.agent.denied import (
-    DeniedCollector,
-    PolicyPackets,
-    listing_rows,
-    policy_samples,
-    text_rows,
-)
+from fabric.agent.denied import DeniedCollector
+from fabric.agent.metrics import PolicyPackets
+from fabric.agent.policy_metrics import listing_rows, policy_samples, text_rows
 from fabric.dataplane.netlink import in_netns
 from fabric.dataplane.nflog import LoggedPacket, NflogSocket, decode
 from fabric.dataplane.nft import parse_listing

@@ -53,6 +53,7 @@ from bgp.speaker import Speaker
 from fabric.agent import systemd
 from fabric.agent.config import AgentConfig
 from fabric.agent.denied import DeniedTraffic
+from fabric.agent.diagnostics import refresh_policy_counters, route_lookup
 from fabric.agent.health import HealthServer
 from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
 from fabric.agent.metrics import Metrics
@@ -179,7 +180,6 @@ class Agent:
             self.policy,
             lambda k, v: self.store.put(k, v, self.registration.lease),
         )
-        self.metrics.registry.register(self.denied.packets)
         self.probes = Probes(
             self.store, self.speaker, self.metrics, self._required_peers_up, self.policy.check
         )
@@ -202,11 +202,13 @@ class Agent:
             functools.partial(answer, self.workloads, self.metrics.cni_request),
         )
         self.health = HealthServer(
-            cfg.health.listen, self.probes.live, self.probes.ready, self.metrics.registry
-        )
-        self.status = StatusPublisher(
-            self._status_view, self.routes, self.metrics, self.store, self.registration
-        )
+            cfg.health.listen, self.probes.live, self.probes.ready, self.metrics.registry,
+            route_lookup=functools.partial(route_lookup, cfg.node_name, cfg.routes.protocol),
+            before_metrics=functools.partial(refresh_policy_counters, self.policy.table,
+                                             self.metrics, lambda: self.policy.compiled),
+        )  # fmt: skip
+        self.status = StatusPublisher(self._status_view, self.routes, self.metrics, self.store,
+                                      self.registration, self.rib.best)  # fmt: skip
         self.intent: Intent | None = None
         self.convergence = Convergence({}, 0.0)  # replaced at start, with the adopted routes
         self._dirty = asyncio.Event()
@@ -540,4 +542,5 @@ class Agent:
             announcements=tuple(sorted(str(a.prefix) for a in self.speaker.announced())),
             converged=self.convergence.converged,
             own_blocks=len(self.intent.blackholes) if self.intent is not None else None,
+            peers=self._required_peers_up(),
         )

@@ -71,7 +71,8 @@ def main(ctx: click.Context, etcd_endpoints: str, etcd_cacert: Path | None,
          etcd_cert: Path | None, etcd_key: Path | None, prefix: str, timeout: float) -> None:  # fmt: skip
     """Manage the fabric's IP pools, IPAM data, BGP peers and configuration in etcd.
 
-    Exit codes: 0 ok, 1 user error, 2 etcd unreachable, 3 `ipam check` found problems.
+    Exit codes: 0 ok, 1 user error, 2 etcd unreachable, 3 `ipam check` found problems,
+    4 `explain` found the path blocked.
     """
     endpoints = tuple(e.strip() for e in etcd_endpoints.split(",") if e.strip())
     if not endpoints:
@@ -109,4 +110,6 @@ main.lazy.update({
     "label": ("fabric.cli.policy:label",
               "Set (KEY=VALUE) or remove (KEY-) labels of a pod (NS/NAME) or a namespace (NAME), as `kubectl label` does. A pod or namespace without an object yet (a pod attached by the CNI plugin) gets one holding just these labels. Policy selectors follow at once."),
     "policy": ("fabric.cli.policy:policy", "NetworkPolicy: what the compiled rules do to a connection, and what they denied."),
+    "explain": ("fabric.cli.explain:explain",
+                "Why can (or can't) SRC reach DST: each hop with its state and the evidence read."),
 })  # fmt: skip
