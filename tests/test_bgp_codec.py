@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bgp import codec
+from bgp import codec, interned
 from bgp.codec import Ack, RelayNotice, Reply, SpeakerShutdown, parse_line
 from bgp.errors import SpeakerError, ValidationError
 from bgp.model import (
@@ -304,10 +304,10 @@ def test_received_open_gives_the_peers_graceful_restart_capability() -> None:
 def test_received_prefixes_are_interned_while_held() -> None:
     """A withdrawal yields the very object the RIB holds; the table forgets it with it."""
     text = "10.98.7.0/26"
-    first = codec._net(text)
-    assert codec._net(text) is first and first == net(text) and hash(first) == hash(net(text))
+    first = interned.prefix(text)
+    assert interned.prefix(text) is first and first == net(text) and hash(first) == hash(net(text))
     del first
     gc.collect()
-    assert text not in codec._PREFIXES
-    again = codec._net(text)
-    assert codec._PREFIXES[text]() is again
+    assert text not in interned.PREFIXES
+    again = interned.prefix(text)
+    assert interned.PREFIXES[text]() is again

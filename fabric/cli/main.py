@@ -79,7 +79,7 @@ def main(ctx: click.Context, etcd_endpoints: str, etcd_cacert: Path | None,
         raise click.BadParameter("at least one endpoint is required", param_hint="--etcd-endpoints")
     tls = None
     if etcd_cacert or etcd_cert or etcd_key or any(e.startswith("https://") for e in endpoints):
-        from ipam.store import TLSConfig
+        from ipam.tls import TLSConfig
 
         tls = TLSConfig(etcd_cacert, etcd_cert, etcd_key)
     ctx.obj = Settings(endpoints, prefix, tls, timeout)
