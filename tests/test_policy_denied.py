@@ -286,3 +286,28 @@ def test_fabricctl_policy_denied_reads_and_follows(etcd_endpoints: list[str], pr
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_describe_names_what_the_model_says_now() -> None:
+    """ICMP has no port: the selecting policies alone; a packet logged before a policy
+    change that now allows it says so; an interface that is no endpoint any more too."""
+    from fabric.policy.denied import describe
+    from fabric.policy.model import Compiled, EndpointRules, PortMatch, Protocol, Rule
+    from fabric.resources.policy_model import Direction
+
+    names = {A4: "x/a", B4: "x/b"}
+    deny = Compiled({"x/b": EndpointRules("x/b", "fabb", (B4,), DENY, None)}, {})
+    kw = {"seq": 1, "time": 0.0, "node": "n1", "ingress": True, "saddr": A4, "daddr": B4}
+    icmp = describe(deny, names, ifname="fabb", protocol="ICMP", port=None, **kw)  # type: ignore[arg-type]
+    assert icmp.line() == (
+        "x/a -> x/b ICMP denied at ingress of x/b: selected by [deny], no rule allows it"
+    )
+    allow = DirectionRules(("x/allow",), (
+        Rule("x/allow", 0, Direction.INGRESS, None, (PortMatch(Protocol.TCP, 81),)),))  # fmt: skip
+    now = Compiled({"x/b": EndpointRules("x/b", "fabb", (B4,), allow, None)}, {})
+    d = describe(now, names, ifname="fabb", protocol="TCP", port=81, **kw)  # type: ignore[arg-type]
+    assert d.policies == () and "(rules changed since)" in d.line()
+    assert d.line().startswith("x/a -> x/b 81/TCP denied at ingress of x/b: now allowed")
+    gone = describe(deny, names, ifname="fabzz", protocol="TCP", port=81, **kw)  # type: ignore[arg-type]
+    assert gone.endpoint == "" and "an unknown interface" in gone.line()
+    assert "fabzz is no endpoint" in gone.line()
