@@ -5,7 +5,8 @@ against the lab's etcd, FRR's and BIRD's own commands, ip, ping), and records a 
 fabricd on every host peers with its top-of-rack router, IP pools are created, two pods
 per host are attached through the installed CNI plugin, their blocks are announced and
 installed, a pod in rack 1 reaches a pod in rack 2, a host taken down has its blocks
-withdrawn from the ToRs, and comes back. The run ends with a summary, one line per check,
+withdrawn from the ToRs, and comes back; a deny-all NetworkPolicy in one namespace blocks
+a pod, an allow rule opens one port again. The run ends with a summary, one line per check,
 exits non-zero if any failed, writes a picture of the topology under lab/out/, and tears
 the lab down unless --keep is given.
 """
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lab import graph, pods, routers
+from lab import demo_policy, graph, pods, routers
 from lab.runner import Lab
 
 BIN = Path(sys.executable).parent
@@ -33,14 +34,14 @@ class Demo:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.checks: list[tuple[str, bool]] = []
-        eps = ",".join(lab.etcd_endpoints)
-        self.ctl = [FABRICCTL, "--etcd-endpoints", eps, "--prefix", "/fabric/v1"]
+        self.ctl = [FABRICCTL, *lab.etcd_args, "--prefix", "/fabric/v1"]
 
     def heading(self, text: str) -> None:
         print(f"\n=== {text} ===", flush=True)
 
-    def run(self, node: str, argv: list[str], show: bool = True) -> tuple[int, str]:
-        r = self.lab.exec(node, argv, timeout=60)
+    def run(self, node: str, argv: list[str], show: bool = True,
+            stdin: str | None = None) -> tuple[int, str]:  # fmt: skip
+        r = self.lab.exec(node, argv, timeout=60, input=stdin)
         if show:
             shown = [Path(a).name if a.startswith(str(BIN)) else a for a in argv]
             if shown[:1] == ["fabricctl"]:
@@ -175,7 +176,9 @@ class Demo:
             90,
         )
 
-        self.heading("11. A picture of the fabric (lab/out/)")
+        demo_policy.policy_step(self, hosts[0], far)
+
+        self.heading("12. A picture of the fabric (lab/out/)")
         try:
             for p in graph.write(lab, OUT):
                 print(f"  {p}")
@@ -224,8 +227,11 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.splitlines()[0])
     p.add_argument("--keep", action="store_true", help="leave the lab up for exploring")
     p.add_argument("--name", default="demo")
+    p.add_argument("--tls", action="store_true",
+                   help="etcd requires TLS and client certificates (made for the lab)")  # fmt: skip
     args = p.parse_args()
-    lab = Lab("two-rack", name=args.name, progress=lambda m: print(f"  [lab] {m}", flush=True))
+    lab = Lab("two-rack", name=args.name, progress=lambda m: print(f"  [lab] {m}", flush=True),
+              tls=args.tls)  # fmt: skip
     print(
         "Bringing up the two-rack lab (FRR and BIRD ToRs, an FRR spine, 4 hosts, etcd) "
         "from network namespaces..."

@@ -40,11 +40,16 @@ def test_routes_bench_smoke() -> None:
     last = lines[-1]
     assert list(last) == ["bench", "n", "fabric_install_s", "bird_install_s", "install_ratio",
                           "fabric_withdraw_s", "bird_withdraw_s", "withdraw_ratio",
-                          "fabricd_rss_mb", "exabgp_rss_mb"]  # fmt: skip
-    assert last["bench"] == "routes" and last["n"] == 1000
+                          "fabricd_rss_mb", "exabgp_rss_mb", "idle_pct", "load"]  # fmt: skip
+    assert last["bench"] == "routes" and last["n"] == 1000 and last["load"] is False
     per_n = lines[-2]  # the detailed line of the same run: what each kernel held
     assert per_n["n"] == 1000 and per_n["rounds"] == 1
     assert per_n["fabric_routes"] == 1000 and per_n["bird_routes"] == 1000
+    for side in ("fabricd", "exabgp", "relay"):  # CPU seconds per side, both phases
+        assert per_n[f"{side}_install_cpu_s"] >= 0 and per_n[f"{side}_withdraw_cpu_s"] >= 0
+    idle = lines[-3]  # sessions up, nothing changing: CPU of each side, % of a core
+    assert idle["idle_s"] >= 5 and idle["idle_pct"] == last["idle_pct"] >= 0
+    assert idle["fabricd_idle_rss_mb"] > 0 and idle["exabgp_idle_rss_mb"] > 0
     for key in ("fabric_install_s", "bird_install_s", "fabric_withdraw_s", "bird_withdraw_s"):
         assert last[key] > 0, key
     assert last["fabricd_rss_mb"] > 0 and last["exabgp_rss_mb"] > 0
@@ -124,4 +129,26 @@ def test_policy_bench_smoke() -> None:
     assert last["apply_ratio"] == round(last["apply_p50_ms"] / last["floor_p50_ms"], 3)
     # the label change is written as set elements, not a table (nft monitor on the node)
     assert last["update_bytes_p50"] < detail["table_bytes"]
-    assert detail["conn_base_failed"] == 0
+    assert detail["apply_batches"] >= 5 and detail["update_batches"] >= 5  # node3 programmed each
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_soak_bench_smoke() -> None:
+    """One minute of churn (1 ADD + 1 DEL per second) on the two-rack lab with a 3-member
+    etcd, every fault injected once; nothing leaks, no error, every field there."""
+    if os.geteuid() != 0:
+        pytest.skip("the soak benchmark builds a lab: needs root (network namespaces)")
+    last = quick("soak", 600)[-1]
+    for key in ("pods_created", "first_ping_loss_pct", "first_ping_worst_gap_ms",
+                "first_ping_loss_pct_outside_faults", "settled_loss_pct", "established_lost",
+                "established_lost_outside_faults", "add_errors", "del_errors", "ipam_leaks",
+                "dataplane_leaks", "route_mismatch", "rss_growth_mb", "fd_growth"):  # fmt: skip
+        assert key in last, key
+    assert last["bench"] == "soak" and last["minutes"] == 1.0
+    assert last["pods_created"] >= 40, last
+    assert set(last["faults"]) == {"fabricd SIGKILL node2", "ExaBGP SIGKILL node3",
+                                   "etcd leader killed", "tor2 BIRD restarted"}  # fmt: skip
+    assert all(f["ok"] for f in last["faults"].values()), last["faults"]
+    assert last["add_errors"] == last["del_errors"] == 0, last
+    assert last["ipam_leaks"] == last["dataplane_leaks"] == last["route_mismatch"] == 0, last

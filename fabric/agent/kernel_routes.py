@@ -46,7 +46,7 @@ def kernel_changes(
         if dst in own or local(dst):  # a local pod's /32 stays on its veth
             continue
         if hops:
-            yield dst, KernelRoute(dst=dst, gateways=gateways(hops))
+            yield dst, KernelRoute.via(dst, gateways(hops))
         elif not keeps(dst):
             yield dst, None
 

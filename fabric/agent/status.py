@@ -106,6 +106,12 @@ def build(view: NodeView, counts: RouteStats, items: list[dict[str, Any]],
                 "received": stats.received,
                 "accepted": stats.accepted,
                 "rejected": stats.rejected,
+                # the current run of connection attempts while the session is not up
+                "attempts": st.attempts if st is not None else 0,
+                "connectingSince": st.connecting_since if st is not None else None,
+                "lastFailure": st.last_failure if st is not None else "",
+                "hint": st.hint if st is not None else "",
+                "failedAttempts": st.failures if st is not None else 0,
             }
         )
     return {
@@ -168,7 +174,13 @@ def learned_section(best: Mapping[IPNetwork, frozenset[Any]]) -> dict[str, Any]:
 def update_metrics(m: Metrics, doc: dict[str, Any], own_blocks: int | None) -> None:
     m.set_sessions(
         SessionSample(
-            s["peerIP"], s["type"], s["state"], s["received"], s["accepted"], s["rejected"]
+            s["peerIP"],
+            s["type"],
+            s["state"],
+            s["received"],
+            s["accepted"],
+            s["rejected"],
+            s["failedAttempts"],
         )
         for s in doc["sessions"]
     )

@@ -79,7 +79,7 @@ def main(ctx: click.Context, etcd_endpoints: str, etcd_cacert: Path | None,
         raise click.BadParameter("at least one endpoint is required", param_hint="--etcd-endpoints")
     tls = None
     if etcd_cacert or etcd_cert or etcd_key or any(e.startswith("https://") for e in endpoints):
-        from ipam.store import TLSConfig
+        from ipam.tls import TLSConfig
 
         tls = TLSConfig(etcd_cacert, etcd_cert, etcd_key)
     ctx.obj = Settings(endpoints, prefix, tls, timeout)
@@ -109,7 +109,7 @@ main.lazy.update({
     "lab": ("fabric.cli.lab:lab", "The network-namespace lab (development and demos)."),
     "label": ("fabric.cli.policy:label",
               "Set (KEY=VALUE) or remove (KEY-) labels of a pod (NS/NAME) or a namespace (NAME), as `kubectl label` does. A pod or namespace without an object yet (a pod attached by the CNI plugin) gets one holding just these labels. Policy selectors follow at once."),
-    "policy": ("fabric.cli.policy:policy", "NetworkPolicy: what the compiled rules do to a connection."),
+    "policy": ("fabric.cli.policy:policy", "NetworkPolicy: what the compiled rules do to a connection, and what they denied."),
     "explain": ("fabric.cli.explain:explain",
                 "Why can (or can't) SRC reach DST: each hop with its state and the evidence read."),
 })  # fmt: skip

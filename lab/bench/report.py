@@ -57,8 +57,9 @@ SPECS: dict[str, Spec] = {
                  (Target("ratio_1_to_floor", ">=", 0.5), Target("conflicts_per_alloc_8", "<=", 0.05),
                   Target("duplicates", "==", 0))),
     "routes": Spec(("n", "fabric_install_s", "bird_install_s"), "install_ratio",
-                   (Target("install_ratio", "<=", 2.0), Target("withdraw_ratio", "<=", 2.0),
-                    Target("fabricd_rss_mb+exabgp_rss_mb", "<=", 400)), ("n", 100_000)),
+                   (Target("install_ratio", "<=", 1.5), Target("withdraw_ratio", "<=", 1.5),
+                    Target("fabricd_rss_mb+exabgp_rss_mb", "<=", 200),
+                    Target("idle_pct", "<=", 0.3)), ("n", 100_000)),
     "cni": Spec(("fabric_add_p50_ms", "ref_add_p50_ms", "fabric_del_p50_ms"), "add_ratio",
                 (Target("add_ratio", "<=", 1.5), Target("del_ratio", "<=", 1.5))),
     "converge": Spec(("p50_ms", "p99_ms", "frr_p50_ms"), "ratio_p50",
@@ -71,6 +72,13 @@ SPECS: dict[str, Spec] = {
                     Target("add_ratio_policy", "<=", 1.25), Target("cold_ratio", "<=", 3),
                     Target("tput_ratio", ">=", 0.9), Target("conn_rate_ratio", ">=", 0.8)),
                    ("policies", 1000)),
+    "soak": Spec(("pods_created", "first_ping_loss_pct", "established_lost", "rss_growth_mb"),
+                 "ratio_first_to_settled",
+                 (Target("first_ping_loss_pct_outside_faults", "==", 0),
+                  Target("established_lost_outside_faults", "==", 0),
+                  Target("add_errors+del_errors", "==", 0),
+                  Target("ipam_leaks+dataplane_leaks+route_mismatch", "==", 0),
+                  Target("rss_growth_mb", "<", 10)), ("minutes", 10.0)),
 }  # fmt: skip
 
 
