@@ -9,6 +9,7 @@ Exit codes::
        StaleError; bgp ValidationError; a bad file or document; a bad command line)
     2  the datastore is unreachable (ipam DatastoreUnavailable)
     3  ``ipam check`` found problems (not an error: the report says what they are)
+    4  ``explain`` found the path blocked (not an error: the report says where and why)
     70 internal error (a bug: set FABRIC_DEBUG=1 for the traceback)
 
 Messages are one line on stderr that name the resource and, for bad input, the field.
@@ -24,6 +25,7 @@ EXIT_OK = 0
 EXIT_USER = 1
 EXIT_UNAVAILABLE = 2
 EXIT_PROBLEMS = 3
+EXIT_BLOCKED = 4
 EXIT_INTERNAL = 70
 
 

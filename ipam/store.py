@@ -19,18 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
+
+# gRPC's C core writes its own lines to stderr for each failed handshake (one line per
+# retry): the store reports failures itself, in one line (ipam/tls.py). GRPC_VERBOSITY set by
+# the user wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 from aetcd import rpc
 
 from ipam.errors import DatastoreUnavailable, IPAMError
+from ipam.tls import TLSConfig, diagnose
 
 DEFAULT_PREFIX = "/fabric/v1"
 # One RPC may take this long before the endpoint is considered unavailable: an etcd leader
@@ -52,19 +58,6 @@ def _cancelling() -> bool:
     an unavailable endpoint to retry, not a cancellation to obey."""
     task = asyncio.current_task()
     return task is None or task.cancelling() > 0
-
-
-@dataclass(frozen=True, slots=True)
-class TLSConfig:
-    cacert: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(p: Path | None) -> bytes | None:
-            return p.read_bytes() if p else None
-
-        return grpc.ssl_channel_credentials(read(self.cacert), read(self.key), read(self.cert))
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +196,8 @@ class Store:
         target = self.endpoint
         opts = [("grpc.keepalive_time_ms", 10000), ("grpc.keepalive_timeout_ms", 5000)]
         if self.tls is not None:
-            self._channel = grpc.aio.secure_channel(target, self.tls.credentials(), options=opts)
+            creds = grpc.ssl_channel_credentials(*self.tls.read())
+            self._channel = grpc.aio.secure_channel(target, creds, options=opts)
         else:
             self._channel = grpc.aio.insecure_channel(target, options=opts)
         self._kv = rpc.KVStub(self._channel)
@@ -239,27 +233,35 @@ class Store:
         """Run ``fn()`` (one RPC), rotating endpoints on unavailability until the deadline."""
         end = time.monotonic() + (self.deadline if deadline is None else deadline)
         attempt = 0
+        why: BaseException
+        detail = ""
         while True:
             self._connect()
             ch = self._channel
             try:
-                return await fn()
+                # never past the deadline: an attempt started just before it would otherwise
+                # run its whole rpc_timeout (a 5 s --timeout took 8 s against a TLS refusal)
+                return await asyncio.wait_for(fn(), max(end - time.monotonic(), 0.05))
+            except TimeoutError as e:  # keep what the previous attempt said (a TLS refusal)
+                why, detail = e, detail or f"no answer within {self.rpc_timeout:g} s"
             except grpc.aio.AioRpcError as e:
                 if e.code() not in _UNAVAILABLE:
                     raise IPAMError(
                         f"failed to {what}: etcd said {e.code().name}: {e.details()}"
                     ) from e
-                why: BaseException = e
-                detail = f"{e.code().name} {e.details()}"
+                why, detail = e, f"{e.code().name} {e.details()}"
             except asyncio.CancelledError as e:
                 if _cancelling():
                     raise
                 why, detail = e, "the channel was closed under the call"
             attempt += 1
             if time.monotonic() >= end:
+                tls = diagnose(detail, self.endpoint, self.tls)
                 raise DatastoreUnavailable(
-                    f"failed to {what}: no etcd endpoint answered "
-                    f"({', '.join(self.endpoints)}): {detail}"
+                    f"failed to {what}: {tls}"
+                    if tls
+                    else f"failed to {what}: no etcd endpoint "
+                    f"answered ({', '.join(self.endpoints)}): {detail}"
                 ) from why
             await self._rotate(ch)
             if attempt >= len(self.endpoints):

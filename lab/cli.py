@@ -1,59 +1,24 @@
-"""The lab command line: ``python -m lab up|down|status|exec|clean``.
+"""The lab command line: ``python -m lab up|down|status|exec|export|clean|graph|fabricd|pod``.
 
 Exit codes: 0 success, 1 a lab error (message on stderr), 2 usage error (click).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
-import yaml
 
 from lab import clab
+from lab.cli_common import OUTPUT, emit, pick, progress
+from lab.cli_fabric import fabric_up, fabricd, pod
 from lab.runner import Lab, teardown
 from lab.state import LabState, lab_dir, list_labs
 from lab.topology import TopologyError, load
 from lab.view import LabError
-
-OUTPUT = click.Choice(["table", "json", "yaml"])
-
-
-def _progress(msg: str) -> None:
-    click.echo(f"  {msg}", err=True)
-
-
-def _pick(name: str | None) -> str:
-    """The lab to act on: ``name``, or the only lab there is."""
-    if name:
-        return name
-    labs = list_labs()
-    if len(labs) == 1:
-        return labs[0]
-    if not labs:
-        raise click.ClickException("no lab is up")
-    raise click.ClickException(f"several labs are up ({', '.join(labs)}); give --name")
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
-
-
-def _emit(data: Any, output: str, rows: list[list[str]]) -> None:
-    if output == "json":
-        click.echo(json.dumps(data, indent=2))
-    elif output == "yaml":
-        click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
-    else:
-        click.echo(_table(rows))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,13 +30,26 @@ def main() -> None:
 @click.argument("topology")
 @click.option("--name", "-n", help="Lab name (default: the topology's name).")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for daemons.")
-def up(topology: str, name: str | None, timeout: float) -> None:
+@click.option("--fabric", is_flag=True,
+              help="Also configure the datastore, start fabricd on every host, wait until all "
+              "are ready, and install the CNI plugin (then: `python -m lab pod add`).")  # fmt: skip
+@click.option("--tls", is_flag=True,
+              help="etcd requires TLS and client certificates (a CA and certificates are made "
+              "in the lab directory; fabricd and `lab`'s fabricctl use them).")  # fmt: skip
+def up(topology: str, name: str | None, timeout: float, fabric: bool, tls: bool) -> None:
     """Bring TOPOLOGY up (a file, or a bundled name: mesh3, two-rack, rr, dual-homed)."""
     try:
-        lab = Lab(topology, name=name, progress=_progress)
+        lab = Lab(topology, name=name, progress=progress, tls=tls)
         lab.up(timeout=timeout)
     except (LabError, TopologyError, TimeoutError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
+    if fabric:
+        try:
+            fabric_up(lab, timeout)
+        except (LabError, TimeoutError, OSError) as e:
+            raise click.ClickException(
+                f"{e} (the lab stays up: `python -m lab down {lab.name}`)"
+            ) from e
     _show(lab, "table")
 
 
@@ -84,7 +62,7 @@ def down(name: str | None) -> None:
         if not labs:
             click.echo("no lab is up")
             return
-        name = _pick(None)
+        name = pick(None)
     try:
         gone = teardown(lab_dir(name))
     except (LabError, ValueError, OSError) as e:
@@ -100,7 +78,7 @@ def _show(lab: Lab, output: str) -> None:
         ns = r["netns"] if r["netns_exists"] else f"{r['netns']} (missing)"
         addrs = " ".join(f"{k}={v}" for k, v in r["addresses"].items())
         rows.append([r["node"], r["role"], str(r["asn"] or "-"), ns, addrs or "-", procs or "-"])
-    _emit(
+    emit(
         {"name": lab.name, "phase": lab.state.phase, "etcd": lab.etcd_endpoints, "nodes": data},
         output,
         rows,
@@ -134,10 +112,10 @@ def status(name: str | None, output: str) -> None:
                 }
             )
             rows.append([n, st.phase, str(len(st.namespaces)), str(len(st.procs))])
-        _emit(data, output, rows)
+        emit(data, output, rows)
         return
     try:
-        _show(Lab.attach(_pick(name)), output)
+        _show(Lab.attach(pick(name)), output)
     except LabError as e:
         raise click.ClickException(str(e)) from e
 
@@ -149,7 +127,7 @@ def status(name: str | None, output: str) -> None:
 def exec_(name: str | None, node: str, cmd: tuple[str, ...]) -> None:
     """Run CMD inside NODE's namespace: `python -m lab exec node1 -- ip route`."""
     try:
-        ns = Lab.attach(_pick(name)).netns(node)
+        ns = Lab.attach(pick(name)).netns(node)
     except LabError as e:
         raise click.ClickException(str(e)) from e
     sys.stdout.flush()
@@ -205,8 +183,12 @@ def graph(name: str | None, out: Path) -> None:
     from lab import graph as drawing
 
     try:
-        lab = Lab.attach(_pick(name))
+        lab = Lab.attach(pick(name))
         for p in drawing.write(lab, out):
             click.echo(str(p))
     except (LabError, OSError, subprocess.SubprocessError) as e:
         raise click.ClickException(f"failed to draw the lab: {e}") from e
+
+
+main.add_command(fabricd)
+main.add_command(pod)

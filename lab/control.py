@@ -44,7 +44,7 @@ class LabControl(LabView):
     ) -> subprocess.CompletedProcess[str]:
         """Run ``fabricctl`` against the lab's etcd from inside a host's namespace."""
         host = node or self.nodes(Role.NODE)[0]
-        argv = [str(BIN / "fabricctl"), "--etcd-endpoints", ",".join(self.etcd_endpoints), *args]
+        argv = [str(BIN / "fabricctl"), *self.etcd_args, *args]
         return self.exec(host, argv, timeout=timeout)
 
     def configure_fabric(self) -> None:

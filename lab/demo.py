@@ -33,8 +33,7 @@ class Demo:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.checks: list[tuple[str, bool]] = []
-        eps = ",".join(lab.etcd_endpoints)
-        self.ctl = [FABRICCTL, "--etcd-endpoints", eps, "--prefix", "/fabric/v1"]
+        self.ctl = [FABRICCTL, *lab.etcd_args, "--prefix", "/fabric/v1"]
 
     def heading(self, text: str) -> None:
         print(f"\n=== {text} ===", flush=True)
@@ -224,8 +223,11 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.splitlines()[0])
     p.add_argument("--keep", action="store_true", help="leave the lab up for exploring")
     p.add_argument("--name", default="demo")
+    p.add_argument("--tls", action="store_true",
+                   help="etcd requires TLS and client certificates (made for the lab)")  # fmt: skip
     args = p.parse_args()
-    lab = Lab("two-rack", name=args.name, progress=lambda m: print(f"  [lab] {m}", flush=True))
+    lab = Lab("two-rack", name=args.name, progress=lambda m: print(f"  [lab] {m}", flush=True),
+              tls=args.tls)  # fmt: skip
     print(
         "Bringing up the two-rack lab (FRR and BIRD ToRs, an FRR spine, 4 hosts, etcd) "
         "from network namespaces..."

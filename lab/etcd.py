@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -21,6 +22,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lab.tls import PKI
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 TMPFS = Path("/dev/shm")
@@ -43,10 +46,24 @@ class EtcdMember:
     log_path: Path
     netns: str | None = None
     proc: subprocess.Popen[bytes] | None = None
+    tls: PKI | None = None  # clients need https and a certificate (--client-cert-auth)
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
+
+    def _etcdctl_tls(self) -> list[str]:
+        t = self.tls
+        if t is None:
+            return []
+        return ["--cacert", str(t.ca), "--cert", str(t.client_cert), "--key", str(t.client_key)]
+
+    def _context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.tls.ca))
+        ctx.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
+        return ctx
 
     @property
     def peer_url(self) -> str:
@@ -73,6 +90,9 @@ class EtcdMember:
             "--election-timeout", "1000",
             "--log-outputs", "stderr",
         ]  # fmt: skip
+        if self.tls is not None:
+            cmd += ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key),
+                    "--trusted-ca-file", str(self.tls.ca), "--client-cert-auth"]  # fmt: skip
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         log = self.log_path.open("ab")
@@ -95,15 +115,16 @@ class EtcdMember:
             self.client_url + "/v3/maintenance/status", data=b"{}", method="POST"
         )
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout, context=self._context()) as r:
                 return dict(json.loads(r.read()))
         except (OSError, urllib.error.URLError, ValueError):
             return None
 
     def _netns_status(self, timeout: float) -> dict[str, object] | None:
         """``status()`` of a member inside a namespace, through etcdctl (same shape)."""
-        cmd = ["ip", "netns", "exec", self.netns or "", "etcdctl", "--endpoints", self.endpoint,
-               "--command-timeout", f"{timeout}s", "-w", "json", "endpoint", "status"]  # fmt: skip
+        cmd = ["ip", "netns", "exec", self.netns or "", "etcdctl", "--endpoints", self.client_url,
+               *self._etcdctl_tls(), "--command-timeout", f"{timeout}s", "-w", "json",
+               "endpoint", "status"]  # fmt: skip
         try:
             r = subprocess.run(cmd, check=False, capture_output=True, timeout=timeout + 5,
                                env={**os.environ, "ETCDCTL_API": "3"})  # fmt: skip
@@ -117,15 +138,16 @@ class EtcdMember:
 
     def healthy(self, timeout: float = 1.0) -> bool:
         if self.netns:
-            cmd = ["ip", "netns", "exec", self.netns, "etcdctl", "--endpoints", self.endpoint,
-                   "--command-timeout", f"{timeout}s", "endpoint", "health"]  # fmt: skip
+            cmd = ["ip", "netns", "exec", self.netns, "etcdctl", "--endpoints", self.client_url,
+                   *self._etcdctl_tls(), "--command-timeout", f"{timeout}s",
+                   "endpoint", "health"]  # fmt: skip
             r = subprocess.run(
                 cmd, check=False, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}
             )
             return r.returncode == 0
         req = urllib.request.Request(self.client_url + "/health")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout, context=self._context()) as r:
                 return bool(json.loads(r.read()).get("health") == "true")
         except (OSError, urllib.error.URLError, ValueError):
             return False
@@ -162,6 +184,7 @@ class EtcdCluster:
     netns: str | None = None
     token: str = field(default_factory=lambda: f"fabric-{os.getpid()}-{time.monotonic_ns()}")
     members: list[EtcdMember] = field(default_factory=list)
+    tls: PKI | None = None
     _own_dir: bool = False
 
     def __post_init__(self) -> None:
@@ -180,12 +203,18 @@ class EtcdCluster:
                     data_dir=self.base_dir / f"{name}.data",
                     log_path=self.base_dir / f"{name}.log",
                     netns=self.netns,
+                    tls=self.tls,
                 )
             )
 
     @property
     def endpoints(self) -> list[str]:
+        """host:port of each member (``urls`` has the scheme, https with TLS)."""
         return [m.endpoint for m in self.members]
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.client_url for m in self.members]
 
     @property
     def initial_cluster(self) -> str:

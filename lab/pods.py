@@ -97,13 +97,16 @@ def netconf(version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
 
 
 def cni(lab: Lab, node: str, verb: str, cid: str, netns: str, conf: dict[str, Any] | None = None,
-        ifname: str = "eth0", timeout: float = 90.0, args: str = "") -> tuple[int, Any]:  # fmt: skip
+        ifname: str = "eth0", timeout: float = 90.0, args: str = "",
+        namespace: str = "default", pod: str = "") -> tuple[int, Any]:  # fmt: skip
     """Run the installed plugin like a runtime: (exit code, stdout JSON or None). ``args``
-    is appended to CNI_ARGS (e.g. ``";IP=10.244.200.5"``)."""
+    is appended to CNI_ARGS (e.g. ``";IP=10.244.200.5"``); ``namespace`` and ``pod`` (default:
+    the container id) are K8S_POD_NAMESPACE and K8S_POD_NAME."""
     bin_dir = cni_dir(lab, node) / "bin"
     env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
            "CNI_PATH": f"{bin_dir}:/usr/lib/cni",
-           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}{args}"}  # fmt: skip
+           "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};"
+                       f"K8S_POD_NAME={pod or cid}{args}"}  # fmt: skip
     argv = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), str(bin_dir / "fabric")]
     r = lab.exec(node, argv, timeout=timeout, input=json.dumps(conf or netconf()))
     try:
@@ -123,15 +126,15 @@ def _free_name(lab: Lab, node: str) -> str:
 
 
 def add(lab: Lab, node: str, name: str | None = None, args: str = "",
-        conf: dict[str, Any] | None = None) -> Pod:  # fmt: skip
+        namespace: str = "default", conf: dict[str, Any] | None = None) -> Pod:  # fmt: skip
     """A new pod on ``node``: a fresh namespace and a CNI ADD (``args``, ``conf``: see
-    ``cni``)."""
+    ``cni``; ``namespace``: K8S_POD_NAMESPACE)."""
     cid = name or _free_name(lab, node)
     netns = lab.add_netns(f"{lab.plan.prefix}p{cid[:40]}")
-    code, doc = cni(lab, node, "ADD", cid, netns, conf=conf, args=args)
+    code, doc = cni(lab, node, "ADD", cid, netns, conf=conf, args=args, namespace=namespace)
     if code != 0:
         c = int(doc.get("code", 0)) if isinstance(doc, dict) else 0
-        raise PodError(f"CNI ADD of {cid} on {node} failed: {doc}", c)
+        raise PodError(f"CNI ADD of {cid} on {node} failed: {why(doc)}", c)
     ip = str(doc["ips"][0]["address"].split("/")[0])
     return Pod(node, cid, netns, ip, doc)
 
@@ -139,7 +142,15 @@ def add(lab: Lab, node: str, name: str | None = None, args: str = "",
 def delete(lab: Lab, pod: Pod) -> None:
     code, doc = cni(lab, pod.node, "DEL", pod.name, pod.netns)
     if code != 0:
-        raise PodError(f"CNI DEL of {pod.name} failed: {doc}")
+        raise PodError(f"CNI DEL of {pod.name} failed: {why(doc)}")
+
+
+def why(doc: Any) -> str:
+    """A CNI error document as one line: ``error 11: msg (details)``."""
+    if not isinstance(doc, dict):
+        return f"no CNI error document ({doc!r})"
+    details = f" ({doc['details']})" if doc.get("details") else ""
+    return f"error {doc.get('code')}: {doc.get('msg')}{details}"
 
 
 def ping(lab: Lab, pod: Pod, ip: str, count: int = 1, wait: float = 1.0) -> bool:
@@ -156,7 +167,7 @@ class Probe:
 
     def __init__(self, lab: Lab, src: Pod, dst_ip: str, interval: float = 0.1) -> None:
         self.interval = interval
-        argv = ["ip", "netns", "exec", src.netns_name, "ping", "-n", "-O", "-W", "1",
+        argv = ["ip", "netns", "exec", src.netns_name, "ping", "-n", "-D", "-O", "-W", "1",
                 "-i", str(interval), dst_ip]  # fmt: skip
         self._proc = subprocess.Popen(
             ["ip", "netns", "exec", lab.netns(src.node), *argv],
@@ -176,6 +187,25 @@ class Probe:
 
     def replies(self) -> int:
         return sum(1 for ln in self._lines if "bytes from" in ln)
+
+    def times(self, seqs: list[int]) -> list[float]:
+        """When each of ``seqs`` was sent (epoch seconds, from ``ping -D``): the time on a
+        line of that sequence number, else the nearest earlier one's plus the interval(s)."""
+        at: dict[int, float] = {}
+        for ln in self._lines:
+            if ln.startswith("[") and "icmp_seq=" in ln:
+                seq = int(ln.split("icmp_seq=")[1].split()[0])
+                at.setdefault(seq, float(ln[1 : ln.index("]")]))
+        known = sorted(at)
+        out = []
+        for s in seqs:
+            if s in at:
+                out.append(at[s])
+                continue
+            prev = [k for k in known if k < s]
+            base = prev[-1] if prev else (known[0] if known else s)
+            out.append(at.get(base, 0.0) + (s - base) * self.interval)
+        return out
 
     def stop(self, settle: float = SETTLE) -> tuple[int, int, list[int]]:
         """Stop pinging after ``settle`` s (the last echo comes back or times out); (sent,

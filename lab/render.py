@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from lab.plan import NodePlan, Plan
+from lab.tls import PKI
 from lab.topology import Role
 
 LAB_NET = ipaddress.IPv4Network("10.255.0.0/16")
@@ -182,8 +183,10 @@ POD_POOL = "10.244.0.0/16"
 ROUTE_PROTOCOL = 201
 
 
-def fabricd_config(node: NodePlan, plan: Plan, run_dir: Path | None = None) -> dict[str, Any]:
-    """The agent's config for a host: who it is, where etcd is, where it keeps its state.
+def fabricd_config(node: NodePlan, plan: Plan, run_dir: Path | None = None,
+                   tls: PKI | None = None) -> dict[str, Any]:  # fmt: skip
+    """The agent's config for a host: who it is, where etcd is (https and the client's
+    certificate files with ``tls``), where it keeps its state.
 
     Whom it peers with is not here: that is datastore state (``fabric_resources``).
     """
@@ -197,7 +200,7 @@ def fabricd_config(node: NodePlan, plan: Plan, run_dir: Path | None = None) -> d
         "interfaces": [i for i in ifaces if i != main],
         "labels": dict(node.labels),
         "etcd": {
-            "endpoints": [f"http://{e}" for e in plan.etcd_endpoints],
+            "endpoints": [f"{'https' if tls else 'http'}://{e}" for e in plan.etcd_endpoints],
             "prefix": ETCD_PREFIX,
         },
         "health": {"listen": "127.0.0.1:9099"},
@@ -208,13 +211,17 @@ def fabricd_config(node: NodePlan, plan: Plan, run_dir: Path | None = None) -> d
         "leaseTTL": 15,
         "log": {"level": "info"},
     }
+    if tls is not None:
+        cfg["etcd"].update(caFile=str(tls.ca), certFile=str(tls.client_cert),
+                           keyFile=str(tls.client_key))  # fmt: skip
     if node.asn is not None:
         cfg["asNumber"] = node.asn
     return cfg
 
 
-def fabricd_yaml(node: NodePlan, plan: Plan, run_dir: Path | None = None) -> str:
-    return yaml.safe_dump(fabricd_config(node, plan, run_dir), sort_keys=False)
+def fabricd_yaml(node: NodePlan, plan: Plan, run_dir: Path | None = None,
+                 tls: PKI | None = None) -> str:  # fmt: skip
+    return yaml.safe_dump(fabricd_config(node, plan, run_dir, tls), sort_keys=False)
 
 
 def fabric_resources(plan: Plan, pool: str = POD_POOL) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from lab import netns, procs, render, routers
+from lab import netns, procs, render, routers, tls
 from lab.control import LabControl
 from lab.etcd import EtcdCluster
 from lab.plan import MGMT_BRIDGE, NodePlan, Plan, build
@@ -94,7 +94,9 @@ class Lab(LabControl):
         topology: str | Path | Mapping[str, Any] | Topology,
         name: str | None = None,
         progress: Callable[[str], None] | None = None,
+        tls: bool = False,
     ) -> None:
+        self.tls = tls
         self.topology = topology if isinstance(topology, Topology) else load(topology)
         self.name = check_name(name or self.topology.name)
         self.plan: Plan = build(self.topology, self.name)
@@ -112,7 +114,8 @@ class Lab(LabControl):
             state = LabState.load(lab_dir(name))
         except FileNotFoundError:
             raise LabError(f"lab {name} is not up") from None
-        lab = cls(state.info["topology"], name=name, progress=progress)
+        lab = cls(state.info["topology"], name=name, progress=progress,
+                  tls=bool(state.info.get("tls")))  # fmt: skip
         lab._state = state
         return lab
 
@@ -133,7 +136,7 @@ class Lab(LabControl):
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, mode=0o755)
         self._state = LabState(name=self.name, prefix=self.plan.prefix, dir=self.dir)
-        self._state.info = {"topology": dict(self.topology.raw)}
+        self._state.info = {"topology": dict(self.topology.raw), "tls": self.tls}
         self._state.save()
         try:
             self._build(timeout)
@@ -175,6 +178,11 @@ class Lab(LabControl):
             netns.batch(node.netns, _node_commands(node))
             if node.role.is_router or node.role == Role.NODE:
                 netns.sysctls(node.netns, ROUTER_FORWARDING)
+        if self.tls:
+            self.progress("making a CA, etcd's server and the clients' certificates")
+            hosts = [str(n.mgmt.ip) for n in self.plan.nodes.values()
+                     if n.role == Role.ETCD and n.mgmt is not None]  # fmt: skip
+            tls.make(self.dir / "pki", hosts, cn=f"fabric-lab {self.name}")
         self._write_configs()
         self._start_processes()
         self._wait_ready(timeout)
@@ -195,7 +203,9 @@ class Lab(LabControl):
             elif node.role == Role.BIRD:
                 (d / "bird.conf").write_text(render.bird(node, mgmt, d))
             elif node.role == Role.NODE:
-                (d / "fabricd.yaml").write_text(render.fabricd_yaml(node, self.plan, d / "run"))
+                (d / "fabricd.yaml").write_text(
+                    render.fabricd_yaml(node, self.plan, d / "run", self.pki)
+                )
         docs = render.fabric_resources(self.plan)
         (self.dir / "fabric-resources.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
 
@@ -209,6 +219,7 @@ class Lab(LabControl):
                     base_dir=self._node_dir(node.name),
                     netns=node.netns,
                     token=f"fabric-lab-{self.name}",
+                    tls=self.pki,
                 )
                 for m in self.etcd.members:
                     m.start(self.etcd.initial_cluster, self.etcd.token)

@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lab import netns, procs, render, routers
+from lab import netns, procs, render, routers, tls
 from lab.etcd import EtcdCluster
 from lab.plan import NodePlan, Plan
 from lab.state import LabState
+from lab.tls import PKI
 from lab.topology import Role, Topology
 
 T = TypeVar("T")
@@ -36,6 +37,7 @@ class LabView:
     etcd: EtcdCluster | None
     _state: LabState | None
     _children: list[subprocess.Popen[bytes]]
+    tls: bool  # etcd requires TLS and client certificates (made in <labdir>/pki)
 
     @property
     def state(self) -> LabState:
@@ -80,6 +82,21 @@ class LabView:
     @property
     def etcd_endpoints(self) -> list[str]:
         return list(self.plan.etcd_endpoints)
+
+    @property
+    def pki(self) -> PKI | None:
+        """The lab's certificates when its etcd requires TLS."""
+        return tls.at(self.dir / "pki") if self.tls else None
+
+    @property
+    def etcd_args(self) -> list[str]:
+        """fabricctl's options to reach the lab's etcd (with the client certificate)."""
+        scheme = "https" if self.tls else "http"
+        args = ["--etcd-endpoints", ",".join(f"{scheme}://{e}" for e in self.etcd_endpoints)]
+        if (p := self.pki) is not None:
+            args += ["--etcd-cacert", str(p.ca), "--etcd-cert", str(p.client_cert),
+                     "--etcd-key", str(p.client_key)]  # fmt: skip
+        return args
 
     def add_netns(self, name: str) -> str:
         """Create namespace ``name`` (e.g. a pod's) that ``down()`` deletes: recorded in the

@@ -95,6 +95,20 @@ def test_cni_bench_smoke() -> None:
 
 
 @pytest.mark.root
+def test_netlink_bench_smoke() -> None:
+    """500 routes and 40 link messages each way, hand codec and pyroute2 (ADR 0002's guard)."""
+    if os.geteuid() != 0:
+        pytest.skip("the netlink benchmark uses a network namespace: needs root")
+    *_, detail, last = quick("netlink", 300)
+    assert last["bench"] == "netlink" and last["n"] == 500 and last["link_messages"] == 120
+    for key in ("fabric_routes_per_s", "pyroute2_routes_per_s", "routes_ratio",
+                "fabric_link_msg_ms", "pyroute2_link_msg_ms", "links_ratio"):  # fmt: skip
+        assert last[key] > 0, key
+    assert set(detail) == {"routes", "links"}
+    assert set(detail["routes"]) == set(detail["links"]) == {"fabric", "pyroute2"}
+
+
+@pytest.mark.root
 @pytest.mark.lab
 def test_policy_bench_smoke() -> None:
     """Two-rack at smoke size (20 policies, 100 remote endpoints, 5 samples of each timing):
@@ -116,3 +130,25 @@ def test_policy_bench_smoke() -> None:
     # the label change is written as set elements, not a table (nft monitor on the node)
     assert last["update_bytes_p50"] < detail["table_bytes"]
     assert detail["conn_base_failed"] == 0
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_soak_bench_smoke() -> None:
+    """One minute of churn (1 ADD + 1 DEL per second) on the two-rack lab with a 3-member
+    etcd, every fault injected once; nothing leaks, no error, every field there."""
+    if os.geteuid() != 0:
+        pytest.skip("the soak benchmark builds a lab: needs root (network namespaces)")
+    last = quick("soak", 600)[-1]
+    for key in ("pods_created", "first_ping_loss_pct", "first_ping_worst_gap_ms",
+                "first_ping_loss_pct_outside_faults", "settled_loss_pct", "established_lost",
+                "established_lost_outside_faults", "add_errors", "del_errors", "ipam_leaks",
+                "dataplane_leaks", "route_mismatch", "rss_growth_mb", "fd_growth"):  # fmt: skip
+        assert key in last, key
+    assert last["bench"] == "soak" and last["minutes"] == 1.0
+    assert last["pods_created"] >= 40, last
+    assert set(last["faults"]) == {"fabricd SIGKILL node2", "ExaBGP SIGKILL node3",
+                                   "etcd leader killed", "tor2 BIRD restarted"}  # fmt: skip
+    assert all(f["ok"] for f in last["faults"].values()), last["faults"]
+    assert last["add_errors"] == last["del_errors"] == 0, last
+    assert last["ipam_leaks"] == last["dataplane_leaks"] == last["route_mismatch"] == 0, last

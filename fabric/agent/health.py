@@ -9,6 +9,14 @@ that hangs fails with "timed out", one that raises fails with its error). 200 wi
 ``ok``, or 503 with ``failed: <detail>``; ``?verbose`` answers the detail as JSON
 ``{"ok": bool, "detail": {...}}`` with the same status.
 
+``/metrics`` first awaits ``before_metrics`` when given (fabricd reads the nftables policy
+counters then; bounded by ``check_timeout``, a failure is logged and the scrape answered).
+
+Diagnostics: ``/route?dst=IP`` answers, as JSON, the kernel's route to IP on this node (the
+matching FIB entry, through pyroute2) with fabricd's node name and route protocol, for
+``fabricctl explain --live``; 400 when ``dst`` is missing or not an address. It is served
+only when the agent gives a lookup function, on the same (loopback by default) listener.
+
 Robustness: a client has ``read_timeout`` seconds to send its request head, which may not
 exceed ``MAX_HEAD`` bytes (431 beyond), a malformed one gets 400, and at most
 ``MAX_CONNECTIONS`` are served at once (others are closed at once), so a slow or hostile
@@ -38,7 +46,7 @@ READ_TIMEOUT = 5.0
 MAX_HEAD = 8192  # request line plus headers, as many servers' default limit
 MAX_HEADERS = 64
 MAX_CONNECTIONS = 64  # probes and scrapes are few; more means someone misbehaves
-PATHS = ("/livez", "/readyz", "/metrics")
+PATHS = ("/livez", "/readyz", "/metrics", "/route")
 _METHODS = ("GET", "HEAD")
 
 
@@ -51,6 +59,7 @@ class Check:
 
 
 CheckFn = Callable[[], Awaitable[Check]]
+LookupFn = Callable[[str], Awaitable[Mapping[str, Any]]]
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -88,12 +97,16 @@ class HealthServer:
         *,
         check_timeout: float = CHECK_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
+        route_lookup: LookupFn | None = None,
+        before_metrics: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.host, self._port = split_listen(listen)
         self.checks = {"/livez": live, "/readyz": ready}
         self.registry = registry
         self.check_timeout = check_timeout
         self.read_timeout = read_timeout
+        self.route_lookup = route_lookup
+        self.before_metrics = before_metrics
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[Any]] = set()
 
@@ -167,12 +180,15 @@ class HealthServer:
 
     async def _route(self, method: str, target: str) -> tuple[HTTPStatus, str, str | bytes]:
         url = urlsplit(target)
-        if url.path not in PATHS:
+        if url.path not in PATHS or (url.path == "/route" and self.route_lookup is None):
             return HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", "not found\n"
         if method not in _METHODS:
             return HTTPStatus.METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "use GET\n"
         if url.path == "/metrics":
+            await self._refresh()
             return HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if url.path == "/route":
+            return await self._lookup(url.query)
         check = await self.run_check(self.checks[url.path])
         status = HTTPStatus.OK if check.ok else HTTPStatus.SERVICE_UNAVAILABLE
         verbose = parse_qs(url.query, keep_blank_values=True).get("verbose")
@@ -183,6 +199,30 @@ class HealthServer:
             return status, "text/plain; charset=utf-8", "ok\n"
         reasons = "; ".join(f"{k}: {v}" for k, v in sorted(check.detail.items()))
         return status, "text/plain; charset=utf-8", f"failed: {reasons}\n"
+
+    async def _refresh(self) -> None:
+        """Metrics read at scrape time (nft counters): bounded, and never a failed scrape."""
+        if self.before_metrics is None:
+            return
+        try:
+            async with asyncio.timeout(self.check_timeout):
+                await self.before_metrics()
+        except Exception as e:  # the other metrics are still worth answering
+            log.warning("failed to refresh metrics before a scrape: %s: %s", type(e).__name__, e)
+
+    async def _lookup(self, query: str) -> tuple[HTTPStatus, str, str]:
+        assert self.route_lookup is not None
+        dst = parse_qs(query).get("dst")
+        if not dst:
+            return HTTPStatus.BAD_REQUEST, "text/plain; charset=utf-8", "dst=IP is required\n"
+        try:
+            async with asyncio.timeout(self.check_timeout):
+                doc = await self.route_lookup(dst[-1])
+        except ValueError as e:
+            return HTTPStatus.BAD_REQUEST, "text/plain; charset=utf-8", f"dst: {e}\n"
+        except TimeoutError:
+            return HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "timed out\n"
+        return HTTPStatus.OK, "application/json", json.dumps(doc, sort_keys=True) + "\n"
 
     async def run_check(self, fn: CheckFn) -> Check:
         """``fn()`` bounded by check_timeout; a timeout or an exception is a failed Check."""

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from bgp.model import SessionState
 
@@ -26,6 +28,8 @@ class Reconciler(StrEnum):
     ANNOUNCEMENTS = "announcements"
     FULL_RESYNC = "full_resync"
     NAT = "nat"
+    POLICY = "policy"  # one NetworkPolicy batch: compile, render, nft transaction
+    POLICY_RESYNC = "policy_resync"  # the same, reading the kernel's table first
 
 
 class RouteKind(StrEnum):
@@ -45,12 +49,39 @@ class SessionSample:
     received: int = 0
     accepted: int = 0
     rejected: int = 0
+    failed_attempts: int = 0  # connection attempts that failed since fabricd started
 
 
 # Reconciles take milliseconds normally; a full resync of a large cluster takes seconds.
 _RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # CNI ADD creates a veth and talks to etcd: tens of milliseconds, seconds when etcd is slow.
 _CNI_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+PolicyKey = tuple[str, str, str, str]  # namespace, policy, direction, verdict
+
+
+class PolicyPackets(Collector):
+    """``fabric_policy_packets_total``: the packet counters of the nftables policy table as
+    last read (``set``); series appear and go with the rules that count them (a deleted
+    policy's counter goes, a re-created one starts at 0: a counter reset to Prometheus)."""
+
+    def __init__(self) -> None:
+        self.samples: dict[PolicyKey, int] = {}
+
+    def set(self, samples: dict[PolicyKey, int]) -> None:
+        self.samples = dict(samples)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily(
+            "fabric_policy_packets",
+            "Packets of new connections NetworkPolicy allowed (per policy) or denied "
+            "(default deny), as nftables counted them on this node",
+            labels=["namespace", "policy", "direction", "verdict"],
+        )
+        for key, packets in sorted(self.samples.items()):
+            fam.add_metric(list(key), packets)
+        yield fam
 
 
 class Metrics:
@@ -83,6 +114,14 @@ class Metrics:
             ["peer"],
             registry=r,
         )
+        self.failed_attempts = Counter(
+            "fabric_bgp_session_failed_attempts",
+            "Connection attempts to a peer that failed (refused, reset, timed out, no OPEN, "
+            "NOTIFICATION) since start",
+            ["peer"],
+            registry=r,
+        )
+        self._failed_seen: dict[str, int] = {}
         self.rejections = Counter(
             "fabric_bgp_prefix_rejections",
             "Prefixes rejected from a peer since start",
@@ -132,6 +171,8 @@ class Metrics:
             buckets=_CNI_BUCKETS,
             registry=r,
         )
+        self.policy_packets = PolicyPackets()
+        r.register(self.policy_packets)
         ProcessCollector(namespace="fabric", registry=r)  # fabric_process_* (CPU, memory, fds)
         # The label sets present, so series of sessions that went away can be removed.
         self._session_labels: set[tuple[str, str, str]] = set()
@@ -163,6 +204,12 @@ class Metrics:
         for state in self._states:
             self.sessions.labels(state).set(counts[state])
         for s in samples:
+            seen = self._failed_seen.get(s.peer, 0)
+            if s.failed_attempts > seen:
+                self.failed_attempts.labels(s.peer).inc(s.failed_attempts - seen)
+            elif s.peer not in self._failed_seen:
+                self.failed_attempts.labels(s.peer)  # the series exists from the start
+            self._failed_seen[s.peer] = max(seen, s.failed_attempts)
             self.received.labels(s.peer).set(s.received)
             self.accepted.labels(s.peer).set(s.accepted)
             self.rejected.labels(s.peer).set(s.rejected)

@@ -1,10 +1,15 @@
-"""What a node publishes about itself: BGP sessions and installed routes.
+"""What a node publishes about itself: BGP sessions, announcements, learned and installed
+routes, and its readiness.
 
 The document lives at ``status/<node>`` under the node's lease (it disappears with the
 node) and is rewritten only when its content changed, at most every couple of seconds.
 ``fabricctl bgp status`` and ``fabricctl routes`` read it. The route list is capped so the
 document stays far below etcd's request size limit; ``truncated`` says when it was cut.
-The same pass refreshes the Prometheus gauges.
+The same pass refreshes the Prometheus gauges. ``fabricctl explain`` reads the document too:
+``learned`` (the RIB's best routes with their next hops, capped like the route list) tells
+"the node learned it" apart from "fabricd installed it", and ``readiness`` says what
+``/readyz`` would answer about the peers and the speaker (without pinging ExaBGP: the
+speaker's process state stands in).
 
 The publisher never sees the agent: it reads a ``NodeView`` (a frozen snapshot the agent
 builds on request) and the route table, so this module imports nothing of ``agent``.
@@ -19,13 +24,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from bgp.model import Session, SessionState
-from bgp.rib import PeerStats
+from bgp.rib import PeerStats, Rib
 from bgp.sessions import SessionStatus
+from bgp.speaker import Speaker
 from fabric.agent.metrics import Metrics, SessionSample
 from fabric.agent.registration import Registration
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
@@ -58,10 +64,30 @@ class NodeView:
     announcements: tuple[str, ...]  # sorted prefixes
     converged: bool
     own_blocks: int | None  # None before the first intent
+    peers: tuple[bool, str] = (True, "")  # required peers up, and what /readyz says of them
 
 
-def build(view: NodeView, counts: RouteStats, items: list[dict[str, Any]]) -> dict[str, Any]:
-    """The status document; ``items`` is the route list (``route_items``)."""
+def node_view(node: str, sessions: Iterable[Session], speaker: Speaker, rib: Rib,
+              converged: bool, own_blocks: int | None, peers: tuple[bool, str]) -> NodeView:  # fmt: skip
+    """The view of the planned ``sessions`` as the speaker and the RIB see them now;
+    ``peers``: the /readyz required-peers check."""
+    status = speaker.sessions_status()
+    return NodeView(
+        node=node,
+        sessions=tuple((s, status.get(s.peer_ip), rib.stats(s.peer_ip)) for s in sessions),
+        speaker_pid=speaker.pid,
+        speaker_restarts=speaker.restarts,
+        announcements=tuple(sorted(str(a.prefix) for a in speaker.announced())),
+        converged=converged,
+        own_blocks=own_blocks,
+        peers=peers,
+    )
+
+
+def build(view: NodeView, counts: RouteStats, items: list[dict[str, Any]],
+          learned: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The status document; ``items`` is the route list (``route_items``), ``learned`` the
+    RIB's best routes (``learned_section``)."""
     sessions = []
     for s, st, stats in view.sessions:
         state = st.state if st is not None else SessionState.IDLE
@@ -80,6 +106,12 @@ def build(view: NodeView, counts: RouteStats, items: list[dict[str, Any]]) -> di
                 "received": stats.received,
                 "accepted": stats.accepted,
                 "rejected": stats.rejected,
+                # the current run of connection attempts while the session is not up
+                "attempts": st.attempts if st is not None else 0,
+                "connectingSince": st.connecting_since if st is not None else None,
+                "lastFailure": st.last_failure if st is not None else "",
+                "hint": st.hint if st is not None else "",
+                "failedAttempts": st.failures if st is not None else 0,
             }
         )
     return {
@@ -97,6 +129,15 @@ def build(view: NodeView, counts: RouteStats, items: list[dict[str, Any]]) -> di
             "local": counts.devices,
             "truncated": counts.installed > MAX_ROUTES,
             "items": items,
+        },
+        "learned": learned if learned is not None else learned_section({}),
+        "readiness": {
+            "ok": view.speaker_pid is not None and view.peers[0],
+            "detail": {
+                "etcd": "ok",  # this document reached etcd
+                "exabgp": "running" if view.speaker_pid is not None else "not running",
+                "peers": view.peers[1],
+            },
         },
         "converged": view.converged,
         "pid": os.getpid(),
@@ -121,10 +162,25 @@ def route_items(installed: Mapping[IPNetwork, KernelRoute]) -> list[dict[str, An
     return items
 
 
+def learned_section(best: Mapping[IPNetwork, frozenset[Any]]) -> dict[str, Any]:
+    """The RIB's best routes (the first MAX_ROUTES by address) with their next hops."""
+    first = heapq.nsmallest(
+        MAX_ROUTES, best, key=lambda d: (d.version, int(d.network_address), d.prefixlen)
+    )
+    items = [{"dst": str(d), "via": sorted(str(g) for g in best[d])} for d in first]
+    return {"count": len(best), "truncated": len(best) > MAX_ROUTES, "items": items}
+
+
 def update_metrics(m: Metrics, doc: dict[str, Any], own_blocks: int | None) -> None:
     m.set_sessions(
         SessionSample(
-            s["peerIP"], s["type"], s["state"], s["received"], s["accepted"], s["rejected"]
+            s["peerIP"],
+            s["type"],
+            s["state"],
+            s["received"],
+            s["accepted"],
+            s["rejected"],
+            s["failedAttempts"],
         )
         for s in doc["sessions"]
     )
@@ -139,9 +195,12 @@ def update_metrics(m: Metrics, doc: dict[str, Any], own_blocks: int | None) -> N
 class RouteList:
     """The document's route list of one route table, rebuilt only when worth it."""
 
-    def __init__(self, routes: RouteTable) -> None:
+    def __init__(self, routes: RouteTable,
+                 best: Callable[[], Mapping[IPNetwork, frozenset[Any]]] | None = None) -> None:  # fmt: skip
         self.routes = routes
+        self.best = best
         self._items: list[dict[str, Any]] | None = None
+        self._learned: dict[str, Any] = learned_section({})
         self._items_generation = -1
         self._items_at = 0.0
 
@@ -149,7 +208,8 @@ class RouteList:
         """The route list, rebuilt when the table changed, but not while a burst of changes
         is being written (100k withdrawals): listing 2,000 routes each publish took CPU
         from the burst itself. Counts are always current; the list is at most
-        ITEMS_MAX_AGE old."""
+        ITEMS_MAX_AGE old. The learned list (``learned()``) is rebuilt with it: a change of
+        the RIB's best routes changes the kernel table too."""
         routes, now = self.routes, time.monotonic()
         generation = routes.generation
         stale = generation != self._items_generation
@@ -157,23 +217,32 @@ class RouteList:
             stale and (not routes.busy() or now - self._items_at >= ITEMS_MAX_AGE)
         ):
             self._items = route_items(routes.installed())
+            if self.best is not None:
+                self._learned = learned_section(self.best())
             self._items_generation, self._items_at = generation, now
         return self._items
+
+    def learned(self) -> dict[str, Any]:
+        """The learned section as of the last ``items()``."""
+        return self._learned
 
 
 class StatusPublisher:
     """Writes ``status/<node>`` (see the module docstring) from ``view()`` and ``routes``."""
 
     def __init__(self, view: Callable[[], NodeView], routes: RouteTable, metrics: Metrics,
-                 store: Store, registration: Registration) -> None:  # fmt: skip
+                 store: Store, registration: Registration,
+                 best: Callable[[], Mapping[IPNetwork, frozenset[Any]]] | None = None,
+                 ) -> None:  # fmt: skip
         self.view, self.routes, self.metrics = view, routes, metrics
         self.store, self.registration = store, registration
-        self.route_list = RouteList(routes)
+        self.route_list = RouteList(routes, best)
         self._last = b""
 
     async def publish(self) -> None:
         view = self.view()
-        doc = build(view, self.routes.stats(), self.route_list.items())
+        items = self.route_list.items()
+        doc = build(view, self.routes.stats(), items, self.route_list.learned())
         update_metrics(self.metrics, doc, view.own_blocks)
         body = json.dumps(doc, sort_keys=True).encode()
         if body == self._last:

@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # the etcd stack is imported where a command runs (see run())
     from ipam.allocator import Allocator
     from ipam.gc import Maintenance, PoolUsage
     from ipam.resources import Resources
-    from ipam.store import Store, TLSConfig
+    from ipam.store import Store
+    from ipam.tls import TLSConfig
 
 T = TypeVar("T")
 

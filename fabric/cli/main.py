@@ -71,14 +71,15 @@ def main(ctx: click.Context, etcd_endpoints: str, etcd_cacert: Path | None,
          etcd_cert: Path | None, etcd_key: Path | None, prefix: str, timeout: float) -> None:  # fmt: skip
     """Manage the fabric's IP pools, IPAM data, BGP peers and configuration in etcd.
 
-    Exit codes: 0 ok, 1 user error, 2 etcd unreachable, 3 `ipam check` found problems.
+    Exit codes: 0 ok, 1 user error, 2 etcd unreachable, 3 `ipam check` found problems,
+    4 `explain` found the path blocked.
     """
     endpoints = tuple(e.strip() for e in etcd_endpoints.split(",") if e.strip())
     if not endpoints:
         raise click.BadParameter("at least one endpoint is required", param_hint="--etcd-endpoints")
     tls = None
     if etcd_cacert or etcd_cert or etcd_key or any(e.startswith("https://") for e in endpoints):
-        from ipam.store import TLSConfig
+        from ipam.tls import TLSConfig
 
         tls = TLSConfig(etcd_cacert, etcd_cert, etcd_key)
     ctx.obj = Settings(endpoints, prefix, tls, timeout)
@@ -109,4 +110,6 @@ main.lazy.update({
     "label": ("fabric.cli.policy:label",
               "Set (KEY=VALUE) or remove (KEY-) labels of a pod (NS/NAME) or a namespace (NAME), as `kubectl label` does. A pod or namespace without an object yet (a pod attached by the CNI plugin) gets one holding just these labels. Policy selectors follow at once."),
     "policy": ("fabric.cli.policy:policy", "NetworkPolicy: what the compiled rules do to a connection."),
+    "explain": ("fabric.cli.explain:explain",
+                "Why can (or can't) SRC reach DST: each hop with its state and the evidence read."),
 })  # fmt: skip

@@ -3,7 +3,7 @@
 Ownership is by route protocol number: a RouteTable writes, replaces and deletes only routes
 carrying its ``proto`` in its ``table``, and a route of any other protocol at a prefix it wants
 is reported as a conflict, never replaced. Design, invariants and failure handling:
-docs/routes.md.
+docs/design/routes.md.
 
 Typical use by the agent::
 

@@ -10,6 +10,7 @@ minute are the remains of a plugin killed mid-write: removed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cni.errors import CNIError
+from cni.errors import CNIError, Code
 from cni.install import PENDING_DIR
 from cni.protocol import (
     HEADER,
@@ -32,6 +33,7 @@ from cni.spec import Request, Verb, parse_request
 from fabric.workloads.pod_ipam import Owner
 
 SUFFIX = ".del"
+INTERVAL = 5.0  # s between sweeps of the recorded DELs (the ADD path checks too)
 STALE_TMP = 60.0
 
 
@@ -119,3 +121,41 @@ class PendingDir:
             self.log.info("finished the DEL of %s recorded while fabricd was down", handle)
             self.done(path)
         return left
+
+
+class Sweeper:
+    """When recorded DELs run: ``finish`` (at start, before the socket opens), ``loop`` (every
+    INTERVAL s), ``before_add`` (an ADD of a handle whose recorded DEL cannot be finished
+    answers 11). ``run`` is the verbs' DEL of one record, under the attachment's lock."""
+
+    def __init__(self, pending: PendingDir | None,
+                 run: Callable[[PendingDel], Awaitable[object]], log: logging.Logger) -> None:  # fmt: skip
+        self.dir, self.run, self.log = pending, run, log
+        self._lock = asyncio.Lock()
+        self.left: set[str] = set()  # handles whose recorded DEL failed
+
+    async def finish(self) -> int:
+        """Run every recorded DEL; returns how many failed (kept for the next sweep)."""
+        if self.dir is None:
+            return 0
+        async with self._lock:
+            self.left = await self.dir.finish(self.run)
+        return len(self.left)
+
+    async def loop(self, interval: float = INTERVAL) -> None:
+        """Sweep every ``interval`` s (a DEL recorded while fabricd was starting, or one that
+        failed because etcd was down). Runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.dir is not None and (self.left or self.dir.files()):
+                await self.finish()
+
+    async def before_add(self, handle: str) -> None:
+        """One directory scan when nothing is recorded; else finish first."""
+        if self.dir is None:
+            return
+        if handle in self.left or self.dir.files():
+            await self.finish()
+        if handle in self.left:
+            raise CNIError(Code.TRY_AGAIN_LATER,
+                           f"a DEL of {handle} recorded while fabricd was down is not finished")  # fmt: skip

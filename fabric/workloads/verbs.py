@@ -1,6 +1,7 @@
 """The CNI verbs, as fabricd runs them: one small function per verb, like the reference
 plugins, on top of PodIPAM (addresses), the Dataplane (veth pair, addresses and routes in
-the pod) and the agent's RouteTable (the host route ``<pod>/32 dev <veth>``, owned by fabricd).
+the pod) and the agent's RouteTable (the host route ``<pod>/32 dev <veth>``, owned by
+fabricd); the last two are protocols (``fabric.workloads.deps``).
 
 Contracts (docs/design/cni.md has the whole story):
 
@@ -14,7 +15,7 @@ Contracts (docs/design/cni.md has the whole story):
 - Requests for one attachment run one at a time, GC's teardown of it included (it takes
   the same per-attachment lock); GC leaves attachments in flight alone.
 - A DEL the plugin recorded while fabricd was unreachable (pending.py) is finished at start
-  before the socket opens, every PENDING_INTERVAL after, and before any ADD of the same
+  before the socket opens, every 5 s after, and before any ADD of the same
   attachment (which answers 11 while it cannot be finished). It frees exactly the allocations
   the record names (IPAM sequence numbers), so an address given again later is never freed.
 - Fail closed (NetworkPolicy): with a ``policy`` gate, ADD returns only after the gate says
@@ -27,52 +28,27 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from dataclasses import replace
+from typing import TypeVar
 
 from cni.errors import CNIError, Code
-from cni.result import Interface, IPAddress, IPConfig, IPInterface, Result, Route, render
-from cni.spec import VALID_ATTACHMENTS, IPAMConf, NetConf, Request, Verb
+from cni.result import IPAddress, IPInterface
+from cni.spec import VALID_ATTACHMENTS, NetConf, Request, Verb
 from fabric.dataplane import attachment as att
-from fabric.dataplane import pods as dp
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
-from fabric.dataplane.route_table import RouteTable
-from fabric.workloads.checks import check_netns, check_result, gateway_v6
-from fabric.workloads.pending import PendingDel, PendingDir
-from fabric.workloads.pod_ipam import Owner, PodIPAM
-from fabric.workloads.state import Phase, Record, StateDir
+from fabric.workloads.checks import check_netns, check_result
+from fabric.workloads.deps import Deps
+from fabric.workloads.pending import PendingDel, Sweeper
+from fabric.workloads.pod_ipam import Owner
+from fabric.workloads.results import ipam_result, render_result, result_of
+from fabric.workloads.state import Phase, Record
 from fabric.workloads.tasks import KeyedLocks, finish, finish_all
 
-GATEWAY_V4 = ipaddress.IPv4Address("169.254.1.1")  # Calico's: on-link, answered by proxy ARP
 DEFAULT_MTU = 1500
-PENDING_INTERVAL = 5.0  # s between sweeps of the recorded DELs (the ADD path checks too)
 Undo = Callable[[], Awaitable[object]]
 T = TypeVar("T")
-
-
-class PolicyGate(Protocol):
-    """The agent's NetworkPolicy programmer, as the verbs see it."""
-
-    async def admit(self, rec: Record, cni_labels: str) -> None:
-        """Return once the endpoint of ``rec`` is programmed; raise when it cannot be."""
-
-    def release(self, handle: str) -> None:
-        """Forget the attachment ``handle`` (its entries go with the next batch)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Deps:
-    node: str
-    ipam: PodIPAM
-    dataplane: dp.Dataplane
-    routes: RouteTable
-    state: StateDir
-    datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
-    pending: PendingDir | None = None  # DELs recorded by the plugin while fabricd was down
-    policy: PolicyGate | None = None  # None: no NetworkPolicy enforcement (tests)
 
 
 class Workloads:
@@ -84,8 +60,7 @@ class Workloads:
         self.records: dict[str, Record] = {}
         self._routed: set[IPNetwork] = set()  # destinations of the host routes we want
         self._locks = KeyedLocks()
-        self._pending_lock = asyncio.Lock()
-        self._pending_left: set[str] = set()  # handles whose recorded DEL failed
+        self.pending = Sweeper(self.d.pending, self._recorded_delete, self.log)
 
     # ------------------------------------------------------------------ start-up
 
@@ -106,34 +81,6 @@ class Workloads:
         self.log.info("%d local pod attachments", len(self.records))
 
     # ------------------------------------------------------------------ recorded DELs
-
-    async def finish_pending(self) -> int:
-        """Run every DEL the plugin recorded while fabricd was unreachable; returns how many
-        failed (kept for the next sweep)."""
-        if self.d.pending is None:
-            return 0
-        async with self._pending_lock:
-            self._pending_left = await self.d.pending.finish(self._recorded_delete)
-        return len(self._pending_left)
-
-    async def pending_loop(self, interval: float = PENDING_INTERVAL) -> None:
-        """Sweep the recorded DELs every ``interval`` s (a DEL recorded while fabricd was
-        starting, or one that failed because etcd was down). Runs until cancelled."""
-        while True:
-            await asyncio.sleep(interval)
-            if self.d.pending is not None and (self._pending_left or self.d.pending.files()):
-                await self.finish_pending()
-
-    async def _pending_first(self, handle: str) -> None:
-        """Before an ADD of ``handle``: its recorded DEL, if any, is finished first (else 11).
-        One directory scan when there is none."""
-        if self.d.pending is None:
-            return
-        if handle in self._pending_left or self.d.pending.files():
-            await self.finish_pending()
-        if handle in self._pending_left:
-            raise CNIError(Code.TRY_AGAIN_LATER,
-                           f"a DEL of {handle} recorded while fabricd was down is not finished")  # fmt: skip
 
     async def _recorded_delete(self, p: PendingDel) -> None:
         req = p.request
@@ -182,7 +129,7 @@ class Workloads:
     async def add(self, req: Request) -> bytes:
         env, conf = req.env, req.conf
         owner = Owner.of(conf.name, env, conf.args)
-        await self._pending_first(owner.handle)
+        await self.pending.before_add(owner.handle)
         async with self._locks.hold(owner.handle):
             check_netns(env.netns)
             old = self.records.get(owner.handle)
@@ -192,12 +139,12 @@ class Workloads:
                 and old.netns == env.netns
                 and not await self.d.dataplane.check(_attachment(old))
             ):  # a repeated ADD of a healthy attachment: the same answer
-                return _render(_result(old, conf), conf)
+                return render_result(result_of(old, conf), conf)
             await self._need_datastore()
             if old is not None:  # broken or moved: rebuild on the addresses it holds
                 await self._take_down(old, env.netns if old.netns == env.netns else old.netns)
             rec = await self._add(owner, conf, req, env.netns)
-        return _render(_result(rec, conf), conf)
+        return render_result(result_of(rec, conf), conf)
 
     async def _need_datastore(self) -> None:
         """Fail fast (11) when etcd is known to be down (the agent's cached probe, at most
@@ -428,7 +375,7 @@ class Workloads:
     async def ipam_add(self, req: Request) -> bytes:
         conf = req.conf
         owner = Owner.of(conf.name, req.env, conf.args)
-        await self._pending_first(owner.handle)
+        await self.pending.before_add(owner.handle)
         async with self._locks.hold(owner.handle):
             await self._need_datastore()
             try:
@@ -437,7 +384,7 @@ class Workloads:
             except BaseException:
                 await self._release_quietly(owner.handle)
                 raise
-        return _render(_ipam_result(addresses, conf.ipam, conf), conf)
+        return render_result(ipam_result(addresses, conf.ipam, conf), conf)
 
     async def _release_quietly(self, handle: str) -> None:
         try:
@@ -505,28 +452,3 @@ def _host_nets(ips: tuple[IPInterface, ...]) -> list[IPNetwork]:
 def _attachment(rec: Record) -> att.Attachment:
     return att.Attachment(container_id=rec.container_id, ifname=rec.ifname, netns=rec.netns,
                          ips=rec.ips, mtu=rec.mtu, sysctls=dict(rec.sysctls))  # fmt: skip
-
-
-def _result(rec: Record, conf: NetConf) -> Result:
-    gw6 = gateway_v6(rec.host_mac)
-    ips = tuple(IPConfig(i, GATEWAY_V4 if i.version == 4 else gw6, interface=1) for i in rec.ips)
-    routes = tuple(
-        Route(ipaddress.ip_network("0.0.0.0/0" if i.version == 4 else "::/0"),
-              GATEWAY_V4 if i.version == 4 else gw6)
-        for i in rec.ips
-    )  # fmt: skip
-    interfaces = (
-        Interface(rec.host_ifname, rec.host_mac),
-        Interface(rec.ifname, rec.pod_mac, rec.netns, mtu=rec.mtu),
-    )
-    return Result(interfaces, ips, routes, conf.dns)
-
-
-def _ipam_result(addresses: list[IPInterface], ipam: IPAMConf, conf: NetConf) -> Result:
-    gateways = {g.version: g for g in ipam.gateway}
-    ips = tuple(IPConfig(a, gateways.get(a.version)) for a in addresses)
-    return Result((), ips, ipam.routes, conf.dns)
-
-
-def _render(result: Result, conf: NetConf) -> bytes:
-    return json.dumps(render(result, conf.cni_version)).encode()

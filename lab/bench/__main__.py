@@ -19,14 +19,16 @@ from typing import Any
 
 from lab.bench import report
 
-BENCHES = ["ipam", "routes", "converge", "cni", "policy"]
+BENCHES = ["ipam", "routes", "converge", "cni", "netlink", "policy"]
+LONG = ["soak"]  # not in `all`: 10 minutes by default
 OUT = Path(__file__).resolve().parent.parent / "out"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__)
-    p.add_argument("name", choices=[*BENCHES, "all"])
+    p.add_argument("name", choices=[*BENCHES, *LONG, "all"])
     p.add_argument("--quick", action="store_true", help="a short smoke run (used by make test)")
+    p.add_argument("--minutes", type=float, help="soak: how long (default 10, --quick 1)")
     p.add_argument(
         "--load", action="store_true", help="routes only: keep one core busy while measuring"
     )
@@ -36,9 +38,12 @@ def main() -> int:
     if args.name == "all":
         return run_all(args.quick)
     mod = importlib.import_module(f"lab.bench.{args.name}")
-    print(
-        json.dumps(mod.run(quick=args.quick, load=True) if args.load else mod.run(quick=args.quick))
-    )
+    extra: dict[str, object] = {"minutes": args.minutes} if args.minutes is not None else {}
+    if extra and args.name not in LONG:
+        p.error("--minutes is for soak only")
+    if args.load:
+        extra["load"] = True
+    print(json.dumps(mod.run(quick=args.quick, **extra)))
     return 0
 
 

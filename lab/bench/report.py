@@ -64,11 +64,21 @@ SPECS: dict[str, Spec] = {
                 (Target("add_ratio", "<=", 1.5), Target("del_ratio", "<=", 1.5))),
     "converge": Spec(("p50_ms", "p99_ms", "frr_p50_ms"), "ratio_p50",
                      (Target("ratio_p50", "<=", 1.5), Target("p99_ms", "<", 1000))),
+    # the guard of docs/adr/0002-netlink.md: below 5x, pyroute2 is worth reconsidering
+    "netlink": Spec(("fabric_routes_per_s", "pyroute2_routes_per_s", "pyroute2_link_msg_ms"),
+                    "routes_ratio", (Target("routes_ratio", ">=", 5.0),)),
     "policy": Spec(("apply_p50_ms", "apply_p99_ms", "floor_p50_ms", "program_cold_s"), "apply_ratio",
                    (Target("apply_p99_ms", "<=", 250), Target("apply_ratio", "<=", 3),
                     Target("add_ratio_policy", "<=", 1.25), Target("cold_ratio", "<=", 3),
                     Target("tput_ratio", ">=", 0.9), Target("conn_rate_ratio", ">=", 0.8)),
                    ("policies", 1000)),
+    "soak": Spec(("pods_created", "first_ping_loss_pct", "established_lost", "rss_growth_mb"),
+                 "ratio_first_to_settled",
+                 (Target("first_ping_loss_pct_outside_faults", "==", 0),
+                  Target("established_lost_outside_faults", "==", 0),
+                  Target("add_errors+del_errors", "==", 0),
+                  Target("ipam_leaks+dataplane_leaks+route_mismatch", "==", 0),
+                  Target("rss_growth_mb", "<", 10)), ("minutes", 10.0)),
 }  # fmt: skip
 
 

@@ -22,8 +22,9 @@ import yaml
 from fabric_helpers import fabric_lab
 
 from lab import pods
+from lab.control import BIN
 from lab.pods import Flows, Pod, Probe
-from lab.runner import BIN, Lab
+from lab.runner import Lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 HOSTS = ("node1", "node3")

@@ -1,0 +1,27 @@
+"""What fabricd answers for diagnostics on its health listener: the kernel's route to an
+address (``GET /route``, for ``fabricctl explain --live``) and the policy counters read at
+scrape time (``fabric_policy_packets_total``). Kept out of agent.py: the agent only wires
+these to the health server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fabric.agent.metrics import Metrics
+from fabric.agent.policy_metrics import policy_samples
+from fabric.dataplane.netlink.lookup import route_get
+from fabric.dataplane.policy_table import PolicyTable
+
+
+async def route_lookup(node: str, protocol: int, address: str) -> dict[str, Any]:
+    """The kernel's route to ``address`` on this node, with the node's name and fabricd's
+    route protocol; ValueError for a bad address. pyroute2 blocks: it runs in a thread."""
+    found = await asyncio.to_thread(route_get, address)
+    return {"node": node, "protocol": protocol, "route": found.to_json()}
+
+
+async def refresh_policy_counters(table: PolicyTable, metrics: Metrics) -> None:
+    """fabric_policy_packets_total from the policy table's counters (at scrape time)."""
+    if table.programmed:
+        metrics.policy_packets.set(policy_samples(await table.counters()))
