@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gc
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from fabric.dataplane.gc_pause import gc_paused as _gc_paused
 from fabric.dataplane.netlink import (
     RT_TABLE_MAIN,
     DumpedRoute,
@@ -49,6 +49,10 @@ RETRY_MIN, RETRY_MAX = 0.5, 30.0
 # arrives in reads with short gaps), but never longer than BURST_GC_MAX s, so steady churn
 # still gets collected.
 BURST_LINGER, BURST_GC_MAX = 0.25, 10.0
+# A burst of at least this many changes ends with one full collection, after which every
+# surviving object is frozen (gc.freeze): later collections skip the RIB's and the table's
+# million objects instead of finding them again in the middle of the next burst.
+LARGE_BURST = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,7 @@ class RouteTable:
         self._running = False
         self._burst: asyncio.TimerHandle | None = None  # GC paused: the check that resumes it
         self._burst_since = self._last_set = 0.0
+        self._burst_changes = 0
         # (generation, blackholes, devices): stats() walks 100k installed routes only when
         # they changed, not at every status publish of an idle node
         self._counted = (-1, 0, 0)
@@ -146,9 +151,9 @@ class RouteTable:
         """``set`` for each (dst, route) of ``changes``, in one call: a burst of 100k
         learned or withdrawn routes pays the bookkeeping (clock, wake-up, GC pause) once."""
         desired, dirty = self._desired, self._dirty
-        seen = False
+        n = 0
         for dst, route in changes:
-            seen = True
+            n += 1
             if route is None:
                 desired.pop(dst, None)
             else:
@@ -157,16 +162,17 @@ class RouteTable:
                     raise ValueError(f"route for {route.dst} set at {dst}")
                 desired[dst] = route
             dirty.add(dst)
-        if seen:
-            self._touched()
+        if n:
+            self._touched(n)
 
-    def _touched(self) -> None:
+    def _touched(self, n: int) -> None:
         if self._running:
             self._last_set = time.monotonic()
             if self._burst is None:
                 self._burst_since = self._last_set
                 _gc_paused.pause()
                 self._burst = asyncio.get_running_loop().call_later(BURST_LINGER, self._burst_check)
+            self._burst_changes += n
         self._wake.set()
 
     def replace_all(self, desired: Mapping[IPNetwork, KernelRoute]) -> None:
@@ -282,7 +288,8 @@ class RouteTable:
         if self._burst is not None:
             self._burst.cancel()
             self._burst = None
-            _gc_paused.resume()
+            _gc_paused.resume(compact=self._burst_changes >= LARGE_BURST)
+            self._burst_changes = 0
 
     def close(self) -> None:
         """Close the socket; the kernel routes stay (a restart adopts them)."""
@@ -448,44 +455,6 @@ class RouteTable:
             self._need_dump = True
             self.close()
             raise
-
-
-class _GCPause:
-    """Cyclic GC off while any flush, adopt or burst runs (all on the event loop thread; they
-    nest).
-
-    A 100k-route flush builds ~5 objects per route in a process holding a few hundred
-    thousand: full collections took 60% of a dump and 85% of planning 100k deletions
-    (100k delete flush 2.6 s -> 1.5 s). Those objects die by reference counting right after.
-    A burst of learned routes builds ~10 that live on (RIB, routes): with GC on, the heap
-    growing from 0.1M to 1.1M objects cost 8 full collections, 1.1 s of fabricd's 2.1 s CPU
-    for 100k routes (lab.bench routes); paused, one collection runs after the burst.
-    """
-
-    def __init__(self) -> None:
-        self.depth, self.was_enabled = 0, False
-
-    def pause(self) -> None:
-        if self.depth == 0:
-            self.was_enabled = gc.isenabled()
-            gc.disable()
-        self.depth += 1
-
-    def resume(self) -> None:
-        self.depth -= 1
-        if self.depth == 0 and self.was_enabled:
-            gc.enable()
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        self.pause()
-        try:
-            yield
-        finally:
-            self.resume()
-
-
-_gc_paused = _GCPause()
 
 
 def _sample(failed: Mapping[IPNetwork, RouteError], n: int = 3) -> str:
