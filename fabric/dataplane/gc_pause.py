@@ -1,4 +1,4 @@
-"""Cyclic GC paused around bulk route work, and compacted after large bursts. Process-wide
+"""Cyclic GC paused around bulk route work. Process-wide
 (Python has one collector): ``gc_paused`` is the one instance, used by the route table on the
 event loop thread.
 """
@@ -23,7 +23,7 @@ class GCPause:
     """
 
     def __init__(self) -> None:
-        self.depth, self.was_enabled, self.compact = 0, False, False
+        self.depth, self.was_enabled = 0, False
 
     def pause(self) -> None:
         if self.depth == 0:
@@ -31,18 +31,9 @@ class GCPause:
             gc.disable()
         self.depth += 1
 
-    def resume(self, compact: bool = False) -> None:
-        """``compact``: a large burst ended; when the last pause ends, everything frozen
-        before is unfrozen, one full collection runs, and what survives is frozen (so the
-        frozen set never holds garbage for long: each large burst re-examines it once)."""
-        self.compact |= compact
+    def resume(self) -> None:
         self.depth -= 1
         if self.depth == 0 and self.was_enabled:
-            if self.compact:
-                gc.unfreeze()
-                gc.collect()
-                gc.freeze()
-            self.compact = False
             gc.enable()
 
     @contextlib.contextmanager

@@ -49,10 +49,6 @@ RETRY_MIN, RETRY_MAX = 0.5, 30.0
 # arrives in reads with short gaps), but never longer than BURST_GC_MAX s, so steady churn
 # still gets collected.
 BURST_LINGER, BURST_GC_MAX = 0.25, 10.0
-# A burst of at least this many changes ends with one full collection, after which every
-# surviving object is frozen (gc.freeze): later collections skip the RIB's and the table's
-# million objects instead of finding them again in the middle of the next burst.
-LARGE_BURST = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +130,6 @@ class RouteTable:
         self._running = False
         self._burst: asyncio.TimerHandle | None = None  # GC paused: the check that resumes it
         self._burst_since = self._last_set = 0.0
-        self._burst_changes = 0
         # (generation, blackholes, devices): stats() walks 100k installed routes only when
         # they changed, not at every status publish of an idle node
         self._counted = (-1, 0, 0)
@@ -151,9 +146,9 @@ class RouteTable:
         """``set`` for each (dst, route) of ``changes``, in one call: a burst of 100k
         learned or withdrawn routes pays the bookkeeping (clock, wake-up, GC pause) once."""
         desired, dirty = self._desired, self._dirty
-        n = 0
+        seen = False
         for dst, route in changes:
-            n += 1
+            seen = True
             if route is None:
                 desired.pop(dst, None)
             else:
@@ -162,17 +157,16 @@ class RouteTable:
                     raise ValueError(f"route for {route.dst} set at {dst}")
                 desired[dst] = route
             dirty.add(dst)
-        if n:
-            self._touched(n)
+        if seen:
+            self._touched()
 
-    def _touched(self, n: int) -> None:
+    def _touched(self) -> None:
         if self._running:
             self._last_set = time.monotonic()
             if self._burst is None:
                 self._burst_since = self._last_set
                 _gc_paused.pause()
                 self._burst = asyncio.get_running_loop().call_later(BURST_LINGER, self._burst_check)
-            self._burst_changes += n
         self._wake.set()
 
     def replace_all(self, desired: Mapping[IPNetwork, KernelRoute]) -> None:
@@ -288,8 +282,7 @@ class RouteTable:
         if self._burst is not None:
             self._burst.cancel()
             self._burst = None
-            _gc_paused.resume(compact=self._burst_changes >= LARGE_BURST)
-            self._burst_changes = 0
+            _gc_paused.resume()
 
     def close(self) -> None:
         """Close the socket; the kernel routes stay (a restart adopts them)."""
