@@ -129,7 +129,7 @@ def test_policy_bench_smoke() -> None:
     assert last["apply_ratio"] == round(last["apply_p50_ms"] / last["floor_p50_ms"], 3)
     # the label change is written as set elements, not a table (nft monitor on the node)
     assert last["update_bytes_p50"] < detail["table_bytes"]
-    assert detail["conn_base_failed"] == 0
+    assert detail["apply_batches"] >= 5 and detail["update_batches"] >= 5  # node3 programmed each
 
 
 @pytest.mark.root

@@ -52,6 +52,7 @@ from bgp.rib import Rib
 from bgp.speaker import Speaker
 from fabric.agent import systemd
 from fabric.agent.config import AgentConfig
+from fabric.agent.denied import DeniedTraffic
 from fabric.agent.diagnostics import refresh_policy_counters, route_lookup
 from fabric.agent.health import HealthServer
 from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
@@ -172,6 +173,12 @@ class Agent:
             cfg.policy.resync_interval,
             self.metrics.observe_reconcile,
         )
+        self.denied = DeniedTraffic(
+            cfg.node_name,
+            cfg.policy,
+            self.policy,
+            lambda k, v: self.store.put(k, v, self.registration.lease),
+        )
         self.probes = Probes(
             self.store, self.speaker, self.metrics, self._required_peers_up, self.policy.check
         )
@@ -197,7 +204,7 @@ class Agent:
             cfg.health.listen, self.probes.live, self.probes.ready, self.metrics.registry,
             route_lookup=functools.partial(route_lookup, cfg.node_name, cfg.routes.protocol),
             before_metrics=functools.partial(refresh_policy_counters, self.policy.table,
-                                             self.metrics),
+                                             self.metrics, lambda: self.policy.compiled),
         )  # fmt: skip
         self.status = StatusPublisher(self._status_view, self.routes, self.metrics, self.store,
                                       self.registration, self.rib.best)  # fmt: skip
@@ -260,6 +267,7 @@ class Agent:
             asyncio.create_task(self._kernel_resync_loop(), name="kernel resync"),
             asyncio.create_task(self.routes.run(), name="routes"),
             asyncio.create_task(self.policy.run(), name="policy"),
+            asyncio.create_task(self.denied.run(), name="denied log"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
             asyncio.create_task(self.workloads.pending.loop(), name="recorded DELs"),
         ]

@@ -109,6 +109,9 @@ class CNIConfig:
 class PolicyConfig:
     cut_established: bool  # a flow the new rules deny stops at the update (default: kept)
     resync_interval: float  # seconds between full checks of table inet fabric_filter
+    denied_log_group: int = 4242  # nflog group of the denied-traffic log; -1: no log
+    denied_log_rate: int = 5  # logged denials per second per endpoint (burst: twice that)
+    denied_log_cap: int = 50  # logged denials per second per direction on the node
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +343,12 @@ KEYS: tuple[Key, ...] = (
         "is checked); false keeps them until they end, as Calico and kube-router do."),
     Key("policy.resyncInterval", _number(1, 86400), 60, "Seconds between full checks of the "
         "nftables table inet fabric_filter (drift is repaired)."),
+    Key("policy.deniedLogGroup", _number(-1, 65535, True), 4242, "nflog group of the "
+        "denied-traffic log (fabricctl policy denied); -1 turns the log off."),
+    Key("policy.deniedLogRate", _number(1, 10000, True), 5, "Denied new connections logged "
+        "per second per pod and direction (burst twice that)."),
+    Key("policy.deniedLogCap", _number(1, 100000, True), 50, "Denied new connections logged "
+        "per second per direction on the node, all pods together."),
     Key("runDir", _path(), "/run/fabric", "Runtime directory (ExaBGP config and pipes)."),
     Key("log.level", _choice("debug", "info", "warning", "error"), "info", "debug, info, "
         "warning or error."),

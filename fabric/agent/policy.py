@@ -12,8 +12,8 @@
 - ``admit`` (the CNI ADD's gate) returns once a batch that started after the call has been
   written: the pod's map entries, chains and set memberships are in the kernel.
 - Failure: the table keeps what it had (nft transactions are atomic); ``problem`` holds the
-  reason, /readyz fails with it, and the next batch (at the latest the resync) reads the
-  kernel and repairs. etcd down: nothing changes, enforcement stays as programmed.
+  reason, /readyz fails with it, and a batch that reads the kernel and repairs is retried
+  after 0.5 s, doubling up to 10 s (or sooner, at the next change). etcd down: nothing changes, enforcement stays as programmed.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from fabric.dataplane.attachment import host_ifname
+from fabric.dataplane.policy_log import DeniedLog
 from fabric.dataplane.policy_table import Change, Desired, PolicyTable, render
 from fabric.policy.compiler import compile as compile_policies
 from fabric.policy.endpoints import allocations, build_endpoints, cni_labels
@@ -42,6 +43,7 @@ log = logging.getLogger("fabric.agent.policy")
 PREFIXES = (NETWORKPOLICIES, NAMESPACES, PODS)
 DEBOUNCE = 0.005  # a batch right after another waits this long to coalesce a burst
 ADMIT_TIMEOUT = 30.0  # below the CNI request timeout (50 s)
+RETRY_MIN, RETRY_MAX = 0.5, 10.0  # seconds before a failed batch is retried (doubling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,7 @@ class PolicyAgent:
         self._resync = True  # the first batch reads the kernel (adoption)
         self._last = 0.0
         self.aliases: dict[str, list[str]] = {}  # endpoint key -> more host interfaces
+        self.log: DeniedLog | None = None  # the denied-traffic log (fabric.agent.denied)
 
     # ------------------------------------------------------------------ inputs
 
@@ -136,7 +139,7 @@ class PolicyAgent:
         compiled = compile_policies(inputs.policies, inputs.namespaces,
                                     self.endpoints(inputs), self.node)  # fmt: skip
         self.compiled = compiled
-        return render(compiled, self.cut_established, self.aliases)
+        return render(compiled, self.cut_established, self.aliases, self.log)
 
     async def program(self) -> Change:
         """One batch: compile, render, write the difference (read the kernel on resync)."""
@@ -164,6 +167,7 @@ class PolicyAgent:
     async def run(self) -> None:
         """The programmer task, with its periodic resync; runs until cancelled."""
         resync = asyncio.create_task(self._resync_timer(), name="policy resync")
+        retry = RETRY_MIN
         try:
             while True:
                 await self._dirty.wait()
@@ -176,11 +180,14 @@ class PolicyAgent:
                 try:
                     await self.program()
                 except Exception as e:
-                    log.error("%s; retrying at the next change or resync", self.problem)
+                    log.error("%s; retrying in %.1f s", self.problem, retry)
+                    asyncio.get_running_loop().call_later(retry, self.resync)
+                    retry = min(retry * 2, RETRY_MAX)
                     for w in waiters:
                         if not w.done():
                             w.set_exception(RuntimeError(str(e)))
                     continue
+                retry = RETRY_MIN
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)
