@@ -390,10 +390,14 @@ class Speaker:
         self._inflight.clear()
         self._version_acks = 0
         if self._synced_once:  # a new relay, or lost lines: ExaBGP's state is unknown
+            up = self._book.established()
             self._rib.resync(
-                codec.route_refresh_command(fam, ip)
-                for ip in self._book.established()
-                for fam in self._sessions[ip].families
+                [
+                    codec.route_refresh_command(fam, ip)
+                    for ip in up
+                    for fam in self._sessions[ip].families
+                ],
+                {ip: self._sessions[ip].families for ip in up},
             )
             self._reload.resend()
         self._synced_once = True

@@ -1,16 +1,8 @@
 """The node agent: the composition root that runs everything a node does.
 
-Start-up order (each step finishes before the next starts):
-1. config (already validated by the caller);
-2. kernel: adopt the routes that carry our protocol number (never flushed);
-3. etcd: connect, register the Node under a lease;
-4. local pods: load the CNI state dir, finish ADDs and DELs a crash interrupted;
-5. full resync: list every watched prefix, compute the intent, program blackholes and the
-   local pods' host routes (every other route of ours with a device goes);
-6. BGP: start ExaBGP with the planned sessions and the desired announcements;
-7. health server, the CNI socket, READY=1 to systemd, then the event loop: one watch per
-   prefix (with a periodic full resync), the reconciler, the route flusher, the status
-   publisher and the watchdog.
+Start-up order, event sources and reconcilers: docs/design/agent.md ("Start-up order":
+config, kernel routes adopted, etcd registration, local pods, full resync, BGP, then the
+health server, the CNI socket and the event loop; each step finishes before the next).
 
 Learned routes adopted from the kernel at start (a restart) stay installed until the RIB
 has converged: every established session has sent End-of-RIB, or the graceful-restart
