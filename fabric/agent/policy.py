@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from fabric.dataplane.attachment import host_ifname
+from fabric.dataplane.policy_log import DeniedLog
 from fabric.dataplane.policy_table import Change, Desired, PolicyTable, render
 from fabric.policy.endpoints import EndpointCache, cni_labels
 from fabric.policy.incremental import IncrementalCompiler
@@ -81,6 +82,7 @@ class PolicyAgent:
         self.aliases: dict[str, list[str]] = {}  # endpoint key -> more host interfaces
         self._endpoints = EndpointCache(node, host_ifname)
         self._compiler = IncrementalCompiler(node)
+        self.log: DeniedLog | None = None  # the denied-traffic log (fabric.agent.denied)
 
     # ------------------------------------------------------------------ inputs
 
@@ -139,7 +141,7 @@ class PolicyAgent:
         compiled = self._compiler.compile(inputs.policies, inputs.namespaces,
                                           self.endpoints(inputs))  # fmt: skip
         self.compiled = compiled
-        return render(compiled, self.cut_established, self.aliases)
+        return render(compiled, self.cut_established, self.aliases, self.log)
 
     async def program(self) -> Change:
         """One batch: compile, render, write the difference (read the kernel on resync)."""
