@@ -176,6 +176,10 @@ class Bench:
         return statistics.median(r for r, _ in got), sum(f for _, f in got)
 
     def _conn_rate(self) -> tuple[float, int]:
+        # the client's closed connections sit in TIME_WAIT for 60 s: without reuse, the
+        # phases after the first (~5,000 connections/s) ran out of ephemeral ports and
+        # connect() crawled (a --quick run's second no-policy phase: 199/s against 11,479/s)
+        netns.sysctls(self.client.pod.netns_name, {"net.ipv4.tcp_tw_reuse": "1"})
         argv = ["ip", "netns", "exec", self.client.pod.netns_name, netpol.AGENT_PYTHON, "-I",
                 "-S", "-c", CONN_RATE, self.sip, "80", str(self.size["conn_s"])]  # fmt: skip
         r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
