@@ -25,14 +25,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import socket
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from bgp import wire
 from bgp.errors import SpeakerError, ValidationError
+from bgp.interned import address as _ip
+from bgp.interned import nlri4, nlri6
+from bgp.interned import prefix as _net
 from bgp.model import (
     Advert,
     Announce,
@@ -118,6 +120,9 @@ def parse_line(line: bytes) -> Parsed:
 
 def _decode(msg: dict[str, Any]) -> Parsed:
     kind = msg.get("type")
+    neighbor = msg.get("neighbor")
+    if isinstance(neighbor, dict) and "category" in (neighbor.get("message") or ()):
+        return _packet(neighbor)
     if kind == "update":
         return _update(msg["neighbor"])
     if kind == "state":
@@ -226,38 +231,6 @@ def _announces(by_hop: Mapping[str, Any], attrs: PathAttrs, out: list[Announce])
         out.extend(Announce(_net(text), nh, attrs) for text in _nlris(by_hop[hop]))
 
 
-# Peer and next-hop addresses by their text: a handful, seen in every update. The same
-# object each time lets the RIB's per-prefix {peer: route} lookups match by identity instead
-# of running ipaddress's __hash__ and __eq__ in Python for every prefix.
-_ADDRESSES: dict[str, IPAddress] = {}
-
-
-def _ip(text: str) -> IPAddress:
-    addr = _ADDRESSES.get(text)
-    if addr is None:
-        if len(_ADDRESSES) >= 4096:
-            _ADDRESSES.clear()
-        addr = _ADDRESSES[text] = Address4(text) if ":" not in text else ipaddress.ip_address(text)
-    return addr
-
-
-class Address4(ipaddress.IPv4Address):
-    """An ``IPv4Address`` that computes its hash once (ipaddress hashes ``hex(int(self))``
-    on every call); equal to, and hashing like, the plain ``IPv4Address``."""
-
-    __slots__ = ("_hash",)
-
-    def __init__(self, address: str | int) -> None:
-        super().__init__(address)
-        self._hash = super().__hash__()
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __repr__(self) -> str:
-        return f"IPv4Address('{self}')"
-
-
 def _nlris(items: Iterable[Any]) -> Iterable[str]:
     """The prefixes of a JSON NLRI list: plain strings with ``exabgp.api.compact`` (what
     fabricd runs ExaBGP with: half the JSON, for ExaBGP to build and for us to decode), or
@@ -269,69 +242,24 @@ def _nlris(items: Iterable[Any]) -> Iterable[str]:
             yield item["nlri"]
 
 
-class Prefix4(ipaddress.IPv4Network):
-    """An ``IPv4Network`` that computes its hash once. ipaddress recomputes it in Python on
-    every call (~0.2 us), and a received prefix is hashed about 15 times on its way to the
-    kernel (Adj-RIB-In, best paths, agent, route table). Equal to, and hashing like, the
-    ``IPv4Network`` of the same value."""
-
-    __slots__ = ("_hash",)
-
-    def __init__(self, address: str | tuple[int, int], strict: bool = True) -> None:
-        super().__init__(address, strict)
-        self._hash = super().__hash__()
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __repr__(self) -> str:
-        return f"IPv4Network('{self}')"
-
-
-# Received prefixes by their text, while anything else holds them (the RIB does until they
-# are withdrawn). A withdrawal or a re-announcement then yields the very object the RIB and
-# the route table hold: no parsing, and every dict lookup on the way matches by identity
-# instead of ipaddress's __eq__ (~0.5 us each). Halves the CPU of withdrawing 100k prefixes.
-# A plain dict of weak references rather than a WeakValueDictionary: its Python-level get()
-# was a third of parsing a withdrawal.
-_PREFIXES: dict[str, _TextRef] = {}
-
-
-class _TextRef(weakref.ref[IPNetwork]):
-    """A weak reference to an interned prefix that knows its text: one shared callback
-    removes the entry (a closure per prefix cost ~100 bytes each)."""
-
-    __slots__ = ("text",)
-    text: str
-
-    def __new__(cls, net: IPNetwork, text: str) -> _TextRef:
-        ref = super().__new__(cls, net, _forget)
-        ref.text = text
-        return ref
-
-    def __init__(self, net: IPNetwork, text: str) -> None:
-        super().__init__(net, _forget)  # type: ignore[call-arg]  # ref.__init__ is untyped
-
-
-def _forget(ref: _TextRef) -> None:
-    if _PREFIXES.get(ref.text) is ref:  # not a newer object's reference
-        del _PREFIXES[ref.text]
-
-
-def _net(text: str) -> IPNetwork:
-    """``a.b.c.d/n`` or an IPv6 CIDR, interned (see ``_PREFIXES``); the IPv4 path avoids
-    ipaddress's string parser (2x)."""
-    ref = _PREFIXES.get(text)
-    if ref is not None and (net := ref()) is not None:
-        return net
-    if ":" in text:
-        net = ipaddress.IPv6Network(text)
-    else:
-        addr, _, plen = text.partition("/")
-        packed = socket.inet_pton(socket.AF_INET, addr)
-        net = Prefix4((int.from_bytes(packed, "big"), int(plen) if plen else 32))
-    _PREFIXES[text] = _TextRef(net, text)
-    return net
+def _packet(nb: Mapping[str, Any]) -> list[Event]:
+    """A message ExaBGP passed on as bytes (``receive { packets; }``): UPDATE, OPEN or
+    NOTIFICATION, decoded by ``bgp.wire``. ``negotiated`` says whether AS numbers are 4
+    octets (absent: assumed, as every peer fabricd meets negotiates it)."""
+    if nb.get("direction", "receive") != "receive":
+        return []
+    peer = _ip(nb["address"]["peer"])
+    message = nb["message"]
+    category = int(message["category"])
+    body = bytes.fromhex(message["body"][2:])
+    if category == 2:
+        asn4 = bool((nb.get("negotiated") or {}).get("asn4", True))
+        return wire.update(peer, body, asn4, nlri4, nlri6, _ip)
+    if category == 1:
+        return [wire.open_message(peer, body)]
+    if category == 3:
+        return [wire.notification(peer, body)]
+    return []
 
 
 def _attrs(a: Mapping[str, Any]) -> PathAttrs:

@@ -5,7 +5,6 @@
     BGPError
     ├── ValidationError     bad peer / BGP configuration; names the field (CLI exit 1)
     ├── SpeakerError        the ExaBGP process could not be started or talked to
-    │   └── SpeakerDown     the speaker is not running (restarting); retry later
     └── ConfigRenderError   a session plan that ExaBGP cannot express
 """
 
@@ -29,10 +28,6 @@ class ValidationError(BGPError):
 
 class SpeakerError(BGPError):
     """The ExaBGP process could not be started, configured or talked to."""
-
-
-class SpeakerDown(SpeakerError):
-    """The speaker is not running at the moment (it is being restarted)."""
 
 
 class ConfigRenderError(BGPError):

@@ -1,17 +1,41 @@
 """Runs ExaBGP (``python exabgp_main.py server <conf>``, as ``python -m exabgp`` would),
-with its debug logging made free while the log level is above DEBUG.
+with four changes to what it spends CPU on. Each leaves ExaBGP's behaviour on the wire alone,
+checks that what it replaces exists (ExaBGP 5.0; otherwise that change is skipped) and is
+tested in tests/test_bgp_exabgp_main.py.
 
-ExaBGP logs every received NLRI at debug level: ``log.debug(lazyformat(...))`` runs its
-logger's checks (~1 us) for each prefix even when debug is off, about 10% of ExaBGP's CPU
-when 100,000 routes arrive or go. With ``exabgp.log.level`` above DEBUG (fabricd's default,
-``bgp.render.exabgp_env``) those calls could never print anything, so they are replaced by
-a no-op. At DEBUG nothing is changed. Run by path, so it needs nothing but ExaBGP importable.
+- **Debug logging free** (``quiet_debug``) while the log level is above DEBUG: ExaBGP runs
+  its logger's checks (~1 us) for each received NLRI even when debug is off, ~10% of its
+  CPU when 100,000 routes arrive. At DEBUG nothing is changed.
+- **Received UPDATEs not parsed** (``raw_updates``) when ``$FABRIC_EXABGP_RAW_UPDATES`` is
+  1 (``bgp.render.exabgp_env``): fabricd's configuration asks for ``receive { packets; }``
+  without ``parsed`` and without an Adj-RIB-In, so ExaBGP's parse of a received UPDATE
+  (an object per NLRI, ~45% of its CPU per learned route) fed nothing; fabricd decodes the
+  bytes it is handed (``bgp.wire``). The hold timer still sees every UPDATE.
+- **Hex in C** (``fast_hex``): the packets ExaBGP hands over are hex text, formatted one
+  ``'{:02X}'.format`` per byte (4,096 calls per full UPDATE); ``bytes.hex`` gives the same
+  text.
+- **Idle reactor** (``idle_reactor``): ExaBGP's loop polls every 10 ms (``reactor.speed``
+  1.0), 100 wake-ups a second with nothing to do: 1.5% of a core per node. Once no turn
+  has asked to run again at once (a peer or an API command with more to do) for
+  ``IDLE_AFTER`` s and no API command is half done, it polls every ``IDLE_POLL`` s instead. Sockets of established peers and the API pipe are in the poll
+  set, so a message or a command still wakes it at once; only its timers (keepalives, hold
+  time, connection retries, a listening socket) run up to ``IDLE_POLL`` s late, and BGP's
+  are whole seconds.
+
+Run by path, so it needs nothing but ExaBGP importable.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+RAW_ENV = "FABRIC_EXABGP_RAW_UPDATES"
+IDLE_AFTER = 0.1  # s without a turn that asked to run again before the loop polls slowly
+IDLE_POLL = 0.5  # s between polls when idle: BGP timers are whole seconds
 
 
 def quiet_debug(level: str | None) -> bool:
@@ -27,9 +51,71 @@ def quiet_debug(level: str | None) -> bool:
     return True
 
 
+def raw_updates(enabled: str | None) -> bool:
+    """Received UPDATEs become empty ``Update`` objects (not parsed) when ``enabled`` is
+    "1"; whether it did. Sent UPDATEs (and every other message) are parsed as before."""
+    if (enabled or "").strip() != "1":
+        return False
+    from exabgp.bgp.message.direction import Direction
+    from exabgp.bgp.message.update import Update
+    from exabgp.bgp.message.update.attribute import Attributes
+
+    parse = Update.unpack_message
+
+    def unpack_message(cls: type, data: bytes, direction: int, negotiated: Any) -> Any:
+        if direction == Direction.IN:
+            return Update([], Attributes())
+        return parse(data, direction, negotiated)
+
+    Update.unpack_message = classmethod(unpack_message)
+    return True
+
+
+def fast_hex() -> bool:
+    """ExaBGP's JSON encoder formats packets with ``bytes.hex`` (same text); whether it did."""
+    from exabgp.reactor.api.response import json as encoder
+
+    if not hasattr(encoder, "hexstring"):
+        return False
+
+    def hexstring(value: bytes) -> str:
+        return "0x" + bytes(value).hex().upper()
+
+    encoder.hexstring = hexstring
+    return True
+
+
+def idle_reactor(after: float = IDLE_AFTER, poll: float = IDLE_POLL) -> bool:
+    """ExaBGP's loop polls every ``poll`` s once idle for ``after`` s (see the module
+    docstring); whether it did."""
+    from exabgp.reactor.loop import Reactor
+
+    wait = getattr(Reactor, "_wait_for_io", None)
+    if wait is None:
+        return False
+    busy_at = [time.monotonic()]
+
+    def _wait_for_io(self: Any, sleeptime: int) -> Iterator[int]:
+        now = time.monotonic()
+        if sleeptime == 0 or not self.asynchronous.ready():
+            busy_at[0] = now
+        elif now - busy_at[0] >= after:
+            sleeptime = int(poll * 1000)
+        # A socket that became readable is not work in itself (a peer's keepalive every
+        # few seconds would keep the 10 ms tick forever): the next turn reads it, and a peer
+        # or command with more to do asks for sleeptime 0, which is.
+        yield from wait(self, sleeptime)
+
+    Reactor._wait_for_io = _wait_for_io
+    return True
+
+
 def main() -> int:
     env = os.environ  # ExaBGP reads both spellings
     quiet_debug(env.get("exabgp.log.level") or env.get("exabgp_log_level"))
+    raw_updates(env.get(RAW_ENV))
+    fast_hex()
+    idle_reactor()
     from exabgp.application.main import main as exabgp_main
 
     sys.argv[0] = "exabgp"

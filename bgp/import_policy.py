@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bgp.config import BGPConfig
-from bgp.model import DEFAULT_AS, Announce, IPAddress, IPNetwork
+from bgp.model import DEFAULT_AS, Announce, IPAddress, IPNetwork, PathAttrs
 
 # ((version, pool prefix length, {pool network >> host bits}), ...)
 _Inside = tuple[tuple[int, int, frozenset[int]], ...]
@@ -87,12 +87,19 @@ class ImportPolicy:
         )
 
     def check(self, peer: IPAddress, announce: Announce) -> str | None:
-        """None if ``announce`` from ``peer`` is acceptable, else a short reason.
+        """None if ``announce`` from ``peer`` is acceptable, else a short reason: the path's
+        reason (``check_path``) if any, else the prefix's (``check_prefix``)."""
+        return self.check_path(peer, announce.next_hop, announce.attrs) or self.check_prefix(
+            announce.prefix
+        )
+
+    def check_path(self, peer: IPAddress, next_hop: IPAddress, a: PathAttrs) -> str | None:
+        """The checks that do not depend on the prefix (the RIB runs them once for all the
+        prefixes of an UPDATE, which share next hop and attributes).
 
         An own AS in the path (beyond the peer's allowance) is a loop whether the route came
         over eBGP or iBGP: inside one AS a route carrying it has left the AS and come back
         (RFC 4271 §9.1.2)."""
-        a = announce.attrs
         # None == address would run ipaddress's __eq__ (it raises and catches: 1.4 us/prefix)
         if a.originator_id is not None and a.originator_id == self.router_id:
             return ORIGINATOR_IS_SELF
@@ -100,9 +107,12 @@ class ImportPolicy:
             peer, 0
         ):
             return OWN_AS_IN_PATH
-        if announce.next_hop in self.own_addresses:
+        if next_hop in self.own_addresses:
             return NEXT_HOP_IS_SELF
-        prefix = announce.prefix
+        return None
+
+    def check_prefix(self, prefix: IPNetwork) -> str | None:
+        """The checks of the prefix itself: default route, own blocks, pools."""
         if prefix.prefixlen == 0:
             # The one prefix allowed outside the pools (a ToR's default), and it covers
             # every own block by definition: the blocks stay more specific.

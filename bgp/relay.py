@@ -39,6 +39,9 @@ READ_SIZE = 256 * 1024
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 1.0
 EOF_GRACE = 1.0
+# s the sender waits for lines: every line, EOF and a broken socket wake it, so this only
+# bounds a missed wake-up (0.5 s was two idle wake-ups a second)
+PUMP_WAIT = 5.0
 
 
 class Relay:
@@ -118,7 +121,7 @@ class Relay:
         """Send buffered lines until the socket fails or stdin hit EOF and all is sent."""
         sock.sendall(self.notice(True))
         while True:
-            data = self._take(0.5)
+            data = self._take(PUMP_WAIT)
             if self.broken:
                 self._unread(data)
                 raise ConnectionResetError("fabricd closed the socket")

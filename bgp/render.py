@@ -5,8 +5,9 @@ the next reconfigure).
 One API process (``fabric``: the relay, JSON encoder) and one ``neighbor`` block per
 ``Session``, with the settings the probe verified on ExaBGP 5.0.15: ``manual-eor`` (fabricd
 sends End-of-RIB once its routes are in, which makes a restart hitless on GR helpers),
-graceful restart and route refresh, neighbor changes and parsed updates/notifications to
-the API.
+graceful restart and route refresh, neighbor changes, and received UPDATEs, OPENs and
+NOTIFICATIONs to the API as their bytes (``packets``, decoded by ``bgp.wire``; with
+``negotiated`` so each says whether AS numbers are 4 octets).
 
 Fields of ``Session`` that ExaBGP cannot express are not rendered: ``keepalive_time``
 (ExaBGP always uses hold/3), ``max_prefixes`` (enforced by the RIB, if at all),
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from bgp.codec import FAMILIES
 from bgp.errors import ConfigRenderError
+from bgp.exabgp_main import RAW_ENV
 from bgp.model import BGP_PORT, MD5_MAX, IPAddress, Session
 
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # systemd: where LoadCredential= puts secrets
@@ -147,8 +149,11 @@ def _neighbor(s: Session, generation: int) -> list[str]:
         "    api {",
         f"        processes [ {PROCESS} ];",
         "        neighbor-changes;",
+        "        negotiated;",
+        # The messages' bytes: ExaBGP's parse and JSON of each received NLRI was ~75% of
+        # its CPU per learned route (bgp/wire.py decodes them; bgp/exabgp_main.py skips it)
         "        receive {",
-        "            parsed;",
+        "            packets;",
         "            update;",
         "            notification;",
         "            open;",
@@ -223,5 +228,6 @@ def exabgp_env(log_file: str | Path) -> dict[str, str]:
         "exabgp.api.compact": "true",
         "exabgp.log.processes": "false",
         "exabgp.log.level": "INFO",  # above DEBUG: bgp/exabgp_main.py makes debug calls free
+        RAW_ENV: "1",  # bgp/exabgp_main.py: received UPDATEs are passed on, not parsed
         "exabgp.log.destination": str(log_file),
     }

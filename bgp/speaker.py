@@ -26,7 +26,6 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from enum import StrEnum
 from pathlib import Path
 
 from bgp import codec
@@ -34,26 +33,19 @@ from bgp.adjout import AdjRibOut, Command
 from bgp.codec import Ack, RelayNotice, Reply, SpeakerShutdown
 from bgp.errors import SpeakerError
 from bgp.model import Advert, Event, IPAddress, PeerState, Session, SessionState, SpeakerRestarted
+from bgp.reload import ReloadCheck
 from bgp.render import exabgp_env, render_config
 from bgp.sessions import SessionBook, SessionStatus
 from bgp.supervisor import Supervisor
+from bgp.tcpstate import read_connections, read_drops
 
 WINDOW = 4  # commands awaiting an ack: the probe's best (3k prefixes/s on 5.0.15)
+PROBE_INTERVAL = 1.0  # s: kernel socket probe while a session is not up
 MAX_PINGS = 8  # unanswered pings; more would only pile up in a stopped ExaBGP's pipe
 RELAY_ENV = "FABRIC_RELAY_SOCKET"
 READ_SIZE = 256 * 1024
 RELAY_SCRIPT = Path(__file__).with_name("relay.py")
 EXABGP_SCRIPT = Path(__file__).with_name("exabgp_main.py")  # ExaBGP, debug logging free
-
-
-class Reload(StrEnum):
-    """Where a pending reconfigure stands (``None`` on the speaker: no reload pending)."""
-
-    SEND = "send"  # to be sent once the command window is empty
-    SENT = "sent"  # `reload` sent, its ack awaited
-    VERIFY = "verify"  # acked: `show neighbor configuration` to be sent
-    VERIFYING = "verifying"  # its lines are being collected
-    WAIT = "wait"  # ExaBGP skipped it: a retry is scheduled
 
 
 class Speaker:
@@ -107,15 +99,12 @@ class Speaker:
         self._stopping = False
         self._ready = asyncio.Event()  # the current ExaBGP's relay passed the barrier
         self._idle = asyncio.Event()
-        self._reloaded = asyncio.Event()
         self._pump_soon = False
         self._pings: deque[asyncio.Future[bool]] = deque()
         self._relay_seen: dict[int, int] = {}  # relay pid -> lines it reported dropped
-        self._retry_timer: asyncio.TimerHandle | None = None
         self._inflight: deque[Command] = deque()
-        self._reload: Reload | None = None
-        self._reload_tries = 0
-        self._collect: list[str] | None = None
+        self._reload = ReloadCheck(self.log, self._schedule_pump)
+        self._probe_timer: asyncio.TimerHandle | None = None
         self._reset_process_state()
 
     # ------------------------------------------------------------------ public API
@@ -154,6 +143,7 @@ class Speaker:
             self.sock_path.unlink()
         self._server = await asyncio.start_unix_server(self._on_connect, path=str(self.sock_path))
         os.chmod(self.sock_path, 0o600)
+        self._probe_timer = asyncio.get_running_loop().call_later(PROBE_INTERVAL, self._probe)
         try:
             await self._child.start()
         except OSError as e:
@@ -176,10 +166,9 @@ class Speaker:
             self._rib.mark_fresh(ip for ip, s in new.items() if self._sessions.get(ip) != s)
             self._write_config(text)
             self._set_sessions(sessions)
-            self._reload, self._reload_tries = Reload.SEND, 0
-            self._reloaded.clear()
+            self._reload.request(self._generation, list(self._sessions))
             self._schedule_pump()
-        if not await _wait(self._reloaded, timeout):
+        if not await _wait(self._reload.done, timeout):
             self.log.warning("ExaBGP does not run configuration %d yet", self._generation)
             return False
         return True
@@ -224,8 +213,9 @@ class Speaker:
         so peers keep our routes as stale: a graceful restart), SIGKILL after
         ``stop_timeout`` s; close the socket. Idempotent."""
         self._stopping = True
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
+        self._reload.cancel()
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
         await self._child.stop(self.stop_timeout)
         for closing in (self._writer, self._server):
             if closing is not None:
@@ -281,11 +271,7 @@ class Speaker:
         self._rib.reset()
         self._inflight.clear()
         self._version_acks = 0
-        self._reload, self._reload_tries, self._collect = None, 0, None
-        self._reloaded.set()
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-            self._retry_timer = None
+        self._reload.reset()
         self._fail_pings()
 
     def _fail_pings(self) -> None:
@@ -341,6 +327,7 @@ class Speaker:
             return
         if isinstance(parsed, list):
             for ev in parsed:
+                self._book.on_event(ev)
                 if isinstance(ev, PeerState):
                     self._on_state(ev)
                 self._emit(ev)
@@ -375,8 +362,8 @@ class Speaker:
             self._version_acks += 1
             if self._pings and not (fut := self._pings.popleft()).done():
                 fut.set_result(True)
-        elif self._collect is not None:
-            self._collect.append(text)
+        else:
+            self._reload.collect(text)
 
     def _on_ack(self, ok: bool) -> None:
         if not self._synced:
@@ -408,8 +395,7 @@ class Speaker:
                 for ip in self._book.established()
                 for fam in self._sessions[ip].families
             )
-            if self._reload is not None:
-                self._reload = Reload.SEND
+            self._reload.resend()
         self._synced_once = True
         self._ready.set()
         self._schedule_pump()
@@ -417,12 +403,21 @@ class Speaker:
     def _on_state(self, ev: PeerState) -> None:
         if ev.peer not in self._sessions:
             return
-        self._book.on_state(ev)
         if ev.state is SessionState.ESTABLISHED:
             self._rib.session_up(ev.peer, self._sessions[ev.peer].families)
             self._schedule_pump()
         else:
             self._rib.session_down(ev.peer)
+
+    def _probe(self) -> None:
+        """While a session is not up, give the session book the kernel's view of ExaBGP's
+        sockets: an attempt the peer never answers produces no ExaBGP event at all."""
+        pid = self.pid
+        if pid is not None and self._book.pending():
+            targets = {ip: (s.peer_port, s.passive) for ip, s in self._sessions.items()}
+            self._book.probe(read_connections(pid), read_drops(pid), targets)
+        if not self._stopping:
+            self._probe_timer = asyncio.get_running_loop().call_later(PROBE_INTERVAL, self._probe)
 
     # ------------------------------------------------------------------ sending
 
@@ -442,8 +437,8 @@ class Speaker:
             if self._inflight and self._inflight[-1].exclusive:
                 return
             idle = not self._inflight
-            if self._reload in (Reload.SEND, Reload.VERIFY):  # drain the window, then send it alone
-                cmd = self._reload_command(idle)
+            if self._reload.wants_window:  # drain the window, then send it alone
+                cmd = self._reload.command(idle)
             else:  # routes keep flowing while a skipped reload waits for its retry
                 cmd = self._rib.next_command(idle)
             if cmd is None:
@@ -452,50 +447,8 @@ class Speaker:
                 self._rib.on_sent(cmd)
             self._inflight.append(cmd)
             self._write(cmd.text)
-        if not self._inflight and self._reload is None and self._rib.quiet():
+        if not self._inflight and self._reload.state is None and self._rib.quiet():
             self._idle.set()
-
-    # ------------------------------------------------------------------ reload check
-
-    def _reload_command(self, idle: bool) -> Command | None:
-        if self._reload is Reload.SEND and idle:
-            self._reload, self._reload_tries = Reload.SENT, self._reload_tries + 1
-            return Command("reload", exclusive=True, then=self._reload_sent)
-        if self._reload is Reload.VERIFY and idle:
-            self._reload, self._collect = Reload.VERIFYING, []
-            return Command("show neighbor configuration", exclusive=True, then=self._verify)
-        return None
-
-    def _reload_sent(self, ok: bool) -> None:
-        if ok:
-            self._reload = Reload.VERIFY
-        else:
-            self._reload_retry()
-
-    def _verify(self, ok: bool) -> None:
-        lines, self._collect = self._collect or [], None
-        got = {ip: d.split()[-2:] for ip, d in codec.neighbor_descriptions(lines).items()}
-        want = {ip: ["gen", str(self._generation)] for ip in self._sessions}
-        if ok and got == want:
-            self._reload = None
-            self._reloaded.set()
-            self.log.info("ExaBGP runs configuration %d", self._generation)
-        else:
-            self._reload_retry()
-
-    def _reload_retry(self) -> None:
-        delay = min(0.2 * 2 ** min(self._reload_tries, 5), 5.0)
-        log = self.log.warning if self._reload_tries >= 3 else self.log.info
-        log("ExaBGP skipped reload %d (try %d); retrying", self._generation, self._reload_tries)
-        self._reload = Reload.WAIT
-
-        def again() -> None:
-            self._retry_timer = None
-            if self._reload is Reload.WAIT:
-                self._reload = Reload.SEND
-                self._schedule_pump()
-
-        self._retry_timer = asyncio.get_running_loop().call_later(delay, again)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> bool:

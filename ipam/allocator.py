@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 from ipam import keys
 from ipam.block import Attribute, Block, Excluded, IPAddr, IPNetwork, no_exclusions
-from ipam.blocks import AffinityState, BlockStore, Handle, candidate_blocks, node_of
+from ipam.blocks import AffinityState, BlockStore, candidate_blocks, node_of
+from ipam.commit import (
+    AssignedIP,
+    Choice,
+    addresses,
+    assignment_txn,
+    release_handle_txn,
+    release_txn,
+    specific_txn,
+)
 from ipam.errors import (
     AlreadyAllocatedError,
     ConflictError,
@@ -28,91 +36,19 @@ from ipam.errors import (
     ValidationError,
 )
 from ipam.pool import Pool
-from ipam.resources import Resources, Settings, dumps
+from ipam.request import AssignRequest, check_handle, validate_request
+from ipam.resources import Resources, Settings
 from ipam.retry import MAX_RETRIES, cas_retry
-from ipam.store import Cmp, Op, Store
+from ipam.store import Op, Store
 
 # Settings are re-read at most this often; every commit compares their revisions anyway, so a
 # stale cache costs one retry, never a wrong allocation.
 SETTINGS_TTL = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class AssignedIP:
-    ip: IPAddr
-    block: IPNetwork
-    pool: str
-    seq: int
-    borrowed: bool = False
-    handle: str = ""
-
-    @property
-    def host_prefix(self) -> IPNetwork:
-        return ipaddress.ip_network((self.ip, self.ip.max_prefixlen))
-
-
-@dataclass(frozen=True, slots=True)
-class AssignRequest:
-    """Ask for ``num_v4`` IPv4 and ``num_v6`` IPv6 addresses for ``handle`` on ``node``.
-
-    ``pools_v4``/``pools_v6`` restrict the pools (names or CIDRs; empty = every pool whose
-    nodeSelector matches the node). All or nothing: either every address is assigned in one
-    transaction, or none is.
-    """
-
-    handle: str
-    node: str
-    num_v4: int = 1
-    num_v6: int = 0
-    attrs: Mapping[str, str] = field(default_factory=dict)
-    pools_v4: tuple[str, ...] = ()
-    pools_v6: tuple[str, ...] = ()
-    node_labels: Mapping[str, str] | None = None
-
-
-@dataclass
-class Choice:
-    rev: int
-    block: Block
-    ordinals: list[int]
-    pool: Pool
-    borrowed: bool
-
-
 def within(inner: IPNetwork, outer: IPNetwork) -> bool:
     """``inner`` lies inside ``outer`` (False across address families)."""
     return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]
-
-
-def settings_compares(s: Settings, pools: Iterable[str]) -> list[Cmp]:
-    """The compares of a commit that relied on settings ``s``: the reservations, the IPAM
-    config and each pool in ``pools`` (names) are still as read. Every commit path uses this
-    one helper, so none of them can forget one (a reserved address handed out, issue 16)."""
-    cmps = [
-        Cmp.prefix_unchanged_since(keys.RESERVATIONS, s.reservations_rev),
-        Cmp.mod(keys.CONFIG_IPAM, s.config_rev),
-    ]
-    cmps += [Cmp.mod(keys.pool(p), s.pools[p][0]) for p in sorted(set(pools))]
-    return cmps
-
-
-def validate_request(req: AssignRequest) -> None:
-    _check_handle(req.handle)
-    if req.num_v4 < 0 or req.num_v6 < 0 or req.num_v4 + req.num_v6 == 0:
-        raise ValidationError("num", "ask for at least one address")
-
-
-def _check_handle(handle: str) -> None:
-    if (
-        not handle
-        or "/" in handle
-        or len(handle) > 253
-        or not handle.isprintable()
-        or " " in handle
-    ):
-        raise ValidationError(
-            "handle", f"{handle!r} must be 1-253 printable characters without '/' or spaces"
-        )
 
 
 class Allocator:
@@ -343,23 +279,13 @@ class Allocator:
     async def _commit_new(
         self, s: Settings, handle_id: str, choices: list[Choice]
     ) -> list[AssignedIP]:
-        handle = Handle(handle_id)
-        for c in choices:
-            handle = handle.plus(c.block.cidr, len(c.ordinals))
-        hkey = keys.handle(handle_id)
-        cmps = [Cmp.absent(hkey), *settings_compares(s, (c.pool.name for c in choices))]
-        cmps += [Cmp.mod(keys.block(c.block.cidr), c.rev) for c in choices]
-        ops = [Op.put(keys.block(c.block.cidr), c.block.dumps()) for c in choices]
-        ops.append(Op.put(hkey, dumps(handle.to_json())))
-        fail = [Op.get(keys.block(c.block.cidr)) for c in choices] + [Op.get(hkey)]
+        (cmps, ops), fail = assignment_txn(s, handle_id, choices)
         r = await self.store.txn(cmps, ops, fail)
         if r.succeeded:
             out = []
             for c in choices:
                 self._cache[c.block.cidr] = (r.revision, c.block)
-                for o in c.ordinals:
-                    out.append(AssignedIP(c.block.ip(o), c.block.cidr, c.pool.name, c.block.seq,
-                                          c.borrowed, handle_id))  # fmt: skip
+                out += addresses(c, c.block.seq, handle_id)
             return out
         *block_gets, handle_get = r.gets
         if handle_get:
@@ -400,7 +326,7 @@ class Allocator:
         """Assign exactly ``ip`` (sticky identities, CNI ``IP=``). Idempotent for the same
         handle; AlreadyAllocatedError if another handle holds it; refused if reserved or
         outside every enabled pool."""
-        _check_handle(handle_id)
+        check_handle(handle_id)
         attr = Attribute(handle_id, {"node": node, **(attrs or {})})
 
         async def attempt(n: int) -> AssignedIP:
@@ -425,18 +351,11 @@ class Allocator:
             if blk.deleted:
                 raise ConflictError(f"block {cidr} is being released")
             new = blk.assign_specific(blk.ordinal(ip), attr)
-            hkey = keys.handle(handle_id)
-            hkv = await self.store.get(hkey)
-            handle = Handle.from_kv(hkv) if hkv else Handle(handle_id)
+            hkv = await self.store.get(keys.handle(handle_id))
             if new is blk:
                 return AssignedIP(ip, cidr, pool.name, blk.seq_for.get(blk.ordinal(ip), 0),
                                   node_of(blk) != node, handle_id)  # fmt: skip
-            r = await self.store.txn(
-                [Cmp.mod(keys.block(cidr), rev), Cmp.mod(hkey, hkv.mod if hkv else 0),
-                 *settings_compares(s, [pool.name])],
-                [Op.put(keys.block(cidr), new.dumps()),
-                 Op.put(hkey, dumps(handle.plus(cidr, 1).to_json()))],
-            )  # fmt: skip
+            r = await self.store.txn(*specific_txn(s, pool, rev, new, handle_id, hkv))
             if not r.succeeded:
                 self.conflicts += 1
                 raise ConflictError(f"block {cidr} changed concurrently")
@@ -482,23 +401,9 @@ class Allocator:
             h = await self.blocks.get_handle(handle_id)
             if h is None:
                 return []
-            cidrs = [ipaddress.ip_network(c) for c in h.blocks]
-            got = await self.blocks.get_blocks(cidrs)
-            cmps = [Cmp.mod(keys.handle(handle_id), h.rev)]
-            ops = [Op.delete(keys.handle(handle_id))]
-            freed: list[IPAddr] = []
-            news = {}
-            for cidr in cidrs:
-                rev_blk = got.get(cidr)
-                cmps.append(Cmp.mod(keys.block(cidr), rev_blk[0] if rev_blk else 0))
-                if rev_blk is None:
-                    continue
-                new, ords = rev_blk[1].release_handle(handle_id)
-                if ords:
-                    ops.append(Op.put(keys.block(cidr), new.dumps()))
-                    news[cidr] = new
-                    freed.extend(new.ip(o) for o in ords)
-            r = await self.store.txn(cmps, ops)
+            got = await self.blocks.get_blocks([ipaddress.ip_network(c) for c in h.blocks])
+            txn, freed, news = release_handle_txn(h, got)
+            r = await self.store.txn(*txn)
             if not r.succeeded:
                 self.conflicts += 1
                 raise ConflictError(f"handle {handle_id} or its blocks changed concurrently")
@@ -552,17 +457,7 @@ class Allocator:
             if a is not None:
                 counts[a.handle] = counts.get(a.handle, 0) + 1
         r = await self.store.txn([], [Op.get(keys.handle(h)) for h in counts])
-        cmps = [Cmp.mod(keys.block(cidr), rev)]
-        ops = [Op.put(keys.block(cidr), new.dumps())]
-        for hid, kvs in zip(counts, r.gets, strict=True):
-            hkey = keys.handle(hid)
-            if not kvs:
-                cmps.append(Cmp.absent(hkey))
-                continue
-            h = Handle.from_kv(kvs[0]).plus(cidr, -counts[hid])
-            cmps.append(Cmp.mod(hkey, kvs[0].mod))
-            ops.append(Op.put(hkey, dumps(h.to_json())) if h.blocks else Op.delete(hkey))
-        r2 = await self.store.txn(cmps, ops)
+        r2 = await self.store.txn(*release_txn(rev, new, counts, r.gets))
         if not r2.succeeded:
             self.conflicts += 1
             raise ConflictError(f"block {cidr} changed concurrently")

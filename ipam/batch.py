@@ -17,17 +17,12 @@ import asyncio
 from dataclasses import dataclass
 
 from ipam import keys
-from ipam.allocator import (
-    Allocator,
-    AssignedIP,
-    AssignRequest,
-    Choice,
-    settings_compares,
-    validate_request,
-)
+from ipam.allocator import Allocator
 from ipam.block import Block, IPNetwork
 from ipam.blocks import Handle
+from ipam.commit import AssignedIP, Choice, addresses, settings_compares
 from ipam.errors import IPAMError
+from ipam.request import AssignRequest, validate_request
 from ipam.resources import Settings, dumps
 from ipam.store import Cmp, Op
 
@@ -130,13 +125,10 @@ class BatchingAllocator:
         for cidr in base_rev:
             a._cache[cidr] = (r.revision, a._cache[cidr][1])
         return [
-            [
-                AssignedIP(c.block.ip(o), c.block.cidr, c.pool.name, seq, c.borrowed, st.req.handle)
-                for c, seq in zip(st.choices, st.seqs, strict=True)
-                for o in c.ordinals
-            ]
+            [ip for c, seq in zip(st.choices, st.seqs, strict=True)
+             for ip in addresses(c, seq, st.req.handle)]
             for st in staged
-        ]
+        ]  # fmt: skip
 
     def _txn(
         self, settings: Settings, staged: list[_Staged], base_rev: dict[IPNetwork, int]

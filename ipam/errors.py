@@ -11,7 +11,8 @@
     ├── InUseError                refused because addresses are still allocated
     ├── AlreadyAllocatedError     a requested address is taken by another handle
     ├── ExhaustedError            no pool can hand out an address on this node
-    └── StaleError                a release whose sequence number no longer matches
+    └── StaleError                a release whose sequence number no longer matches (raised
+                                  by fabricctl; the package returns such addresses as stale)
 """
 
 from __future__ import annotations

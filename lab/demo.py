@@ -5,7 +5,8 @@ against the lab's etcd, FRR's and BIRD's own commands, ip, ping), and records a 
 fabricd on every host peers with its top-of-rack router, IP pools are created, two pods
 per host are attached through the installed CNI plugin, their blocks are announced and
 installed, a pod in rack 1 reaches a pod in rack 2, a host taken down has its blocks
-withdrawn from the ToRs, and comes back. The run ends with a summary, one line per check,
+withdrawn from the ToRs, and comes back; a deny-all NetworkPolicy in one namespace blocks
+a pod, an allow rule opens one port again. The run ends with a summary, one line per check,
 exits non-zero if any failed, writes a picture of the topology under lab/out/, and tears
 the lab down unless --keep is given.
 """
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lab import graph, pods, routers
+from lab import demo_policy, graph, pods, routers
 from lab.runner import Lab
 
 BIN = Path(sys.executable).parent
@@ -38,8 +39,9 @@ class Demo:
     def heading(self, text: str) -> None:
         print(f"\n=== {text} ===", flush=True)
 
-    def run(self, node: str, argv: list[str], show: bool = True) -> tuple[int, str]:
-        r = self.lab.exec(node, argv, timeout=60)
+    def run(self, node: str, argv: list[str], show: bool = True,
+            stdin: str | None = None) -> tuple[int, str]:  # fmt: skip
+        r = self.lab.exec(node, argv, timeout=60, input=stdin)
         if show:
             shown = [Path(a).name if a.startswith(str(BIN)) else a for a in argv]
             if shown[:1] == ["fabricctl"]:
@@ -174,7 +176,9 @@ class Demo:
             90,
         )
 
-        self.heading("11. A picture of the fabric (lab/out/)")
+        demo_policy.policy_step(self, hosts[0], far)
+
+        self.heading("12. A picture of the fabric (lab/out/)")
         try:
             for p in graph.write(lab, OUT):
                 print(f"  {p}")

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from ipam.allocator import Allocator, AssignRequest
+from ipam.allocator import Allocator
+from ipam.request import AssignRequest
 from ipam.store import Store
 
 

@@ -226,6 +226,14 @@ class PolicyPod:
             self.agent.stdout.close()
 
 
+def reach(src: PolicyPod, ip: str, ports: Sequence[int], protocol: str = "TCP",
+          timeout: float = PROBE_TIMEOUT) -> dict[int, bool]:  # fmt: skip
+    """One probe from ``src`` to each port of ``ip`` at once: port -> connected."""
+    src.send({"probe": [[str(p), ip, p, protocol] for p in ports], "timeout": timeout})
+    got = src.receive()["results"]
+    return {int(k): bool(v[0]) for k, v in got.items()}
+
+
 def attach(lab: Lab, host: str, key: str, conf: dict[str, Any] | None = None,
            sctp: bool = False) -> PolicyPod:  # fmt: skip
     """Pod ``key`` ("ns/name") on ``host`` through the installed CNI plugin, with the

@@ -1,5 +1,6 @@
 """Pure unit tests of the agent's own logic (no etcd, no kernel, no ExaBGP): the tasks it
-starts in the background, convergence after a start, the /readyz peers check."""
+starts in the background, convergence after a start, the /readyz peers check, the kernel
+routes it wants."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from fabric.agent.agent import Agent
 from fabric.agent.config import RequiredPeers, parse_config
+from fabric.agent.kernel_routes import Gateways, desired_routes, kernel_changes
 from fabric.agent.sessions import Convergence, required_peers_up
 from fabric.dataplane.netlink import KernelRoute
 from ipam import keys
@@ -147,3 +149,31 @@ def test_required_peers() -> None:
     )
     assert required_peers_up((A, B), [], {A}) == (False, "missing: 10.0.0.2")
     assert required_peers_up((A,), [], {A}) == (True, "all established")
+
+
+# ---------------------------------------------------------------- kernel routes wanted
+
+OWN, POD = ip_network("10.2.0.0/26"), ip_network("10.2.0.5/32")
+LEARNED = ip_network("10.3.0.0/26")
+
+
+def test_desired_routes_precedence() -> None:
+    gw = Gateways()
+    pod = KernelRoute(dst=POD, dev="fab0")
+    adopted = {KEPT: ADOPTED[KEPT], OWN: KernelRoute(dst=OWN, gateways=(B,))}
+    best = {KEPT: frozenset({B}), LEARNED: frozenset({A, B}), GONE: None, POD: frozenset({A})}
+    got = desired_routes(adopted, best, [OWN], {POD: pod}, gw)
+    assert got == {
+        KEPT: KernelRoute(dst=KEPT, gateways=(B,)),  # learned beats adopted
+        LEARNED: KernelRoute(dst=LEARNED, gateways=(A, B)),  # ECMP, sorted
+        OWN: KernelRoute(dst=OWN, blackhole=True),  # own block beats all learned
+        POD: pod,  # a local pod beats everything
+    }
+    assert got[KEPT].gateways is gw(frozenset({B})), "next-hop tuples are shared"
+
+
+def test_kernel_changes_skip_own_and_local_and_keep_adopted() -> None:
+    changes = {OWN: frozenset({A}), POD: frozenset({A}), LEARNED: frozenset({A}), KEPT: None,
+               GONE: None}  # fmt: skip
+    got = dict(kernel_changes(changes, {OWN}, lambda d: d == POD, lambda d: d == KEPT, Gateways()))
+    assert got == {LEARNED: KernelRoute(dst=LEARNED, gateways=(A,)), GONE: None}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import gc
 import ipaddress
 import json
-import time
 
 import pytest
 
-from bgp import codec
+from bgp import codec, interned
 from bgp.codec import Ack, RelayNotice, Reply, SpeakerShutdown, parse_line
 from bgp.errors import SpeakerError, ValidationError
 from bgp.model import (
@@ -194,20 +193,17 @@ def _bulk_lines(n_lines: int, per_line: int) -> list[bytes]:
     return out
 
 
-def test_parse_100k_prefixes_fast() -> None:
-    """ExaBGP delivers about 20k prefixes/s; parsing must be far faster than that."""
+def test_parse_100k_prefixes_in_4000_updates() -> None:
+    """100,000 prefixes in 4,000 UPDATE lines all come out, each once. (How fast is the
+    routes benchmark's business, measured against BIRD in the same run: never a test's.)"""
     lines = _bulk_lines(4000, 25)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        n = 0
-        for raw in lines:
-            for ev in parse_line(raw):  # type: ignore[union-attr]
-                n += len(ev.announced)  # type: ignore[union-attr]
-        best = min(best, time.perf_counter() - t)
-    assert n == 100_000
-    print(f"parsed 100k prefixes in 4000 lines: {best:.3f} s")
-    assert best < 0.8
+    seen: set[object] = set()
+    n = 0
+    for raw in lines:
+        for ev in parse_line(raw):  # type: ignore[union-attr]
+            n += len(ev.announced)  # type: ignore[union-attr]
+            seen.update(ev.announced)  # type: ignore[union-attr]
+    assert n == len(seen) == 100_000
 
 
 # ---------------------------------------------------------------------------- commands
@@ -304,10 +300,10 @@ def test_received_open_gives_the_peers_graceful_restart_capability() -> None:
 def test_received_prefixes_are_interned_while_held() -> None:
     """A withdrawal yields the very object the RIB holds; the table forgets it with it."""
     text = "10.98.7.0/26"
-    first = codec._net(text)
-    assert codec._net(text) is first and first == net(text) and hash(first) == hash(net(text))
+    first = interned.prefix(text)
+    assert interned.prefix(text) is first and first == net(text) and hash(first) == hash(net(text))
     del first
     gc.collect()
-    assert text not in codec._PREFIXES
-    again = codec._net(text)
-    assert codec._PREFIXES[text]() is again
+    assert text not in interned.PREFIXES
+    again = interned.prefix(text)
+    assert interned.PREFIXES[text]() is again

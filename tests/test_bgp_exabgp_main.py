@@ -41,3 +41,42 @@ def test_runs_exabgp() -> None:
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert out.startswith("ExaBGP : 5.")
+
+
+PATCHES = """
+import sys
+sys.path.insert(0, {where!r})
+import exabgp_main
+from exabgp.bgp.message.direction import Direction
+from exabgp.bgp.message.update import Update
+from exabgp.reactor.api.response import json as encoder
+from exabgp.reactor.loop import Reactor
+from exabgp.util import hexstring
+body = bytes.fromhex("0000001540010100400206020100000000400304" + "0a000001" + "200a640001")
+original = Update.unpack_message.__func__
+print(exabgp_main.raw_updates({raw!r}), Update.unpack_message.__func__ is original)
+if Update.unpack_message.__func__ is not original:
+    got = Update.unpack_message(body, Direction.IN, None)
+    print(len(got.nlris), len(got.attributes))
+wait = Reactor._wait_for_io
+print(exabgp_main.fast_hex(), encoder.hexstring(body) == hexstring(body))
+print(exabgp_main.idle_reactor(), Reactor._wait_for_io is not wait)
+"""
+
+
+def patched(raw: str | None) -> list[str]:
+    code = PATCHES.format(where=str(EXABGP_SCRIPT.parent), raw=raw)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    return r.stdout.strip().splitlines() + r.stderr.strip().splitlines()[-1:]
+
+
+def test_received_updates_are_passed_on_unparsed() -> None:
+    """With $FABRIC_EXABGP_RAW_UPDATES=1 a received UPDATE becomes an empty Update (nothing
+    per NLRI: fabricd decodes the bytes); the packet hex text is ExaBGP's own, made by
+    bytes.hex; the reactor's poll is wrapped."""
+    assert patched("1") == ["True False", "0 0", "True True", "True True"]
+
+
+def test_received_updates_are_parsed_without_the_switch() -> None:
+    assert patched(None) == ["False True", "True True", "True True"]
+    assert patched("0") == ["False True", "True True", "True True"]

@@ -19,7 +19,9 @@ from click.testing import CliRunner, Result
 from fabric.cli.common import LazyGroup
 from fabric.cli.main import main
 from ipam import keys
-from ipam.allocator import Allocator, AssignedIP, AssignRequest
+from ipam.allocator import Allocator
+from ipam.commit import AssignedIP
+from ipam.request import AssignRequest
 from ipam.resources import Node, Resources
 from ipam.store import Store
 

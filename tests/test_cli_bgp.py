@@ -465,7 +465,9 @@ def _status(node: str, now: float, **over: Any) -> dict[str, Any]:
              "info": "Connect", "required": False},
             {"name": "Global_fd00__1", "peerIP": "fd00::1", "peerAS": 65002, "localAS": 65101,
              "type": "global", "state": "down", "since": None, "info": "Connection refused",
-             "required": True},
+             "required": True, "attempts": 7, "connectingSince": now - 120,
+             "lastFailure": "no answer to our TCP SYN for 40 s",
+             "hint": "no answer: check the password", "failedAttempts": 9},
         ],
         "routes": {"installed": 5, "blackholes": 1, "truncated": False, "items": [
             {"dst": "10.244.1.0/26", "type": "unicast", "via": ["10.255.16.1", "10.255.16.2"]},
@@ -499,6 +501,12 @@ def test_bgp_status_rendering(cli: Cli, call: Call) -> None:
     assert rows[2] == ["10.0.0.2", "node-to-node mesh", "connected", day, "Connect"]
     rows6 = [cells(line) for line in v6.splitlines() if line.startswith("| ")]
     assert rows6[1] == ["fd00::1", "global", "down", "", "Connection refused"]
+    why = v6.split("Sessions not established:")[1].splitlines()
+    ago = time.strftime("%H:%M:%S", time.localtime(now - 120))
+    assert why[1:4] == [
+        f"  fd00::1: connecting since {ago}, 7 attempts; failed attempts since start: 9",
+        "    last failure: no answer to our TCP SYN for 40 s",
+        "    hint: no answer: check the password"]  # fmt: skip
     assert n2.startswith("node2: no status published (fabricd is not running)")
     assert n3.startswith("node3:") and "NOT running (4 restarts)" in n3
     assert "No IPv4 peers found." in n3 and "No IPv6 peers found." in n3

@@ -20,13 +20,14 @@ from typing import Any
 
 import pytest
 
-from fabric.dataplane import pods as dp
+from fabric.dataplane import attachment as dp
 from fabric.dataplane.pods import Dataplane
 from fabric.dataplane.route_table import RouteTable
+from fabric.workloads.deps import Deps
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import answer
 from fabric.workloads.state import Phase, StateDir
-from fabric.workloads.verbs import Deps, Workloads
+from fabric.workloads.verbs import Workloads
 from ipam.allocator import Allocator
 from ipam.batch import BatchingAllocator
 from ipam.pool import Pool

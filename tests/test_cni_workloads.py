@@ -13,18 +13,20 @@ from typing import Any
 
 import pytest
 
-from cni.errors import Code
+from cni.errors import CNIError, Code
 from cni.spec import parse_request
 from fabric.dataplane import attachment as att
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
 from fabric.dataplane.route_table import FlushResult
+from fabric.workloads.deps import Deps
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import answer
 from fabric.workloads.state import Phase, Record, StateDir
-from fabric.workloads.verbs import Deps, Workloads
-from ipam.allocator import Allocator, AssignRequest
+from fabric.workloads.verbs import Workloads
+from ipam.allocator import Allocator
 from ipam.batch import BatchingAllocator
 from ipam.pool import Pool
+from ipam.request import AssignRequest
 from ipam.resources import Node
 from ipam.store import Store
 
@@ -148,8 +150,8 @@ def make(etcd_endpoints: list[str], prefix: str, tmp_path: Path) -> Callable[...
             async def datastore_ok() -> bool:
                 return ok[0]
 
-            deps = Deps(NODE, PodIPAM(alloc, BatchingAllocator(alloc), NODE), fdp,  # type: ignore[arg-type]
-                        routes, StateDir(tmp_path / "state"), datastore_ok)  # type: ignore[arg-type]  # fmt: skip
+            deps = Deps(NODE, PodIPAM(alloc, BatchingAllocator(alloc), NODE), fdp,
+                        routes, StateDir(tmp_path / "state"), datastore_ok)  # fmt: skip
             w = Workloads(deps)
             await w.recover()
             yield Env(w, fdp, routes, alloc, tmp_path / "state", ok)
@@ -447,11 +449,31 @@ def test_concurrent_adds_get_distinct_addresses(make: Any) -> None:
     asyncio.run(go())
 
 
-def test_parse_request_is_what_answer_uses() -> None:
+def test_parse_request_is_what_answer_uses(make: Any) -> None:
+    """``answer`` validates with ``cni.spec.parse_request``: what parse_request makes of a
+    request is what the verb gets (no ipam section: every pool of the node), and what it
+    refuses, answer refuses with the same code and message, without running the verb."""
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_NETNS": NETNS,
            "CNI_IFNAME": "eth0", "CNI_PATH": "/x"}  # fmt: skip
-    req = parse_request(env, b'{"cniVersion":"1.0.0","name":"n","type":"fabric"}')
-    assert req.conf.ipam.pools == ()
+    good = b'{"cniVersion":"1.0.0","name":"net","type":"fabric"}'
+    bad = b'{"cniVersion":"1.0.0","name":"net","type":"fabric","mtu":20}'
+    assert parse_request(env, good).conf.ipam.pools == ()
+    with pytest.raises(CNIError) as refused:
+        parse_request(env, bad)
+
+    async def go() -> None:
+        async with make() as e:
+            code, out = await answer(e.w, lambda *_: None, env, good, 0)
+            assert code == 0, out
+            got = ipaddress.ip_interface(json.loads(out)["ips"][0]["address"])
+            assert got.ip in ipaddress.ip_network("10.99.0.0/24")  # the node's pool
+            code, out = await answer(e.w, lambda *_: None, {**env, "CNI_CONTAINERID": "d"}, bad, 0)
+            err = json.loads(out)
+            assert code == 1
+            assert (err["code"], err["msg"]) == (refused.value.code, refused.value.msg)
+            assert e.dp.calls == ["create", "configure"], "the refused request reached a verb"
+
+    asyncio.run(go())
 
 
 def test_dual_stack_result(make: Any) -> None:

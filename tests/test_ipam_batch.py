@@ -6,11 +6,12 @@ import asyncio
 
 import pytest
 
-from ipam.allocator import Allocator, AssignRequest
+from ipam.allocator import Allocator
 from ipam.batch import BatchingAllocator
 from ipam.errors import ValidationError
 from ipam.gc import Maintenance
 from ipam.pool import Pool, Reservation
+from ipam.request import AssignRequest
 from ipam.resources import Node
 from ipam.store import Store
 

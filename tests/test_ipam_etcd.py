@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ipam import keys
-from ipam.allocator import Allocator, AssignRequest
+from ipam.allocator import Allocator
 from ipam.blocks import AffinityState
 from ipam.errors import (
     AlreadyAllocatedError,
@@ -20,6 +20,7 @@ from ipam.errors import (
 )
 from ipam.gc import CheckReport, Maintenance
 from ipam.pool import IPAMConfig, Pool, Reservation
+from ipam.request import AssignRequest
 from ipam.resources import Node
 from ipam.store import Store
 

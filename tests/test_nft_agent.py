@@ -122,3 +122,26 @@ def test_a_batch_nft_refuses_fails_the_gate_and_readiness(node: str) -> None:
             await runner
 
     asyncio.run(go())
+
+
+def test_endpoints_from_records_pending_and_aliases() -> None:
+    """Local attachments etcd does not show yet become endpoints (labels from the CNI
+    labels and the Pod object); a pod's second attachment is an alias of its endpoint."""
+    second = Record(handle="fabric2.c1.net1", network="fabric2", container_id="c1",
+                    ifname="net1", netns="/x", host_ifname="fab2nd", phase=Phase.READY,
+                    ips=(ip_interface("10.81.1.1/32"),), pod="p1", namespace="default")  # fmt: skip
+    adding = Record(handle="fabric.c9.eth0", network="fabric", container_id="c9",
+                    ifname="eth0", netns="/x", host_ifname="fabadding", phase=Phase.ADDING,
+                    ips=(ip_interface("10.81.0.99/32"),))  # fmt: skip
+    agent = PolicyAgent("me", PolicyTable(Nft("unused")),
+                        lambda: Inputs((), (), (pod(1, "db"),), ()),
+                        lambda: (record(1), second, adding))  # fmt: skip
+    agent._pending["fabric.c2.eth0"] = (record(2), '{"tier":"web"}')
+    eps = {e.key: e for e in agent.endpoints(agent.read())}
+    assert set(eps) == {"default/p1", "default/p2"}  # an ADDING record is not an endpoint
+    assert (
+        eps["default/p1"].labels == {"role": "db"}
+        and eps["default/p1"].ifname == "fab" + f"{1:011x}"
+    )
+    assert eps["default/p2"].labels == {"tier": "web"}
+    assert agent.aliases == {"default/p1": ["fab2nd"]}

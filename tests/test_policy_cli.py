@@ -15,8 +15,9 @@ import yaml
 from click.testing import CliRunner, Result
 
 from fabric.cli.main import main
-from ipam.allocator import Allocator, AssignRequest
+from ipam.allocator import Allocator
 from ipam.pool import Pool
+from ipam.request import AssignRequest
 from ipam.resources import Resources
 from ipam.store import Store
 

@@ -101,6 +101,7 @@ def test_each_invalid_policy_names_its_field(spec: Any, field: str, words: str) 
 @pytest.mark.parametrize(("doc", "field"), [
     ({"apiVersion": "v1", "kind": "NetworkPolicy", "metadata": {"name": "p"}}, "apiVersion"),
     (_np({}, name="Upper"), "metadata.name"),
+    ({**_np({}), "specs": {}}, "specs"),
     (_np({}, namespace="a_b"), "metadata.namespace"),
     (_np({}, labels={"app": "a b"}), "metadata.labels.app"),
     ({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a.b"}}, "metadata.name"),

@@ -284,6 +284,10 @@ def test_compiled_verdict_equals_reference(world: Any, data: st.DataObject) -> N
         want = ref_allowed(policies, src, dst, daddr, port, proto, ns_labels)
         got = verdict(compiled, f"{src.ns}/{src.name}", daddr, port, Protocol(proto))
         assert got.allowed == want, (policies, src, dst, daddr, port, proto, got)
+        if data.draw(st.booleans()):  # trace compiles only the probe's two endpoints
+            traced = trace(pols, nss, [endpoint(p) for p in pods], src.ips[fam], daddr, port,
+                           Protocol(proto)).verdict  # fmt: skip
+            assert traced.allowed == want and traced.reason == got.reason
 
 
 @settings(max_examples=100, deadline=None)

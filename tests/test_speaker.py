@@ -310,6 +310,44 @@ def test_passive_and_md5_sessions(topo: Topo) -> None:
     asyncio.run(run())
 
 
+@pytest.mark.root
+def test_status_says_why_a_session_is_down(topo: Topo) -> None:
+    """A key BIRD does not have: its kernel drops our SYNs and ExaBGP says nothing; the
+    status says "no answer to our TCP SYN" with the password/TTL hint. A closed port: refused.
+    The key never appears in a status, a log or ExaBGP's output."""
+    key = "k3y-not-at-bird"
+    pw = topo.dir / "wrong.key"
+    pw.write_text(key + "\n")
+
+    async def run() -> None:
+        sp = speaker(topo, Recorder())
+        md5 = topo.session(topo.r1, password_file=str(pw))
+        closed = topo.session(topo.r2, peer_port=1179)
+        await sp.start([md5, closed], RID, adverts=ADVERTS)
+        try:
+
+            def why(peer: str) -> str:
+                st = sp.sessions_status()[ip(peer)]
+                return f"{st.last_failure} | {st.hint}"
+
+            await until(lambda: "no answer to our TCP SYN" in why(topo.r1.addr), within=15)
+            st = sp.sessions_status()[ip(topo.r1.addr)]
+            assert st.attempts >= 1 and st.connecting_since is not None
+            assert "check the password and TTL security on the peer" in st.hint
+            assert st.info == "Connect: no answer"
+            await until(lambda: sp.sessions_status()[ip(topo.r2.addr)].failures >= 2, within=15)
+            st2 = sp.sessions_status()[ip(topo.r2.addr)]
+            assert st2.last_failure.startswith("connection refused"), st2
+            assert st2.attempts >= 2 and st2.connecting_since is not None
+            assert key not in repr(sp.sessions_status())
+        finally:
+            await sp.stop()
+        for f in ("exabgp.log", "exabgp.out"):
+            assert key not in (topo.dir / "node" / f).read_text()
+
+    asyncio.run(run())
+
+
 # ---------------------------------------------------------------------------- throughput
 
 
@@ -424,7 +462,7 @@ def test_reload_skipped_while_a_peer_is_down_is_retried(topo: Topo) -> None:
             await until(lambda: sp.announced() == set(ADVERTS[:2]), what="routes while waiting")
             await until(lambda: len(topo.r1.routes()) == 2, what="routes at r1")
             assert await task
-            print(f"\nreload took {time.monotonic() - t0:.1f} s, {sp._reload_tries} tries")
+            print(f"\nreload took {time.monotonic() - t0:.1f} s, {sp._reload.tries} tries")
             assert set(sp.sessions_status()) == {s1.peer_ip, s2.peer_ip, s3.peer_ip}
         finally:
             await sp.stop()

@@ -30,7 +30,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,13 +55,14 @@ from fabric.agent.config import AgentConfig
 from fabric.agent.diagnostics import refresh_policy_counters, route_lookup
 from fabric.agent.health import HealthServer
 from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
+from fabric.agent.kernel_routes import Gateways, desired_routes, kernel_changes
 from fabric.agent.metrics import Metrics
 from fabric.agent.policy import PREFIXES as POLICY_PREFIXES
 from fabric.agent.policy import ObjectIndex, PolicyAgent, read_cache
 from fabric.agent.probes import Probes
 from fabric.agent.registration import Registration
 from fabric.agent.sessions import Convergence, required_peers_up
-from fabric.agent.status import NodeView, StatusPublisher
+from fabric.agent.status import NodeView, StatusPublisher, node_view
 from fabric.agent.watch import Cache
 from fabric.dataplane.nat import NatTable
 from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
@@ -69,11 +70,12 @@ from fabric.dataplane.netlink.sysctls import write_sysctls
 from fabric.dataplane.pods import Dataplane
 from fabric.dataplane.policy_table import PolicyTable
 from fabric.dataplane.route_table import RouteTable
+from fabric.workloads.deps import Deps
 from fabric.workloads.pending import PendingDir
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import CNIServer, answer
 from fabric.workloads.state import StateDir
-from fabric.workloads.verbs import Deps, Workloads
+from fabric.workloads.verbs import Workloads
 from ipam import keys
 from ipam.allocator import Allocator
 from ipam.batch import BatchingAllocator
@@ -92,10 +94,6 @@ HOST_SYSCTLS = (
     ("net.ipv4.conf.all.ignore_routes_with_linkdown", "1", True),
     ("net.ipv6.conf.all.ignore_routes_with_linkdown", "1", False),
 )
-
-
-def _match(selector: str, labels: Any) -> bool:
-    return bool(parse_selector(selector).matches(labels))
 
 
 def _check_selector(selector: str) -> None:
@@ -211,7 +209,7 @@ class Agent:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []  # run forever: one that ends is a failure
         self._jobs: set[asyncio.Task[Any]] = set()  # one-off work, held until it ends
-        self._gw_tuples: dict[frozenset[IPAddress], tuple[IPAddress, ...]] = {}
+        self._gateways = Gateways()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -363,7 +361,7 @@ class Agent:
                 self.local = replace(self.local, labels=dict(doc.labels))
         inputs = decode(self.local, self.interfaces, self.cache.data, self.blocks, _check_selector)
         self._borrowed = inputs.borrowed
-        return compute(inputs, _match)
+        return compute(inputs, lambda sel, labels: bool(parse_selector(sel).matches(labels)))
 
     async def _reconcile_loop(self) -> None:
         """Reconcile at once when idle (a new block is announced without delay); changes
@@ -440,21 +438,9 @@ class Agent:
 
     def _route_changes(self, changes: dict[IPNetwork, frozenset[IPAddress] | None]) -> None:
         if changes:
-            self.routes.update(self._kernel_changes(changes))
-
-    def _kernel_changes(
-        self, changes: dict[IPNetwork, frozenset[IPAddress] | None]
-    ) -> Iterator[tuple[IPNetwork, KernelRoute | None]]:
-        own = self.intent.blackholes if self.intent is not None else frozenset()
-        local = self.workloads.owns
-        for dst, hops in changes.items():
-            if dst in own or local(dst):  # a local pod's /32 stays on its veth
-                continue
-            if hops:
-                yield dst, KernelRoute(dst=dst, gateways=self._gateways(hops))
-            elif not self.convergence.keeps(dst):
-                yield dst, None
-            # else: keep the adopted route until the RIB has converged
+            own = self.intent.blackholes if self.intent is not None else frozenset()
+            keeps, local = self.convergence.keeps, self.workloads.owns
+            self.routes.update(kernel_changes(changes, own, local, keeps, self._gateways))
 
     def _sessions(self) -> tuple[Session, ...]:
         return self.intent.sessions if self.intent is not None else ()
@@ -473,27 +459,10 @@ class Agent:
                 self.routes.set(dst, None)
             log.info("RIB converged; removing %d adopted routes nobody announces", len(stale))
 
-    def _gateways(self, hops: frozenset[IPAddress]) -> tuple[IPAddress, ...]:
-        """One shared tuple per next-hop set (100,000 routes via one ToR share one)."""
-        got = self._gw_tuples.get(hops)
-        if got is None:
-            if len(self._gw_tuples) > 4096:
-                self._gw_tuples.clear()
-            got = self._gw_tuples[hops] = tuple(sorted(hops))
-        return got
-
     def _desired_routes(self) -> dict[IPNetwork, KernelRoute]:
-        """The whole kernel table fabricd wants: local pods' host routes, then own blocks as
-        blackholes, then best learned routes, then (until converged) adopted ones."""
-        desired: dict[IPNetwork, KernelRoute] = {}
-        desired.update(self.convergence.adopted)  # empty once converged
-        for dst, hops in self.rib.best().items():
-            if hops:
-                desired[dst] = KernelRoute(dst=dst, gateways=self._gateways(hops))
-        for dst in self.intent.blackholes if self.intent is not None else ():
-            desired[dst] = KernelRoute(dst=dst, blackhole=True)
-        desired.update(self.workloads.routes())
-        return desired
+        own = self.intent.blackholes if self.intent is not None else frozenset()
+        return desired_routes(self.convergence.adopted, self.rib.best(), own,
+                              self.workloads.routes(), self._gateways)  # fmt: skip
 
     async def _kernel_resync_loop(self) -> None:
         """Every routes.resyncInterval: diff the kernel against the whole desired table and
@@ -524,16 +493,6 @@ class Agent:
         return required_peers_up(self.cfg.bgp.required_peers, required, self._established())
 
     def _status_view(self) -> NodeView:
-        status, rib = self.speaker.sessions_status(), self.rib
-        return NodeView(
-            node=self.cfg.node_name,
-            sessions=tuple(
-                (s, status.get(s.peer_ip), rib.stats(s.peer_ip)) for s in self._sessions()
-            ),
-            speaker_pid=self.speaker.pid,
-            speaker_restarts=self.speaker.restarts,
-            announcements=tuple(sorted(str(a.prefix) for a in self.speaker.announced())),
-            converged=self.convergence.converged,
-            own_blocks=len(self.intent.blackholes) if self.intent is not None else None,
-            peers=self._required_peers_up(),
-        )
+        blocks = len(self.intent.blackholes) if self.intent is not None else None
+        return node_view(self.cfg.node_name, self._sessions(), self.speaker, self.rib,
+                         self.convergence.converged, blocks, self._required_peers_up())  # fmt: skip

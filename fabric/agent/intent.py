@@ -6,8 +6,12 @@ inputs into the node's intent: BGP sessions, announcements, blackholes for its o
 the import policy for what it learns, and the NAT sets.
 
 Invariants:
-- Only *confirmed* affine blocks are announced and blackholed (never pending ones, never
-  blocks of a pool with ``disableBGPExport``), one aggregate per block.
+- Only *confirmed* affine blocks are announced and blackholed (never pending ones), one
+  aggregate per block. A block of a pool with ``disableBGPExport`` is not announced but
+  still blackholed: the blackhole is about this node, not about BGP. It drops traffic to a
+  free address of the block here instead of sending it up the default route to a ToR that
+  may route it back (a loop until the TTL runs out), and pods' host routes, more specific,
+  win over it either way (the mesh3 lab test checks it stays when export is disabled).
 - A /32 (/128) is announced only for an address this node borrowed from another node's
   block.
 - The import policy accepts prefixes inside IP pools (and ``importCIDRs``), never one equal
@@ -230,14 +234,14 @@ def compute(inp: Inputs, match: Matcher) -> Intent:
     own_addresses = {i.ip for i in inp.local_interfaces}
     own_addresses |= {i.ip for i in (local.ipv4, local.ipv6) if i is not None}
     pool_cidrs = tuple(p.cidr for p in inp.pools)
-    policy = ImportPolicy(
-        allowed=(*pool_cidrs, *inp.bgp.import_cidrs),
-        own=frozenset({*inp.own_blocks, *(a.prefix for a in clean)}),
-        allow_default=inp.bgp.import_default_route,
-        local_as=local.as_number or inp.bgp.as_number,
-        router_id=local.router_id,
-        own_addresses=frozenset(own_addresses),
-        allow_local_as={s.peer_ip: s.allow_local_as for s in sessions if s.allow_local_as},
+    policy = ImportPolicy.for_node(
+        inp.bgp,
+        pool_cidrs,
+        {*inp.own_blocks, *(a.prefix for a in clean)},
+        local.as_number or inp.bgp.as_number,
+        local.router_id,
+        own_addresses,
+        {s.peer_ip: s.allow_local_as for s in sessions if s.allow_local_as},
     )
     return Intent(
         sessions=tuple(sessions),

@@ -49,6 +49,7 @@ class SessionSample:
     received: int = 0
     accepted: int = 0
     rejected: int = 0
+    failed_attempts: int = 0  # connection attempts that failed since fabricd started
 
 
 # Reconciles take milliseconds normally; a full resync of a large cluster takes seconds.
@@ -113,6 +114,14 @@ class Metrics:
             ["peer"],
             registry=r,
         )
+        self.failed_attempts = Counter(
+            "fabric_bgp_session_failed_attempts",
+            "Connection attempts to a peer that failed (refused, reset, timed out, no OPEN, "
+            "NOTIFICATION) since start",
+            ["peer"],
+            registry=r,
+        )
+        self._failed_seen: dict[str, int] = {}
         self.rejections = Counter(
             "fabric_bgp_prefix_rejections",
             "Prefixes rejected from a peer since start",
@@ -195,6 +204,12 @@ class Metrics:
         for state in self._states:
             self.sessions.labels(state).set(counts[state])
         for s in samples:
+            seen = self._failed_seen.get(s.peer, 0)
+            if s.failed_attempts > seen:
+                self.failed_attempts.labels(s.peer).inc(s.failed_attempts - seen)
+            elif s.peer not in self._failed_seen:
+                self.failed_attempts.labels(s.peer)  # the series exists from the start
+            self._failed_seen[s.peer] = max(seen, s.failed_attempts)
             self.received.labels(s.peer).set(s.received)
             self.accepted.labels(s.peer).set(s.accepted)
             self.rejected.labels(s.peer).set(s.rejected)

@@ -12,8 +12,8 @@
 - ``admit`` (the CNI ADD's gate) returns once a batch that started after the call has been
   written: the pod's map entries, chains and set memberships are in the kernel.
 - Failure: the table keeps what it had (nft transactions are atomic); ``problem`` holds the
-  reason, /readyz fails with it, and the next batch (at the latest the resync) reads the
-  kernel and repairs. etcd down: nothing changes, enforcement stays as programmed.
+  reason, /readyz fails with it, and a batch that reads the kernel and repairs is retried
+  after 0.5 s, doubling up to 10 s (or sooner, at the next change). etcd down: nothing changes, enforcement stays as programmed.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ log = logging.getLogger("fabric.agent.policy")
 PREFIXES = (NETWORKPOLICIES, NAMESPACES, PODS)
 DEBOUNCE = 0.005  # a batch right after another waits this long to coalesce a burst
 ADMIT_TIMEOUT = 30.0  # below the CNI request timeout (50 s)
+RETRY_MIN, RETRY_MAX = 0.5, 10.0  # seconds before a failed batch is retried (doubling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +165,7 @@ class PolicyAgent:
     async def run(self) -> None:
         """The programmer task, with its periodic resync; runs until cancelled."""
         resync = asyncio.create_task(self._resync_timer(), name="policy resync")
+        retry = RETRY_MIN
         try:
             while True:
                 await self._dirty.wait()
@@ -176,11 +178,14 @@ class PolicyAgent:
                 try:
                     await self.program()
                 except Exception as e:
-                    log.error("%s; retrying at the next change or resync", self.problem)
+                    log.error("%s; retrying in %.1f s", self.problem, retry)
+                    asyncio.get_running_loop().call_later(retry, self.resync)
+                    retry = min(retry * 2, RETRY_MAX)
                     for w in waiters:
                         if not w.done():
                             w.set_exception(RuntimeError(str(e)))
                     continue
+                retry = RETRY_MIN
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)

@@ -24,13 +24,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from bgp.model import Session, SessionState
-from bgp.rib import PeerStats
+from bgp.rib import PeerStats, Rib
 from bgp.sessions import SessionStatus
+from bgp.speaker import Speaker
 from fabric.agent.metrics import Metrics, SessionSample
 from fabric.agent.registration import Registration
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
@@ -66,6 +67,23 @@ class NodeView:
     peers: tuple[bool, str] = (True, "")  # required peers up, and what /readyz says of them
 
 
+def node_view(node: str, sessions: Iterable[Session], speaker: Speaker, rib: Rib,
+              converged: bool, own_blocks: int | None, peers: tuple[bool, str]) -> NodeView:  # fmt: skip
+    """The view of the planned ``sessions`` as the speaker and the RIB see them now;
+    ``peers``: the /readyz required-peers check."""
+    status = speaker.sessions_status()
+    return NodeView(
+        node=node,
+        sessions=tuple((s, status.get(s.peer_ip), rib.stats(s.peer_ip)) for s in sessions),
+        speaker_pid=speaker.pid,
+        speaker_restarts=speaker.restarts,
+        announcements=tuple(sorted(str(a.prefix) for a in speaker.announced())),
+        converged=converged,
+        own_blocks=own_blocks,
+        peers=peers,
+    )
+
+
 def build(view: NodeView, counts: RouteStats, items: list[dict[str, Any]],
           learned: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The status document; ``items`` is the route list (``route_items``), ``learned`` the
@@ -88,6 +106,12 @@ def build(view: NodeView, counts: RouteStats, items: list[dict[str, Any]],
                 "received": stats.received,
                 "accepted": stats.accepted,
                 "rejected": stats.rejected,
+                # the current run of connection attempts while the session is not up
+                "attempts": st.attempts if st is not None else 0,
+                "connectingSince": st.connecting_since if st is not None else None,
+                "lastFailure": st.last_failure if st is not None else "",
+                "hint": st.hint if st is not None else "",
+                "failedAttempts": st.failures if st is not None else 0,
             }
         )
     return {
@@ -150,7 +174,13 @@ def learned_section(best: Mapping[IPNetwork, frozenset[Any]]) -> dict[str, Any]:
 def update_metrics(m: Metrics, doc: dict[str, Any], own_blocks: int | None) -> None:
     m.set_sessions(
         SessionSample(
-            s["peerIP"], s["type"], s["state"], s["received"], s["accepted"], s["rejected"]
+            s["peerIP"],
+            s["type"],
+            s["state"],
+            s["received"],
+            s["accepted"],
+            s["rejected"],
+            s["failedAttempts"],
         )
         for s in doc["sessions"]
     )

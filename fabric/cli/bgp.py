@@ -30,6 +30,7 @@ from fabric.cli.common import (
 )
 from fabric.cli.common import progress as note
 from fabric.cli.output import boxed, properties, table
+from fabric.cli.status_text import render_routes, render_status, since, summary
 from fabric.errors import CLIError
 from fabric.resources import bgp as rb
 from fabric.resources import documents as ry
@@ -58,8 +59,6 @@ _CONFIG_OPTIONS = {
 _CLEARABLE = {"advertise": "prefixAdvertisements", "community": "communities",
               "service-cluster-ip": "serviceClusterIPs",
               "service-external-ip": "serviceExternalIPs", "import-cidr": "importCIDRs"}  # fmt: skip
-_STATUS_HEADERS = ["PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO"]
-_DAY = 86400.0
 
 
 def _bgp(s: Services) -> BGPStore:
@@ -190,7 +189,7 @@ def peer_show(ctx: click.Context, name: str, fmt: str) -> None:
         if not sessions:
             return head
         now = time.time()
-        rows = [[x["node"], x.get("type"), x.get("state"), _since(x.get("since"), now),
+        rows = [[x["node"], x.get("type"), x.get("state"), since(x.get("since"), now),
                  x.get("info")] for x in sessions]  # fmt: skip
         return head + "\n\n" + table(["NODE", "PEER TYPE", "STATE", "SINCE", "INFO"], rows)
 
@@ -323,87 +322,6 @@ def config_set(ctx: click.Context, /, fmt: str, **opts: Any) -> None:
     _show_config(run(ctx, lambda s: _bgp(s).update_config(change)), fmt)
 
 
-# status documents ----------------------------------------------------------------------------
-
-
-def _since(ts: object, now: float) -> str:
-    """HH:MM:SS local time, or the date when more than a day ago (as calicoctl/BIRD)."""
-    if not isinstance(ts, int | float) or isinstance(ts, bool):
-        return "" if ts is None else str(ts)
-    fmt = "%Y-%m-%d" if now - ts > _DAY else "%H:%M:%S"
-    return time.strftime(fmt, time.localtime(ts))
-
-
-def _ago(ts: object, now: float) -> str:
-    if not isinstance(ts, int | float) or isinstance(ts, bool):
-        return "at an unknown time"
-    age = max(0, int(now - ts))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if age >= size:
-            return f"{age // size}{unit} ago"
-    return f"{age}s ago"
-
-
-def _n(count: object, word: str) -> str:
-    return f"{count} {word}" + ("" if count == 1 else "s")
-
-
-def _summary(doc: Status, now: float) -> list[tuple[str, object]]:
-    """What a node's status document says, in a few lines (``node show``, ``bgp status``)."""
-    sp = doc.get("speaker") or {}
-    speaker = (f"running (pid {sp.get('pid')}, {sp.get('restarts', 0)} restarts)"
-               if sp.get("running") else f"NOT running ({sp.get('restarts', 0)} restarts)")  # fmt: skip
-    sessions = doc.get("sessions") or []
-    up = sum(1 for x in sessions if x.get("state") == "up")
-    required = [x for x in sessions if x.get("required")]
-    req_up = sum(1 for x in required if x.get("state") == "up")
-    rt = doc.get("routes") or {}
-    return [("fabricd", f"running, status updated {_ago(doc.get('updated'), now)}"),
-            ("BGP speaker", speaker),
-            ("BGP sessions", f"{len(sessions)}, {up} up; {req_up} of {len(required)} required up"),
-            ("Routes installed", f"{rt.get('installed', 0)} ({_n(rt.get('blackholes', 0), 'blackhole')})")]  # fmt: skip
-
-
-def _absent(name: str, known: bool) -> str:
-    why = "fabricd is not running" if known else "unknown node, or fabricd is not running there"
-    return f"Node {name}: no status published ({why})."
-
-
-def render_status(name: str, doc: Status | None, known: bool, now: float) -> str:
-    """``calicoctl node status`` for one node: IPv4 and IPv6 session tables."""
-    if doc is None:
-        return _absent(name, known)
-    if "error" in doc:
-        return f"Node {name}: {doc['error']}"
-    lines = [f"Node {name}:", properties((f"  {k}", v) for k, v in _summary(doc, now))]
-    sessions = doc.get("sessions") or []
-    for family, label in ((4, "IPv4"), (6, "IPv6")):
-        rows = [[x.get("peerIP"), x.get("type"), x.get("state"), _since(x.get("since"), now),
-                 x.get("info")] for x in sessions
-                if (6 if ":" in str(x.get("peerIP")) else 4) == family]  # fmt: skip
-        lines += ["", f"{label} BGP status",
-                  boxed(_STATUS_HEADERS, rows) if rows else f"No {label} peers found."]  # fmt: skip
-    return "\n".join(lines)
-
-
-def render_routes(name: str, doc: Status | None, known: bool) -> str:
-    if doc is None:
-        return _absent(name, known)
-    if "error" in doc:
-        return f"Node {name}: {doc['error']}"
-    rt = doc.get("routes") or {}
-    items = rt.get("items") or []
-    lines = [f"Node {name}: {_n(rt.get('installed', len(items)), 'route')} installed "
-             f"({_n(rt.get('blackholes', 0), 'blackhole')})"]  # fmt: skip
-    rows = [[r.get("dst"), r.get("type"), ",".join(str(v) for v in r.get("via") or ()),
-             r.get("dev")] for r in items]  # fmt: skip
-    lines.append(table(["DESTINATION", "TYPE", "VIA", "DEV"], rows))
-    if rt.get("truncated"):
-        lines.append(f"(list truncated by fabricd: {len(items)} of {rt.get('installed', '?')} "
-                     "routes shown)")  # fmt: skip
-    return "\n".join(lines)
-
-
 async def _statuses(s: Services, node: str | None) -> tuple[dict[str, Status], list[str], set[str]]:
     """Status documents by node, the nodes to show, and which of them exist."""
     bs = _bgp(s)
@@ -474,7 +392,7 @@ def node_show(ctx: click.Context, name: str, fmt: str) -> None:
         if st is None or "error" in st:
             items.append(("fabricd", st["error"] if st else "no status published (not running)"))
         else:
-            items += _summary(st, time.time())
+            items += summary(st, time.time())
         return properties(items)
 
     emit({**ry.node_resource(n), "status": st}, fmt, render)

@@ -3,7 +3,7 @@
 Ownership is by route protocol number: a RouteTable writes, replaces and deletes only routes
 carrying its ``proto`` in its ``table``, and a route of any other protocol at a prefix it wants
 is reported as a conflict, never replaced. Design, invariants and failure handling:
-docs/routes.md.
+docs/design/routes.md.
 
 Typical use by the agent::
 
@@ -130,6 +130,9 @@ class RouteTable:
         self._running = False
         self._burst: asyncio.TimerHandle | None = None  # GC paused: the check that resumes it
         self._burst_since = self._last_set = 0.0
+        # (generation, blackholes, devices): stats() walks 100k installed routes only when
+        # they changed, not at every status publish of an idle node
+        self._counted = (-1, 0, 0)
 
     # ------------------------------------------------------------------ desired state
 
@@ -194,10 +197,15 @@ class RouteTable:
         return frozenset(self._dirty)
 
     def stats(self) -> RouteStats:
+        gen, blackholes, devices = self._counted
+        if gen != self._generation:  # counted again only when a flush or dump changed them
+            blackholes = sum(r.blackhole for r in self._installed.values())
+            devices = sum(r.dev is not None for r in self._installed.values())
+            self._counted = (self._generation, blackholes, devices)
         return RouteStats(
             installed=len(self._installed),
-            blackholes=sum(r.blackhole for r in self._installed.values()),
-            devices=sum(r.dev is not None for r in self._installed.values()),
+            blackholes=blackholes,
+            devices=devices,
             pending=len(self._dirty),
             failed=len(self._failed),
             conflicts=sum(dst in self._foreign for dst in self._failed),

@@ -25,7 +25,7 @@ port name and protocol) and family, so they survive element changes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, collapse_addresses
 
@@ -47,6 +47,7 @@ from fabric.policy.model import (
 from fabric.resources.policy_model import (
     NAMESPACE_NAME_LABEL,
     IPBlock,
+    LabelSelector,
     Namespace,
     NetworkPolicy,
     Peer,
@@ -89,6 +90,7 @@ class _Builder:
     sets: dict[str, SetSpec]
     by_namespace: dict[str, list[Endpoint]]
     rules: dict[tuple[str, int, Direction], Rule]  # rules that do not depend on the target
+    label_index: dict[tuple[str, str], list[Endpoint]] | None = None  # built on first use
 
     def namespace_labels(self, ns: str) -> Mapping[str, str]:
         return self.ns_labels.get(ns) or {NAMESPACE_NAME_LABEL: ns}
@@ -126,12 +128,28 @@ class _Builder:
         else:
             in_scope = {ns for ns in self.by_namespace
                         if selectors.matches(nsel, self.namespace_labels(ns))}  # fmt: skip
-        members = [e for ns in sorted(in_scope) for e in self.by_namespace[ns]
-                   if psel is None or selectors.matches(psel, e.labels)]  # fmt: skip
+        members = self.members(in_scope, psel)
         for name, fam, kind in ((names[0], 4, "addr4"), (names[1], 6, "addr6")):
             ips = [ip for e in members for ip in e.ips if ip.version == fam]
             self._add(name, kind, ips, definition)
         return names
+
+    def members(self, namespaces: set[str], sel: LabelSelector | None) -> list[Endpoint]:
+        """Endpoints of ``namespaces`` matched by ``sel`` (None/empty: all of them). With
+        matchLabels, only the shortest posting list of the label index is scanned."""
+        if sel is None or sel.empty:
+            return [e for ns in sorted(namespaces) for e in self.by_namespace[ns]]
+        if sel.match_labels:
+            if self.label_index is None:
+                self.label_index = {}
+                for e in self.endpoints:
+                    for kv in e.labels.items():
+                        self.label_index.setdefault(kv, []).append(e)
+            candidates = min((self.label_index.get(kv, []) for kv in sel.match_labels), key=len)
+            return [e for e in candidates
+                    if e.namespace in namespaces and selectors.matches(sel, e.labels)]  # fmt: skip
+        return [e for ns in sorted(namespaces) for e in self.by_namespace[ns]
+                if selectors.matches(sel, e.labels)]  # fmt: skip
 
     def named_port_sets(self, name: str, protocol: Protocol) -> list[str]:
         definition = f"named port {name}/{protocol}"
@@ -197,9 +215,11 @@ def compile(
     namespaces: Iterable[Namespace],
     endpoints: Iterable[Endpoint],
     local_node: str | None,
+    only: Collection[str] | None = None,
 ) -> Compiled:
-    """Rules for every endpoint on ``local_node`` (every endpoint when None); every
-    endpoint, local or remote, feeds the selector and named-port sets."""
+    """Rules for every endpoint on ``local_node`` (every endpoint when None; of those, only
+    the keys in ``only`` when given, as trace() does); every endpoint, local or remote,
+    feeds the selector and named-port sets."""
     pols = sorted(policies, key=lambda p: p.key)
     eps = sorted(endpoints, key=lambda e: e.key)
     by_ns: dict[str, list[Endpoint]] = {}
@@ -211,7 +231,9 @@ def compile(
     b = _Builder(eps, {n.name: n.labels for n in namespaces}, {}, by_ns, {})
     out: dict[str, EndpointRules] = {}
     for e in eps:
-        if local_node is not None and e.node != local_node:
+        if (local_node is not None and e.node != local_node) or (
+            only is not None and e.key not in only
+        ):
             continue
         dirs: dict[Direction, DirectionRules | None] = {}
         for d in (Direction.INGRESS, Direction.EGRESS):

@@ -24,9 +24,10 @@ def requirement_matches(r: Requirement, labels: Mapping[str, str]) -> bool:
 
 
 def matches(sel: LabelSelector, labels: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in sel.match_labels) and all(
-        requirement_matches(r, labels) for r in sel.match_expressions
-    )
+    for k, v in sel.match_labels:  # loops, not all(): this runs per endpoint per selector
+        if labels.get(k) != v:
+            return False
+    return all(requirement_matches(r, labels) for r in sel.match_expressions)
 
 
 def canonical(sel: LabelSelector) -> str:

@@ -269,7 +269,8 @@ def trace(policies: Iterable[NetworkPolicy], namespaces: Iterable[Namespace],
     select the source (egress) and the destination (ingress)."""
     pols = sorted(policies, key=lambda p: p.key)
     eps = list(endpoints)
-    compiled = compile_policies(pols, namespaces, eps, None)
+    probe = {_key_of(eps, src), _key_of(eps, dst)}  # only these two need rules
+    compiled = compile_policies(pols, namespaces, eps, None, only=probe)
     v = verdict(compiled, src, dst, port, protocol)
     by_key = {e.key: e for e in eps}
     checks: list[PolicyCheck] = []
@@ -280,6 +281,21 @@ def trace(policies: Iterable[NetworkPolicy], namespaces: Iterable[Namespace],
         for p in pols:
             checks.append(_policy_check(p, d, ep, dv))
     return Trace(v, tuple(checks))
+
+
+def _key_of(eps: list[Endpoint], who: str | IPAddress) -> str:
+    """The endpoint key ``who`` names (a key, or an address of an endpoint), else itself."""
+    addr: IPAddress
+    if isinstance(who, str):
+        if "/" in who or who == HOST:
+            return who
+        try:
+            addr = ip_address(who)
+        except ValueError:
+            return who
+    else:
+        addr = who
+    return next((e.key for e in eps if addr in e.ips), str(addr))
 
 
 def _policy_check(

@@ -144,6 +144,9 @@ def decode(doc: Mapping[str, Any], where: str = "") -> PolicyObject:
     assert namespace is not None
     if kind == POD:
         return Pod(namespace, name, labels, _pod_ports(c, doc.get("spec")))
+    for k in doc:
+        if k not in ("apiVersion", "kind", "metadata", "spec", "status"):
+            raise c.bad(str(k), "unknown field (known: apiVersion, kind, metadata, spec)")
     spec = doc.get("spec")
     if spec is None:
         spec = {}

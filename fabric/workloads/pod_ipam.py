@@ -16,9 +16,11 @@ from typing import Any
 
 from cni.result import IPAddress, IPInterface
 from cni.spec import Env, IPAMConf
-from ipam.allocator import Allocator, AssignedIP, AssignRequest
+from ipam.allocator import Allocator
 from ipam.batch import BatchingAllocator
+from ipam.commit import AssignedIP
 from ipam.errors import IPAMError, ValidationError
+from ipam.request import AssignRequest
 
 
 def handle_id(network: str, container_id: str, ifname: str) -> str:

@@ -1,6 +1,7 @@
 """The CNI verbs, as fabricd runs them: one small function per verb, like the reference
 plugins, on top of PodIPAM (addresses), the Dataplane (veth pair, addresses and routes in
-the pod) and the agent's RouteTable (the host route ``<pod>/32 dev <veth>``, owned by fabricd).
+the pod) and the agent's RouteTable (the host route ``<pod>/32 dev <veth>``, owned by
+fabricd); the last two are protocols (``fabric.workloads.deps``).
 
 Contracts (docs/design/cni.md has the whole story):
 
@@ -29,48 +30,25 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from dataclasses import replace
+from typing import TypeVar
 
 from cni.errors import CNIError, Code
 from cni.result import IPAddress, IPInterface
 from cni.spec import VALID_ATTACHMENTS, NetConf, Request, Verb
 from fabric.dataplane import attachment as att
-from fabric.dataplane import pods as dp
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
-from fabric.dataplane.route_table import RouteTable
 from fabric.workloads.checks import check_netns, check_result
-from fabric.workloads.pending import PendingDel, PendingDir, Sweeper
-from fabric.workloads.pod_ipam import Owner, PodIPAM
+from fabric.workloads.deps import Deps
+from fabric.workloads.pending import PendingDel, Sweeper
+from fabric.workloads.pod_ipam import Owner
 from fabric.workloads.results import ipam_result, render_result, result_of
-from fabric.workloads.state import Phase, Record, StateDir
+from fabric.workloads.state import Phase, Record
 from fabric.workloads.tasks import KeyedLocks, finish, finish_all
 
 DEFAULT_MTU = 1500
 Undo = Callable[[], Awaitable[object]]
 T = TypeVar("T")
-
-
-class PolicyGate(Protocol):
-    """The agent's NetworkPolicy programmer, as the verbs see it."""
-
-    async def admit(self, rec: Record, cni_labels: str) -> None:
-        """Return once the endpoint of ``rec`` is programmed; raise when it cannot be."""
-
-    def release(self, handle: str) -> None:
-        """Forget the attachment ``handle`` (its entries go with the next batch)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Deps:
-    node: str
-    ipam: PodIPAM
-    dataplane: dp.Dataplane
-    routes: RouteTable
-    state: StateDir
-    datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
-    pending: PendingDir | None = None  # DELs recorded by the plugin while fabricd was down
-    policy: PolicyGate | None = None  # None: no NetworkPolicy enforcement (tests)
 
 
 class Workloads:

@@ -1,4 +1,5 @@
-"""`python -m lab.bench NAME [--quick]`: run one benchmark (or `all`); last line is JSON.
+"""`python -m lab.bench NAME [--quick] [--load]`: run one benchmark (or `all`); last line is
+JSON. `--load` (routes only): one core kept busy by an unrelated process while it measures.
 
 `all` (`make bench`) runs every benchmark in turn, a failing one does not stop the rest;
 each result is appended to lab/out/bench.jsonl as it comes. Then one JSON line per result
@@ -18,7 +19,7 @@ from typing import Any
 
 from lab.bench import report
 
-BENCHES = ["ipam", "routes", "converge", "cni", "policy"]
+BENCHES = ["ipam", "routes", "converge", "cni", "netlink", "policy"]
 LONG = ["soak"]  # not in `all`: 10 minutes by default
 OUT = Path(__file__).resolve().parent.parent / "out"
 
@@ -28,13 +29,20 @@ def main() -> int:
     p.add_argument("name", choices=[*BENCHES, *LONG, "all"])
     p.add_argument("--quick", action="store_true", help="a short smoke run (used by make test)")
     p.add_argument("--minutes", type=float, help="soak: how long (default 10, --quick 1)")
+    p.add_argument(
+        "--load", action="store_true", help="routes only: keep one core busy while measuring"
+    )
     args = p.parse_args()
+    if args.load and args.name != "routes":
+        p.error(f"--load: only the routes benchmark takes it, not {args.name}")
     if args.name == "all":
         return run_all(args.quick)
     mod = importlib.import_module(f"lab.bench.{args.name}")
-    extra = {"minutes": args.minutes} if args.minutes is not None else {}
+    extra: dict[str, object] = {"minutes": args.minutes} if args.minutes is not None else {}
     if extra and args.name not in LONG:
         p.error("--minutes is for soak only")
+    if args.load:
+        extra["load"] = True
     print(json.dumps(mod.run(quick=args.quick, **extra)))
     return 0
 

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ipam.allocator import Allocator, AssignRequest
+from ipam.allocator import Allocator
 from ipam.batch import BatchingAllocator
 from ipam.gc import Maintenance
 from ipam.pool import Pool
+from ipam.request import AssignRequest
 from ipam.resources import Node
 from ipam.store import Cmp, Op, Store
 from lab.etcd import EtcdCluster

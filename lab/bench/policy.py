@@ -191,6 +191,8 @@ class Bench:
     # ------------------------------------------------------------------ phases
     def base(self) -> None:
         progress("no policy: iperf3, connection rate, CNI ADDs")
+        for host in (CLIENT_HOST, SERVER_HOST):
+            self.settle(host)
         self.row["tput_base_gbps"] = self.tput()
         self.row["conn_base_per_s"], self.row["conn_base_failed"] = self.conn_rate()
         self.row["add_base_p50_ms"] = self.adds(self.size["adds"])
@@ -260,6 +262,14 @@ class Bench:
                 return
         raise LabError(f"fabricd in {host} still busy after {timeout:.0f} s")
 
+    def note_batches(self, what: str, before: tuple[float, int]) -> None:
+        """The mean duration of node3's policy batches since ``before`` (fabricd's own
+        clock: compile, render, nft), to split the timings."""
+        after = batches(self.lab, SERVER_HOST)
+        n = after[1] - before[1]
+        self.row[f"{what}_batches"] = n
+        self.row[f"{what}_batch_mean_ms"] = round((after[0] - before[0]) / n * 1000, 2) if n else 0
+
     def apply_samples(self) -> None:
         progress(f"apply: {self.size['samples']} policies applied until enforced on {SERVER_HOST}")
         doc = netpol.substitute({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -271,10 +281,12 @@ class Bench:
                             "ports": [{"protocol": "TCP", "port": 80}]}]}}, {})  # fmt: skip
         obj = decode(doc)
         samples = []
+        before = batches(self.lab, SERVER_HOST)
         for _ in range(self.size["samples"]):
             samples.append(self.flip(lambda: self.run(self.ps.apply([obj]))))
             self.run(self.ps.delete("NetworkPolicy", "flip", self.server_ns))
             self.wait(False)
+        self.note_batches("apply", before)
         self.row["apply_p50_ms"] = ms(samples, 0.5)
         self.row["apply_p99_ms"] = ms(samples, 0.99)
         self.row["apply_ratio"] = round(self.row["apply_p50_ms"] / self.row["floor_p50_ms"], 3)
@@ -283,6 +295,7 @@ class Bench:
         progress(f"update: {self.size['samples']} label changes until enforced")
         mon = Monitor(self.lab, SERVER_HOST)
         samples, sizes = [], []
+        before = batches(self.lab, SERVER_HOST)
         try:
             for _ in range(self.size["samples"]):
                 t0 = time.monotonic()
@@ -295,6 +308,7 @@ class Bench:
                 self.wait(False)
         finally:
             mon.stop()
+        self.note_batches("update", before)
         self.row["update_p50_ms"] = ms(samples, 0.5)
         self.row["update_p99_ms"] = ms(samples, 0.99)
         self.row["update_bytes_p50"] = int(percentile([float(x) for x in sizes], 0.5))
@@ -306,6 +320,8 @@ class Bench:
             self.row["add_policy_p50_ms"] / self.row["add_base_p50_ms"], 3)  # fmt: skip
         self.run(self.ps.label(POD, "client", load.CLIENT_NS, {"role": "client"}, ()))
         self.wait(True)
+        for host in (CLIENT_HOST, SERVER_HOST):  # the ADDs' batches done, as before the load
+            self.settle(host)
         self.row["tput_pol_gbps"] = self.tput()
         self.row["conn_pol_per_s"], self.row["conn_pol_failed"] = self.conn_rate()
         self.row["tput_ratio"] = round(self.row["tput_pol_gbps"] / self.row["tput_base_gbps"], 3)
@@ -376,6 +392,19 @@ class Monitor:
         self.proc.terminate()
         self.proc.wait(10)
         self.t.join(5)
+
+
+def batches(lab: Lab, host: str) -> tuple[float, int]:
+    """(seconds, count) of fabricd's policy batches so far on ``host`` (its histogram
+    ``fabric_reconcile_duration_seconds{reconciler="policy"}``)."""
+    _, text = lab.health(host, "/metrics")
+    got = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for k in got:
+            if line.startswith(f"fabric_reconcile_duration_seconds_{k}{{") and \
+                    'reconciler="policy"' in line:  # fmt: skip
+                got[k] = float(line.rsplit(None, 1)[1])
+    return got["sum"], int(got["count"])
 
 
 def rss_mb(pid: int) -> float:

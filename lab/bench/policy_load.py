@@ -27,7 +27,8 @@ from typing import Any
 from fabric.resources.policy_codec import decode
 from fabric.resources.policy_model import PolicyObject
 from fabric.resources.policy_store import PolicyStore
-from ipam.allocator import Allocator, AssignRequest
+from ipam.allocator import Allocator
+from ipam.request import AssignRequest
 from ipam.store import EventType, Store
 
 CLIENT_NS = "bench"

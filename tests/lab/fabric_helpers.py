@@ -17,7 +17,8 @@ from lab.runner import Lab
 
 ALLOC = """
 import asyncio, json, sys
-from ipam.allocator import Allocator, AssignRequest
+from ipam.allocator import Allocator
+from ipam.request import AssignRequest
 from ipam.store import Store
 async def main(eps, node, handle, v4, v6, pool):
     async with Store(eps.split(','), '/fabric/v1') as s:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from fabric_helpers import fabric_lab
 
-from lab import pods
+from lab import pods, procs
 from lab.control import BIN
 from lab.pods import Flows, Pod, Probe
 from lab.runner import Lab
@@ -80,10 +80,12 @@ asyncio.run(main(*sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
+def lab(make_lab) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
     lab = fabric_lab(make_lab, "two-rack")
     pods.install(lab, list(HOSTS))
-    return lab
+    yield lab
+    for m in lab.etcd.members if lab.etcd else ():  # reaped: some are restarted here
+        m.stop(timeout=3)
 
 
 def store(lab: Lab, verb: str, docs: list[Any]) -> None:
@@ -183,35 +185,48 @@ def test_deny_all_blocks_pods_not_the_host_probe(
     print(f"deny-all enforced {took * 1000:.0f} ms after the etcd write (incl. probe timeouts)")
 
 
+@pytest.mark.parametrize("node", ["node3", "node1"])  # the server's host, the client's
 def test_sigkill_restart_neither_opens_nor_blocks(
-    lab: Lab, world: dict[str, Pod], clean: None
+    lab: Lab, world: dict[str, Pod], clean: None, node: str
 ) -> None:
     web, other, db = world["web"], world["other"], world["db"]
     store(lab, "apply", [policy("db-deny"), policy("db-allow", FROM_WEB)])
     until(lambda: http(web, db.ip) and not http(other, db.ip), what="the policy")
-    before = table(lab, "node3")
+    before = table(lab, node)
     denied = Probe(lab, other, db.ip)
     try:
         with Flows(lab, [(web, db)]) as flows:
-            for node in ("node3", "node1"):
-                lab.stop_fabricd(node, signal.SIGKILL)
-                time.sleep(1.0)  # no fabricd at all for a while
-                lab.start_fabricd(node)
-                lab.wait_for(lambda n=node: lab.health(n)[0] == 200, 60,
-                             what=f"fabricd in {node} ready")  # fmt: skip
-            time.sleep(1.0)
+            lab.stop_fabricd(node, signal.SIGKILL)
+            time.sleep(1.0)  # no fabricd at all for a while
+            lab.start_fabricd(node)
+            lab.wait_for(lambda: lab.health(node)[0] == 200, 60, what=f"fabricd in {node} ready")
+            settle(lab)
         loss = flows.stop()
     finally:
         sent, lost, _ = denied.stop()
-    logs = {n: [line for line in (lab.dir / n / "fabricd.out").read_text().splitlines()
-                if "policy" in line] for n in ("node1", "node3")}  # fmt: skip
-    assert not flows.lossy(), f"an allowed flow lost packets across restarts: {loss} {logs}"
+    log = (lab.dir / node / "fabricd.out").read_text().splitlines()
+    adopted = [line for line in log if "policy table adopted" in line]
+    assert adopted[-1].endswith("the kernel already held it"), adopted
+    # The table is not touched across the restart (above: nothing written at adoption). On
+    # this shared machine (load average 11-19) restarts lost 1-4 pings (<= 0.2 s) in 6 of 10
+    # runs, and the same restarts with no policy object at all lost 3 in the one control run:
+    # the bound is that, not zero.
+    assert all(v.window <= 0.5 for v in loss.values()), f"allowed flow: {loss}"
     assert sent > 10 and lost == sent, f"a denied flow got through: {sent - lost} replies"
-    after = table(lab, "node3")
+    after = table(lab, node)
     assert chains(after) == chains(before)
     # adopted, not rewritten: the allowing rule's counter kept counting from where it was
     label = "default/db-allow ingress[0]"
-    assert rule_packets(after, label) >= rule_packets(before, label) > 0
+    assert rule_packets(after, label) >= rule_packets(before, label)
+    if node == "node3":
+        assert rule_packets(before, label) > 0
+
+
+def settle(lab: Lab) -> None:
+    """Every router's BGP sessions Established again, then a second of steady state."""
+    for r in (*lab.nodes("frr"), *lab.nodes("bird")):
+        lab.wait_for(lambda r=r: lab.established(r), 60, what=f"BGP sessions of {r}")
+    time.sleep(1.0)
 
 
 def chains(doc: dict[str, Any]) -> set[str]:
@@ -311,3 +326,29 @@ def test_add_is_fail_closed(lab: Lab, world: dict[str, Pod], clean: None) -> Non
                      new.ip, count=1)  # fmt: skip
     pods.delete(lab, new)
     store(lab, "delete", [["Pod", "default", name]])
+
+
+def test_etcd_down_enforcement_stays(lab: Lab, world: dict[str, Pod], clean: None) -> None:
+    """Every etcd member stopped: the table stays as programmed (allowed still allowed,
+    denied still denied, for 5 s); etcd back: a change applies again."""
+    web, other, db = world["web"], world["other"], world["db"]
+    store(lab, "apply", [policy("db-deny"), policy("db-allow", FROM_WEB)])
+    until(lambda: http(web, db.ip) and not http(other, db.ip), what="the policy")
+    etcd = lab.etcd
+    assert etcd is not None
+    try:
+        for m in etcd.members:
+            m.stop(timeout=3)
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            assert http(web, db.ip) and not http(other, db.ip)
+    finally:
+        node = lab.nodes("etcd")[0]
+        for m in etcd.start_stopped(30):
+            assert m.proc is not None
+            argv = [str(a) for a in m.proc.args]  # type: ignore[union-attr]
+            lab.state.add_proc(procs.record(m.proc.pid, argv[4:], m.netns or "", node,
+                                            f"etcd-{m.name}"))  # fmt: skip
+    lab.wait_for(lambda: lab.health("node3")[0] == 200, 60, what="node3 ready after etcd")
+    store(lab, "delete", [["NetworkPolicy", "default", "db-allow"]])
+    until(lambda: not http(web, db.ip), timeout=30, what="a change after etcd came back")

@@ -32,7 +32,7 @@ OUT = Path(__file__).resolve().parents[3] / "lab" / "out"
 
 
 @pytest.fixture(scope="module")
-def world(make_lab, request) -> Iterator[netpol.World]:  # type: ignore[no-untyped-def]
+def world(make_lab) -> Iterator[netpol.World]:  # type: ignore[no-untyped-def]
     lab: Lab = fabric_lab(make_lab, "two-rack")
     w = netpol.World(lab)
     try:
@@ -40,22 +40,19 @@ def world(make_lab, request) -> Iterator[netpol.World]:  # type: ignore[no-untyp
         yield w
     finally:
         w.close()
-        _report(request)
 
 
-def _report(request: pytest.FixtureRequest) -> None:
+def summary() -> str:
+    """The tally line (conftest.py prints it at the end of the run) and its JSON file."""
     cases = TALLY["cases"]
     if not cases:
-        return
+        return ""
     passed = sum(1 for v in cases.values() if v == "passed")
     skipped = sum(1 for v in cases.values() if v.startswith("skipped"))
-    line = (f"netpol conformance: {passed}/{len(cases) - skipped} cases passed"
-            f" ({skipped} skipped), {TALLY['cells_ok']}/{TALLY['cells']} cells as expected")  # fmt: skip
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "netpol-conformance.json").write_text(json.dumps(TALLY, indent=1) + "\n")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("\n" + line)
+    return (f"netpol conformance: {passed}/{len(cases) - skipped} cases passed"
+            f" ({skipped} skipped), {TALLY['cells_ok']}/{TALLY['cells']} cells as expected")  # fmt: skip
 
 
 def test_model_is_up(world: netpol.World) -> None:
