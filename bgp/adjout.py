@@ -23,7 +23,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from bgp import codec
@@ -66,16 +66,22 @@ class AdjRibOut:
         self.eor_due: dict[IPAddress, list[str]] = {}
         self.refresh_due: list[str] = []
 
-    def resync(self, refresh: Iterable[str] = ()) -> None:
+    def resync(
+        self, refresh: Iterable[str] = (), eors: Mapping[IPAddress, Iterable[str]] | None = None
+    ) -> None:
         """What ExaBGP holds is unknown (commands or acks were lost): send every desired
-        route again (ExaBGP drops exact duplicates), withdraw all else that was sent, and
-        queue the ``refresh`` commands (route-refresh requests)."""
+        route again (ExaBGP drops exact duplicates), withdraw all else that was sent, queue
+        the ``refresh`` commands (route-refresh requests) and End-of-RIB again for ``eors``
+        (the established sessions: an EOR in flight may have been lost with the relay, and
+        a helper would keep our routes stale until its restart timer)."""
         self.suspect |= set(self.sent)
         self.sent.clear()
         self.acked.clear()
         self.plan.clear()
         self.dirty = True
         self.refresh_due = list(refresh)
+        for peer, fams in (eors or {}).items():
+            self.eor_due[peer] = list(fams)
 
     def set_desired(self, desired: dict[IPNetwork, Advert]) -> None:
         self.desired = desired

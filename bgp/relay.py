@@ -16,7 +16,9 @@ Contract:
   ``{"type": "relay", "pid": P, "connected": true, "dropped": N}``; after drops while
   connected it sends the same with ``"connected": false``. N is cumulative.
 - It never exits while ExaBGP runs (ExaBGP stops its peers when the API process dies):
-  socket errors lead to a reconnect with backoff (50 ms doubling to 1 s). It exits on
+  socket errors lead to a reconnect with backoff (50 ms doubling to 1 s), and so does a
+  connection closed within a second (fabricd refuses the relay of an ExaBGP it does not
+  run: the old one of a fabricd that was killed, still shutting down). It exits on
   EOF on stdin (ExaBGP is gone), after trying for up to ``EOF_GRACE`` s to pass on what
   it still holds (ExaBGP's shutdown notice, for instance).
 """
@@ -198,7 +200,7 @@ class Relay:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            backoff = BACKOFF_MIN
+            connected = time.monotonic()
             self.broken = False
             reader = threading.Thread(target=self.read_socket, args=(sock,), daemon=True)
             reader.start()
@@ -212,6 +214,11 @@ class Relay:
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
                 reader.join(1.0)
+            if time.monotonic() - connected >= BACKOFF_MAX:
+                backoff = BACKOFF_MIN
+            else:  # closed at once (a fabricd that is not ours refuses us): no tight loop
+                time.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
 
 
 def log(msg: str) -> None:

@@ -9,6 +9,12 @@ Invariants:
 - At most ``WINDOW`` commands await their ack. One whose ack may come synchronously
   (eor, route-refresh, reload, show) goes alone, so acks map to commands in order;
   ``version`` (ping, barrier) is told apart by its reply line, written just before its ack.
+- Only the relay of the ExaBGP this speaker runs is served: a connection whose peer process
+  (``SO_PEERCRED``) is not a child of that ExaBGP is closed at once. After fabricd is
+  SIGKILLed its ExaBGP takes a while to stop (seconds under load) and its relay keeps
+  reconnecting to ``relay.sock``, by then the new fabricd's: served, it replaced the new
+  relay's connection, the new speaker's commands went to the dying ExaBGP and its
+  events (sessions going down) came back as if they were the new one's.
 - Each relay connection starts with a ``version`` barrier; acks before its answer are
   stale. A second connection (respawned relay) or lost lines mean ExaBGP's state is
   unknown: everything is sent again and established peers are asked for a route refresh.
@@ -23,6 +29,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
+import struct
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -82,6 +90,7 @@ class Speaker:
         self.errors = 0  # `error` acks
         self.decode_errors = 0
         self.relay_drops = 0  # lines the relay dropped (its buffer was full)
+        self.stale_relays = 0  # connections refused: not our ExaBGP's relay
         self.commands_sent = 0
         self._sessions: dict[IPAddress, Session] = {}
         self._router_id: IPAddress | None = None
@@ -282,6 +291,14 @@ class Speaker:
     # ------------------------------------------------------------------ relay socket
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parent = _peer_parent(writer)
+        if parent is not None and parent != self.pid:
+            self.stale_relays += 1
+            if self.stale_relays == 1 or self.stale_relays % 100 == 0:
+                self.log.warning("refused a relay of another ExaBGP (pid %d, ours %s): %d so "
+                                 "far", parent, self.pid, self.stale_relays)  # fmt: skip
+            writer.close()
+            return
         if self._writer is not None:
             self._writer.close()  # a respawned relay replaces the old one
         self._writer = writer
@@ -390,10 +407,14 @@ class Speaker:
         self._inflight.clear()
         self._version_acks = 0
         if self._synced_once:  # a new relay, or lost lines: ExaBGP's state is unknown
+            up = self._book.established()
             self._rib.resync(
-                codec.route_refresh_command(fam, ip)
-                for ip in self._book.established()
-                for fam in self._sessions[ip].families
+                [
+                    codec.route_refresh_command(fam, ip)
+                    for ip in up
+                    for fam in self._sessions[ip].families
+                ],
+                {ip: self._sessions[ip].families for ip in up},
             )
             self._reload.resend()
         self._synced_once = True
@@ -457,3 +478,16 @@ async def _wait(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def _peer_parent(writer: asyncio.StreamWriter) -> int | None:
+    """The parent pid of the process at the other end of a relay connection (the ExaBGP
+    that runs it), or None when the kernel does not say."""
+    sock = writer.get_extra_info("socket")
+    size = struct.calcsize("3i")
+    try:
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))[0]
+        stat = Path(f"/proc/{pid}/stat").read_text()  # "pid (comm) state ppid ..."
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (AttributeError, OSError, ValueError, IndexError, struct.error):
+        return None

@@ -11,14 +11,28 @@ would.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import yaml
 
 from lab import netpol
+from lab.runner import Lab
 
-if TYPE_CHECKING:
-    from lab.demo import Demo
+
+class Demo(Protocol):
+    """What this step uses of the demo (lab.demo.Demo), so neither imports the other's
+    class: the demo calls the step, the step prints through the demo."""
+
+    lab: Lab
+    ctl: list[str]
+
+    def heading(self, text: str) -> None: ...
+
+    def run(self, node: str, argv: list[str], show: bool = True,
+            stdin: str | None = None) -> tuple[int, str]: ...  # fmt: skip
+
+    def check(self, what: str, ok: bool) -> bool: ...
+
 
 OBJECTS: list[dict[str, Any]] = [
     netpol.namespace_doc("front", {"team": "front"}),

@@ -55,7 +55,7 @@ def _listener(kind: int, proto: int, port: int) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(addr)
     if kind == socket.SOCK_STREAM:
-        s.listen(128)
+        s.listen(4096)  # the connection-rate loop outruns a starved agent: keep its SYNs
     s.setblocking(False)
     return s
 
@@ -82,9 +82,10 @@ def serve(ports: list[int], sctp: bool) -> list[str]:
                         data, peer = s.recvfrom(2048)
                         s.sendto(data, peer)
                     else:
-                        conn, _ = s.accept()
-                        conn.close()
-                except OSError:
+                        while True:  # drain the accept queue
+                            conn, _ = s.accept()
+                            conn.close()
+                except OSError:  # BlockingIOError: drained
                     continue
 
     threading.Thread(target=loop, daemon=True).start()

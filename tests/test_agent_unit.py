@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from fabric.agent.agent import Agent
-from fabric.agent.config import RequiredPeers, parse_config
+from fabric.agent.config import parse_config
+from fabric.agent.config_values import RequiredPeers
 from fabric.agent.kernel_routes import Gateways, desired_routes, kernel_changes
 from fabric.agent.sessions import Convergence, required_peers_up
 from fabric.dataplane.netlink import KernelRoute

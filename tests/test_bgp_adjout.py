@@ -147,6 +147,20 @@ def test_fresh_neighbor_gets_everything_scoped_then_eor() -> None:
     assert cmds[3:] == ["neighbor 10.77.2.1 announce eor ipv4 unicast"]
 
 
+def test_resync_sends_end_of_rib_again_after_the_routes() -> None:
+    """A replaced relay may have swallowed an EOR in flight: every established session
+    gets one again, after the re-sent routes."""
+    rib = fresh_rib(adverts(2))
+    rib.session_up(PEER, ["ipv4 unicast"])
+    cmds = drain(rib)
+    assert cmds[-1] == "neighbor 10.77.1.1 announce eor ipv4 unicast"
+    rib.resync([], {PEER: ("ipv4 unicast",)})
+    assert drain(rib) == [
+        "announce attributes next-hop self nlri 10.100.0.0/32 10.100.0.1/32",
+        "neighbor 10.77.1.1 announce eor ipv4 unicast",
+    ]
+
+
 def test_resync_resends_all_and_withdraws_the_rest() -> None:
     rib = fresh_rib(adverts(3))
     drain(rib)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -114,3 +115,35 @@ def test_drops_oldest_when_full_and_reports_it(tmp_path: Path) -> None:
     finally:
         for fd in (r_in, r_out, w_out):
             os.close(fd)
+
+
+def test_a_connection_closed_at_once_is_retried_with_backoff(tmp_path: Path) -> None:
+    """fabricd refuses the relay of an ExaBGP it does not run (closes at once): the relay
+    retries with its backoff (50 ms doubling), not in a tight loop."""
+    path = tmp_path / "relay.sock"
+    env = {"FABRIC_RELAY_SOCKET": str(path), "PATH": os.environ.get("PATH", "")}
+    with listen(path) as srv:
+        srv.listen(64)
+        proc = subprocess.Popen(["/usr/bin/python3", "-IS", str(RELAY)],
+                                stdin=subprocess.PIPE, env=env)  # fmt: skip
+        try:
+            accepted: list[float] = []
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                srv.settimeout(max(0.01, end - time.monotonic()))
+                try:
+                    conn, _ = srv.accept()
+                except TimeoutError:
+                    break
+                accepted.append(time.monotonic())
+                conn.close()
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stdin is not None:
+                proc.stdin.close()
+    # 50 + 100 + 200 + 400 + 800 ms of backoff: 5-6 connections in 2 s (was one per
+    # round trip, thousands)
+    assert 2 <= len(accepted) <= 8, f"{len(accepted)} connections in 2 s"
+    gaps = [b - a for a, b in itertools.pairwise(accepted)]
+    assert all(g >= 0.04 for g in gaps), gaps

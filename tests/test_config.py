@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from fabric.agent import config
-from fabric.agent.config import AgentConfig, ConfigError, RequiredPeers, parse_config
+from fabric.agent.config import AgentConfig, ConfigError, parse_config
+from fabric.agent.config_values import RequiredPeers
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = """\

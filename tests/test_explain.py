@@ -1,7 +1,7 @@
 """``fabricctl explain`` against a real etcd: addresses allocated through the allocator (as
 the CNI ADD does, with namespace/pod attributes), nodes registered, and status documents
 written as fabricd publishes them; each layer broken in turn in the datastore. The lab test
-(tests/lab/test_explain.py) breaks the running fabric itself."""
+(tests/lab/test_explain_two_rack.py) breaks the running fabric itself."""
 
 from __future__ import annotations
 

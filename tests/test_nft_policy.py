@@ -114,7 +114,7 @@ def test_render_dispatch_chains_and_ports() -> None:
         "ip saddr @sel_a4 meta l4proto udp counter accept",
         "ip6 saddr @sel_a6 meta l4proto tcp th dport { 80-81, 85-90 } counter accept",
         "ip6 saddr @sel_a6 meta l4proto udp counter accept",
-        "counter drop",
+        "counter goto deny_in",
     ]  # fmt: skip
     assert chain.rules[1].comment.startswith("x/allow ingress[0] #")
     # the same rules on another endpoint share the chain: a pod ADD adds elements only
@@ -143,7 +143,7 @@ def test_render_egress_named_ports_and_refusals() -> None:
     assert texts[1:] == [
         "ip daddr . meta l4proto . th dport @np_http_tcp4 counter return",
         "ip daddr @blk_4 counter return",
-        "counter drop",
+        "counter goto deny_out",
     ]
     assert d.sets["blk_4"].elements == {"10.79.0.0/29", "10.79.0.11"}
     assert d.sets["np_http_tcp4"].elements == {"10.79.0.11 . tcp . 8080"}

@@ -17,10 +17,7 @@ import pytest
 
 from fabric.agent.health import Check, HealthServer
 from fabric.agent.metrics import Metrics
-from fabric.agent.policy_metrics import policy_samples
 from fabric.dataplane.netlink.lookup import route_get
-from fabric.dataplane.policy_table import RuleCounter
-from fabric.policy.model import Direction
 from lab import netns as labns
 
 
@@ -112,19 +109,34 @@ def test_health_server_route_endpoint(ns: str) -> None:
 
 
 def test_policy_counters_become_samples() -> None:
-    counters = [
-        RuleCounter("x/a ingress[0]", "x/a", Direction.INGRESS, 0, 5, 500),
-        RuleCounter("x/a ingress[1]", "x/a", Direction.INGRESS, 1, 2, 200),
-        RuleCounter("x/a egress[0]", "x/a", Direction.EGRESS, 0, 1, 100),
-        RuleCounter("default-deny ingress", None, None, None, 7, 700),
-        RuleCounter("default-deny egress", None, None, None, 3, 300),
-        RuleCounter("invalid ingress", None, None, None, 9, 900),
-        RuleCounter("unknown pod interface egress", None, None, None, 4, 400),
-    ]
-    assert policy_samples(counters) == {
+    """allow: per policy and direction, its rules' counters summed over chains; deny: each
+    endpoint chain's default-deny counter for every policy selecting its endpoints."""
+    from ipaddress import IPv4Address
+
+    from fabric.agent.policy_metrics import policy_samples
+    from fabric.dataplane.policy_table import endpoint_chain
+    from fabric.policy.model import Compiled, DirectionRules, EndpointRules
+
+    a_in = DirectionRules(("x/a", "x/deny"), ())
+    b_in = DirectionRules(("x/deny",), ())
+    b_out = DirectionRules(("x/a",), ())
+    compiled = Compiled({
+        "x/p": EndpointRules("x/p", "fab1", (IPv4Address("10.0.0.1"),), a_in, None),
+        "x/q": EndpointRules("x/q", "fab2", (IPv4Address("10.0.0.2"),), b_in, b_out)}, {})  # fmt: skip
+    ca, cb = (endpoint_chain(r, True, {}).name for r in (a_in, b_in))
+    co = endpoint_chain(b_out, False, {}).name
+    rows = [
+        (ca, "x/a ingress[0] #0123456789ab", 5), (cb, "x/a ingress[0] #0123456789ab", 2),
+        (ca, "x/a egress[0] #0123456789ab", 1), (ca, "default-deny ingress #0123456789ab", 7),
+        (cb, "default-deny ingress #0123456789ab", 3), (co, "default-deny egress #00000000000a", 4),
+        (ca, "invalid ingress #0123456789ab", 9), ("forward", "unknown pod interface egress #0123456789ab", 4),
+        ("gone", "default-deny ingress #0123456789ab", 8), ("deny_in", "denied log ingress #0123456789ab", 6),
+    ]  # fmt: skip
+    assert policy_samples(rows, compiled) == {
         ("x", "a", "ingress", "allow"): 7, ("x", "a", "egress", "allow"): 1,
-        ("", "", "ingress", "deny"): 7, ("", "", "egress", "deny"): 3}  # fmt: skip
+        ("x", "a", "ingress", "deny"): 7, ("x", "deny", "ingress", "deny"): 10,
+        ("x", "a", "egress", "deny"): 4}  # fmt: skip
     m = Metrics()
-    m.policy_packets.set(policy_samples(counters))
-    labels = {"namespace": "x", "policy": "a", "direction": "ingress", "verdict": "allow"}
-    assert m.registry.get_sample_value("fabric_policy_packets_total", labels) == 7
+    m.policy_packets.set(policy_samples(rows, compiled))
+    labels = {"namespace": "x", "policy": "deny", "direction": "ingress", "verdict": "deny"}
+    assert m.registry.get_sample_value("fabric_policy_packets_total", labels) == 10

@@ -6,7 +6,9 @@ node namespace through ``ip netns exec`` (which execs, so the Speaker's pid is E
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -261,6 +263,72 @@ asyncio.run(main())
             assert time.monotonic() < deadline, "ExaBGP outlived its parent"
             time.sleep(0.05)
     finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+@pytest.mark.root
+def test_relay_of_a_killed_speakers_exabgp_is_refused(topo: Topo) -> None:
+    """fabricd SIGKILLed: its ExaBGP gets SIGTERM but takes a while to stop (seconds under
+    load; here it is stopped outright), and its relay reconnects to relay.sock, by then the
+    next speaker's. That speaker must go on talking to its own ExaBGP only."""
+    script = f"""
+import asyncio, pickle, sys
+from pathlib import Path
+from bgp.speaker import Speaker
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from speaker_lab import ADVERTS, RID
+async def main():
+    sp = Speaker(Path({str(topo.dir / "node")!r}), lambda e: None, {topo.exabgp_argv()!r})
+    session = pickle.loads(bytes.fromhex({pickle.dumps(topo.session(topo.r1)).hex()!r}))
+    await sp.start([session], RID, adverts=ADVERTS[:1])
+    print(sp.pid, flush=True)
+    await asyncio.sleep(120)
+asyncio.run(main())
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              cwd=Path(__file__).parents[1])  # fmt: skip
+    rec = Recorder()
+    old = 0
+    try:
+        assert parent.stdout is not None
+        old = int(parent.stdout.readline())
+        deadline = time.monotonic() + 30
+        while topo.r1.routes() != {"10.99.1.0/26"}:
+            assert time.monotonic() < deadline, "the first speaker's route never reached r1"
+            time.sleep(0.1)
+        os.kill(old, signal.SIGSTOP)  # its SIGTERM (parent death) stays pending
+        parent.kill()
+        parent.wait()
+
+        async def run() -> None:
+            sp = speaker(topo, rec)
+            await sp.start([topo.session(topo.r1)], RID, adverts=ADVERTS[:1])
+            try:
+                failed = 0
+                for _ in range(30):  # 3 s: the old relay retries within 1 s
+                    failed += not await sp.ping(1.0)
+                    await asyncio.sleep(0.1)
+                assert failed == 0, f"{failed} of 30 pings failed: a stale relay was served"
+                assert sp.stale_relays > 0, "the old relay never came (nothing was tested)"
+                os.kill(old, signal.SIGCONT)  # it stops now, its relay gets EOF and exits
+                await until(lambda: b"Z" in proc_state(old), 20, "the old ExaBGP gone")
+                await until(lambda: established(sp, topo.r1.addr), 30, "session up")
+                await asyncio.sleep(1.0)
+                assert established(sp, topo.r1.addr), sp.sessions_status()
+                assert await sp.ping(2.0)
+                assert await sp.wait_idle(10) and sp.announced() == set(ADVERTS[:1])
+                await until(lambda: topo.r1.routes() == {"10.99.1.0/26"}, 20, "route at r1")
+            finally:
+                await sp.stop()
+
+        asyncio.run(run())
+    finally:
+        if old and Path(f"/proc/{old}").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old, signal.SIGCONT)
         parent.kill()
         parent.wait()
         if parent.stdout is not None:

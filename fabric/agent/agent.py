@@ -1,16 +1,8 @@
 """The node agent: the composition root that runs everything a node does.
 
-Start-up order (each step finishes before the next starts):
-1. config (already validated by the caller);
-2. kernel: adopt the routes that carry our protocol number (never flushed);
-3. etcd: connect, register the Node under a lease;
-4. local pods: load the CNI state dir, finish ADDs and DELs a crash interrupted;
-5. full resync: list every watched prefix, compute the intent, program blackholes and the
-   local pods' host routes (every other route of ours with a device goes);
-6. BGP: start ExaBGP with the planned sessions and the desired announcements;
-7. health server, the CNI socket, READY=1 to systemd, then the event loop: one watch per
-   prefix (with a periodic full resync), the reconciler, the route flusher, the status
-   publisher and the watchdog.
+Start-up order, event sources and reconcilers: docs/design/agent.md ("Start-up order":
+config, kernel routes adopted, etcd registration, local pods, full resync, BGP, then the
+health server, the CNI socket and the event loop; each step finishes before the next).
 
 Learned routes adopted from the kernel at start (a restart) stay installed until the RIB
 has converged: every established session has sent End-of-RIB, or the graceful-restart
@@ -52,6 +44,7 @@ from bgp.rib import Rib
 from bgp.speaker import Speaker
 from fabric.agent import systemd
 from fabric.agent.config import AgentConfig
+from fabric.agent.denied import DeniedTraffic
 from fabric.agent.diagnostics import refresh_policy_counters, route_lookup
 from fabric.agent.health import HealthServer
 from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decode
@@ -172,6 +165,12 @@ class Agent:
             cfg.policy.resync_interval,
             self.metrics.observe_reconcile,
         )
+        self.denied = DeniedTraffic(
+            cfg.node_name,
+            cfg.policy,
+            self.policy,
+            lambda k, v: self.store.put(k, v, self.registration.lease),
+        )
         self.probes = Probes(
             self.store, self.speaker, self.metrics, self._required_peers_up, self.policy.check
         )
@@ -197,7 +196,7 @@ class Agent:
             cfg.health.listen, self.probes.live, self.probes.ready, self.metrics.registry,
             route_lookup=functools.partial(route_lookup, cfg.node_name, cfg.routes.protocol),
             before_metrics=functools.partial(refresh_policy_counters, self.policy.table,
-                                             self.metrics),
+                                             self.metrics, lambda: self.policy.compiled),
         )  # fmt: skip
         self.status = StatusPublisher(self._status_view, self.routes, self.metrics, self.store,
                                       self.registration, self.rib.best)  # fmt: skip
@@ -260,6 +259,7 @@ class Agent:
             asyncio.create_task(self._kernel_resync_loop(), name="kernel resync"),
             asyncio.create_task(self.routes.run(), name="routes"),
             asyncio.create_task(self.policy.run(), name="policy"),
+            asyncio.create_task(self.denied.run(), name="denied log"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
             asyncio.create_task(self.workloads.pending.loop(), name="recorded DELs"),
         ]

@@ -15,16 +15,15 @@ import re
 import socket
 import sys
 import textwrap
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
 from bgp.model import IPAddress, IPInterface
+from fabric.agent import config_values as cv
 from fabric.agent.health import is_loopback, split_listen
 
 # Route protocol numbers the kernel reserves or other routing daemons use. fabricd owns every
@@ -37,9 +36,6 @@ TAKEN_PROTOCOLS: Mapping[int, str] = {
     18: "keepalived", 42: "babel", 99: "openr", **dict.fromkeys(range(186, 199), "FRR"),
 }
 # fmt: on
-_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-_DNS1123 = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
-_LABEL_KEY = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_./]{0,251}[A-Za-z0-9])?")
 
 
 class ConfigError(Exception):
@@ -50,11 +46,6 @@ class ConfigError(Exception):
         self.field, self.problem, self.line, self.source = field, problem, line, source
         where = f"{source}:{line}" if line else source
         super().__init__(f"{where}: field {field}: {problem}" if field else f"{where}: {problem}")
-
-
-class RequiredPeers(StrEnum):
-    AUTO = "auto"  # at least one ToR / route-reflector session up, when any is configured
-    NONE = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +85,7 @@ class RoutesConfig:
 
 @dataclass(frozen=True, slots=True)
 class BGPSettings:
-    required_peers: RequiredPeers | tuple[IPAddress, ...]
+    required_peers: cv.RequiredPeers | tuple[IPAddress, ...]
     exabgp: tuple[str, ...] | None  # None: fabricd finds ExaBGP itself
     graceful_restart_time: int
 
@@ -109,6 +100,9 @@ class CNIConfig:
 class PolicyConfig:
     cut_established: bool  # a flow the new rules deny stops at the update (default: kept)
     resync_interval: float  # seconds between full checks of table inet fabric_filter
+    denied_log_group: int = 4242  # nflog group of the denied-traffic log; -1: no log
+    denied_log_rate: int = 5  # logged denials per second per endpoint (burst: twice that)
+    denied_log_cap: int = 50  # logged denials per second per direction on the node
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,153 +132,13 @@ class AgentConfig:
     watchdog: bool
 
 
-class _Bad(Exception):
-    """A value is wrong: ``_Bad(problem, suffix="")``; the suffix narrows the field (``[2]``)."""
-
-
-Parse = Callable[[Any], Any]
-
-
-def _text(v: Any, what: str = "a string") -> str:
-    if isinstance(v, str) and v:
-        return v
-    raise _Bad("is empty" if isinstance(v, str) else f"must be {what}, not {v!r}")
-
-
-def _number(lo: float, hi: float, integer: bool = False, taken: Mapping[int, str] = {}) -> Parse:
-    def parse(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, int if integer else int | float):
-            raise _Bad(f"must be {'an integer' if integer else 'a number'}, not {v!r}")
-        if not lo <= v <= hi or v in taken:
-            why = f"taken ({taken[v]})" if v in taken else f"out of range {lo:g}..{hi:g}"
-            raise _Bad(f"{v} is {why}")
-        return v if integer else float(v)
-
-    return parse
-
-
-def _choice(*choices: Any) -> Parse:
-    def parse(v: Any) -> Any:
-        if v not in choices or isinstance(v, bool) != isinstance(choices[0], bool):
-            raise _Bad(f"{v!r} is not one of: {', '.join(str(c).lower() for c in choices)}")
-        return v
-
-    return parse
-
-
-def _list(item: Parse, allow_empty: bool = True) -> Parse:
-    def parse(v: Any) -> tuple[Any, ...]:
-        if not isinstance(v, list) or not (v or allow_empty):
-            raise _Bad("must not be empty" if v == [] else f"must be a list, not {v!r}")
-        out: list[Any] = []
-        for i, x in enumerate(v):
-            try:
-                out.append(item(x))
-            except _Bad as e:
-                raise _Bad(e.args[0], f"[{i}]{''.join(e.args[1:])}") from None
-        return tuple(out)
-
-    return parse
-
-
-def _regex(rx: re.Pattern[str], what: str) -> Parse:
-    def parse(v: Any) -> str:
-        if not rx.fullmatch(s := _text(v)):
-            raise _Bad(f"{s!r} is not {what}")
-        return s
-
-    return parse
-
-
-_dns1123 = _regex(_DNS1123, "a DNS-1123 name (lower-case letters, digits, '-' and '.')")
-
-
-def _interface(version: int | None) -> Parse:
-    def parse(v: Any) -> IPInterface:
-        try:
-            iface = ipaddress.ip_interface(s := _text(v, "an address with prefix length"))
-        except ValueError:
-            raise _Bad(f"{s!r} is not an address with prefix length") from None
-        ip, net = iface.ip, iface.network
-        if "/" not in s or (version and iface.version != version):
-            raise _Bad(f"{s!r} is not an IPv{version or ''} address with prefix length")
-        if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
-            raise _Bad(f"{ip} cannot be a node address (loopback, link-local or multicast)")
-        if net.prefixlen < net.max_prefixlen - 1 and ip == net.network_address:
-            raise _Bad(f"{s} is its subnet's network address, not a host address")
-        return iface
-
-    return parse
-
-
-def _labels(v: Any) -> dict[str, str]:
-    if not isinstance(v, dict):
-        raise _Bad(f"must be a mapping of label names to strings, not {v!r}")
-    for k, val in v.items():  # what selectors can name: see ipam.selector
-        if not _LABEL_KEY.fullmatch(k) or not isinstance(val, str) or len(val) > 63:
-            raise _Bad("needs a label name and a string of up to 63 characters", f".{k}")
-    return dict(v)
-
-
-def _address(v: Any, version: int | None = None) -> IPAddress:
-    try:
-        ip = ipaddress.ip_address(_text(v, "an IP address"))
-    except ValueError:
-        ip = None
-    if ip is None or (version and ip.version != version):
-        raise _Bad(f"{v!r} is not an IPv{version or ''} address")
-    return ip
-
-
-def _endpoint(v: Any) -> str:
-    u = urlsplit(s := _text(v, "an http(s)://host:port URL"))
-    try:
-        ok = u.scheme in ("http", "https") and bool(u.hostname) and u.port is not None
-    except ValueError:  # a port out of range
-        ok = False
-    if not ok or u.path not in ("", "/") or u.query or u.fragment or u.username:
-        raise _Bad(f"{s!r} is not an etcd endpoint (http(s)://host:port)")
-    return f"{u.scheme}://{u.netloc}"
-
-
-def _path(readable: bool = False) -> Parse:
-    def parse(v: Any) -> Path:
-        if not (p := Path(_text(v, "a path"))).is_absolute():
-            raise _Bad(f"{v!r} is not an absolute path")
-        try:
-            if readable:
-                p.open("rb").close()  # the real test: access() is wrong without DAC caps
-        except OSError as e:
-            raise _Bad(f"cannot read {p}: {e.strerror}") from None
-        return p
-
-    return parse
-
-
-def _listen(v: Any) -> str:
-    try:
-        split_listen(s := _text(v, "IP:port"))
-    except ValueError:
-        raise _Bad(f"{s!r} is not IP:port, [IPv6]:port or localhost:port") from None
-    return s
-
-
-def _required_peers(v: Any) -> RequiredPeers | tuple[IPAddress, ...]:
-    if v in ("auto", "none"):
-        return RequiredPeers(v)
-    if not isinstance(v, list) or not v:
-        raise _Bad(f"{v!r} is not auto, none or a non-empty list of peer IP addresses")
-    peers: tuple[IPAddress, ...] = _list(_address)(v)
-    return peers
-
-
 @dataclass(frozen=True, slots=True)
 class Key:
     """``default``: the YAML value used when the key is absent (None: unset); ``example``:
     shown set if required or set_example, else commented out; ``shown``: the default's text."""
 
     path: str
-    parse: Parse
+    parse: cv.Parse
     default: Any
     doc: str
     example: Any = None
@@ -295,59 +149,65 @@ class Key:
 
 # fmt: off
 KEYS: tuple[Key, ...] = (
-    Key("nodeName", _dns1123, None, "This node's name, a DNS-1123 name.", "node-1",
+    Key("nodeName", cv.dns1123, None, "This node's name, a DNS-1123 name.", "node-1",
         shown="the host name, lower-cased"),
-    Key("addresses.ipv4", _interface(4), None, "IPv4 address/prefix length of the node; one "
+    Key("addresses.ipv4", cv.interface(4), None, "IPv4 address/prefix length of the node; one "
         "of ipv4 and ipv6 is required.", "10.255.16.2/30", set_example=True),
-    Key("addresses.ipv6", _interface(6), None, "IPv6 address/prefix length.", "fd00::2/64"),
-    Key("interfaces", _list(_interface(None)), [], "More address/prefix lengths of a multi-"
+    Key("addresses.ipv6", cv.interface(6), None, "IPv6 address/prefix length.", "fd00::2/64"),
+    Key("interfaces", cv.list_of(cv.interface(None)), [], "More address/prefix lengths of a multi-"
         "homed node; BGP picks its local address per peer.", ["10.255.17.2/30"]),
-    Key("asNumber", _number(1, 2**32 - 1, True), None, "AS number.", 64512, shown="the cluster's"),
-    Key("labels", _labels, {}, "Labels (name: string) for selectors.", {"rack": "r1"}),
-    Key("routeReflectorClusterID", lambda v: str(_address(v, 4)), None, "Route reflector "
+    Key("asNumber", cv.number(1, 2**32 - 1, True), None, "AS number.", 64512, shown="the cluster's"),
+    Key("labels", cv.labels, {}, "Labels (name: string) for selectors.", {"rack": "r1"}),
+    Key("routeReflectorClusterID", lambda v: str(cv.address(v, 4)), None, "Route reflector "
         "cluster ID (dotted IPv4): makes the node a reflector.", "244.0.0.1"),
-    Key("etcd.endpoints", _list(_endpoint, allow_empty=False), None, "http(s)://host:port, "
+    Key("etcd.endpoints", cv.list_of(cv.endpoint, allow_empty=False), None, "http(s)://host:port, "
         "all with the same scheme.", ["http://127.0.0.1:2379"], required=True),
-    Key("etcd.prefix", _regex(re.compile(r"(/[^/\s]+)+"), "a key prefix like /fabric/v1"),
+    Key("etcd.prefix", cv.regex(re.compile(r"(/[^/\s]+)+"), "a key prefix like /fabric/v1"),
         "/fabric/v1", "Key prefix of the fabric's data."),
-    Key("etcd.caFile", _path(readable=True), None, "CA bundle (https endpoints).",
+    Key("etcd.caFile", cv.path(readable=True), None, "CA bundle (https endpoints).",
         "/etc/fabric/etcd-ca.pem", shown="the system's CAs"),
-    Key("etcd.certFile", _path(readable=True), None, "Client certificate (with keyFile).",
+    Key("etcd.certFile", cv.path(readable=True), None, "Client certificate (with keyFile).",
         "/etc/fabric/etcd-client.pem"),
-    Key("etcd.keyFile", _path(readable=True), None, "Client key (with certFile).",
+    Key("etcd.keyFile", cv.path(readable=True), None, "Client key (with certFile).",
         "/etc/fabric/etcd-client-key.pem"),
-    Key("etcd.timeout", _number(0.1, 300), 5.0, "Seconds to keep trying etcd per request."),
-    Key("health.listen", _listen, "127.0.0.1:9099", "Health/metrics server: IP:port, "
+    Key("etcd.timeout", cv.number(0.1, 300), 5.0, "Seconds to keep trying etcd per request."),
+    Key("health.listen", cv.listen, "127.0.0.1:9099", "Health/metrics server: IP:port, "
         "[IPv6]:port or localhost:port."),
-    Key("health.allowNonLoopback", _choice(False, True), False, "Allow a non-loopback listen."),
-    Key("routes.protocol", _number(1, 255, True, TAKEN_PROTOCOLS), 201, "Route protocol "
+    Key("health.allowNonLoopback", cv.choice(False, True), False, "Allow a non-loopback listen."),
+    Key("routes.protocol", cv.number(1, 255, True, TAKEN_PROTOCOLS), 201, "Route protocol "
         "number of fabricd's routes (not 0-4 nor another daemon's)."),
-    Key("routes.protocolName", _regex(re.compile(r"[A-Za-z][-\w]{0,30}"), "a name"), "fabric",
+    Key("routes.protocolName", cv.regex(re.compile(r"[A-Za-z][-\w]{0,30}"), "a name"), "fabric",
         "Its name in /etc/iproute2/rt_protos.d/ (ip route shows it)."),
-    Key("routes.table", _number(1, 2**32 - 1, True, {255: "local"}), 254, "Routing table."),
-    Key("routes.resyncInterval", _number(1, 86400), 60, "Seconds between full checks of the "
+    Key("routes.table", cv.number(1, 2**32 - 1, True, {255: "local"}), 254, "Routing table."),
+    Key("routes.resyncInterval", cv.number(1, 86400), 60, "Seconds between full checks of the "
         "kernel's routes."),
-    Key("bgp.requiredPeers", _required_peers, "auto", "Peers /readyz needs Established: auto "
+    Key("bgp.requiredPeers", cv.required_peers, "auto", "Peers /readyz needs Established: auto "
         "(one ToR or route-reflector peer, if any), none, or a list of peer IPs."),
-    Key("bgp.exabgp", _list(_text, allow_empty=False), None, "ExaBGP command (argv list, "
+    Key("bgp.exabgp", cv.list_of(cv.text, allow_empty=False), None, "ExaBGP command (argv list, "
         "'server <conf>' is appended).", ["/usr/local/bin/exabgp"], shown="python -m exabgp"),
-    Key("bgp.gracefulRestartTime", _number(1, 4095, True), 120, "Seconds of graceful restart "
+    Key("bgp.gracefulRestartTime", cv.number(1, 4095, True), 120, "Seconds of graceful restart "
         "announced to peers."),
-    Key("cni.socket", _path(), "/run/fabric/cni.sock", "Socket the CNI plugin uses."),
-    Key("cni.stateDir", _path(), "/var/lib/fabric", "Directory for CNI state."),
-    Key("policy.cutEstablished", _choice(False, True), False, "NetworkPolicy: true stops "
+    Key("cni.socket", cv.path(), "/run/fabric/cni.sock", "Socket the CNI plugin uses."),
+    Key("cni.stateDir", cv.path(), "/var/lib/fabric", "Directory for CNI state."),
+    Key("policy.cutEstablished", cv.choice(False, True), False, "NetworkPolicy: true stops "
         "established connections the new rules deny, at the update (every packet of a flow "
         "is checked); false keeps them until they end, as Calico and kube-router do."),
-    Key("policy.resyncInterval", _number(1, 86400), 60, "Seconds between full checks of the "
+    Key("policy.resyncInterval", cv.number(1, 86400), 60, "Seconds between full checks of the "
         "nftables table inet fabric_filter (drift is repaired)."),
-    Key("runDir", _path(), "/run/fabric", "Runtime directory (ExaBGP config and pipes)."),
-    Key("log.level", _choice("debug", "info", "warning", "error"), "info", "debug, info, "
+    Key("policy.deniedLogGroup", cv.number(-1, 65535, True), 4242, "nflog group of the "
+        "denied-traffic log (fabricctl policy denied); -1 turns the log off."),
+    Key("policy.deniedLogRate", cv.number(1, 10000, True), 5, "Denied new connections logged "
+        "per second per pod and direction (burst twice that)."),
+    Key("policy.deniedLogCap", cv.number(1, 100000, True), 50, "Denied new connections logged "
+        "per second per direction on the node, all pods together."),
+    Key("runDir", cv.path(), "/run/fabric", "Runtime directory (ExaBGP config and pipes)."),
+    Key("log.level", cv.choice("debug", "info", "warning", "error"), "info", "debug, info, "
         "warning or error."),
-    Key("log.format", _choice("text", "json"), "text", "text, or json (an object a line)."),
-    Key("resyncInterval", _number(1, 86400), 60, "Seconds between full resyncs of every event "
+    Key("log.format", cv.choice("text", "json"), "text", "text, or json (an object a line)."),
+    Key("resyncInterval", cv.number(1, 86400), 60, "Seconds between full resyncs of every event "
         "source (etcd lists behind the watches)."),
-    Key("leaseTTL", _number(5, 3600, True), 30, "Seconds of the node registration lease."),
-    Key("watchdog", _choice(True, False), True, "Ping systemd's watchdog (if WatchdogSec)."),
+    Key("leaseTTL", cv.number(5, 3600, True), 30, "Seconds of the node registration lease."),
+    Key("watchdog", cv.choice(True, False), True, "Ping systemd's watchdog (if WatchdogSec)."),
 )
 _SECTIONS = {
     "addresses": Addresses, "etcd": EtcdConfig, "health": HealthConfig, "routes": RoutesConfig,
@@ -430,7 +290,7 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         raw = key.default if raw is None else raw
         try:
             v[key.path] = None if raw is None else key.parse(raw)
-        except _Bad as e:
+        except cv.BadValue as e:
             raise doc.error(key.path + "".join(e.args[1:]), e.args[0]) from None
     if v["addresses.ipv4"] is None and v["addresses.ipv6"] is None:
         raise doc.error("addresses", "needs ipv4, ipv6 or both (address/prefix length)")
@@ -441,8 +301,8 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
                         "(set health.allowNonLoopback: true to expose it)")  # fmt: skip
     if v["nodeName"] is None:
         try:
-            v["nodeName"] = _dns1123(socket.gethostname().strip().lower())
-        except _Bad as e:
+            v["nodeName"] = cv.dns1123(socket.gethostname().strip().lower())
+        except cv.BadValue as e:
             raise doc.error("nodeName", f"the host name {e.args[0]}: set nodeName") from None
     sections = {
         name: cls(**{_snake(p.split(".")[1]): x for p, x in v.items() if p.startswith(name + ".")})

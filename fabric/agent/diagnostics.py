@@ -6,12 +6,14 @@ these to the health server."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fabric.agent.metrics import Metrics
-from fabric.agent.policy_metrics import policy_samples
+from fabric.agent.policy_metrics import policy_samples, text_rows
 from fabric.dataplane.netlink.lookup import route_get
 from fabric.dataplane.policy_table import PolicyTable
+from fabric.policy.model import Compiled
 
 
 async def route_lookup(node: str, protocol: int, address: str) -> dict[str, Any]:
@@ -21,7 +23,12 @@ async def route_lookup(node: str, protocol: int, address: str) -> dict[str, Any]
     return {"node": node, "protocol": protocol, "route": found.to_json()}
 
 
-async def refresh_policy_counters(table: PolicyTable, metrics: Metrics) -> None:
-    """fabric_policy_packets_total from the policy table's counters (at scrape time)."""
+async def refresh_policy_counters(
+    table: PolicyTable, metrics: Metrics, compiled: Callable[[], Compiled | None]
+) -> None:
+    """fabric_policy_packets_total from the policy table's counters (at scrape time): one
+    ``nft -t list table``; ``compiled`` (the model the table was rendered from) says which
+    policies select each endpoint chain."""
     if table.programmed:
-        metrics.policy_packets.set(policy_samples(await table.counters()))
+        text = await table.nft.run(["-t", "list", "table", "inet", table.table])
+        metrics.policy_packets.set(policy_samples(text_rows(text), compiled()))

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from fabric.dataplane.attachment import host_ifname
+from fabric.dataplane.policy_log import DeniedLog
 from fabric.dataplane.policy_table import Change, Desired, PolicyTable, render
 from fabric.policy.compiler import compile as compile_policies
 from fabric.policy.endpoints import allocations, build_endpoints, cni_labels
@@ -79,6 +80,7 @@ class PolicyAgent:
         self._resync = True  # the first batch reads the kernel (adoption)
         self._last = 0.0
         self.aliases: dict[str, list[str]] = {}  # endpoint key -> more host interfaces
+        self.log: DeniedLog | None = None  # the denied-traffic log (fabric.agent.denied)
 
     # ------------------------------------------------------------------ inputs
 
@@ -137,7 +139,7 @@ class PolicyAgent:
         compiled = compile_policies(inputs.policies, inputs.namespaces,
                                     self.endpoints(inputs), self.node)  # fmt: skip
         self.compiled = compiled
-        return render(compiled, self.cut_established, self.aliases)
+        return render(compiled, self.cut_established, self.aliases, self.log)
 
     async def program(self) -> Change:
         """One batch: compile, render, write the difference (read the kernel on resync)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Container, Iterable, Mapping
 
 from bgp.model import IPAddress, IPNetwork
-from fabric.agent.config import RequiredPeers
+from fabric.agent.config_values import RequiredPeers
 from fabric.dataplane.netlink import KernelRoute
 
 

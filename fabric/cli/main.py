@@ -109,7 +109,7 @@ main.lazy.update({
     "lab": ("fabric.cli.lab:lab", "The network-namespace lab (development and demos)."),
     "label": ("fabric.cli.policy:label",
               "Set (KEY=VALUE) or remove (KEY-) labels of a pod (NS/NAME) or a namespace (NAME), as `kubectl label` does. A pod or namespace without an object yet (a pod attached by the CNI plugin) gets one holding just these labels. Policy selectors follow at once."),
-    "policy": ("fabric.cli.policy:policy", "NetworkPolicy: what the compiled rules do to a connection."),
+    "policy": ("fabric.cli.policy:policy", "NetworkPolicy: what the compiled rules do to a connection, and what they denied."),
     "explain": ("fabric.cli.explain:explain",
                 "Why can (or can't) SRC reach DST: each hop with its state and the evidence read."),
 })  # fmt: skip

@@ -60,7 +60,7 @@ def label(ctx: click.Context, kind: str, target: str, labels: tuple[str, ...],
 
 @click.group("policy", cls=Group)
 def policy() -> None:
-    """NetworkPolicy: what the compiled rules do to a connection."""
+    """NetworkPolicy: what the compiled rules do to a connection, and what they denied."""
 
 
 def _protocol(text: str) -> tuple[int, Protocol]:
@@ -197,3 +197,10 @@ def delete_file(ctx: click.Context, path: str) -> None:
 
     if run(ctx, delete_all):
         ctx.exit(1)
+
+
+# policy denied (fabric/cli/denied.py) ----------------------------------------------------------
+
+from fabric.cli.denied import denied as _denied  # noqa: E402
+
+policy.add_command(_denied)

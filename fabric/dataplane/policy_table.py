@@ -14,7 +14,7 @@ hold exactly that, writing only the difference, in one ``nft -f`` transaction pe
     chain in_<h> / out_<h>   (one per distinct rule list; h = digest of that list)
         ct state invalid drop
         <one rule per (peer set x protocol) of each policy rule, counter, comment>  accept|return
-        counter drop                                  default deny
+        counter goto deny_in|deny_out                 default deny (logged: policy_log)
 
 Host-originated traffic to local pods (kubelet probes) takes OUTPUT, never this chain.
 Chains are content-addressed: an endpoint whose policies change points its map element at
@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+from fabric.dataplane import policy_log
 from fabric.dataplane.nft import (
     ChainDef,
     Hook,
@@ -60,7 +61,7 @@ from fabric.policy.model import (
 TABLE = "fabric_filter"
 BASE = "forward"
 TO_POD, FROM_POD, PODS, HAIRPIN = "to_pod", "from_pod", "pods", "hairpin"
-OWN_NAMES = frozenset({BASE, TO_POD, FROM_POD, PODS, HAIRPIN})
+OWN_NAMES = frozenset({BASE, TO_POD, FROM_POD, PODS, HAIRPIN}) | policy_log.OWN_NAMES
 POD_IFACES = "fab*"  # fabric.dataplane.pods.host_ifname: every host-side pod veth
 _TYPES = {
     "addr4": (("ipv4_addr",), ()),
@@ -88,10 +89,12 @@ def render(
     compiled: Compiled,
     cut_established: bool = False,
     aliases: Mapping[str, Iterable[str]] | None = None,
+    log: policy_log.DeniedLog | None = None,
 ) -> Desired:
     """The table for ``compiled``. Pure. ``aliases``: more host interfaces of an endpoint
     (key -> ifnames: a pod attached to several networks), dispatched like its ``ifname``.
-    ValueError for a set name nft cannot take or one that collides with the table's own."""
+    ValueError for a set name nft cannot take or one that collides with the table's own.
+    ``log``: the denied-traffic log (fabric.dataplane.policy_log; None: counted, not logged)."""
     sets: dict[str, SetDef] = {}
     for spec in compiled.sets.values():
         s = _set(spec)
@@ -99,6 +102,8 @@ def render(
             raise ValueError(f"policy set name {spec.name!r} collides with another set")
         sets[s.name] = s
     chains: dict[str, ChainDef] = {BASE: _base(cut_established)}
+    chains.update(policy_log.chains(log or policy_log.DeniedLog(group=None)))  # default deny
+    sets.update(policy_log.sets())
     to_pod: set[str] = set()
     from_pod: set[str] = set()
     pods: set[str] = set()
@@ -167,8 +172,11 @@ def _endpoint_chain(
     for rule in rules.rules:
         label = f"{rule.policy} {direction}[{rule.index}]"
         out += [RuleDef(f"{m}counter {verdict}", label) for m in _matches(rule, ingress, families)]
-    out.append(RuleDef("counter drop", f"default-deny {direction}"))
+    out.append(
+        RuleDef(f"counter goto {policy_log.deny_chain(ingress)}", f"default-deny {direction}")
+    )
     digest = hashlib.sha1(usedforsecurity=False)
+    digest.update(",".join(rules.policies).encode())  # one chain per policy set: deny counters
     for r in out:
         digest.update(f"{r.label}\0{r.text}\n".encode())
     return ChainDef(f"{'in' if ingress else 'out'}_{digest.hexdigest()[:16]}", tuple(out))
@@ -362,7 +370,7 @@ def held_from(listing: Listing, known: Mapping[tuple[str, str], str]) -> Held:
             for r in c.rules
         )
         chains[name] = (c.hook, ids)
-    return Held(listing.sets, chains)
+    return Held(policy_log.without_kernel_elements(listing.sets), chains)
 
 
 # ---------------------------------------------------------------------- the table

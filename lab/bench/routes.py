@@ -13,7 +13,8 @@ retry delay to both sides). Each side is done when its kernel's main table holds
 prefixes (``/proc/<pid>/net/fib_triestat`` of a process in its namespace: a walk of the trie,
 no dump to parse). Then ``birdc disable``: both times until each kernel is back at baseline.
 RSS is the peak (VmHWM) of fabricd and of ExaBGP. CPU seconds are read from /proc/<pid>/stat
-for fabricd, ExaBGP and its API process (the relay) over each phase.
+for fabricd, ExaBGP and its API process (the relay) from a phase's start until the lab's
+daemons are idle again after it (work left behind, a garbage collection, is the phase's).
 
 Before the first N an ``idle`` line: the CPU fabricd, ExaBGP and the relay used over
 IDLE_S s with the sessions up and nothing changing, as % of one core. ``--load`` keeps one
@@ -300,6 +301,7 @@ class Bench:
         t0, cpu0 = time.monotonic(), self._cpu()
         self._birdc(f"enable {static_name(n)}")
         install = self._until(t0, (self.base[0] + n, self.base[1] + n), n, timeout)
+        self._quiet()  # work a phase leaves behind (a garbage collection) is its own
         cpu = [b - a for a, b in zip(cpu0, self._cpu(), strict=True)]
         installed = self._proto_count(HOST, str(HOST_PROTO)), self._proto_count(REF, "bird")
         if installed != (n, n):
@@ -309,6 +311,7 @@ class Bench:
         t0, wcpu0 = time.monotonic(), self._cpu()
         self._birdc(f"disable {static_name(n)}")
         withdraw = self._until(t0, self.base, n, timeout)
+        self._quiet()
         wcpu = [b - a for a, b in zip(wcpu0, self._cpu(), strict=True)]
         progress(
             f"n={n}: installed in {install[0]:.2f} s (fabric) / {install[1]:.2f} s (BIRD), "

@@ -237,8 +237,19 @@ def restart_rounds(text: str, block: str) -> list[dict[str, Any]]:
 
 
 def wait_gr_done(lab: Lab, before: int, within: float = 60.0) -> None:
-    """Until BIRD logged one more 'graceful restart done' for node3 than ``before``."""
-    lab.wait_for(lambda: gr_done(bird_log(lab)) > before, within, what="node3 GR done at tor2")
+    """Until BIRD logged one more 'graceful restart done' for node3 than ``before``; on a
+    timeout the error carries the tails of BIRD's node3 trace and of node3's fabricd log."""
+    try:
+        lab.wait_for(lambda: gr_done(bird_log(lab)) > before, within, what="node3 GR done")
+    except TimeoutError as e:
+        trace = [ln for ln in bird_log(lab).splitlines() if "node3" in ln and "KEEPALIVE" not in ln]
+        fabricd = (lab._node_dir("node3") / "fabricd.out").read_text(errors="replace")
+        raise AssertionError(
+            f"{e}\n--- tor2 node3 trace\n"
+            + "\n".join(trace[-40:])
+            + "\n--- node3 fabricd\n"
+            + fabricd[-3000:]
+        ) from e
 
 
 def gr_done(text: str) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from fabric_helpers import allocate, fabric_lab, status, watching
@@ -37,6 +38,14 @@ def blocks(lab: Lab) -> dict[str, str]:
     return got
 
 
+def gone(pid: int) -> bool:
+    """``pid`` exited (a zombie counts: reaping an orphan is init's business)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_fabricd_restart_keeps_kernel_routes(lab: Lab, blocks: dict[str, str], sig: int) -> None:
     node = "node3"
@@ -57,6 +66,38 @@ def test_fabricd_restart_keeps_kernel_routes(lab: Lab, blocks: dict[str, str], s
         time.sleep(2.0)
     assert failures == [], f"routes missing at {len(failures)} samples"
     assert lab.kernel_routes(node) == before
+
+
+def test_sigkill_while_the_old_exabgp_is_slow_to_stop(lab: Lab, blocks: dict[str, str]) -> None:
+    """fabricd SIGKILLed: its ExaBGP gets SIGTERM but can take seconds to stop under load,
+    and its relay keeps reconnecting to relay.sock, by then the new fabricd's. Held stopped
+    here across the restart: the new fabricd must serve only its own ExaBGP's relay (served,
+    the old ExaBGP's 'stop' of its session reached the new RIB: learned routes deleted for
+    1.1 s and /readyz 503 for over 60 s in the run that found it)."""
+    node = "node4"
+    before = lab.kernel_routes(node)
+    old = status(lab, node)["speaker"]["pid"]
+
+    def intact() -> bool:
+        now = lab.kernel_routes(node)
+        return all(now.get(k) == v for k, v in before.items())
+
+    with watching(intact) as failures:
+        os.kill(old, signal.SIGSTOP)  # the parent-death SIGTERM stays pending
+        try:
+            lab.stop_fabricd(node, signal.SIGKILL)
+            lab.start_fabricd(node)
+            lab.wait_for(lambda: lab.health(node, "/readyz")[0] == 200, 60, what="ready again")
+            time.sleep(2.0)  # the old relay retries within 1 s
+        finally:
+            os.kill(old, signal.SIGCONT)
+        lab.wait_for(lambda: gone(old), 30, what="the old ExaBGP gone")
+        time.sleep(2.0)
+        assert lab.health(node, "/readyz")[0] == 200
+    assert failures == [], f"routes missing at {len(failures)} samples"
+    assert lab.kernel_routes(node) == before
+    log = (lab.dir / node / "fabricd.out").read_text()
+    assert "refused a relay of another ExaBGP" in log, "the old relay never came: not tested"
 
 
 def test_exabgp_killed_is_restarted_and_reannounces(lab: Lab, blocks: dict[str, str]) -> None:

@@ -207,11 +207,10 @@ def test_sigkill_restart_neither_opens_nor_blocks(
     log = (lab.dir / node / "fabricd.out").read_text().splitlines()
     adopted = [line for line in log if "policy table adopted" in line]
     assert adopted[-1].endswith("the kernel already held it"), adopted
-    # The table is not touched across the restart (above: nothing written at adoption). On
-    # this shared machine (load average 11-19) restarts lost 1-4 pings (<= 0.2 s) in 6 of 10
-    # runs, and the same restarts with no policy object at all lost 3 in the one control run:
-    # the bound is that, not zero.
-    assert all(v.window <= 0.5 for v in loss.values()), f"allowed flow: {loss}"
+    # The table is not touched across the restart (above: nothing written at adoption) and
+    # the routes are kept (End-of-RIB after the routes, issue 14): the allowed flow loses
+    # nothing. (The 1-4 pings lost once came from a tree without the End-of-RIB gate.)
+    assert all(v.lost == 0 for v in loss.values()), f"allowed flow: {loss}"
     assert sent > 10 and lost == sent, f"a denied flow got through: {sent - lost} replies"
     after = table(lab, node)
     assert chains(after) == chains(before)

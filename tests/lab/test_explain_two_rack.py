@@ -294,7 +294,8 @@ def test_deny_policy_is_blocked_at_policy(whole: Path) -> None:
     allow = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
              "metadata": {"name": "explain-allow", **meta},
              "spec": {"podSelector": {}, "ingress": [{}]}}  # fmt: skip
-    deny_labels = {"namespace": "", "policy": "", "direction": "ingress", "verdict": "deny"}
+    deny_labels = {"namespace": "default", "policy": "explain-deny", "direction": "ingress",
+                   "verdict": "deny"}  # fmt: skip
     allow_labels = {"namespace": "default", "policy": "explain-allow", "direction": "ingress",
                     "verdict": "allow"}  # fmt: skip
     _policy(p.lab, "apply", deny)
