@@ -3,7 +3,8 @@ of the two-rack lab (3-member etcd, fabricd on every host) at a steady rate whil
 injected, measuring whether a new pod works from its first packet.
 
 - Churn: ``rate`` ADDs per second cluster-wide (default 2, hosts in turn) through the
-  installed plugin; each pod lives 3-8 s (four in five) or 30-90 s, then is deleted (as
+  installed plugin, every tenth asking for an address (``IP=``) in 10.244.255.0/26, which
+  all but one host borrow (their pod's /32 announced); each pod lives 3-8 s (four in five) or 30-90 s, then is deleted (as
   many DELs as ADDs). An ADD answered 11 is retried for 30 s, as a runtime does; only one
   that still fails is an error.
 - Every new pod pings a long-lived pod in the other rack 20 times at 50 ms from the moment
@@ -53,6 +54,7 @@ OUT = Path(__file__).resolve().parent.parent / "out"
 RACKS = {"node1": 1, "node2": 1, "node3": 2, "node4": 2}
 RETRY = 30.0  # s a runtime keeps retrying an ADD or DEL answered 11
 GRACE = 15.0  # s after a fault is repaired during which losses are still its own
+REQUESTED = ipaddress.ip_network("10.244.255.0/26")  # IP= requests (in the lab's pool)
 
 
 @dataclass
@@ -68,6 +70,9 @@ class Stats:
     first: list[tuple[float, int]] = field(default_factory=list)  # (started, pings lost)
     blocks: set[str] = field(default_factory=set)  # /26s that held a pod already
     new_block: list[int] = field(default_factory=list)  # pings lost by pods opening a block
+    requested: list[int] = field(default_factory=list)  # pings lost by IP= pods
+    ip_taken: int = 0  # IP= requests refused (100): the address was still held
+    pods: list[dict[str, Any]] = field(default_factory=list)  # per new pod, to first-pings.jsonl
     captures: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -89,13 +94,23 @@ class Soak:
     # ------------------------------------------------------------------ churn
 
     def _add(self, host: str) -> None:
-        cid = f"s{next(self._ids)}-{host}"
+        i = next(self._ids)
+        cid = f"s{i}-{host}"
+        # every tenth pod asks for an address (IP=) in one /26 that the pool's automatic
+        # choice leaves alone: the first asker claims its block, every other host borrows
+        # (its pod's /32 announced on its own)
+        args = f";IP={REQUESTED.network_address + 1 + (i // 10) % 62}" if i % 10 == 9 else ""
         end = time.monotonic() + RETRY
         while True:
             try:
-                pod = pods.add(self.lab, host, cid)
+                pod = pods.add(self.lab, host, cid, args=args)
                 break
             except pods.PodError as e:
+                if e.code == 100:  # still held by an earlier pod (a long-lived one): skip
+                    with self.stats.lock:
+                        self.stats.ip_taken += 1
+                    self._del_quietly(host, cid)
+                    return
                 if e.code == 11 and time.monotonic() < end:
                     with self.stats.lock:
                         self.stats.add_retries += 1
@@ -117,6 +132,12 @@ class Soak:
         lost, gap = fp.wait()
         block = str(ipaddress.ip_network(f"{pod.ip}/26", strict=False))
         with self.stats.lock:
+            self.stats.pods.append({"pod": pod.name, "ip": pod.ip, "requested": bool(args),
+                                    "new_block": block not in self.stats.blocks,
+                                    "started": round(fp.started, 3), "lost": lost,
+                                    "worst_gap_ms": gap})  # fmt: skip
+            if args:
+                self.stats.requested.append(lost)
             if block not in self.stats.blocks:  # its block was claimed (and announced) just now
                 self.stats.blocks.add(block)
                 self.stats.new_block.append(lost)
@@ -271,6 +292,7 @@ class Soak:
         in_use = _ips_in_use(lab)
         check = lab.fabricctl(["ipam", "check"])
         (self.out / "faults.json").write_text(json.dumps(self.faults, indent=2))
+        (self.out / "first-pings.jsonl").write_text("".join(json.dumps(x) + "\n" for x in s.pods))
         (self.out / "errors.txt").write_text("\n".join(s.errors + leaks))
         first = _pct(s.lossy, s.created)
         settled = _pct(s.settled_lossy, s.settled)
@@ -281,6 +303,9 @@ class Soak:
             "first_ping_loss_pct": first,
             "first_ping_worst_gap_ms": round(s.worst_gap_ms, 1),
             "first_ping_loss_pct_outside_faults": _pct(sum(1 for n in calm if n), len(calm)),
+            "ip_request_pods": len(s.requested),
+            "ip_request_pods_lossy": sum(1 for n in s.requested if n),
+            "ip_request_taken": s.ip_taken,
             "new_block_pods": len(s.new_block),
             "new_block_pods_lossy": sum(1 for n in s.new_block if n),
             "settled_loss_pct": settled,

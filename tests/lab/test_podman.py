@@ -24,6 +24,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,10 +219,13 @@ def test_container_gets_a_fabric_address_and_pings_a_pod_on_another_node(
     assert veth not in lab.exec(NODE, ["ip", "-o", "link", "show"]).stdout
 
 
-def test_rm_while_fabricd_is_down_succeeds_and_leaks_nothing(lab: Lab, podman: Podman) -> None:
-    """podman's teardown DEL while fabricd is stopped: the container and its netns go at
-    once; fabricd, back, frees the address and removes the veth, route and record."""
-    name = "fabric-outage"
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_rm_while_fabricd_is_down_succeeds_and_leaks_nothing(
+    lab: Lab, podman: Podman, sig: int
+) -> None:
+    """podman's teardown DEL while fabricd is stopped or was SIGKILLed: the container and
+    its netns go at once; fabricd, back, frees the address, removes the veth, route, record."""
+    name = f"fabric-outage-{int(sig)}"
     r = podman.run("-d", "--name", name, "--network", NETWORK, cmd=("/bin/sleep", "600"))
     assert r.returncode == 0, r.stderr
     cid = r.stdout.strip().splitlines()[-1]
@@ -230,7 +234,7 @@ def test_rm_while_fabricd_is_down_succeeds_and_leaks_nothing(lab: Lab, podman: P
     sandbox = podman("inspect", name, "--format", "{{.NetworkSettings.SandboxKey}}").stdout.strip()
     assert ip and sandbox and os.path.exists(sandbox), (ip, sandbox)
     pending = state_dir(lab, NODE) / "pending-del"
-    lab.stop_fabricd(NODE)
+    lab.stop_fabricd(NODE, sig)
     try:
         r = podman("rm", "--force", "--time", "0", name)
         assert r.returncode == 0, r.stderr
