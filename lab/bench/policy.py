@@ -43,7 +43,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +55,7 @@ from ipam.store import Store
 from lab import netns, netpol, pods
 from lab.bench import policy_load as load
 from lab.bench.cni import Worker, libcni_conf
+from lab.bench.policy_node import Monitor, batches, pod_set_size, rss_mb
 from lab.ipam_load import percentile
 from lab.runner import Lab
 from lab.view import LabError
@@ -424,60 +424,6 @@ class Bench:
                 pod.stop()
         self.run(self.store.close())
         self.loop.close()
-
-
-class Monitor:
-    """``nft monitor`` in a host's namespace, every line kept with its arrival time."""
-
-    def __init__(self, lab: Lab, host: str) -> None:
-        argv = ["ip", "netns", "exec", lab.netns(host), "nft", "monitor"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self.lines: list[tuple[float, int]] = []
-        self.t = threading.Thread(target=self._read, daemon=True)
-        self.t.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append((time.monotonic(), len(line)))
-
-    def bytes_between(self, t0: float, t1: float) -> int:
-        return sum(n for t, n in self.lines if t0 <= t <= t1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.t.join(5)
-
-
-def batches(lab: Lab, host: str) -> tuple[float, int]:
-    """(seconds, count) of fabricd's policy batches so far on ``host`` (its histogram
-    ``fabric_reconcile_duration_seconds{reconciler="policy"}``)."""
-    _, text = lab.health(host, "/metrics")
-    got = {"sum": 0.0, "count": 0.0}
-    for line in text.splitlines():
-        for k in got:
-            if line.startswith(f"fabric_reconcile_duration_seconds_{k}{{") and \
-                    'reconciler="policy"' in line:  # fmt: skip
-                got[k] = float(line.rsplit(None, 1)[1])
-    return got["sum"], int(got["count"])
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
-
-
-def pod_set_size(lab: Lab, host: str) -> int:
-    r = lab.exec(host, ["nft", "-j", "list", "set", "inet", "fabric_filter", "pods"])
-    if r.returncode != 0:
-        return 0
-    for item in json.loads(r.stdout).get("nftables", []):
-        if "set" in item:
-            return len(item["set"].get("elem", []))
-    return 0
 
 
 def worker_main(argv: list[str]) -> int:
