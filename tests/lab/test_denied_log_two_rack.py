@@ -5,6 +5,12 @@ plugin, a deny-all on ``db`` (node3), probes and a SYN scan from ``web`` (node1)
   compiled model names it;
 - 10,000 denied SYNs leave a bounded log (counted lines) while nft counts every one;
 - ``fabric_policy_packets_total`` counts what nft counted.
+
+Known open problem: run in one pytest session right after test_policy_dataplane.py, both
+tests failed in 3 of 11 runs because node3's fabricd never received a single nflog record
+(no ``denied/node3`` document at all, no error logged, the deny-all programmed); alone or
+first they passed every time. The cause is not found yet; this module sorts before
+test_policy_dataplane.py so the suite runs it first.
 """
 
 from __future__ import annotations
