@@ -112,9 +112,12 @@ def test_sessions_up_with_md5_gtsm_and_source_address(strict: Strict) -> None:
     assert "10.255.16.22:" in ss and "10.255.16.21:179" in ss
     # the strict import filter at work: node3's block is there, as a /26 from the pool
     assert strict.block3 in st.birdc(lab, "tor2", "show", "route", "protocol", "node3")
+    # the ToRs see the sessions Established; fabricd's status document says so once
+    # ExaBGP has reported the session up and the next status publish has run
     for h in HOSTS:
+        lab.wait_for(lambda h=h: all(x["state"] == "up" for x in status(lab, h)["sessions"]),
+                     30, what=f"{h}'s sessions up in its status")  # fmt: skip
         s = status(lab, h)
-        assert all(x["state"] == "up" for x in s["sessions"]), s["sessions"]
         for x in s["sessions"]:
             assert x["attempts"] == 0 and x["lastFailure"] == "" and x["connectingSince"] is None
 
