@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+from click.testing import CliRunner, Result
 
 from lab.etcd import EtcdCluster
 
@@ -63,3 +64,21 @@ def etcd_cluster3() -> Iterator[EtcdCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def cli(etcd_endpoints: list[str], prefix: str) -> Callable[..., Result]:
+    """Run fabricctl in-process (CliRunner) against this test's prefix (``pfx=`` another);
+    asserts the exit code (``code=``, 0 unless told)."""
+    from fabric.cli.main import main
+
+    runner = CliRunner()
+    env = {"FABRIC_ETCD_ENDPOINTS": ",".join(etcd_endpoints), "FABRIC_PREFIX": prefix}
+
+    def run(*args: str, input: str | None = None, code: int = 0, pfx: str = prefix) -> Result:
+        r = runner.invoke(main, list(args), env={**env, "FABRIC_PREFIX": pfx}, input=input,
+                          catch_exceptions=False)  # fmt: skip
+        assert r.exit_code == code, (args, r.exit_code, r.stdout, r.stderr)
+        return r
+
+    return run

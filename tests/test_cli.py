@@ -56,20 +56,6 @@ def ctl(etcd_env: dict[str, str]) -> Ctl:
     return run
 
 
-@pytest.fixture
-def cli(etcd_endpoints: list[str], prefix: str) -> Cli:
-    """Run fabricctl in-process (CliRunner) against this test's prefix."""
-    runner = CliRunner()
-    env = {"FABRIC_ETCD_ENDPOINTS": ",".join(etcd_endpoints), "FABRIC_PREFIX": prefix}
-
-    def run(*args: str, input: str | None = None, code: int = 0) -> Result:
-        r = runner.invoke(main, list(args), env=env, input=input, catch_exceptions=False)
-        assert r.exit_code == code, (args, r.exit_code, r.stdout, r.stderr)
-        return r
-
-    return run
-
-
 def _with_store(endpoints: list[str], prefix: str, fn: Callable[[Store], object]) -> object:
     async def go() -> object:
         store = Store(endpoints, prefix)

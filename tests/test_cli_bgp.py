@@ -32,21 +32,6 @@ Call = Callable[[Callable[[Store], Awaitable[Any]]], Any]
 
 
 @pytest.fixture
-def cli(etcd_endpoints: list[str], prefix: str) -> Cli:
-    """Run fabricctl in-process (CliRunner) against this test's prefix."""
-    runner = CliRunner()
-    env = {"FABRIC_ETCD_ENDPOINTS": ",".join(etcd_endpoints), "FABRIC_PREFIX": prefix}
-
-    def run(*args: str, input: str | None = None, code: int = 0, pfx: str = prefix) -> Result:
-        r = runner.invoke(main, list(args), env={**env, "FABRIC_PREFIX": pfx}, input=input,
-                          catch_exceptions=False)  # fmt: skip
-        assert r.exit_code == code, (args, r.exit_code, r.stdout, r.stderr)
-        return r
-
-    return run
-
-
-@pytest.fixture
 def call(etcd_endpoints: list[str], prefix: str) -> Call:
     """call(fn): run ``await fn(store)`` against this test's prefix."""
 

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from fabric.cli.explain import parse_port
-from fabric.cli.main import main
 from fabric.errors import CLIError
 from fabric.explain import evidence
 from fabric.explain.evidence import Kind
@@ -121,19 +120,6 @@ def fab(etcd_endpoints: list[str], prefix: str) -> Iterator[Fabric]:
     f = Fabric(etcd_endpoints, prefix)
     f.setup()
     yield f
-
-
-@pytest.fixture
-def cli(etcd_endpoints: list[str], prefix: str) -> Cli:
-    runner = CliRunner()
-    env = {"FABRIC_ETCD_ENDPOINTS": ",".join(etcd_endpoints), "FABRIC_PREFIX": prefix}
-
-    def run(*args: str, code: int = 0) -> Result:
-        r = runner.invoke(main, list(args), env=env, catch_exceptions=False)
-        assert r.exit_code == code, (args, r.exit_code, r.stdout, r.stderr)
-        return r
-
-    return run
 
 
 def test_healthy_path_is_reachable(fab: Fabric) -> None:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from fabric.cli.main import main
 from ipam.allocator import Allocator
 from ipam.pool import Pool
 from ipam.request import AssignRequest
@@ -164,19 +163,6 @@ kind: List
 metadata:
   resourceVersion: ""
 """
-
-
-@pytest.fixture
-def cli(etcd_endpoints: list[str], prefix: str) -> Cli:
-    runner = CliRunner()
-    env = {"FABRIC_ETCD_ENDPOINTS": ",".join(etcd_endpoints), "FABRIC_PREFIX": prefix}
-
-    def run(*args: str, input: str | None = None, code: int = 0) -> Result:
-        r = runner.invoke(main, list(args), env=env, input=input, catch_exceptions=False)
-        assert r.exit_code == code, (args, r.exit_code, r.stdout, r.stderr)
-        return r
-
-    return run
 
 
 def _keys(endpoints: list[str], prefix: str) -> dict[str, bytes]:
