@@ -22,7 +22,9 @@ tested in tests/test_bgp_exabgp_main.py.
   time, connection retries, a listening socket) run up to ``IDLE_POLL`` s late, and BGP's
   are whole seconds.
 
-Run by path, so it needs nothing but ExaBGP importable.
+It also exits at once, before ExaBGP starts, when the supervisor that spawned it is already
+gone (``orphaned``: see bgp/supervisor.py). Run by path, so it needs nothing but ExaBGP
+importable.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 RAW_ENV = "FABRIC_EXABGP_RAW_UPDATES"
+PARENT_ENV = "FABRIC_SUPERVISOR_PID"  # bgp.supervisor.PARENT_ENV (run by path: no import)
 IDLE_AFTER = 0.1  # s without a turn that asked to run again before the loop polls slowly
 IDLE_POLL = 0.5  # s between polls when idle: BGP timers are whole seconds
 
@@ -110,8 +113,24 @@ def idle_reactor(after: float = IDLE_AFTER, poll: float = IDLE_POLL) -> bool:
     return True
 
 
+def orphaned(env: Mapping[str, str]) -> bool:
+    """True when the supervisor that started us (``$FABRIC_SUPERVISOR_PID``) is gone: it
+    died before ``setpriv`` set our death signal, which would never come."""
+    try:
+        os.kill(int(env.get(PARENT_ENV, "")), 0)
+    except ValueError:
+        return False  # not started by bgp.supervisor
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def main() -> int:
     env = os.environ  # ExaBGP reads both spellings
+    if orphaned(env):
+        return 0
     quiet_debug(env.get("exabgp.log.level") or env.get("exabgp_log_level"))
     raw_updates(env.get(RAW_ENV))
     fast_hex()

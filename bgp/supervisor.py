@@ -2,9 +2,15 @@
 the bgp package that spawns anything). Used by ``bgp.speaker`` for ``exabgp server``.
 
 Contract:
-- The child dies with us: PR_SET_PDEATHSIG=SIGTERM is set between fork and exec, so it
-  gets SIGTERM when the thread that forked it exits, even when fabricd is SIGKILLed. The
-  setting survives exec of non-setuid programs (``ip netns exec``, python).
+- The child dies with us: it runs under ``setpriv --pdeathsig TERM`` (util-linux), which
+  sets PR_SET_PDEATHSIG=SIGTERM and execs it, so it gets SIGTERM when the thread that
+  spawned it exits, even when fabricd is SIGKILLed. The setting survives exec of
+  non-setuid programs (``ip netns exec``, python). ``$FABRIC_SUPERVISOR_PID`` tells the
+  child our pid: a child that can (``bgp/exabgp_main.py``) exits at once when its parent
+  is already another, i.e. we died before the setting was made.
+- No Python runs between fork and exec (no ``preexec_fn``): the spawn is a vfork, and no
+  fork handler of a library we loaded (gRPC's restarts its threads in a forked child,
+  which crashed there) runs in the child.
 - It runs in its own session, so a terminal's ^C reaches fabricd only, and its stdout and
   stderr are appended to ``out_path`` (rotated to ``.1`` past 1 MiB at each start).
 - An unexpected exit calls ``on_exit(status)``, then the child is started again after a
@@ -16,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -28,16 +33,10 @@ from pathlib import Path
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0  # restart delay, doubling per unstable exit
 STABLE_AFTER = 60.0  # a run this long resets the backoff
 OUT_ROTATE = 1024 * 1024
-PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int, libc: ctypes.CDLL) -> Callable[[], None]:
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
+SETPRIV = "/usr/bin/setpriv"
+PARENT_ENV = "FABRIC_SUPERVISOR_PID"
 
 
 class Supervisor:
@@ -60,7 +59,6 @@ class Supervisor:
         self.proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._libc = ctypes.CDLL(None, use_errno=True)  # loaded here, not in the child
 
     @property
     def pid(self) -> int | None:
@@ -78,14 +76,13 @@ class Supervisor:
         out = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
+                SETPRIV, "--pdeathsig", "TERM", "--", *self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=self.env,
-                preexec_fn=_die_with_parent(os.getpid(), self._libc),
+                env={**self.env, PARENT_ENV: str(os.getpid())},
                 start_new_session=True,
-            )
+            )  # fmt: skip
         finally:
             os.close(out)
         self.log.info("started %s: pid %d", self.argv[0], self.proc.pid)

@@ -31,6 +31,11 @@ from typing import Any
 # retry): the store reports failures itself, in one line (ipam/tls.py). GRPC_VERBOSITY set by
 # the user wins.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+# gRPC's fork support (on by default in grpcio builds) runs handlers around every fork() and
+# restarts its event-engine threads in the child, where they were seen to crash (segfaults of
+# "event_engine" threads in forked children). Nothing here forks and keeps running Python
+# gRPC; the user's setting wins.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
 from aetcd import rpc

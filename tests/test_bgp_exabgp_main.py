@@ -3,6 +3,7 @@ the real ExaBGP through it)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,18 @@ def test_received_updates_are_passed_on_unparsed() -> None:
 def test_received_updates_are_parsed_without_the_switch() -> None:
     assert patched(None) == ["False True", "True True", "True True"]
     assert patched("0") == ["False True", "True True", "True True"]
+
+
+def test_an_orphan_exits_before_exabgp_starts() -> None:
+    """Started for a supervisor that is gone (it died before setpriv set the death
+    signal): exit 0 at once, without running ExaBGP; a live supervisor's child runs on."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process (until reused)
+    env = {**os.environ, "FABRIC_SUPERVISOR_PID": str(gone.pid)}
+    r = subprocess.run([sys.executable, "-I", str(EXABGP_SCRIPT), "version"],
+                       capture_output=True, text=True, timeout=60, env=env, check=False)  # fmt: skip
+    assert r.returncode == 0 and r.stdout == ""
+    env = {**os.environ, "FABRIC_SUPERVISOR_PID": str(os.getpid())}
+    r = subprocess.run([sys.executable, "-I", str(EXABGP_SCRIPT), "version"],
+                       capture_output=True, text=True, timeout=60, env=env, check=True)  # fmt: skip
+    assert r.stdout.startswith("ExaBGP : 5.")
