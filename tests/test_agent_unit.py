@@ -178,3 +178,46 @@ def test_kernel_changes_skip_own_and_local_and_keep_adopted() -> None:
                GONE: None}  # fmt: skip
     got = dict(kernel_changes(changes, {OWN}, lambda d: d == POD, lambda d: d == KEPT, Gateways()))
     assert got == {LEARNED: KernelRoute(dst=LEARNED, gateways=(A,)), GONE: None}
+
+
+def test_announce_gate_waits_only_for_exported_addresses_outside_own_blocks() -> None:
+    """ADD of a borrowed address waits for its announcement (fabric/agent/announce.py);
+    an address in an own block, or in a pool that is not exported, never waits; a wait that
+    times out is counted and does not raise."""
+    import logging
+
+    from bgp.import_policy import ImportPolicy
+    from fabric.agent.announce import AnnounceGate
+    from fabric.agent.intent import Intent
+    from fabric.agent.metrics import Metrics
+
+    policy = ImportPolicy(allowed=(), own=frozenset(), allow_default=False, local_as=64512,
+                          router_id=ip_address("10.0.0.1"), own_addresses=frozenset())  # fmt: skip
+    intent = Intent(sessions=(), adverts=frozenset(), policy=policy, nat_cidrs=(),
+                    blackholes=frozenset({ip_network("10.244.1.0/26")}),
+                    pool_cidrs=(ip_network("10.244.0.0/16"), ip_network("10.250.0.0/16")),
+                    export_cidrs=(ip_network("10.244.0.0/16"),))  # fmt: skip
+    asked: list[tuple[Any, float]] = []
+    covered = {ip_address("10.244.7.9")}
+
+    async def wait(ip: Any, timeout: float) -> bool:
+        asked.append((ip, timeout))
+        return ip in covered
+
+    metrics = Metrics()
+    gate = AnnounceGate(lambda: intent, wait, 2.0, metrics, logging.getLogger("test"))
+    own, borrowed, late = ip_address("10.244.1.5"), ip_address("10.244.7.9"), ip_address(
+        "10.244.7.10")  # fmt: skip
+    unexported = ip_address("10.250.0.3")
+    assert not gate.needs_wait(own) and not gate.needs_wait(unexported)
+    assert gate.needs_wait(borrowed)
+    asyncio.run(gate.announced([own, unexported], "h0"))
+    assert asked == []
+    asyncio.run(gate.announced([borrowed], "h1"))
+    asyncio.run(gate.announced([late], "h2"))
+    assert asked == [(borrowed, 2.0), (late, 2.0)]
+    sample = metrics.registry.get_sample_value
+    assert sample("fabric_cni_announce_waits_total", {"result": "announced"}) == 1
+    assert sample("fabric_cni_announce_waits_total", {"result": "timeout"}) == 1
+    gate.timeout = 0  # cni.announceWait: 0 turns the wait off
+    assert not gate.needs_wait(borrowed)

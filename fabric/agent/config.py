@@ -94,6 +94,7 @@ class BGPSettings:
 class CNIConfig:
     socket: Path
     state_dir: Path
+    announce_wait: float = 2.0  # s an ADD of a borrowed address waits for its announcement
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,8 @@ KEYS: tuple[Key, ...] = (
         "announced to peers."),
     Key("cni.socket", cv.path(), "/run/fabric/cni.sock", "Socket the CNI plugin uses."),
     Key("cni.stateDir", cv.path(), "/var/lib/fabric", "Directory for CNI state."),
+    Key("cni.announceWait", cv.number(0, 30), 2.0, "Seconds at most an ADD of an address "
+        "outside this node's blocks (borrowed) waits for its /32 to be announced; 0: no wait."),
     Key("policy.cutEstablished", cv.choice(False, True), False, "NetworkPolicy: true stops "
         "established connections the new rules deny, at the update (every packet of a flow "
         "is checked); false keeps them until they end, as Calico and kube-router do."),

@@ -22,6 +22,8 @@ Contracts (docs/design/cni.md has the whole story):
   the pod's endpoint (its map entries, chains and set memberships) is in the kernel; until
   then the dataplane drops the traffic of its veth as an unknown pod interface. A gate that
   cannot program fails the ADD (11, try again later) and everything is undone.
+- An address outside this node's blocks (borrowed) is announced before ADD returns: with an
+  ``announce`` gate, ADD waits (bounded, never failing) until its /32 is out.
 """
 
 from __future__ import annotations
@@ -209,6 +211,8 @@ class Workloads:
             await finish_all(routes, admit)
             routes.result()
             admit.result()
+            if self.d.announce is not None:  # a borrowed address: its /32 is announced
+                await self.d.announce.announced([i.ip for i in rec.ips], rec.handle)
             rec = replace(rec, phase=Phase.READY)
             self.d.state.save(rec)
         except BaseException:
