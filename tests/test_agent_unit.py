@@ -200,12 +200,12 @@ def test_announce_gate_waits_only_for_exported_addresses_outside_own_blocks() ->
     asked: list[tuple[Any, float]] = []
     covered = {ip_address("10.244.7.9")}
 
-    async def wait(ip: Any, timeout: float) -> bool:
+    async def wait(ip: Any, timeout: float) -> bool:  # noqa: ASYNC109 (Speaker.wait_covered)
         asked.append((ip, timeout))
         return ip in covered
 
     metrics = Metrics()
-    gate = AnnounceGate(lambda: intent, wait, 2.0, metrics, logging.getLogger("test"))
+    gate = AnnounceGate(lambda: intent, wait, 2.0, 0.05, metrics, logging.getLogger("test"))
     own, borrowed, late = ip_address("10.244.1.5"), ip_address("10.244.7.9"), ip_address(
         "10.244.7.10")  # fmt: skip
     unexported = ip_address("10.250.0.3")

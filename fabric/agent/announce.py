@@ -13,6 +13,13 @@ reconcile adds the /32 to the desired set, the speaker sends it (meanwhile the A
 veth). A wait that times out does not fail the ADD (the pod works once the route is out):
 it is logged and counted (``fabric_cni_announce_waits_total{result="timeout"}``).
 
+ExaBGP's ack is the last thing this node can observe; the routers on the way still have to
+pass the /32 on (measured in the two-rack lab: ~30-55 ms at the FRR ToR, which holds a
+received route up to 50 ms before its best-path run, ~50 ms more through the other rack's
+ToR to its hosts). So after the ack the ADD waits ``cni.announceSettle`` more (default
+0.2 s; only when the node has BGP sessions): an allowance for the fabric's propagation time,
+which the operator knows and this node cannot see.
+
 Addresses of a pool with ``disableBGPExport`` are never announced and never waited for.
 """
 
@@ -34,10 +41,11 @@ class AnnounceGate:
     """``fabric.workloads.deps.Announcer`` for the agent (see the module docstring)."""
 
     def __init__(self, intent: Callable[[], Intent | None], wait: Wait, timeout: float,
-                 metrics: Metrics, log: logging.Logger) -> None:  # fmt: skip
+                 settle: float, metrics: Metrics, log: logging.Logger) -> None:  # fmt: skip
         self._intent = intent
         self._wait = wait
         self.timeout = timeout
+        self.settle = settle
         self._metrics = metrics
         self._log = log
 
@@ -53,13 +61,17 @@ class AnnounceGate:
 
     async def announced(self, ips: Sequence[IPAddress], handle: str) -> None:
         """Return once each of ``ips`` that needs it is covered by an acknowledged
-        announcement, or after ``timeout`` s (logged and counted). Never raises."""
+        announcement (then ``settle`` s later, when there are BGP sessions), or after
+        ``timeout`` s (logged and counted). Never raises."""
         todo = [ip for ip in ips if self.needs_wait(ip)]
         if not todo:
             return
         started = time.monotonic()
         got = await asyncio.gather(*(self._wait(ip, self.timeout) for ip in todo))
         took = time.monotonic() - started
+        intent = self._intent()
+        if any(got) and self.settle > 0 and intent is not None and intent.sessions:
+            await asyncio.sleep(self.settle)  # the routers between us and the other pods
         for ip, ok in zip(todo, got, strict=True):
             self._metrics.announce_waited("announced" if ok else "timeout", took)
             if ok:
