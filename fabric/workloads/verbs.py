@@ -11,7 +11,8 @@ Contracts (docs/design/cni.md has the whole story):
   address: a healthy attachment returns its result again, a broken one is rebuilt on the
   addresses it holds.
 - DEL is idempotent: a handle that holds nothing, a missing interface, an empty or vanished
-  CNI_NETNS are success; only an unreachable etcd (11) fails it, and the runtime retries.
+  CNI_NETNS are success; an unreachable etcd fails it here (dataplane already torn down,
+  record kept ``deleting``), and server.py records it in pending-del/ and answers success.
 - Requests for one attachment run one at a time, GC's teardown of it included (it takes
   the same per-attachment lock); GC leaves attachments in flight alone.
 - A DEL the plugin recorded while fabricd was unreachable (pending.py) is finished at start
