@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,13 +441,14 @@ def test_del_while_etcd_is_down_is_recorded_and_finished_exactly(make: Any) -> N
             code, res = await e.call("ADD")
             assert code == 0, res
             ip = res["ips"][0]["address"].split("/")[0]
+            assert (await e.call("ADD", cid="c2"))[0] == 0
         async with make(["127.0.0.1:9"], setup=False, pending=True) as down:
             assert down.dp.calls == []
             code, out = await down.call("DEL")
             assert (code, out) == (0, None)
             assert down.dp.calls == ["detach"]  # the veth went at once
-            assert down.w.routes() == {}  # and the host route
             kept = down.w.records["net.c1.eth0"]  # the record names the allocation for later
+            assert ipaddress.ip_network(f"{ip}/32") not in down.w.routes()  # host route gone
             assert kept.phase is Phase.DELETING and [str(i.ip) for i in kept.ips] == [ip]
             assert kept.seqs
             recorded = sorted((down.state / PENDING_DIR).glob("*.del"))
@@ -454,11 +456,15 @@ def test_del_while_etcd_is_down_is_recorded_and_finished_exactly(make: Any) -> N
             assert (down.state / PENDING_DIR).stat().st_mode & 0o777 == 0o700
             code, err = await down.call("ADD")  # the same attachment: its DEL first
             assert code == 1 and err["code"] == Code.TRY_AGAIN_LATER, err
+            down.ok[0] = False  # the agent's probe knows etcd is down: no store deadline
+            started = time.monotonic()
+            assert await down.call("DEL", cid="c2") == (0, None)
+            assert time.monotonic() - started < 0.5
+            assert len(list((down.state / PENDING_DIR).glob("*.del"))) == 2
         async with make(setup=False, pending=True) as up:  # etcd back, fabricd restarted
             # the start finishes the record left `deleting` (its handle), then the sweep
-            assert await up.held("net.c1.eth0") == []
+            assert await up.held("net.c1.eth0") == [] and await up.held("net.c2.eth0") == []
             assert await up.w.pending.finish() == 0
-            assert not (await up.alloc.ips_by_handle("net.c1.eth0"))
             assert list((up.state / PENDING_DIR).glob("*.del")) == []
             assert state_files(up) == [PENDING_DIR]
             code, res = await up.call("ADD")

@@ -48,6 +48,7 @@ from fabric.workloads.pod_ipam import Owner
 from fabric.workloads.results import ipam_result, render_result, result_of
 from fabric.workloads.state import Phase, Record
 from fabric.workloads.tasks import KeyedLocks, finish, finish_all
+from ipam.errors import DatastoreUnavailable
 
 DEFAULT_MTU = 1500
 Undo = Callable[[], Awaitable[object]]
@@ -323,6 +324,8 @@ class Workloads:
         await self._forget(rec.handle)
 
     async def _release(self, rec: Record, exact: bool) -> None:
+        if not await self.d.datastore_ok():  # known down: fail now, not at the deadline
+            raise DatastoreUnavailable(f"etcd is not reachable to release {rec.handle}")
         if not (exact and rec.seqs and len(rec.seqs) == len(rec.ips)):
             await self.d.ipam.release(rec.handle)
             return
