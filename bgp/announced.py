@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 from bgp.model import Advert, IPAddress, IPNetwork
 
@@ -30,6 +31,13 @@ class Covered:
     def __init__(self, acked: Callable[[], Mapping[IPNetwork, Advert]]) -> None:
         self._acked = acked
         self._waiters: dict[IPAddress, list[asyncio.Future[None]]] = {}
+        self._at: dict[IPNetwork, float] = {}  # when ExaBGP last acknowledged each prefix
+
+    def since(self, ip: IPAddress) -> float | None:
+        """When (``time.monotonic()``) the advert now covering ``ip`` was acknowledged: 0.0
+        when not seen (acknowledged without a time), None when nothing covers it."""
+        net = self.covering(ip)
+        return None if net is None else self._at.get(net, 0.0)
 
     def covering(self, ip: IPAddress) -> IPNetwork | None:
         """The most specific acknowledged prefix that contains ``ip``, or None."""
@@ -41,8 +49,14 @@ class Covered:
                 return net
         return None
 
-    def notify(self) -> None:
-        """Acks came in: wake every waiter whose address is covered now."""
+    def notify(self, acked: Iterable[IPNetwork] = ()) -> None:
+        """Acks came in (``acked``: the prefixes ExaBGP just acknowledged): note when, and
+        wake every waiter whose address is covered now."""
+        now = time.monotonic()
+        for p in acked:
+            self._at[p] = now
+        if len(self._at) > 2 * len(held := self._acked()) + 64:  # withdrawn ones go
+            self._at = {p: t for p, t in self._at.items() if p in held}
         if not self._waiters:
             return
         for ip in [ip for ip in self._waiters if self.covering(ip) is not None]:

@@ -198,6 +198,10 @@ class Speaker:
         """The adverts ExaBGP acknowledged (and was not asked to withdraw since)."""
         return set(self._rib.acked.values())
 
+    def covered_since(self, ip: IPAddress) -> float | None:
+        """When the acked advert covering ``ip`` was acked (bgp/announced.py; None: none)."""
+        return self._covered.since(ip)
+
     async def wait_covered(self, ip: IPAddress, timeout: float) -> bool:
         """True once an advert ExaBGP acknowledged covers ``ip`` (bgp/announced.py)."""
         return await self._covered.wait(ip, timeout)
@@ -406,7 +410,7 @@ class Speaker:
         if cmd.then is not None:
             cmd.then(ok)
         self._rib.settle(cmd, ok)
-        self._covered.notify()
+        self._covered.notify(a.prefix for a, _ in cmd.adds if ok)
         self._schedule_pump()
 
     def _after_barrier(self) -> None:

@@ -49,3 +49,22 @@ def test_wait_returns_on_the_ack_that_covers_and_leaves_nothing_behind() -> None
         assert not c._waiters
 
     asyncio.run(run())
+
+
+def test_since_is_when_the_covering_advert_was_acknowledged() -> None:
+    acked: dict[IPNetwork, Advert] = {}
+    c = Covered(lambda: acked)
+    ip = ip_address("10.244.3.4")
+    assert c.since(ip) is None
+    block = ip_network("10.244.3.0/26")
+    acked[block] = Advert(block)
+    assert c.since(ip) == 0.0  # held without a known ack time: long ago
+    c.notify([block])
+    first = c.since(ip)
+    assert first is not None and first > 0.0
+    host = ip_network("10.244.3.4/32")
+    acked[host] = Advert(host)
+    c.notify([host])
+    assert (c.since(ip) or 0.0) >= first  # the /32 is the more specific
+    del acked[host]
+    assert c.since(ip) == first

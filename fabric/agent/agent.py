@@ -176,8 +176,8 @@ class Agent:
             self.store, self.speaker, self.metrics, self._required_peers_up, self.policy.check
         )
         alloc = Allocator(self.store)
-        announce = AnnounceGate(lambda: self.intent, self.speaker.wait_covered, cfg.cni.announce_wait,
-                                cfg.cni.announce_settle, self.metrics, log)  # fmt: skip
+        announce = AnnounceGate(lambda: self.intent, self.speaker.covered_since, self.speaker.wait_covered,
+                                cfg.cni.announce_wait, cfg.cni.announce_settle, self.metrics, log)  # fmt: skip
         self.workloads = Workloads(
             Deps(
                 node=cfg.node_name,

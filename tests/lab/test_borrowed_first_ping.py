@@ -46,9 +46,12 @@ def test_borrowed_pod_answers_the_other_rack_from_its_first_ping(lab: Lab) -> No
     remote = pods.add(lab, REMOTE, name="remote")
     lab.wait_for(lambda: BLOCK in lab.kernel_routes(REMOTE), 30, what=f"{BLOCK} on {REMOTE}")
     lab.wait_for(lambda: pods.ping(lab, remote, owner_pod.ip), 30, what="owner pod reachable")
+    first = pods.add(lab, BORROWER, name="first")  # claims a block: waits for it (counted)
+    assert announce_waits(lab, BORROWER).get("announced") == 1
+    time.sleep(0.5)
     before = announce_waits(lab, BORROWER)
-    ordinary = pods.add(lab, BORROWER, name="ordinary")  # its own block: no wait
-    assert pods.ping(lab, ordinary, remote.ip, count=3)
+    ordinary = pods.add(lab, BORROWER, name="ordinary")  # the same block, announced: no wait
+    assert ordinary.ip != first.ip and pods.ping(lab, ordinary, remote.ip, count=3)
     assert announce_waits(lab, BORROWER) == before
     losses: list[str] = []
     took: list[float] = []

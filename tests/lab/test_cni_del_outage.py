@@ -9,6 +9,7 @@ import concurrent.futures
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,12 @@ HOST, REMOTE = "node1", "node3"
 
 
 @pytest.fixture(scope="module")
-def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
+def lab(make_lab) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
     lab = fabric_lab(make_lab, "two-rack")
     pods.install(lab, [HOST, REMOTE])
-    return lab
+    yield lab
+    for m in lab.etcd.members if lab.etcd else ():  # reaped: one test starts them again
+        m.stop(timeout=3)
 
 
 def pending(lab: Lab, node: str = HOST) -> list[Path]:
