@@ -38,6 +38,7 @@ from pathlib import Path
 
 from bgp import codec
 from bgp.adjout import AdjRibOut, Command
+from bgp.announced import Covered
 from bgp.codec import Ack, RelayNotice, Reply, SpeakerShutdown
 from bgp.errors import SpeakerError
 from bgp.model import Advert, Event, IPAddress, PeerState, Session, SessionState, SpeakerRestarted
@@ -97,6 +98,7 @@ class Speaker:
         self._generation = 0
         self._config = ""  # the text in conf_path
         self._rib = AdjRibOut()
+        self._covered = Covered(lambda: self._rib.acked)
         self._book = SessionBook()
         env = {**os.environ, **exabgp_env(self.log_path), RELAY_ENV: str(self.sock_path)}
         argv = [*self.exabgp_argv, "server", str(self.conf_path)]
@@ -195,6 +197,14 @@ class Speaker:
     def announced(self) -> set[Advert]:
         """The adverts ExaBGP acknowledged (and was not asked to withdraw since)."""
         return set(self._rib.acked.values())
+
+    def covered_since(self, ip: IPAddress) -> float | None:
+        """When the acked advert covering ``ip`` was acked (bgp/announced.py; None: none)."""
+        return self._covered.since(ip)
+
+    async def wait_covered(self, ip: IPAddress, timeout: float) -> bool:
+        """True once an advert ExaBGP acknowledged covers ``ip`` (bgp/announced.py)."""
+        return await self._covered.wait(ip, timeout)
 
     async def wait_idle(self, timeout: float = 30.0) -> bool:
         """True once nothing is queued or awaiting an ack (refused commands included)."""
@@ -400,6 +410,7 @@ class Speaker:
         if cmd.then is not None:
             cmd.then(ok)
         self._rib.settle(cmd, ok)
+        self._covered.notify(a.prefix for a, _ in cmd.adds if ok)
         self._schedule_pump()
 
     def _after_barrier(self) -> None:
@@ -408,14 +419,9 @@ class Speaker:
         self._version_acks = 0
         if self._synced_once:  # a new relay, or lost lines: ExaBGP's state is unknown
             up = self._book.established()
-            self._rib.resync(
-                [
-                    codec.route_refresh_command(fam, ip)
-                    for ip in up
-                    for fam in self._sessions[ip].families
-                ],
-                {ip: self._sessions[ip].families for ip in up},
-            )
+            fams = {ip: self._sessions[ip].families for ip in up}
+            self._rib.resync([codec.route_refresh_command(f, ip) for ip in up for f in fams[ip]],
+                             fams)  # fmt: skip
             self._reload.resend()
         self._synced_once = True
         self._ready.set()
@@ -468,6 +474,7 @@ class Speaker:
                 self._rib.on_sent(cmd)
             self._inflight.append(cmd)
             self._write(cmd.text)
+        self._covered.notify()  # without neighbors, commands settle as they are planned
         if not self._inflight and self._reload.state is None and self._rib.quiet():
             self._idle.set()
 

@@ -178,3 +178,72 @@ def test_kernel_changes_skip_own_and_local_and_keep_adopted() -> None:
                GONE: None}  # fmt: skip
     got = dict(kernel_changes(changes, {OWN}, lambda d: d == POD, lambda d: d == KEPT, Gateways()))
     assert got == {LEARNED: KernelRoute(dst=LEARNED, gateways=(A,)), GONE: None}
+
+
+def test_announce_gate_waits_only_for_addresses_not_announced_yet() -> None:
+    """ADD of a borrowed address (or the first of a new block) returns ``settle`` s after its
+    covering advert was acknowledged (fabric/agent/announce.py); an address in a block
+    acknowledged long ago, or in a pool that is not exported, never waits; an own block seen
+    announced does not wait after an ExaBGP restart; a wait that times out is counted."""
+    import logging
+    import time
+
+    from bgp.import_policy import ImportPolicy
+    from bgp.model import PeerType, Session
+    from fabric.agent.announce import AnnounceGate
+    from fabric.agent.intent import Intent
+    from fabric.agent.metrics import Metrics
+
+    policy = ImportPolicy(allowed=(), own=frozenset(), allow_default=False, local_as=64512,
+                          router_id=ip_address("10.0.0.1"), own_addresses=frozenset())  # fmt: skip
+    own_block, new_block = ip_network("10.244.1.0/26"), ip_network("10.244.2.0/26")
+    tor = Session("Node_10_0_0_254", PeerType.NODE, ip_address("10.0.0.254"), 65000, 64512,
+                  ip_address("10.0.0.1"), ip_address("10.0.0.1"))  # fmt: skip
+    intent = Intent(sessions=(tor,), adverts=frozenset(), policy=policy, nat_cidrs=(),
+                    blackholes=frozenset({own_block, new_block}),
+                    pool_cidrs=(ip_network("10.244.0.0/16"), ip_network("10.250.0.0/16")),
+                    export_cidrs=(ip_network("10.244.0.0/16"),))  # fmt: skip
+    asked: list[Any] = []
+    now = time.monotonic()
+    acked: dict[Any, float] = {own_block: now - 60}  # prefix -> when ExaBGP acked it
+    later = {ip_network("10.244.7.9/32"), new_block}  # acked when waited for
+
+    def since(ip: Any) -> float | None:
+        return next((t for n, t in acked.items() if ip in n), None)
+
+    async def wait(ip: Any, timeout: float) -> bool:  # noqa: ASYNC109 (Speaker.wait_covered)
+        asked.append(ip)
+        if since(ip) is not None:
+            return True  # covered already: at once
+        for n in later:
+            if ip in n:
+                acked[n] = time.monotonic()
+                return True
+        return False
+
+    metrics = Metrics()
+    gate = AnnounceGate(lambda: intent, since, wait, 2.0, 0.1, metrics,
+                        logging.getLogger("test"))  # fmt: skip
+    own, borrowed, late = (ip_address(a) for a in ("10.244.1.5", "10.244.7.9", "10.244.7.10"))
+    first_of_new, unexported = ip_address("10.244.2.1"), ip_address("10.250.0.3")
+    assert not gate.needs_wait(own) and not gate.needs_wait(unexported)
+    assert gate.needs_wait(borrowed) and gate.needs_wait(first_of_new)
+    acked.clear()  # an ExaBGP restart: nothing acknowledged yet, the own block seen before
+    assert not gate.needs_wait(own)
+    asyncio.run(gate.announced([own, unexported], "h0"))
+    assert asked == []
+    started = time.monotonic()
+    asyncio.run(gate.announced([borrowed], "h1"))
+    assert time.monotonic() - started >= 0.1  # the settle after the ack
+    acked[ip_network("10.244.7.11/32")] = time.monotonic() - 0.05  # acked before ADD asks
+    started = time.monotonic()
+    asyncio.run(gate.announced([ip_address("10.244.7.11")], "h2"))
+    assert 0.03 <= time.monotonic() - started < 0.1  # only the rest of the settle
+    asyncio.run(gate.announced([late], "h3"))
+    asyncio.run(gate.announced([first_of_new], "h4"))
+    assert asked == [borrowed, ip_address("10.244.7.11"), late, first_of_new]
+    sample = metrics.registry.get_sample_value
+    assert sample("fabric_cni_announce_waits_total", {"result": "announced"}) == 3
+    assert sample("fabric_cni_announce_waits_total", {"result": "timeout"}) == 1
+    gate.timeout = 0  # cni.announceWait: 0 turns the wait off
+    assert not gate.needs_wait(late)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,13 @@ from typing import Any
 import pytest
 
 from cni.errors import CNIError, Code
+from cni.install import PENDING_DIR
 from cni.spec import parse_request
 from fabric.dataplane import attachment as att
 from fabric.dataplane.netlink import IPNetwork, KernelRoute
 from fabric.dataplane.route_table import FlushResult
 from fabric.workloads.deps import Deps
+from fabric.workloads.pending import PendingDir
 from fabric.workloads.pod_ipam import PodIPAM
 from fabric.workloads.server import answer
 from fabric.workloads.state import Phase, Record, StateDir
@@ -139,7 +142,7 @@ def make(etcd_endpoints: list[str], prefix: str, tmp_path: Path) -> Callable[...
 
     @contextlib.asynccontextmanager
     async def ctx(endpoints: list[str] | None = None, setup: bool = True,
-                  policy: Any = None) -> AsyncIterator[Env]:  # fmt: skip
+                  policy: Any = None, pending: bool = False) -> AsyncIterator[Env]:  # fmt: skip
         async with Store(endpoints or etcd_endpoints, prefix, deadline=1.0) as store:
             alloc = Allocator(store)
             if endpoints is None and setup:
@@ -152,7 +155,8 @@ def make(etcd_endpoints: list[str], prefix: str, tmp_path: Path) -> Callable[...
                 return ok[0]
 
             deps = Deps(NODE, PodIPAM(alloc, BatchingAllocator(alloc), NODE), fdp,
-                        routes, StateDir(tmp_path / "state"), datastore_ok, policy=policy)  # fmt: skip
+                        routes, StateDir(tmp_path / "state"), datastore_ok, policy=policy,
+                        pending=PendingDir(tmp_path / "state") if pending else None)  # fmt: skip
             w = Workloads(deps)
             await w.recover()
             yield Env(w, fdp, routes, alloc, tmp_path / "state", ok)
@@ -422,6 +426,58 @@ def test_etcd_down_is_try_again_later(make: Any) -> None:
                 code, err = await e.call(verb)
                 assert code == 1 and err["code"] == Code.TRY_AGAIN_LATER, err
             assert state_files(e) == ["net.c1.eth0.json"]  # DEL kept it: the retry finishes
+
+    asyncio.run(go())
+
+
+def test_del_while_etcd_is_down_is_recorded_and_finished_exactly(make: Any) -> None:
+    """A DEL that reaches fabricd while etcd does not answer tears the dataplane down,
+    records itself in pending-del/ (as the plugin does without fabricd) and answers success;
+    an ADD of the same attachment answers 11 meanwhile; once etcd answers (here: fabricd
+    restarted), the address is free, the recorded DEL finished, and the ADD works again."""
+
+    async def go() -> None:
+        async with make(pending=True) as e:
+            code, res = await e.call("ADD")
+            assert code == 0, res
+            ip = res["ips"][0]["address"].split("/")[0]
+            assert (await e.call("ADD", cid="c2"))[0] == 0
+        async with make(["127.0.0.1:9"], setup=False, pending=True) as down:
+            assert down.dp.calls == []
+            code, out = await down.call("DEL")
+            assert (code, out) == (0, None)
+            assert down.dp.calls == ["detach"]  # the veth went at once
+            kept = down.w.records["net.c1.eth0"]  # the record names the allocation for later
+            assert ipaddress.ip_network(f"{ip}/32") not in down.w.routes()  # host route gone
+            assert kept.phase is Phase.DELETING and [str(i.ip) for i in kept.ips] == [ip]
+            assert kept.seqs
+            recorded = sorted((down.state / PENDING_DIR).glob("*.del"))
+            assert len(recorded) == 1 and recorded[0].stat().st_mode & 0o777 == 0o600
+            assert (down.state / PENDING_DIR).stat().st_mode & 0o777 == 0o700
+            code, err = await down.call("ADD")  # the same attachment: its DEL first
+            assert code == 1 and err["code"] == Code.TRY_AGAIN_LATER, err
+            down.ok[0] = False  # the agent's probe knows etcd is down: no store deadline
+            started = time.monotonic()
+            assert await down.call("DEL", cid="c2") == (0, None)
+            assert time.monotonic() - started < 0.5
+            assert len(list((down.state / PENDING_DIR).glob("*.del"))) == 2
+        async with make(setup=False, pending=True) as up:  # etcd back, fabricd restarted
+            # the start finishes the record left `deleting` (its handle), then the sweep
+            assert await up.held("net.c1.eth0") == [] and await up.held("net.c2.eth0") == []
+            assert await up.w.pending.finish() == 0
+            assert list((up.state / PENDING_DIR).glob("*.del")) == []
+            assert state_files(up) == [PENDING_DIR]
+            code, res = await up.call("ADD")
+            assert code == 0, res
+
+    asyncio.run(go())
+
+
+def test_del_while_etcd_is_down_without_a_pending_dir_is_try_again_later(make: Any) -> None:
+    async def go() -> None:
+        async with make(["127.0.0.1:9"]) as e:
+            code, err = await e.call("DEL")
+            assert code == 1 and err["code"] == Code.TRY_AGAIN_LATER, err
 
     asyncio.run(go())
 

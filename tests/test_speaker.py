@@ -27,6 +27,7 @@ from speaker_lab import (
     established,
     hold_time,
     ip,
+    net,
     prefixes,
     proc_state,
     read_bytes,
@@ -77,6 +78,14 @@ def test_announce_receive_withdraw(topo: Topo) -> None:
             )
             # and our End-of-RIB reached BIRD: it is not waiting for us any more
             await until(lambda: "graceful restart active" not in topo.r1.protocol())
+            # a borrowed address: covered once its /32 is acknowledged (at once when a
+            # covering block is), never while nothing covers it
+            assert await sp.wait_covered(ip("10.99.2.5"), 0.01)
+            assert not await sp.wait_covered(ip("10.99.3.7"), 0.05)
+            waiting = asyncio.ensure_future(sp.wait_covered(ip("10.99.3.7"), 5))
+            sp.set_announcements([*ADVERTS, Advert(net("10.99.3.7/32"))])
+            assert await waiting
+            await until(lambda: "10.99.3.7/32" in topo.r1.routes(), what="the /32 at BIRD")
             sp.set_announcements(ADVERTS[1:])
             await until(lambda: "10.99.1.0/26" not in topo.r1.routes(), what="withdraw")
             assert await sp.wait_idle(5)

@@ -43,6 +43,7 @@ from bgp.model import (
 from bgp.rib import Rib
 from bgp.speaker import Speaker
 from fabric.agent import systemd
+from fabric.agent.announce import AnnounceGate
 from fabric.agent.config import AgentConfig
 from fabric.agent.denied import DeniedTraffic
 from fabric.agent.diagnostics import refresh_policy_counters, route_lookup
@@ -175,6 +176,8 @@ class Agent:
             self.store, self.speaker, self.metrics, self._required_peers_up, self.policy.check
         )
         alloc = Allocator(self.store)
+        announce = AnnounceGate(lambda: self.intent, self.speaker.covered_since, self.speaker.wait_covered,
+                                cfg.cni.announce_wait, cfg.cni.announce_settle, self.metrics, log)  # fmt: skip
         self.workloads = Workloads(
             Deps(
                 node=cfg.node_name,
@@ -185,6 +188,7 @@ class Agent:
                 datastore_ok=self.probes.etcd_reachable,
                 pending=PendingDir(Path(cfg.cni.state_dir), log.getChild("workloads")),
                 policy=self.policy,
+                announce=announce,
             ),
             log.getChild("workloads"),
         )
@@ -269,11 +273,8 @@ class Agent:
                 asyncio.create_task(systemd.watchdog_loop(interval), name="watchdog")
             )
         systemd.ready()
-        log.info(
-            "fabricd ready: %d sessions, %d announcements",
-            len(intent.sessions),
-            len(intent.adverts),
-        )
+        log.info("fabricd ready: %d sessions, %d announcements", len(intent.sessions),
+                 len(intent.adverts))  # fmt: skip
 
     async def run(self) -> None:
         """Start, then run until ``stop()``; a failing background task stops the agent."""

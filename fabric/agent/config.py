@@ -94,6 +94,8 @@ class BGPSettings:
 class CNIConfig:
     socket: Path
     state_dir: Path
+    announce_wait: float = 2.0  # s an ADD of a borrowed address waits for its announcement
+    announce_settle: float = 0.2  # s more, once ExaBGP has it, for the fabric to carry it
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,11 @@ KEYS: tuple[Key, ...] = (
         "announced to peers."),
     Key("cni.socket", cv.path(), "/run/fabric/cni.sock", "Socket the CNI plugin uses."),
     Key("cni.stateDir", cv.path(), "/var/lib/fabric", "Directory for CNI state."),
+    Key("cni.announceWait", cv.number(0, 30), 2.0, "Seconds at most an ADD of an address "
+        "outside this node's blocks (borrowed) waits for its /32 to be announced; 0: no wait."),
+    Key("cni.announceSettle", cv.number(0, 5), 0.2, "Seconds such an ADD waits on, once ExaBGP "
+        "has sent the /32, for it to cross the fabric (every router on the way; FRR holds a "
+        "received route up to 50 ms before it passes it on); 0: answer at once."),
     Key("policy.cutEstablished", cv.choice(False, True), False, "NetworkPolicy: true stops "
         "established connections the new rules deny, at the update (every packet of a flow "
         "is checked); false keeps them until they end, as Calico and kube-router do."),

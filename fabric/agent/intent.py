@@ -67,6 +67,7 @@ class Intent:
     nat_cidrs: tuple[IPNetwork, ...]
     pool_cidrs: tuple[IPNetwork, ...]
     limits: Mapping[IPAddress, int | None] = field(default_factory=dict)
+    export_cidrs: tuple[IPNetwork, ...] = ()  # pools whose addresses are announced
 
 
 def node_info(node: Node) -> NodeInfo:
@@ -251,4 +252,5 @@ def compute(inp: Inputs, match: Matcher) -> Intent:
         nat_cidrs=tuple(p.cidr for p in inp.pools if p.nat_outgoing and not p.disabled),
         pool_cidrs=pool_cidrs,
         limits={s.peer_ip: s.max_prefixes for s in sessions},
+        export_cidrs=tuple(p.cidr for p in inp.pools if not p.disable_bgp_export),
     )

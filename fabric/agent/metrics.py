@@ -171,6 +171,20 @@ class Metrics:
             buckets=_CNI_BUCKETS,
             registry=r,
         )
+        self.announce_waits = Counter(
+            "fabric_cni_announce_waits",
+            "CNI ADDs of borrowed addresses that waited for their announcement, per result",
+            ["result"],
+            registry=r,
+        )
+        self.announce_wait = Histogram(
+            "fabric_cni_announce_wait_seconds",
+            "Time an ADD of a borrowed address waited for its announcement",
+            buckets=_CNI_BUCKETS,
+            registry=r,
+        )
+        for result in ("announced", "timeout"):
+            self.announce_waits.labels(result)
         self.policy_packets = PolicyPackets()
         r.register(self.policy_packets)
         ProcessCollector(namespace="fabric", registry=r)  # fabric_process_* (CPU, memory, fds)
@@ -262,6 +276,12 @@ class Metrics:
         """One CNI request: ``verb`` ADD/DEL/CHECK/GC/STATUS, ``result`` "ok" or a CNI code."""
         self.cni_requests.labels(verb, result).inc()
         self.cni_duration.labels(verb).observe(seconds)
+
+    def announce_waited(self, result: str, seconds: float) -> None:
+        """An ADD waited ``seconds`` for its borrowed address's announcement: ``result``
+        "announced" or "timeout"."""
+        self.announce_waits.labels(result).inc()
+        self.announce_wait.observe(seconds)
 
     def names(self) -> list[str]:
         """Every metric family name in the registry (for docs and tests)."""

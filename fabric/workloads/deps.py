@@ -8,12 +8,12 @@ stand-ins that satisfy the same protocols (checked by mypy, no ``type: ignore``)
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from fabric.dataplane import attachment as dp
-from fabric.dataplane.netlink import IPNetwork, KernelRoute
+from fabric.dataplane.netlink import IPAddress, IPNetwork, KernelRoute
 from fabric.dataplane.route_table import FlushResult
 from fabric.workloads.pending import PendingDir
 from fabric.workloads.pod_ipam import PodIPAM
@@ -56,6 +56,14 @@ class PolicyGate(Protocol):
         """Forget the attachment ``handle`` (its entries go with the next batch)."""
 
 
+class Announcer(Protocol):
+    """The agent's announcement gate (``fabric.agent.announce.AnnounceGate``)."""
+
+    async def announced(self, ips: Sequence[IPAddress], handle: str) -> None:
+        """Return once those of ``ips`` outside this node's blocks are announced, or after
+        the configured bound; never raise."""
+
+
 @dataclass(frozen=True, slots=True)
 class Deps:
     node: str
@@ -66,3 +74,4 @@ class Deps:
     datastore_ok: Callable[[], Awaitable[bool]]  # etcd answers (cached by the agent)
     pending: PendingDir | None = None  # DELs recorded by the plugin while fabricd was down
     policy: PolicyGate | None = None  # None: no NetworkPolicy enforcement (tests)
+    announce: Announcer | None = None  # None: ADD does not wait for BGP (tests)

@@ -6,6 +6,9 @@ rename). fabricd reads them back through the same decoder and request parser as 
 request, runs the DEL, and removes the file only when the DEL succeeded; a file that is not a
 request is renamed ``*.bad`` (kept for a person) and skipped. Temporary files older than a
 minute are the remains of a plugin killed mid-write: removed.
+
+fabricd records a DEL here itself when the DEL reached it but etcd did not answer
+(``record``; server.py): the dataplane is torn down at once, the release waits here.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cni import shim
 from cni.errors import CNIError, Code
 from cni.install import PENDING_DIR
 from cni.protocol import (
@@ -28,6 +32,7 @@ from cni.protocol import (
     FramingError,
     decode_env,
     decode_header,
+    encode_request,
 )
 from cni.spec import Request, Verb, parse_request
 from fabric.workloads.pod_ipam import Owner
@@ -90,6 +95,12 @@ class PendingDir:
         if req.env.command is not Verb.DEL:
             raise BadRecord(f"a {req.env.command} request, not DEL")
         return PendingDel(path, env.get(PLUGIN_VAR, "fabric"), req)
+
+    def record(self, env: Mapping[str, str], stdin: bytes) -> None:
+        """Record a DEL fabricd could not finish (etcd unreachable) exactly as the plugin
+        records one it cannot deliver (``cni.shim.record``: same framing, same atomic
+        write). Raises OSError."""
+        shim.record(str(self.path), encode_request(env, stdin))
 
     def done(self, path: Path) -> None:
         path.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ from cni.protocol import (
 from cni.spec import Verb, error_version, parse_request, version_answer
 from fabric.workloads.errors import cni_error
 from fabric.workloads.verbs import Workloads
+from ipam.errors import DatastoreUnavailable
 
 READ_TIMEOUT = 5.0  # the shim sends its whole request at once
 REQUEST_TIMEOUT = 50.0  # below the shim's REPLY_TIMEOUT (60 s), so fabricd answers first
@@ -68,6 +69,9 @@ async def answer(
         code, result = 0, "ok"
     except Exception as e:
         err = cni_error(e)
+        if raw_verb == Verb.DEL and _record_del(workloads, env, stdin, e):
+            observe(verb, "recorded", time.monotonic() - started)
+            return 0, b""
         if err.code == Code.INTERNAL:
             log.error("CNI %s failed with an internal error", verb, exc_info=e)
         else:
@@ -78,6 +82,28 @@ async def answer(
     observe(verb, result, seconds)
     log.debug("CNI %s %s: %s in %.1f ms", verb, _who(env), result, seconds * 1000)
     return code, out
+
+
+def _record_del(workloads: Workloads, env: Mapping[str, str], stdin: bytes,
+                exc: Exception) -> bool:  # fmt: skip
+    """A DEL that failed only because etcd did not answer: the dataplane is down already
+    (the teardown removes routes and interfaces before it reports the release's failure)
+    and the state record, marked ``deleting``, keeps the allocations' sequence numbers.
+    Record the request for the sweeper (pending.py) and answer success, as the plugin does
+    when fabricd is down; the release happens when etcd is back, before any ADD of the same
+    attachment. False (answer the error) without a pending dir or when the write fails."""
+    pending = workloads.d.pending
+    if pending is None or not isinstance(exc, DatastoreUnavailable):
+        return False
+    try:
+        pending.record(env, stdin)
+    except OSError as e:
+        log.error("CNI DEL %s: etcd is unreachable and recording the DEL in %s failed: %s",
+                  _who(env), pending.path, e)  # fmt: skip
+        return False
+    log.warning("CNI DEL %s: etcd is unreachable; interfaces and routes removed, the "
+                "release recorded in %s (finished when etcd answers)", _who(env), pending.path)  # fmt: skip
+    return True
 
 
 def _who(env: Mapping[str, str]) -> str:

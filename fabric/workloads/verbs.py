@@ -11,7 +11,8 @@ Contracts (docs/design/cni.md has the whole story):
   address: a healthy attachment returns its result again, a broken one is rebuilt on the
   addresses it holds.
 - DEL is idempotent: a handle that holds nothing, a missing interface, an empty or vanished
-  CNI_NETNS are success; only an unreachable etcd (11) fails it, and the runtime retries.
+  CNI_NETNS are success; an unreachable etcd fails it here (dataplane already torn down,
+  record kept ``deleting``), and server.py records it in pending-del/ and answers success.
 - Requests for one attachment run one at a time, GC's teardown of it included (it takes
   the same per-attachment lock); GC leaves attachments in flight alone.
 - A DEL the plugin recorded while fabricd was unreachable (pending.py) is finished at start
@@ -22,6 +23,8 @@ Contracts (docs/design/cni.md has the whole story):
   the pod's endpoint (its map entries, chains and set memberships) is in the kernel; until
   then the dataplane drops the traffic of its veth as an unknown pod interface. A gate that
   cannot program fails the ADD (11, try again later) and everything is undone.
+- An address outside this node's blocks (borrowed) is announced before ADD returns: with an
+  ``announce`` gate, ADD waits (bounded, never failing) until its /32 is out.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from fabric.workloads.pod_ipam import Owner
 from fabric.workloads.results import ipam_result, render_result, result_of
 from fabric.workloads.state import Phase, Record
 from fabric.workloads.tasks import KeyedLocks, finish, finish_all
+from ipam.errors import DatastoreUnavailable
 
 DEFAULT_MTU = 1500
 Undo = Callable[[], Awaitable[object]]
@@ -209,6 +213,8 @@ class Workloads:
             await finish_all(routes, admit)
             routes.result()
             admit.result()
+            if self.d.announce is not None:  # a borrowed address: its /32 is announced
+                await self.d.announce.announced([i.ip for i in rec.ips], rec.handle)
             rec = replace(rec, phase=Phase.READY)
             self.d.state.save(rec)
         except BaseException:
@@ -318,6 +324,8 @@ class Workloads:
         await self._forget(rec.handle)
 
     async def _release(self, rec: Record, exact: bool) -> None:
+        if not await self.d.datastore_ok():  # known down: fail now, not at the deadline
+            raise DatastoreUnavailable(f"etcd is not reachable to release {rec.handle}")
         if not (exact and rec.seqs and len(rec.seqs) == len(rec.ips)):
             await self.d.ipam.release(rec.handle)
             return

@@ -269,6 +269,11 @@ class Soak:
         concurrent.futures.wait([self._pool.submit(self._del, p) for p in rest])
         losses = flows.stop()
         lost_at = [t for p in flows.probes for t in p.times(_missing(p))]
+        (self.out / "established-losses.json").write_text(
+            json.dumps(  # when, per flow
+                {name: p.times(_missing(p)) for name, p in zip(losses, flows.probes, strict=True)}
+            )
+        )
         growth = {}
         for h in self.hosts:
             (rss, fds), (rss0, fds0) = rss_fds(lab.fabricd_pid(h)), self.base[h]
@@ -312,6 +317,7 @@ class Soak:
             "ratio_first_to_settled": round(first / settled, 3) if settled else None,
             "established_lost": sum(v.lost for v in losses.values()),
             "established_lost_outside_faults": len(lost_at) - in_faults,
+            "established_lost_by_flow": {k: v.lost for k, v in losses.items() if v.lost},
             "faults": {
                 f["fault"]: {
                     "seconds": f["seconds"],

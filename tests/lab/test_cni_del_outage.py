@@ -9,6 +9,7 @@ import concurrent.futures
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from fabric_helpers import fabric_lab
 from cni.errors import Code
 from cni.install import PENDING_DIR
 from fabric.dataplane.attachment import host_ifname
-from lab import pods
+from lab import pods, procs
 from lab.pods import Pod
 from lab.runner import Lab
 
@@ -26,10 +27,12 @@ HOST, REMOTE = "node1", "node3"
 
 
 @pytest.fixture(scope="module")
-def lab(make_lab) -> Lab:  # type: ignore[no-untyped-def]
+def lab(make_lab) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
     lab = fabric_lab(make_lab, "two-rack")
     pods.install(lab, [HOST, REMOTE])
-    return lab
+    yield lab
+    for m in lab.etcd.members if lab.etcd else ():  # reaped: one test starts them again
+        m.stop(timeout=3)
 
 
 def pending(lab: Lab, node: str = HOST) -> list[Path]:
@@ -144,4 +147,32 @@ def test_a_recorded_del_never_frees_an_address_given_again(lab: Lab) -> None:
     log = (lab.dir / HOST / "fabricd.out").read_text()
     assert "were given again since; left alone" in log
     assert runtime_del(lab, new)[0] == 0
+    ipam_clean(lab)
+
+
+def test_del_while_etcd_is_down_is_recorded_by_fabricd(lab: Lab) -> None:
+    """fabricd runs, etcd does not answer: the runtime's DEL tears the pod down at once,
+    fabricd records the release in pending-del/ and answers success; the address is freed
+    once etcd is back (the 5 s sweep), nothing left behind."""
+    pod = pods.add(lab, HOST, name="etcd-down")
+    assert lab.etcd is not None
+    for m in lab.etcd.members:
+        m.stop(timeout=3)
+    try:
+        lab.wait_for(lambda: lab.health(HOST)[0] == 503, 15, 0.2, f"{HOST} sees etcd down")
+        code, doc, took = runtime_del(lab, pod)
+        assert code == 0, doc
+        assert took < 3.0, f"the DEL took {took:.1f} s"
+        assert len(pending(lab)) == 1
+        veth = host_ifname(pod.name, "eth0")
+        assert veth not in lab.exec(HOST, ["ip", "-o", "link", "show"], check=True).stdout
+        assert "dev" not in lab.exec(HOST, ["ip", "route", "show", pod.ip], check=True).stdout
+    finally:
+        for m in lab.etcd.start_stopped(30):  # recorded with the lab, as up() does: torn down
+            assert m.proc is not None
+            argv = [str(a) for a in m.proc.args]  # type: ignore[union-attr]
+            lab.state.add_proc(procs.record(m.proc.pid, argv[4:], m.netns or "",
+                                            lab.nodes("etcd")[0], f"etcd-{m.name}"))  # fmt: skip
+    lab.wait_for(lambda: not pending(lab), 30, 0.5, "the recorded DEL finished")
+    assert leftovers(lab, pod) == []
     ipam_clean(lab)
