@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from bgp.import_policy import ImportPolicy
 from bgp.model import (
@@ -135,6 +136,10 @@ class Rib:
 
     def best(self) -> dict[IPNetwork, frozenset[IPAddress]]:
         return dict(self._best)
+
+    def best_view(self) -> Mapping[IPNetwork, frozenset[IPAddress]]:
+        """``best()`` read-only and live, without copying it: read it in one go."""
+        return MappingProxyType(self._best)
 
     def peers(self) -> list[IPAddress]:
         """Peers with an Adj-RIB-In (routes received and not yet removed)."""

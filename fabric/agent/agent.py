@@ -199,7 +199,7 @@ class Agent:
                                              self.metrics, lambda: self.policy.compiled),
         )  # fmt: skip
         self.status = StatusPublisher(self._status_view, self.routes, self.metrics, self.store,
-                                      self.registration, self.rib.best)  # fmt: skip
+                                      self.registration, self.rib.best_view)  # fmt: skip
         self.intent: Intent | None = None
         self.convergence = Convergence({}, 0.0)  # replaced at start, with the adopted routes
         self._dirty = asyncio.Event()

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from fabric.dataplane.gc_pause import gc_paused as _gc_paused
 from fabric.dataplane.netlink import (
@@ -125,6 +126,7 @@ class RouteTable:
         self._wake = asyncio.Event()
         self._flushes = 0
         self._generation = 0
+        self._changed_at = 0.0  # time.monotonic() of the last generation change
         self._last_flush = 0.0
         self._totals = {"add": 0, "replace": 0, "remove": 0, "failed": 0}
         self._running = False
@@ -184,10 +186,24 @@ class RouteTable:
     def installed(self) -> dict[IPNetwork, KernelRoute]:
         return dict(self._installed)
 
+    def installed_view(self) -> Mapping[IPNetwork, KernelRoute]:
+        """The installed routes, read-only and live (no copy of 100k routes): read it
+        without awaiting in between."""
+        return MappingProxyType(self._installed)
+
     @property
     def generation(self) -> int:
         """Changes each time a flush changes what is installed."""
         return self._generation
+
+    @property
+    def changed_at(self) -> float:
+        """``time.monotonic()`` when ``generation`` last changed (0.0: never)."""
+        return self._changed_at
+
+    def _new_generation(self) -> None:
+        self._generation += 1
+        self._changed_at = time.monotonic()
 
     def busy(self) -> bool:
         """Changes are pending, or came within the last BURST_LINGER."""
@@ -322,7 +338,7 @@ class RouteTable:
             if installed.setdefault(route.dst, route) is not route:
                 strays.append(route)  # the kernel lists a prefix's routes by metric: 2nd+
         self._installed, self._foreign, self._strays = installed, foreign, strays
-        self._generation += 1
+        self._new_generation()
         self._need_dump = False
         if self._authoritative:  # set.update(dict) reuses the dict's hashes
             self._dirty.update(installed)
@@ -345,7 +361,7 @@ class RouteTable:
         for kind, n in counts.items():
             self._totals[kind] += n
         if any(counts.values()):
-            self._generation += 1
+            self._new_generation()
         self._totals["failed"] += len(failed)
         if failed:
             self.log.warning("failed to apply %d routes, e.g. %s", len(failed), _sample(failed))
