@@ -368,7 +368,12 @@ class Rib:
                 t.overflow.pop(prefix, None)
                 continue
             paths = paths_of.get(prefix)
-            if paths is not None and (rest := _without(paths, peer)) is not None:
+            if paths is None:
+                continue
+            if len(paths) == 1 and paths[0][0] is peer:  # its only path: no _without call
+                del paths_of[prefix]
+                touched[prefix] = ()
+            elif (rest := _without(paths, peer)) is not None:
                 if rest:
                     paths_of[prefix] = rest
                 else:

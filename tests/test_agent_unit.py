@@ -176,5 +176,5 @@ def test_desired_routes_precedence() -> None:
 def test_kernel_changes_skip_own_and_local_and_keep_adopted() -> None:
     changes = {OWN: frozenset({A}), POD: frozenset({A}), LEARNED: frozenset({A}), KEPT: None,
                GONE: None}  # fmt: skip
-    got = dict(kernel_changes(changes, {OWN}, lambda d: d == POD, lambda d: d == KEPT, Gateways()))
+    got = dict(kernel_changes(changes, {OWN}, {POD}, {KEPT}, Gateways()))
     assert got == {LEARNED: KernelRoute(dst=LEARNED, gateways=(A,)), GONE: None}

@@ -439,7 +439,7 @@ class Agent:
     def _route_changes(self, changes: dict[IPNetwork, frozenset[IPAddress] | None]) -> None:
         if changes:
             own = self.intent.blackholes if self.intent is not None else frozenset()
-            keeps, local = self.convergence.keeps, self.workloads.owns
+            keeps, local = self.convergence.kept(), self.workloads.routed
             self.routes.update(kernel_changes(changes, own, local, keeps, self._gateways))
 
     def _sessions(self) -> tuple[Session, ...]:

@@ -388,20 +388,22 @@ class RouteTable:
             todo = self._dirty & only
             self._dirty -= todo
         desired, installed, foreign = self._desired, self._installed, self._foreign
+        ops, kinds = plan.ops, plan.kinds
         for dst in todo:
             want, have = desired.get(dst), installed.get(dst)
-            if want == have:
+            if want is None:  # first, and by identity: KernelRoute's == is a Python call
+                if have is not None:
+                    ops.append(RouteOp(have, delete=True))
+                    kinds.append("remove")
                 continue
-            if want is not None and foreign and dst in foreign:
+            if want is have or (have is not None and want == have):
+                continue
+            if foreign and dst in foreign:
                 proto = foreign[dst]
                 failed[dst] = RouteError(errno.EEXIST, f"a route with protocol {proto} exists")
                 self._dirty.add(dst)
                 continue
-            if want is None:
-                assert have is not None
-                plan.ops.append(RouteOp(have, delete=True))
-                plan.kinds.append("remove")
-            elif have is None or have.metric != want.metric:
+            if have is None or have.metric != want.metric:
                 plan.ops.append(RouteOp(want, exclusive=True))
                 plan.kinds.append("add" if have is None else "replace")
                 if have is not None:
@@ -425,6 +427,16 @@ class RouteTable:
         errors = await self._write(plan.ops)
         olds: list[RouteOp] = []
         installed = self._installed
+        if not errors and not failed and not plan.old and plan.kinds[-1:] != ["stray"]:
+            # every write applied, no replaced metric, no strays (_plan puts them last):
+            # the common case of a burst, booked in one plain pass
+            for op, kind in zip(plan.ops, plan.kinds, strict=True):
+                counts[kind] += 1
+                if op.delete:
+                    installed.pop(op.route.dst, None)
+                else:
+                    installed[op.route.dst] = op.route
+            return
         for i, (op, kind) in enumerate(zip(plan.ops, plan.kinds, strict=True)):
             dst = op.route.dst
             err = errors.get(i) if errors else None
