@@ -291,7 +291,7 @@ class RouteSocket(NetlinkSocket):
             last = 0  # seq of the last message in this batch
             end = min(start + batch, len(ops))
             for i in range(start, end):
-                seq = self._next_seq()
+                seq = self._seq = self._seq % 0x7FFFFFFF + 1  # _next_seq, inlined: per route
                 try:
                     parts.append(encode_route(ops[i], seq, proto, table, names, i == end - 1))
                 except KeyError:
