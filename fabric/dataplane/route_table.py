@@ -393,7 +393,7 @@ class RouteTable:
             want, have = desired.get(dst), installed.get(dst)
             if want is None:  # first, and by identity: KernelRoute's == is a Python call
                 if have is not None:
-                    ops.append(RouteOp(have, delete=True))
+                    ops.append(RouteOp(have, True))
                     kinds.append("remove")
                 continue
             if want is have or (have is not None and want == have):

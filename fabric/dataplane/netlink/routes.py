@@ -132,10 +132,11 @@ class DumpedRoute(NamedTuple):
     route: KernelRoute
 
 
-@dataclass(frozen=True, slots=True)
-class RouteOp:
+class RouteOp(NamedTuple):
     """One write. ``exclusive`` adds with NLM_F_EXCL: the kernel refuses (EEXIST) rather than
     replace a route already at (dst, metric). A delete matches dst, metric and our protocol.
+    A named tuple: a flush of 100k builds one per route, and a frozen dataclass took ~0.5 us
+    to build (~0.2 us for the tuple).
     """
 
     route: KernelRoute
