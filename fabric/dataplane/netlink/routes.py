@@ -9,6 +9,7 @@ a send are drained before the next, so each failure is known per route.
 from __future__ import annotations
 
 import errno as errno_mod
+import operator
 import os
 import re
 import socket
@@ -122,6 +123,7 @@ class KernelRoute:
 
 
 _set = object.__setattr__
+_DEV = operator.attrgetter("route.dev")
 _htonl = socket.htonl
 
 
@@ -285,7 +287,7 @@ class RouteSocket(NetlinkSocket):
         sent). NetlinkError when the socket fails: what was applied is unknown (dump it).
         """
         errors: dict[int, RouteError] = {}
-        names = self.indexes_of(op.route.dev for op in ops if op.route.dev)
+        names = self.indexes_of(filter(None, map(_DEV, ops)))  # no Python call per op
         for start in range(0, len(ops), max(1, batch)):
             pending: dict[int, int] = {}  # seq -> index into ops
             parts = []
