@@ -73,12 +73,14 @@ def announced() -> set[Any]:
 def test_converges_when_every_planned_peer_is_up_and_sent_end_of_rib() -> None:
     c = Convergence(ADOPTED, DEADLINE)
     assert c.keeps(GONE) and c.keeps(KEPT)
+    assert GONE in c.kept() and KEPT in c.kept()  # kept(): keeps() as a container
     c.end_of_rib(A)
     assert c.check(1.0, [A, B], {A, B}, announced) is None, "B has not sent End-of-RIB"
     c.end_of_rib(B)
     assert c.check(1.0, [A, B], {A}, announced) is None, "B is not established"
     assert c.check(2.0, [A, B], {A, B}, announced) == [GONE]
     assert c.converged and not c.keeps(GONE) and not c.keeps(KEPT) and c.adopted == {}
+    assert GONE not in c.kept() and KEPT not in c.kept()
     assert c.check(3.0, [A, B], {A, B}, announced) is None, "converging happens once"
 
 
