@@ -73,12 +73,14 @@ def announced() -> set[Any]:
 def test_converges_when_every_planned_peer_is_up_and_sent_end_of_rib() -> None:
     c = Convergence(ADOPTED, DEADLINE)
     assert c.keeps(GONE) and c.keeps(KEPT)
+    assert GONE in c.kept() and KEPT in c.kept()  # kept(): keeps() as a container
     c.end_of_rib(A)
     assert c.check(1.0, [A, B], {A, B}, announced) is None, "B has not sent End-of-RIB"
     c.end_of_rib(B)
     assert c.check(1.0, [A, B], {A}, announced) is None, "B is not established"
     assert c.check(2.0, [A, B], {A, B}, announced) == [GONE]
     assert c.converged and not c.keeps(GONE) and not c.keeps(KEPT) and c.adopted == {}
+    assert GONE not in c.kept() and KEPT not in c.kept()
     assert c.check(3.0, [A, B], {A, B}, announced) is None, "converging happens once"
 
 
@@ -176,7 +178,7 @@ def test_desired_routes_precedence() -> None:
 def test_kernel_changes_skip_own_and_local_and_keep_adopted() -> None:
     changes = {OWN: frozenset({A}), POD: frozenset({A}), LEARNED: frozenset({A}), KEPT: None,
                GONE: None}  # fmt: skip
-    got = dict(kernel_changes(changes, {OWN}, lambda d: d == POD, lambda d: d == KEPT, Gateways()))
+    got = dict(kernel_changes(changes, {OWN}, {POD}, {KEPT}, Gateways()))
     assert got == {LEARNED: KernelRoute(dst=LEARNED, gateways=(A,)), GONE: None}
 
 

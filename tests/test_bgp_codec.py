@@ -307,3 +307,16 @@ def test_received_prefixes_are_interned_while_held() -> None:
     assert text not in interned.PREFIXES
     again = interned.prefix(text)
     assert interned.PREFIXES[text]() is again
+
+
+def test_a_dying_prefix_leaves_a_newer_interned_one_alone() -> None:
+    """The weak reference's callback removes only its own entry: if a newer object of the
+    same prefix was interned meanwhile, that one stays."""
+    key = bytes([32, 10, 98, 7, 9])
+    old = interned.nlri4(key)
+    newer = interned.Prefix4.of(0x0A620709, 32)
+    interned.PREFIXES[key] = interned._TextRef(newer, key)
+    del old  # its callback runs now: it must not drop the newer entry
+    assert interned.nlri4(key) is newer
+    del newer
+    assert key not in interned.PREFIXES

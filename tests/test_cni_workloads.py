@@ -183,6 +183,7 @@ def test_add_check_del_del(make: Any) -> None:
             assert await e.held("net.c1.eth0") == [addr]
             route = e.routes.desired[ipaddress.ip_network(f"{addr}/32")]
             assert route.dev == res["interfaces"][0]["name"] and e.w.owns(route.dst)
+            assert route.dst in e.w.routed  # what the agent's kernel_changes checks against
             assert state_files(e) == ["net.c1.eth0.json"]
             rec = json.loads((e.state / "net.c1.eth0.json").read_text())
             assert (rec["phase"], rec["pod"], rec["namespace"]) == ("ready", "pod-c1", "ns")
@@ -196,7 +197,7 @@ def test_add_check_del_del(make: Any) -> None:
                 assert await e.call("DEL", version="0.4.0", prevResult=res) == (0, None)
                 assert await e.held("net.c1.eth0") == []
                 assert e.routes.desired == {} and e.dp.attached == {} and state_files(e) == []
-                assert not e.w.owns(route.dst)
+                assert not e.w.owns(route.dst) and route.dst not in e.w.routed
 
     asyncio.run(go())
 

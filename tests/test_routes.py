@@ -210,6 +210,52 @@ def test_status_route_list_waits_for_a_burst_to_settle(ns: str) -> None:
     run(go())
 
 
+def test_status_route_list_waits_for_the_table_to_hold_still(ns: str) -> None:
+    """With ``settle`` (the publisher's interval), the list is rebuilt only once the table
+    went that long without a change: a flush within the wait starts it again. The learned
+    list is rebuilt with it, read from the live mapping it is given."""
+
+    async def go() -> None:
+        with closing(RouteTable(PROTO, netns=ns)) as t:
+            best: dict[IPNetwork, frozenset[Any]] = {}
+            pub = RouteList(t, best=lambda: best, settle=1.0)
+            assert pub.items() == [] and pub.learned()["count"] == 0
+            routes = many(4)
+            t.update(routes.items())
+            best.update((d, frozenset(r.gateways)) for d, r in routes.items())
+            await t.flush()
+            empty = pub.items()
+            assert empty == []  # just changed: the old list stays
+            await asyncio.sleep(0.5)
+            first = next(iter(routes))
+            t.set(first, None)
+            del best[first]
+            await t.flush()  # a change 0.5 s in: the wait starts over
+            await asyncio.sleep(0.3)
+            assert pub.items() is empty
+            await asyncio.sleep(0.8)
+            listed = pub.items()
+            assert [i["dst"] for i in listed] == sorted(str(d) for d in list(routes)[1:])
+            assert pub.learned()["count"] == 3
+            assert [i["dst"] for i in pub.learned()["items"]] == [i["dst"] for i in listed]
+            assert pub.items() is listed  # nothing changed since: not rebuilt
+
+    run(go())
+
+
+def test_status_route_list_order_is_family_address_length() -> None:
+    """IPv4 before IPv6, then by address, then by prefix length, as the document always
+    listed them (the key reads ipaddress's slots, for plain and interned prefixes)."""
+    from bgp.interned import prefix
+    from fabric.agent.status import learned_section
+
+    nets = [N("fd00::/64"), prefix("10.1.0.0/24"), N("10.1.0.0/16"), prefix("9.0.0.0/8"),
+            N("10.0.255.255/32"), prefix("fc00::/7")]  # fmt: skip
+    got = [i["dst"] for i in learned_section(dict.fromkeys(nets, frozenset()))["items"]]
+    assert got == ["9.0.0.0/8", "10.0.255.255/32", "10.1.0.0/16", "10.1.0.0/24",
+                   "fc00::/7", "fd00::/64"]  # fmt: skip
+
+
 def test_replace_all_writes_only_the_difference(ns: str, monitor: Monitor) -> None:
     async def go() -> None:
         with closing(RouteTable(PROTO, netns=ns)) as t:

@@ -203,7 +203,7 @@ class Agent:
                                              self.metrics, lambda: self.policy.compiled),
         )  # fmt: skip
         self.status = StatusPublisher(self._status_view, self.routes, self.metrics, self.store,
-                                      self.registration, self.rib.best)  # fmt: skip
+                                      self.registration, self.rib.best_view)  # fmt: skip
         self.intent: Intent | None = None
         self.convergence = Convergence({}, 0.0)  # replaced at start, with the adopted routes
         self._dirty = asyncio.Event()
@@ -440,7 +440,7 @@ class Agent:
     def _route_changes(self, changes: dict[IPNetwork, frozenset[IPAddress] | None]) -> None:
         if changes:
             own = self.intent.blackholes if self.intent is not None else frozenset()
-            keeps, local = self.convergence.keeps, self.workloads.owns
+            keeps, local = self.convergence.kept(), self.workloads.routed
             self.routes.update(kernel_changes(changes, own, local, keeps, self._gateways))
 
     def _sessions(self) -> tuple[Session, ...]:

@@ -48,6 +48,10 @@ class Convergence:
         """A withdrawal of ``dst`` must leave its adopted kernel route in place (for now)."""
         return not self.converged and dst in self.adopted
 
+    def kept(self) -> Container[IPNetwork]:
+        """The prefixes ``keeps`` answers True for, as a container (empty once converged)."""
+        return () if self.converged else self.adopted
+
     def check(
         self,
         now: float,

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from fabric.dataplane.gc_pause import gc_paused as _gc_paused
 from fabric.dataplane.netlink import (
@@ -125,6 +126,7 @@ class RouteTable:
         self._wake = asyncio.Event()
         self._flushes = 0
         self._generation = 0
+        self._changed_at = 0.0  # time.monotonic() of the last generation change
         self._last_flush = 0.0
         self._totals = {"add": 0, "replace": 0, "remove": 0, "failed": 0}
         self._running = False
@@ -184,10 +186,24 @@ class RouteTable:
     def installed(self) -> dict[IPNetwork, KernelRoute]:
         return dict(self._installed)
 
+    def installed_view(self) -> Mapping[IPNetwork, KernelRoute]:
+        """The installed routes, read-only and live (no copy of 100k routes): read it
+        without awaiting in between."""
+        return MappingProxyType(self._installed)
+
     @property
     def generation(self) -> int:
         """Changes each time a flush changes what is installed."""
         return self._generation
+
+    @property
+    def changed_at(self) -> float:
+        """``time.monotonic()`` when ``generation`` last changed (0.0: never)."""
+        return self._changed_at
+
+    def _new_generation(self) -> None:
+        self._generation += 1
+        self._changed_at = time.monotonic()
 
     def busy(self) -> bool:
         """Changes are pending, or came within the last BURST_LINGER."""
@@ -322,7 +338,7 @@ class RouteTable:
             if installed.setdefault(route.dst, route) is not route:
                 strays.append(route)  # the kernel lists a prefix's routes by metric: 2nd+
         self._installed, self._foreign, self._strays = installed, foreign, strays
-        self._generation += 1
+        self._new_generation()
         self._need_dump = False
         if self._authoritative:  # set.update(dict) reuses the dict's hashes
             self._dirty.update(installed)
@@ -345,7 +361,7 @@ class RouteTable:
         for kind, n in counts.items():
             self._totals[kind] += n
         if any(counts.values()):
-            self._generation += 1
+            self._new_generation()
         self._totals["failed"] += len(failed)
         if failed:
             self.log.warning("failed to apply %d routes, e.g. %s", len(failed), _sample(failed))
@@ -372,20 +388,22 @@ class RouteTable:
             todo = self._dirty & only
             self._dirty -= todo
         desired, installed, foreign = self._desired, self._installed, self._foreign
+        ops, kinds = plan.ops, plan.kinds
         for dst in todo:
             want, have = desired.get(dst), installed.get(dst)
-            if want == have:
+            if want is None:  # first, and by identity: KernelRoute's == is a Python call
+                if have is not None:
+                    ops.append(RouteOp(have, True))
+                    kinds.append("remove")
                 continue
-            if want is not None and foreign and dst in foreign:
+            if want is have or (have is not None and want == have):
+                continue
+            if foreign and dst in foreign:
                 proto = foreign[dst]
                 failed[dst] = RouteError(errno.EEXIST, f"a route with protocol {proto} exists")
                 self._dirty.add(dst)
                 continue
-            if want is None:
-                assert have is not None
-                plan.ops.append(RouteOp(have, delete=True))
-                plan.kinds.append("remove")
-            elif have is None or have.metric != want.metric:
+            if have is None or have.metric != want.metric:
                 plan.ops.append(RouteOp(want, exclusive=True))
                 plan.kinds.append("add" if have is None else "replace")
                 if have is not None:
@@ -409,6 +427,16 @@ class RouteTable:
         errors = await self._write(plan.ops)
         olds: list[RouteOp] = []
         installed = self._installed
+        if not errors and not failed and not plan.old and plan.kinds[-1:] != ["stray"]:
+            # every write applied, no replaced metric, no strays (_plan puts them last):
+            # the common case of a burst, booked in one plain pass
+            for op, kind in zip(plan.ops, plan.kinds, strict=True):
+                counts[kind] += 1
+                if op.delete:
+                    installed.pop(op.route.dst, None)
+                else:
+                    installed[op.route.dst] = op.route
+            return
         for i, (op, kind) in enumerate(zip(plan.ops, plan.kinds, strict=True)):
             dst = op.route.dst
             err = errors.get(i) if errors else None

@@ -33,6 +33,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import TypeVar
 
@@ -99,6 +100,12 @@ class Workloads:
     def owns(self, dst: IPNetwork) -> bool:
         """``dst`` is a local pod's host route (no BGP-learned route may replace it)."""
         return dst in self._routed
+
+    @property
+    def routed(self) -> AbstractSet[IPNetwork]:
+        """The local pods' host routes (``owns`` as a container: a burst of 100k learned
+        or withdrawn routes checks each against it without a Python call)."""
+        return self._routed
 
     def routes(self) -> dict[IPNetwork, KernelRoute]:
         """The host routes of every ready attachment (desired from the first resync on)."""
