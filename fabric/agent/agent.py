@@ -496,4 +496,5 @@ class Agent:
     def _status_view(self) -> NodeView:
         blocks = len(self.intent.blackholes) if self.intent is not None else None
         return node_view(self.cfg.node_name, self._sessions(), self.speaker, self.rib,
-                         self.convergence.converged, blocks, self._required_peers_up())  # fmt: skip
+                         self.convergence.converged, blocks, self._required_peers_up(),
+                         len(self.workloads.routed))  # fmt: skip

@@ -70,10 +70,12 @@ class NodeView:
     converged: bool
     own_blocks: int | None  # None before the first intent
     peers: tuple[bool, str] = (True, "")  # required peers up, and what /readyz says of them
+    local_ips: int = 0  # addresses of this node's pods (their host routes)
 
 
 def node_view(node: str, sessions: Iterable[Session], speaker: Speaker, rib: Rib,
-              converged: bool, own_blocks: int | None, peers: tuple[bool, str]) -> NodeView:  # fmt: skip
+              converged: bool, own_blocks: int | None, peers: tuple[bool, str],
+              local_ips: int = 0) -> NodeView:  # fmt: skip
     """The view of the planned ``sessions`` as the speaker and the RIB see them now;
     ``peers``: the /readyz required-peers check."""
     status = speaker.sessions_status()
@@ -86,6 +88,7 @@ def node_view(node: str, sessions: Iterable[Session], speaker: Speaker, rib: Rib
         converged=converged,
         own_blocks=own_blocks,
         peers=peers,
+        local_ips=local_ips,
     )
 
 
@@ -172,7 +175,9 @@ def learned_section(best: Mapping[IPNetwork, frozenset[Any]]) -> dict[str, Any]:
     return {"count": len(best), "truncated": len(best) > MAX_ROUTES, "items": items}
 
 
-def update_metrics(m: Metrics, doc: dict[str, Any], own_blocks: int | None) -> None:
+def update_metrics(
+    m: Metrics, doc: dict[str, Any], own_blocks: int | None, local_ips: int = 0
+) -> None:
     m.set_sessions(
         SessionSample(
             s["peerIP"],
@@ -190,7 +195,7 @@ def update_metrics(m: Metrics, doc: dict[str, Any], own_blocks: int | None) -> N
     m.set_routes(unicast=routes["installed"] - blackhole - local, blackhole=blackhole, local=local)
     m.set_announcements(len(doc["announcements"]))
     if own_blocks is not None:
-        m.set_ipam(own_blocks)
+        m.set_ipam(own_blocks, local_ips)
 
 
 class RouteList:
@@ -252,7 +257,7 @@ class StatusPublisher:
         view = self.view()
         items = self.route_list.items()
         doc = build(view, self.routes.stats(), items, self.route_list.learned())
-        update_metrics(self.metrics, doc, view.own_blocks)
+        update_metrics(self.metrics, doc, view.own_blocks, view.local_ips)
         body = json.dumps(doc, sort_keys=True).encode()
         if body == self._last:
             return

@@ -79,3 +79,15 @@ def test_borrowed_pod_answers_the_other_rack_from_its_first_ping(lab: Lab) -> No
         addr = f"{base}.{10 + i}"
         lab.wait_for(lambda a=addr: "via" in lab.kernel_routes(OWNER).get(a, ""), 10,
                      what=f"{addr} via a gateway on {OWNER}")  # fmt: skip
+    # fabric_ipam_allocated_ips: one address per pod of the node, borrowed ones included
+    lab.wait_for(lambda: allocated_ips(lab, BORROWER) == 2 + ROUNDS, 15,
+                 what=f"{BORROWER}'s fabric_ipam_allocated_ips at {2 + ROUNDS}")  # fmt: skip
+    assert allocated_ips(lab, OWNER) == 1
+
+
+def allocated_ips(lab: Lab, node: str) -> float:
+    code, text = lab.health(node, "/metrics")
+    assert code == 200, text
+    found = re.search(r"^fabric_ipam_allocated_ips (\S+)$", text, re.M)
+    assert found, text[-2000:]
+    return float(found.group(1))
