@@ -66,10 +66,12 @@ def drop_table(ns: str) -> None:
 
 
 @pytest.mark.root
-def test_admit_waits_for_the_kernel_and_bursts_coalesce(node: str) -> None:
+@pytest.mark.parametrize("backend", ["exec", "lib"])
+def test_admit_waits_for_the_kernel_and_bursts_coalesce(node: str, backend: str) -> None:
     policies: list[NetworkPolicy] = [DENY_DB]  # type: ignore[list-item]
     pods: list[Pod] = [pod(i, "db") for i in range(20)]
-    nft = Nft(node)
+    nft = Nft(node, backend=backend)
+    assert nft.backend == backend
     agent = PolicyAgent("me", PolicyTable(nft), lambda: Inputs(tuple(policies),
                         tuple[Namespace, ...](), tuple(pods), ()), lambda: ())  # fmt: skip
 
@@ -103,7 +105,10 @@ def test_admit_waits_for_the_kernel_and_bursts_coalesce(node: str) -> None:
         with pytest.raises(asyncio.CancelledError):
             await runner
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        nft.close()
 
 
 @pytest.mark.root
