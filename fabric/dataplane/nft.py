@@ -19,6 +19,7 @@ Used by the NAT table (fabric.dataplane.nat) and the policy table
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -61,6 +62,13 @@ def quote(text: str) -> str:
     return f'"{text}"'
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def rule_id(label: str, text: str) -> str:
+    """A rule's identity (``RuleDef.id``): memoised, every batch asks it of every rule."""
+    data = f"{label}\0{text}".encode()
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest()[:12]
+
+
 @dataclass(frozen=True, slots=True)
 class RuleDef:
     """One rule: ``text`` is its statements (matches, ``counter``, verdict) without the
@@ -72,8 +80,7 @@ class RuleDef:
 
     @property
     def id(self) -> str:
-        data = f"{self.label}\0{self.text}".encode()
-        return hashlib.sha1(data, usedforsecurity=False).hexdigest()[:12]
+        return rule_id(self.label, self.text)
 
     @property
     def comment(self) -> str:
