@@ -249,6 +249,18 @@ def test_admit_of_an_endpoint_the_watch_already_brought_costs_no_batch(node: str
         await asyncio.wait_for(agent.admit(real(3), ""), 5)
         assert agent.batches == batches + 2
         assert f'"{real(3).host_ifname}" : jump in_' in to_pod(node)
+        # a DEL's batch taking it out is being written when the same pod is ADDed again:
+        # the last written batch still holds it, but the admit waits for a batch after it
+        table.gate.clear()
+        table.entered.clear()
+        agent.release(real(3).handle)
+        await asyncio.wait_for(table.entered.wait(), 5)
+        again = asyncio.create_task(agent.admit(real(3), ""))
+        await asyncio.sleep(0.05)
+        assert not again.done()
+        table.gate.set()
+        await asyncio.wait_for(again, 5)
+        assert f'"{real(3).host_ifname}" : jump in_' in to_pod(node)
         runner.cancel()
         with pytest.raises(asyncio.CancelledError):
             await runner

@@ -12,7 +12,7 @@
 - ``admit`` (the CNI ADD's gate) returns once the pod's map entries, chains and set
   memberships are in the kernel: at once when the last written batch already held its
   endpoint (same interface, same addresses: the IPAM watch event usually brings it before
-  the ADD asks), after the running batch when that one holds it, else after a batch that
+  the ADD asks) and none is being written, after the running batch when that one holds it, else after a batch that
   starts after the call (the pod's veth drops everything until then: fail closed).
 - A batch whose inputs are the last batch's (the same cache objects, the same local
   records) or give the same endpoints is skipped: no compile, no render, no transaction.
@@ -114,7 +114,14 @@ class PolicyAgent:
         kernel, written by a batch (fail closed)."""
         self._pending[rec.handle] = (rec, cni_labels_json)
         ips = frozenset(i.ip for i in rec.ips)
-        if self._written.get(rec.host_ifname) == ips and not self._resync and ips:
+        if (
+            ips
+            and self._written.get(rec.host_ifname) == ips
+            and not self._resync
+            and (
+                self._inflight is None  # (a batch being written may be taking it out: a re-ADD)
+            )
+        ):
             return  # the last written batch holds it (it came with the IPAM watch event)
         fut = asyncio.get_running_loop().create_future()
         inflight = self._inflight
