@@ -12,8 +12,8 @@
 - ``admit`` (the CNI ADD's gate) returns once the pod's map entries, chains and set
   memberships are in the kernel: at once when the last written batch already held its
   endpoint (same interface, same addresses: the IPAM watch event usually brings it before
-  the ADD asks) and none is being written, after the running batch when that one holds it, else after a batch that
-  starts after the call (the pod's veth drops everything until then: fail closed).
+  the ADD asks) and none is being written, after the running batch when that one holds
+  it, else after a batch that starts after the call (the veth drops everything until then).
 - A batch whose inputs are the last batch's (the same cache objects, the same local
   records) or give the same endpoints is skipped: no compile, no render, no transaction.
 - Failure: the table keeps what it had (nft transactions are atomic); ``problem`` holds the
@@ -93,8 +93,7 @@ class PolicyAgent:
         self._compiler = IncrementalCompiler(node)
         self.log: DeniedLog | None = None  # the denied-traffic log (fabric.agent.denied)
         self.skipped = 0  # batches skipped because nothing they depend on changed
-        self._last_inputs: tuple[Inputs, tuple[Record, ...], dict[str, tuple[Record, str]]] | None
-        self._last_inputs = None  # what the last written batch was computed from ...
+        self._last_inputs: tuple[Any, ...] | None = None  # the last batch's inputs, local ...
         self._last_eps: list[Endpoint] = []  # ... its endpoints and aliases
         self._last_aliases: dict[str, list[str]] = {}
         self._batch_eps: dict[str, frozenset[object]] = {}  # the batch being computed: local
@@ -178,12 +177,14 @@ class PolicyAgent:
         """The table to write; with ``skip_unchanged``, None when the last written batch
         was computed from the same inputs or came to the same endpoints."""
         inputs = self.read()
-        local = (tuple(r for r in self.records() if r.phase is Phase.READY), dict(self._pending))
+        ready = tuple(r for r in self.records() if r.phase is Phase.READY)
+        local = (ready, dict(self._pending), self.log, self.cut_established)
         last = self._last_inputs
         if skip_unchanged and last is not None and last[0] is inputs and last[1:] == local:
             return None
         eps = self.endpoints(inputs)
-        if (skip_unchanged and last is not None and _identical(last[0].policies, inputs.policies)
+        if (skip_unchanged and last is not None and last[3:] == local[2:]
+                and _identical(last[0].policies, inputs.policies)
                 and _identical(last[0].namespaces, inputs.namespaces)
                 and self.aliases == self._last_aliases and _same(eps, self._last_eps)):  # fmt: skip
             self._last_inputs = (inputs, *local)
