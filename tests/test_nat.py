@@ -124,14 +124,16 @@ def nft(ns: str, *args: str) -> str:
 
 
 @pytest.mark.root
-def test_masquerade_outside_pools_only(lab: dict[str, str]) -> None:
+@pytest.mark.parametrize("backend", ["exec", "lib"])
+def test_masquerade_outside_pools_only(lab: dict[str, str], backend: str) -> None:
     pod, node, out = lab["pod"], lab["node"], lab["out"]
     # without the table, the pod's address goes out as it is
     assert source_seen(pod, out, "10.78.100.2") == "10.78.1.10"
     nft(node, "add", "table", "inet", "someone_else")  # not ours: must survive everything
 
+    nat = NatTable(netns=node, backend=backend)
+
     async def go() -> None:
-        nat = NatTable(netns=node)
         assert await nat.apply(NAT_POOLS, ALL_POOLS)
         assert source_seen(pod, out, "10.78.100.2") == "10.78.100.1"  # masqueraded
         assert source_seen(pod, out, "fd78::100:2") == "fd78::100:1"
@@ -155,17 +157,26 @@ def test_masquerade_outside_pools_only(lab: dict[str, str]) -> None:
         assert not await nat.remove()
         assert source_seen(pod, out, "fd78::100:2") == "fd78::1:10"
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        nat.close()
     tables = nft(node, "list", "tables").split()
     assert "someone_else" in tables and "fabric_nat" not in tables
 
 
 @pytest.mark.root
-def test_nft_errors_are_reported(lab: dict[str, str]) -> None:
+@pytest.mark.parametrize("backend", ["exec", "lib"])
+def test_nft_errors_are_reported(lab: dict[str, str], backend: str) -> None:
     from fabric.dataplane.nat import NatError
+
+    nat = NatTable(netns=lab["node"] + "-missing", backend=backend)
 
     async def go() -> None:
         with pytest.raises(NatError, match=r"failed to apply nft table fabric_nat: .*netns"):
-            await NatTable(netns=lab["node"] + "-missing").apply(NAT_POOLS, ALL_POOLS)
+            await nat.apply(NAT_POOLS, ALL_POOLS)
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        nat.close()

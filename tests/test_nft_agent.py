@@ -11,16 +11,19 @@ import re
 import secrets
 import subprocess
 from collections.abc import Iterator
-from ipaddress import ip_interface
+from dataclasses import replace
+from ipaddress import ip_interface, ip_network
 
 import pytest
 
 from fabric.agent.policy import Inputs, PolicyAgent
+from fabric.dataplane.attachment import host_ifname
 from fabric.dataplane.nft import Nft
-from fabric.dataplane.policy_table import PolicyTable
+from fabric.dataplane.policy_table import Change, Desired, PolicyTable
 from fabric.resources.policy_codec import decode
 from fabric.resources.policy_model import Namespace, NetworkPolicy, Pod
 from fabric.workloads.state import Phase, Record
+from ipam.block import Attribute, Block
 from lab import netns as labns
 
 DENY_DB = decode({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -66,10 +69,12 @@ def drop_table(ns: str) -> None:
 
 
 @pytest.mark.root
-def test_admit_waits_for_the_kernel_and_bursts_coalesce(node: str) -> None:
+@pytest.mark.parametrize("backend", ["exec", "lib"])
+def test_admit_waits_for_the_kernel_and_bursts_coalesce(node: str, backend: str) -> None:
     policies: list[NetworkPolicy] = [DENY_DB]  # type: ignore[list-item]
     pods: list[Pod] = [pod(i, "db") for i in range(20)]
-    nft = Nft(node)
+    nft = Nft(node, backend=backend)
+    assert nft.backend == backend
     agent = PolicyAgent("me", PolicyTable(nft), lambda: Inputs(tuple(policies),
                         tuple[Namespace, ...](), tuple(pods), ()), lambda: ())  # fmt: skip
 
@@ -103,7 +108,10 @@ def test_admit_waits_for_the_kernel_and_bursts_coalesce(node: str) -> None:
         with pytest.raises(asyncio.CancelledError):
             await runner
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        nft.close()
 
 
 @pytest.mark.root
@@ -145,3 +153,153 @@ def test_endpoints_from_records_pending_and_aliases() -> None:
     )
     assert eps["default/p2"].labels == {"tier": "web"}
     assert agent.aliases == {"default/p1": ["fab2nd"]}
+
+
+def real(i: int) -> Record:
+    """``record(i)`` with the host interface the dataplane names (as an endpoint of a block)."""
+    r = record(i)
+    return replace(r, host_ifname=host_ifname(r.container_id, r.ifname))
+
+
+def block_with(*recs: Record) -> Block:
+    """The IPAM block the ADDs of ``recs`` committed (what the watch event brings)."""
+    b = Block.new(ip_network("10.81.0.0/24"), "me")
+    for r in recs:
+        attrs = {"containerID": r.container_id, "ifname": r.ifname, "node": "me",
+                 "pod": r.pod or "", "namespace": r.namespace or ""}  # fmt: skip
+        b = b.assign_specific(int(r.ips[0].ip) - int(b.cidr.network_address),
+                              Attribute(r.handle, attrs))  # fmt: skip
+    return b
+
+
+class GatedTable(PolicyTable):
+    """The real table, whose writes wait for ``gate`` (to hold a batch in flight)."""
+
+    def __init__(self, nft: Nft) -> None:
+        super().__init__(nft)
+        self.gate, self.entered = asyncio.Event(), asyncio.Event()
+        self.gate.set()
+
+    async def apply(self, want: Desired) -> Change:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().apply(want)
+
+
+@pytest.mark.root
+def test_admit_of_an_endpoint_the_watch_already_brought_costs_no_batch(node: str) -> None:
+    """The IPAM watch event's batch (the block with the new allocation) wrote the endpoint:
+    the ADD's admit returns at once; one that comes while that batch is being written joins
+    it; another address under the same interface, or an unknown pod, waits for a batch.
+    A batch whose inputs did not change is skipped (no compile, no transaction)."""
+    policies: tuple[NetworkPolicy, ...] = (DENY_DB,)  # type: ignore[assignment]
+    pods = tuple(pod(i, "db") for i in range(4))
+    blocks: list[Block] = [block_with(real(0))]
+    nft = Nft(node, backend="lib")
+    table = GatedTable(nft)
+    agent = PolicyAgent("me", table, lambda: Inputs(policies, (), pods, tuple(blocks)),
+                        lambda: ())  # fmt: skip
+
+    async def go() -> None:
+        await agent.program()
+        runner = asyncio.create_task(agent.run())
+        assert f'"{real(0).host_ifname}" : jump in_' in to_pod(node)
+        batches, runs = agent.batches, nft.runs
+        # the watch brought it: no batch, no nft run
+        await asyncio.wait_for(agent.admit(real(0), ""), 1)
+        assert (agent.batches, nft.runs) == (batches, runs)
+        # nothing changed: the batch a watch event would trigger is skipped
+        skipped = agent.skipped
+        agent.changed()
+        for _ in range(100):
+            if agent.skipped > skipped:
+                break
+            await asyncio.sleep(0.01)
+        assert agent.skipped == skipped + 1 and (agent.batches, nft.runs) == (batches, runs)
+        # the same endpoints from a new block object (another allocation's event elsewhere)
+        blocks[0] = block_with(real(0))
+        agent.changed()
+        for _ in range(100):
+            if agent.skipped > skipped + 1:
+                break
+            await asyncio.sleep(0.01)
+        assert agent.skipped == skipped + 2 and nft.runs == runs
+        # a batch in flight that holds the endpoint: admit joins it, no batch of its own
+        table.gate.clear()
+        table.entered.clear()
+        blocks[0] = block_with(real(0), real(1))
+        agent.changed()
+        await asyncio.wait_for(table.entered.wait(), 5)
+        joined = asyncio.create_task(agent.admit(real(1), ""))
+        await asyncio.sleep(0.05)
+        assert not joined.done()  # not before the kernel holds it (fail closed)
+        assert real(1).host_ifname not in to_pod(node)
+        table.gate.set()
+        await asyncio.wait_for(joined, 5)
+        assert f'"{real(1).host_ifname}" : jump in_' in to_pod(node)
+        await asyncio.sleep(0.05)
+        assert agent.batches == batches + 1, "the admit's own batch ran"
+        # another address under a known interface: not answered from the last batch
+        moved = replace(real(1), ips=(ip_interface("10.81.0.77/32"),))
+        done = agent.batches + agent.skipped
+        await asyncio.wait_for(agent.admit(moved, ""), 5)
+        assert agent.batches + agent.skipped == done + 1
+        agent.release(moved.handle)
+        # a pod nobody has seen: its own batch
+        await asyncio.wait_for(agent.admit(real(3), ""), 5)
+        assert agent.batches == batches + 2
+        assert f'"{real(3).host_ifname}" : jump in_' in to_pod(node)
+        # a DEL's batch taking it out is being written when the same pod is ADDed again:
+        # the last written batch still holds it, but the admit waits for a batch after it
+        table.gate.clear()
+        table.entered.clear()
+        agent.release(real(3).handle)
+        await asyncio.wait_for(table.entered.wait(), 5)
+        again = asyncio.create_task(agent.admit(real(3), ""))
+        await asyncio.sleep(0.05)
+        assert not again.done()
+        table.gate.set()
+        await asyncio.wait_for(again, 5)
+        assert f'"{real(3).host_ifname}" : jump in_' in to_pod(node)
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+
+    try:
+        asyncio.run(go())
+    finally:
+        nft.close()
+
+
+def test_cache_reader_reads_again_only_what_changed() -> None:
+    """fabricd's policy inputs: the same Inputs while nothing changed (the batch is skipped
+    at once), the policy objects kept when only blocks changed, re-read when they changed."""
+    from fabric.agent.intent import BlockIndex
+    from fabric.agent.policy import CacheReader
+    from fabric.resources.policy_store import PODS
+    from ipam import keys
+    from ipam.store import KV
+
+    def kv(key: str, value: bytes, mod: int) -> KV:
+        return KV(key, value, mod, mod, 1)
+
+    pod_doc = (
+        b'{"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "default", "name": "p0"}}'
+    )
+    data: dict[str, dict[str, KV]] = {
+        PODS: {PODS + "default/p0": kv(PODS + "default/p0", pod_doc, 1)},
+        keys.BLOCKS: {"b": kv("b", block_with(real(0)).dumps(), 2)},
+    }
+    reader = CacheReader(lambda: data, BlockIndex().blocks)
+    first = reader()
+    assert [p.name for p in first.pods] == ["p0"] and len(first.blocks) == 1
+    assert reader() is first  # nothing changed: the same object
+    data[keys.BLOCKS]["b"] = kv("b", block_with(real(0), real(1)).dumps(), 3)
+    reader.changed(keys.BLOCKS)
+    second = reader()
+    assert second is not first and second.pods is first.pods
+    assert len(list(second.blocks[0].allocated())) == 2
+    del data[PODS][PODS + "default/p0"]
+    reader.changed(PODS)
+    third = reader()
+    assert third.pods == () and third.blocks is second.blocks

@@ -162,13 +162,19 @@ def test_render_egress_named_ports_and_refusals() -> None:
 
 
 class Pods:
-    def __init__(self, node: str, pods: dict[str, str], ifnames: dict[str, str]) -> None:
+    def __init__(
+        self, node: str, pods: dict[str, str], ifnames: dict[str, str], backend: str
+    ) -> None:
         self.node, self.pods, self.ifnames = node, pods, ifnames
-        self.nft = Nft(node)
+        self.nft = Nft(node, backend=backend)
+        assert self.nft.backend == backend
 
 
-@pytest.fixture
-def lab() -> Iterator[Pods]:
+BACKENDS = ["exec", "lib"]  # fabric.dataplane.nft: the nft program, libnftables in process
+
+
+@pytest.fixture(params=BACKENDS)
+def lab(request: pytest.FixtureRequest) -> Iterator[Pods]:
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces)")
     tag = secrets.token_hex(2)
@@ -198,7 +204,11 @@ def lab() -> Iterator[Pods]:
         for p, ns in pods.items():  # pods reach each other through the node's gateway
             labns.batch(node, [f"addr add fe80::1/64 dev {ifnames[p]} nodad"])
             labns.batch(ns, ["route add default via fe80::1 dev eth0"])
-        yield Pods(node, pods, ifnames)
+        pods_lab = Pods(node, pods, ifnames, request.param)
+        try:
+            yield pods_lab
+        finally:
+            pods_lab.nft.close()
     finally:
         for ns in (*pods.values(), node):
             labns.delete(ns)

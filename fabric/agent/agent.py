@@ -52,7 +52,7 @@ from fabric.agent.intent import BlockIndex, Intent, borrowed_ips, compute, decod
 from fabric.agent.kernel_routes import Gateways, desired_routes, kernel_changes
 from fabric.agent.metrics import Metrics
 from fabric.agent.policy import PREFIXES as POLICY_PREFIXES
-from fabric.agent.policy import ObjectIndex, PolicyAgent, read_cache
+from fabric.agent.policy import CacheReader, PolicyAgent
 from fabric.agent.probes import Probes
 from fabric.agent.registration import Registration
 from fabric.agent.sessions import Convergence, required_peers_up
@@ -98,9 +98,8 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        tls = None
-        if cfg.etcd.use_tls:
-            tls = TLSConfig(cfg.etcd.ca_file, cfg.etcd.cert_file, cfg.etcd.key_file)
+        e = cfg.etcd
+        tls = TLSConfig(e.ca_file, e.cert_file, e.key_file) if e.use_tls else None
         self.store = Store(cfg.etcd.endpoints, cfg.etcd.prefix, tls, deadline=cfg.etcd.timeout)
         self.local = NodeInfo(
             name=cfg.node_name,
@@ -156,11 +155,11 @@ class Agent:
         self.speaker = Speaker(
             Path(cfg.run_dir) / "bgp", self._on_bgp_event, cfg.bgp.exabgp, log.getChild("speaker")
         )
-        policy_objects = ObjectIndex()
+        self.policy_inputs = CacheReader(lambda: self.cache.data, self.blocks.blocks)
         self.policy = PolicyAgent(
             cfg.node_name,
             PolicyTable(),
-            lambda: read_cache(self.cache.data, policy_objects, self.blocks.blocks),
+            self.policy_inputs,  # told of every change in _changed
             lambda: self.workloads.records.values(),  # noqa: PLW0108 (made below, replaced by recover)
             cfg.policy.cut_established,
             cfg.policy.resync_interval,
@@ -317,6 +316,7 @@ class Agent:
 
     def _changed(self, prefix: str) -> None:
         if prefix in POLICY_PREFIXES or prefix == keys.BLOCKS:
+            self.policy_inputs.changed(prefix)
             self.policy.changed()
             if prefix != keys.BLOCKS:
                 return  # the routing intent does not read policy objects

@@ -9,8 +9,13 @@
   difference in ONE nft transaction. Changes arriving meanwhile are coalesced into the next
   batch. Every ``policy.resyncInterval`` the batch reads the kernel's table instead of
   trusting what it last wrote, and repairs only the difference.
-- ``admit`` (the CNI ADD's gate) returns once a batch that started after the call has been
-  written: the pod's map entries, chains and set memberships are in the kernel.
+- ``admit`` (the CNI ADD's gate) returns once the pod's map entries, chains and set
+  memberships are in the kernel: at once when the last written batch already held its
+  endpoint (same interface, same addresses: the IPAM watch event usually brings it before
+  the ADD asks) and none is being written, after the running batch when that one holds
+  it, else after a batch that starts after the call (the veth drops everything until then).
+- A batch whose inputs are the last batch's (the same cache objects, the same local
+  records) or give the same endpoints is skipped: no compile, no render, no transaction.
 - Failure: the table keeps what it had (nft transactions are atomic); ``problem`` holds the
   reason, /readyz fails with it, and a batch that reads the kernel and repairs is retried
   after 0.5 s, doubling up to 10 s (or sooner, at the next change). etcd down: nothing changes, enforcement stays as programmed.
@@ -21,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fabric.dataplane.attachment import host_ifname
 from fabric.dataplane.policy_log import DeniedLog
@@ -67,6 +74,8 @@ class PolicyAgent:
         resync_interval: float = 60.0,
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
+        """``read()`` gives the inputs; returning the same ``Inputs`` object while nothing
+        changed (``CacheReader``) lets a batch with nothing to do be skipped at once."""
         self.node, self.table, self.read, self.records = node, table, read, records
         self.cut_established = cut_established
         self.resync_interval = resync_interval
@@ -83,6 +92,15 @@ class PolicyAgent:
         self._endpoints = EndpointCache(node, host_ifname)
         self._compiler = IncrementalCompiler(node)
         self.log: DeniedLog | None = None  # the denied-traffic log (fabric.agent.denied)
+        self.skipped = 0  # batches skipped because nothing they depend on changed
+        self._last_inputs: tuple[Any, ...] | None = None  # the last batch's inputs, local ...
+        self._last_eps: list[Endpoint] = []  # ... its endpoints and aliases
+        self._last_aliases: dict[str, list[str]] = {}
+        self._batch_eps: dict[str, frozenset[object]] = {}  # the batch being computed: local
+        self._written: dict[str, frozenset[object]] = {}  # ... and the last written one
+        self._inflight: dict[str, frozenset[object]] | None = None  # the batch being written
+        self._joining: list[asyncio.Future[None]] | None = None  # its waiters (run())
+        self._pending_last: tuple[Any, list[Endpoint], dict[str, list[str]]] | None = None
 
     # ------------------------------------------------------------------ inputs
 
@@ -91,11 +109,30 @@ class PolicyAgent:
         self._dirty.set()
 
     async def admit(self, rec: Record, cni_labels_json: str) -> None:
-        """Return once a batch containing ``rec``'s endpoint is written (fail closed)."""
+        """Return once ``rec``'s endpoint (its host interface with its addresses) is in the
+        kernel, written by a batch (fail closed)."""
         self._pending[rec.handle] = (rec, cni_labels_json)
+        ips = frozenset(i.ip for i in rec.ips)
+        if (
+            ips
+            and self._written.get(rec.host_ifname) == ips
+            and not self._resync
+            and (
+                self._inflight is None  # (a batch being written may be taking it out: a re-ADD)
+            )
+        ):
+            return  # the last written batch holds it (it came with the IPAM watch event)
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self._dirty.set()
+        inflight = self._inflight
+        if (
+            inflight is not None
+            and self._joining is not None
+            and inflight.get(rec.host_ifname) == ips
+        ):
+            self._joining.append(fut)  # the batch being written holds it: its outcome is ours
+        else:
+            self._waiters.append(fut)
+            self._dirty.set()
         async with asyncio.timeout(ADMIT_TIMEOUT):
             await asyncio.shield(fut)
 
@@ -136,24 +173,51 @@ class PolicyAgent:
             keys_seen.add((ns, name))
         return eps
 
-    def desired(self) -> Desired:
+    def desired(self, skip_unchanged: bool = False) -> Desired | None:
+        """The table to write; with ``skip_unchanged``, None when the last written batch
+        was computed from the same inputs or came to the same endpoints."""
         inputs = self.read()
-        compiled = self._compiler.compile(inputs.policies, inputs.namespaces,
-                                          self.endpoints(inputs))  # fmt: skip
+        ready = tuple(r for r in self.records() if r.phase is Phase.READY)
+        local = (ready, dict(self._pending), self.log, self.cut_established)
+        last = self._last_inputs
+        if skip_unchanged and last is not None and last[0] is inputs and last[1:] == local:
+            return None
+        eps = self.endpoints(inputs)
+        if (skip_unchanged and last is not None and last[3:] == local[2:]
+                and _identical(last[0].policies, inputs.policies)
+                and _identical(last[0].namespaces, inputs.namespaces)
+                and self.aliases == self._last_aliases and _same(eps, self._last_eps)):  # fmt: skip
+            self._last_inputs = (inputs, *local)
+            return None
+        self._batch_eps = _local_addresses(eps, self.aliases)
+        compiled = self._compiler.compile(inputs.policies, inputs.namespaces, eps)
         self.compiled = compiled
-        return render(compiled, self.cut_established, self.aliases, self.log)
+        want = render(compiled, self.cut_established, self.aliases, self.log)
+        self._pending_last = ((inputs, *local), eps, dict(self.aliases))
+        return want
 
     async def program(self) -> Change:
-        """One batch: compile, render, write the difference (read the kernel on resync)."""
+        """One batch: compile, render, write the difference (read the kernel on resync).
+        Skipped (an empty Change) when nothing it depends on changed since the last one."""
         started = time.monotonic()
         resync, self._resync = self._resync, False
         try:
-            want = self.desired()
+            want = self.desired(skip_unchanged=not resync and self.table.programmed)
+            if want is None:
+                self.skipped += 1
+                return Change()
+            self._inflight = self._batch_eps
             change = await (self.table.sync(want) if resync else self.table.apply(want))
         except Exception as e:
             self._resync = True  # the next batch reads the kernel
+            self._written, self._last_inputs = {}, None
             self.problem = f"failed to program table inet {self.table.table}: {e}"
             raise
+        finally:
+            self._inflight = None
+        self._written = self._batch_eps
+        if self._pending_last is not None:
+            (self._last_inputs, self._last_eps, self._last_aliases) = self._pending_last
         self.problem = None
         self.batches += 1
         self.observe("policy_resync" if resync else "policy", time.monotonic() - started)
@@ -178,10 +242,12 @@ class PolicyAgent:
                     await asyncio.sleep(DEBOUNCE - idle)
                 self._dirty.clear()
                 waiters, self._waiters = self._waiters, []
+                self._joining = waiters  # an admit whose endpoint this batch holds joins them
                 self._last = time.monotonic()
                 try:
                     await self.program()
                 except Exception as e:
+                    self._joining = None
                     log.error("%s; retrying in %.1f s", self.problem, retry)
                     asyncio.get_running_loop().call_later(retry, self.resync)
                     retry = min(retry * 2, RETRY_MAX)
@@ -189,6 +255,7 @@ class PolicyAgent:
                         if not w.done():
                             w.set_exception(RuntimeError(str(e)))
                     continue
+                self._joining = None
                 retry = RETRY_MIN
                 for w in waiters:
                     if not w.done():
@@ -224,6 +291,28 @@ class PolicyAgent:
         return True, "ok"
 
 
+def _identical(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def _same(a: list[Endpoint], b: list[Endpoint]) -> bool:
+    """The same endpoints (unchanged ones are the same objects: EndpointCache)."""
+    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b, strict=True))
+
+
+def _local_addresses(
+    eps: Iterable[Endpoint], aliases: Mapping[str, list[str]]
+) -> dict[str, frozenset[object]]:
+    """Host interface -> addresses of every local endpoint (and its further attachments)."""
+    out: dict[str, frozenset[object]] = {}
+    for e in eps:
+        if e.ifname is not None:
+            out[e.ifname] = frozenset(e.ips)
+            for alias in aliases.get(e.key, ()):
+                out.setdefault(alias, frozenset())  # its own addresses are not known here
+    return out
+
+
 class ObjectIndex:
     """Parsed policy objects, re-parsed only when a key's revision changes."""
 
@@ -246,6 +335,41 @@ class ObjectIndex:
             if have[1] is not None:
                 out.append(have[1])
         return out
+
+
+class CacheReader:
+    """``read_cache`` with memory, for fabricd: the policy objects are collected again only
+    after ``changed`` named one of their prefixes, the blocks only after a block change, and
+    while nothing changed the same ``Inputs`` object is returned (PolicyAgent then skips the
+    batch at once). ``changed`` must be called for every change of the cache's data."""
+
+    def __init__(
+        self,
+        data: Callable[[], Mapping[str, Mapping[str, KV]]],
+        blocks: Callable[[Mapping[str, KV]], list[Block]],
+    ) -> None:
+        self.data, self.blocks = data, blocks
+        self._objects = ObjectIndex()
+        self._stale = {*PREFIXES, keys.BLOCKS}
+        self._last = Inputs((), (), (), ())
+
+    def changed(self, prefix: str) -> None:
+        self._stale.add(prefix)
+
+    def __call__(self) -> Inputs:
+        if not self._stale:
+            return self._last
+        stale, self._stale = self._stale, set()
+        data, last = self.data(), self._last
+        policies, namespaces, pods = last.policies, last.namespaces, last.pods
+        if stale & set(PREFIXES):
+            new = read_cache(data, self._objects, lambda _kvs: [])
+            policies, namespaces, pods = new.policies, new.namespaces, new.pods
+        blocks = last.blocks
+        if keys.BLOCKS in stale:
+            blocks = tuple(self.blocks(data.get(keys.BLOCKS, {})))
+        self._last = Inputs(policies, namespaces, pods, blocks)
+        return self._last
 
 
 def read_cache(

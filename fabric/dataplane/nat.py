@@ -78,11 +78,13 @@ class NatTable:
     from several tasks; the agent calls it from its one reconciler.
     """
 
-    def __init__(self, netns: str | None = None, table: str = TABLE, nft: str = NFT) -> None:
+    def __init__(
+        self, netns: str | None = None, table: str = TABLE, nft: str = NFT, backend: str = "auto"
+    ) -> None:
         if not _NAME.fullmatch(table):
             raise ValueError(f"nft table name {table!r}: letters, digits and '_'")
         self.netns, self.table, self.nft = netns, table, nft
-        self._runner = Nft(netns, nft)
+        self._runner = Nft(netns, nft, backend)  # fabric.dataplane.nft: lib or exec
         self._script: str | None = None  # what we applied last ...
         self._listing: str | None = None  # ... and how nft listed the table right after
 
@@ -98,6 +100,10 @@ class NatTable:
         await self._nft(["-f", "-"], script, "apply")
         self._script, self._listing = script, await self._list()
         return True
+
+    def close(self) -> None:
+        """End the libnftables worker an instance for another netns holds (fabric.dataplane.nft)."""
+        self._runner.close()
 
     async def remove(self) -> bool:
         """Delete the table (and nothing else). Idempotent: False when it was not there."""

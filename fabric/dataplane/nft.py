@@ -19,12 +19,16 @@ Used by the NAT table (fabric.dataplane.nat) and the policy table
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from fabric.dataplane import libnft
 
 NFT = "/usr/sbin/nft"
 NSENTER = "/usr/bin/nsenter"
@@ -32,6 +36,8 @@ NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,254}")
 _STRING = re.compile(r'[^"\\\n\r\x00-\x1f]*')
 COMMENT_MAX = 127  # bytes nft keeps of a rule comment (NFTNL_UDATA_COMMENT_MAXLEN - 1)
 ELEMENTS_PER_LINE = 2000  # keeps nft's parser's lines short in a big write
+
+log = logging.getLogger("fabric.dataplane.nft")
 
 
 class NftError(Exception):
@@ -56,6 +62,13 @@ def quote(text: str) -> str:
     return f'"{text}"'
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def rule_id(label: str, text: str) -> str:
+    """A rule's identity (``RuleDef.id``): memoised, every batch asks it of every rule."""
+    data = f"{label}\0{text}".encode()
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest()[:12]
+
+
 @dataclass(frozen=True, slots=True)
 class RuleDef:
     """One rule: ``text`` is its statements (matches, ``counter``, verdict) without the
@@ -67,8 +80,7 @@ class RuleDef:
 
     @property
     def id(self) -> str:
-        data = f"{self.label}\0{self.text}".encode()
-        return hashlib.sha1(data, usedforsecurity=False).hexdigest()[:12]
+        return rule_id(self.label, self.text)
 
     @property
     def comment(self) -> str:
@@ -333,11 +345,41 @@ def _listed_element(e: Any, types: list[str]) -> str:
 
 
 class Nft:
-    """Runs nft in ``netns`` (a name under /run/netns, a path, or None for our own)."""
+    """Runs nft in ``netns`` (a name under /run/netns, a path, or None for our own).
 
-    def __init__(self, netns: str | None = None, nft: str = NFT) -> None:
+    ``backend``: ``"lib"`` runs every command in process through libnftables
+    (fabric.dataplane.libnft: one worker thread and context, calls serialized, off the event
+    loop), ``"exec"`` execs ``nft`` (through ``nsenter`` for another netns), ``"auto"`` (the
+    default) is ``lib`` for our own netns and the stock nft, ``exec`` otherwise. When the
+    library cannot be loaded, ``lib`` falls back to exec (logged once per process). Both
+    give the same output and the same ``NftError`` (nft's words; nothing applied)."""
+
+    def __init__(self, netns: str | None = None, nft: str = NFT, backend: str = "auto") -> None:
+        if backend not in ("auto", "lib", "exec"):
+            raise ValueError(f"nft backend {backend!r}: auto, lib or exec")
         self.netns, self.nft = netns, nft
-        self.runs = 0  # nft execs so far (tests and metrics)
+        self.runs = 0  # nft commands run so far, either backend: one per transaction or read
+        self.execs = 0  # of those, how many exec'd the nft program
+        self._worker: libnft.Worker | None = None
+        self._own_worker = False
+        wants_lib = backend == "lib" or (backend == "auto" and netns is None and nft == NFT)
+        if wants_lib and _library_ok():
+            if netns is None:
+                self._worker = _own_netns_worker()
+            else:
+                self._worker = libnft.Worker(_netns_path(netns))
+                self._own_worker = True
+
+    @property
+    def backend(self) -> str:
+        """``lib`` or ``exec``: how the next command runs."""
+        return "lib" if self._worker is not None else "exec"
+
+    def close(self) -> None:
+        """End this instance's worker thread (one made for another netns holds it open)."""
+        if self._own_worker and self._worker is not None:
+            self._worker.close()
+        self._worker = None
 
     async def apply(self, tx: Transaction, what: str = "apply") -> None:
         """Run ``tx`` as one ``nft -f -``. NftError (nothing applied) when nft refuses."""
@@ -359,12 +401,32 @@ class Nft:
     async def run(
         self, args: list[str], stdin: str | None = None, what: str = "list", table: str = ""
     ) -> str:
-        """One nft exec; its stdout. NftError "failed to <what> nft table <table>: ..."."""
+        """One nft command line (``-f -`` reads ``stdin``); its stdout. NftError "failed to
+        <what> nft table <table>: <nft's message>"."""
+        command = _library_command(args, stdin) if self._worker is not None else None
+        self.runs += 1
+        if command is None or self._worker is None:
+            return await self._exec(args, stdin, what, table)
+        text, flags, script = command
+        try:
+            res = await self._worker.run(text, flags, script)
+        except libnft.LibraryError as e:
+            _warn_fallback(e)
+            self._worker = None
+            return await self._exec(args, stdin, what, table)
+        except OSError as e:
+            raise NftError(f"failed to {what} nft table {table}: {e}") from e
+        if res.rc != 0:
+            err = res.err.strip() or f"libnftables returned {res.rc}"
+            raise NftError(f"failed to {what} nft table {table}: {_short(err)}", err)
+        return res.out
+
+    async def _exec(self, args: list[str], stdin: str | None, what: str, table: str) -> str:
+        """One nft exec; its stdout."""
         argv = [self.nft, *args]
         if self.netns is not None:
-            path = self.netns if "/" in self.netns else f"/run/netns/{self.netns}"
-            argv = [NSENTER, f"--net={path}", *argv]
-        self.runs += 1
+            argv = [NSENTER, f"--net={_netns_path(self.netns)}", *argv]
+        self.execs += 1
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -379,6 +441,53 @@ class Nft:
             text = err.decode(errors="replace").strip()
             raise NftError(f"failed to {what} nft table {table}: {_short(text)}", text)
         return out.decode()
+
+
+def _netns_path(netns: str) -> str:
+    return netns if "/" in netns else f"/run/netns/{netns}"
+
+
+def _library_command(args: list[str], stdin: str | None) -> tuple[str, int, bool] | None:
+    """``args`` (nft's command line) as (command text, output flags, is a ``-f`` script) for
+    libnftables; None for options it does not map (the command is then exec'd)."""
+    flags, i = 0, 0
+    while i < len(args) and args[i].startswith("-"):
+        if args[i] in libnft.FLAGS:
+            flags |= libnft.FLAGS[args[i]]
+        elif args[i] == "-f" and args[i + 1 : i + 2] == ["-"] and len(args) == i + 2:
+            return (stdin or "", flags, True)
+        else:
+            return None
+        i += 1
+    return (" ".join(args[i:]), flags, False) if i < len(args) else None
+
+
+_own: libnft.Worker | None = None
+_warned = False
+
+
+def _own_netns_worker() -> libnft.Worker:
+    """The process's one libnftables worker for its own netns (shared by every ``Nft``)."""
+    global _own
+    if _own is None:
+        _own = libnft.Worker(None)
+    return _own
+
+
+def _library_ok() -> bool:
+    try:
+        libnft.load()
+    except OSError as e:
+        _warn_fallback(e)
+        return False
+    return True
+
+
+def _warn_fallback(e: Exception) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("nft: libnftables cannot be used (%s): exec'ing %s instead", e, NFT)
 
 
 def _short(text: str, limit: int = 600) -> str:

@@ -150,7 +150,11 @@ def _base(cut_established: bool) -> ChainDef:
 def endpoint_chain(rules: DirectionRules, ingress: bool, sets: Mapping[str, SetSpec]) -> ChainDef:
     """The chain of one isolated direction: allowed packets ``accept`` (ingress, the last
     check) or ``return`` (egress: the destination's ingress is checked next); the rest drop.
-    Memoised: every batch renders every endpoint, most of them unchanged."""
+    Memoised: every batch renders every endpoint, most of them unchanged (the same
+    ``DirectionRules`` objects, found by identity before anything is hashed)."""
+    seen = _by_identity.get((id(rules), ingress))
+    if seen and seen[0] is rules and all(n in sets and sets[n].kind == k for n, k in seen[1]):
+        return seen[2]
     kinds: dict[str, str] = {}
     for rule in rules.rules:
         for name in (*(rule.peer_sets or ()), *rule.named_port_sets):
@@ -158,7 +162,16 @@ def endpoint_chain(rules: DirectionRules, ingress: bool, sets: Mapping[str, SetS
             if spec is None:
                 raise ValueError(f"policy rule names set {name!r}, which the compiled model lacks")
             kinds[name] = spec.kind
-    return _endpoint_chain(rules, ingress, tuple(sorted(kinds.items())))
+    kinds_t = tuple(sorted(kinds.items()))
+    chain = _endpoint_chain(rules, ingress, kinds_t)
+    if len(_by_identity) >= 8192:
+        _by_identity.clear()
+    _by_identity[(id(rules), ingress)] = (rules, kinds_t, chain)  # pins ``rules``: id unique
+    return chain
+
+
+_Kinds = tuple[tuple[str, str], ...]
+_by_identity: dict[tuple[int, bool], tuple[DirectionRules, _Kinds, ChainDef]] = {}
 
 
 @functools.lru_cache(maxsize=8192)
@@ -240,7 +253,10 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+@functools.lru_cache(maxsize=1 << 12)
 def _set(spec: SetSpec) -> SetDef:
+    """Memoised: the incremental compiler hands unchanged sets back as the same objects, and
+    the same SetDef lets ``diff`` see an unchanged set without comparing its elements."""
     types, flags = _TYPES[spec.kind]
     return SetDef(set_name(spec.name), types, flags,
                   elements=frozenset(_element(e) for e in spec.elements))  # fmt: skip
@@ -350,6 +366,8 @@ def _incompatible(have: Held, want: Desired) -> bool:
 def _elements(
     tx: Transaction, name: str, old: SetDef | None, new: SetDef, n: dict[str, int]
 ) -> None:
+    if old is not None and old.elements is new.elements:
+        return
     before = old.elements if old is not None else frozenset()
     gone, added = before - new.elements, new.elements - before
     if gone:
