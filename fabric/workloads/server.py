@@ -92,8 +92,10 @@ def _record_del(workloads: Workloads, env: Mapping[str, str], stdin: bytes,
     Record the request for the sweeper (pending.py) and answer success, as the plugin does
     when fabricd is down; the release happens when etcd is back, before any ADD of the same
     attachment. False (answer the error) without a pending dir or when the write fails."""
+    if not isinstance(exc, DatastoreUnavailable):
+        return False
     pending = workloads.d.pending
-    if pending is None or not isinstance(exc, DatastoreUnavailable):
+    if pending is None:
         return False
     try:
         pending.record(env, stdin)
