@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ DEFAULT_RUN_ROOT = Path("/run/fabric-lab")
 FALLBACK_RUN_ROOT = Path("/dev/shm/fabric-lab")  # machines whose /run is on disk
 _MEMORY_FS = {"tmpfs", "ramfs"}
 STATE_FILE = "state.json"
+_SAVING = threading.Lock()  # threads of one process (pods added at once) save in turn
 _LAB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 
 
@@ -88,14 +90,15 @@ class LabState:
         return self.dir / STATE_FILE
 
     def save(self) -> None:
-        data = asdict(self)
-        data["dir"] = str(self.dir)
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        with _SAVING:
+            data = asdict(self)
+            data["dir"] = str(self.dir)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            with tmp.open("w") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self.path)
 
     def add_namespace(self, ns: str) -> None:
         """Record ``ns`` before it exists (write-ahead)."""

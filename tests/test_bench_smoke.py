@@ -136,7 +136,8 @@ def test_policy_bench_smoke() -> None:
 @pytest.mark.lab
 def test_soak_bench_smoke() -> None:
     """One minute of churn (1 ADD + 1 DEL per second) on the two-rack lab with a 3-member
-    etcd, every fault injected once; nothing leaks, no error, every field there."""
+    etcd, every fault injected once, node4's ordinary pods borrowing (maxBlocksPerHost 1, its
+    block full); nothing leaks, no error, every field there."""
     if os.geteuid() != 0:
         pytest.skip("the soak benchmark builds a lab: needs root (network namespaces)")
     last = quick("soak", 600)[-1]
@@ -152,3 +153,8 @@ def test_soak_bench_smoke() -> None:
     assert all(f["ok"] for f in last["faults"].values()), last["faults"]
     assert last["add_errors"] == last["del_errors"] == 0, last
     assert last["ipam_leaks"] == last["dataplane_leaks"] == last["route_mismatch"] == 0, last
+    # node4 at maxBlocksPerHost 1 with its block full: its ordinary pods borrowed, as IPAM says
+    assert last["valid"] and last["limit"]["ipam_agrees"], last
+    assert set(last["kinds"]) == {"ordinary", "ip_request", "borrowed_by_limit"}, last
+    assert last["kinds"]["borrowed_by_limit"]["created"] > 0, last
+    assert sum(k["created"] for k in last["kinds"].values()) == last["pods_created"], last

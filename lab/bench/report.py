@@ -78,7 +78,8 @@ SPECS: dict[str, Spec] = {
                   Target("established_lost_outside_faults", "==", 0),
                   Target("add_errors+del_errors", "==", 0),
                   Target("ipam_leaks+dataplane_leaks+route_mismatch", "==", 0),
-                  Target("rss_growth_mb", "<", 10)), ("minutes", 10.0)),
+                  Target("rss_growth_mb", "<", 10),
+                  Target("borrowed_by_limit_pods", ">", 0)), ("minutes", 10.0)),
 }  # fmt: skip
 
 

@@ -3,9 +3,13 @@ of the two-rack lab (3-member etcd, fabricd on every host) at a steady rate whil
 injected, measuring whether a new pod works from its first packet.
 
 - Churn: ``rate`` ADDs per second cluster-wide (default 2, hosts in turn) through the
-  installed plugin, every tenth asking for an address (``IP=``) in 10.244.255.0/26, which
-  all but one host borrow (their pod's /32 announced); each pod lives 3-8 s (four in five) or 30-90 s, then is deleted (as
-  many DELs as ADDs). An ADD answered 11 is retried for 30 s, as a runtime does; only one
+  installed plugin, every tenth asking for an address (``IP=``) in 10.244.255.0/26 (node1's
+  block from the start), which the other hosts borrow (their pod's /32 announced); each pod
+  lives 3-8 s (four in five) or 30-90 s, then is deleted (as many DELs as ADDs).
+- Borrowing by the limit (soak_limit): ``maxBlocksPerHost`` is 1 for the run and node4's one
+  block is filled with long-lived pods first, so node4's ordinary pods borrow too. Per kind
+  (``kinds``: ordinary, ip_request, borrowed_by_limit) the pods made and those that lost a
+  first ping; a run where no ordinary pod borrowed, or IPAM disagrees, is ``valid: false``. An ADD answered 11 is retried for 30 s, as a runtime does; only one
   that still fails is an error.
 - Every new pod pings a long-lived pod in the other rack 20 times at 50 ms from the moment
   its ADD returns (``first_ping_loss_pct``: new pods that lost any; the worst run of
@@ -45,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from lab import netns, pods
+from lab.bench import soak_limit
+from lab.bench.soak_limit import LIMITED, block_of
 from lab.bench.soak_probe import FirstPing, capture, leftovers, rss_fds
 from lab.pods import Pod, Probe
 from lab.runner import Lab
@@ -70,7 +76,9 @@ class Stats:
     first: list[tuple[float, int]] = field(default_factory=list)  # (started, pings lost)
     blocks: set[str] = field(default_factory=set)  # /26s that held a pod already
     new_block: list[int] = field(default_factory=list)  # pings lost by pods opening a block
-    requested: list[int] = field(default_factory=list)  # pings lost by IP= pods
+    kinds: dict[str, list[int]] = field(  # pings lost per new pod, per kind
+        default_factory=lambda: {k: [] for k in ("ordinary", "ip_request", "borrowed_by_limit")}
+    )
     ip_taken: int = 0  # IP= requests refused (100): the address was still held
     pods: list[dict[str, Any]] = field(default_factory=list)  # per new pod, to first-pings.jsonl
     captures: list[str] = field(default_factory=list)
@@ -86,6 +94,10 @@ class Soak:
         self.live: list[tuple[float, Pod]] = []  # (expires, pod)
         self.gone: dict[str, set[str]] = {h: set() for h in self.hosts}
         self.anchor: dict[int, Pod] = {}  # rack -> a long-lived pod there
+        self.own: dict[str, set[str]] = {}  # host -> its blocks (the limit allows no more)
+        self.ipam_borrowed, self.ipam_agrees = 0, False  # LIMITED's, at the churn's end
+        self.fillers = (0, 0)  # LIMITED's filler pods: in its block, in all
+        self.dup_ips: list[str] = []  # an address two long-lived or filler pods were given
         self.base: dict[str, tuple[float, int]] = {}
         self.faults: list[dict[str, Any]] = []
         self._ids = itertools.count()
@@ -130,14 +142,16 @@ class Soak:
             life = random.uniform(3, 8) if random.random() < 0.8 else random.uniform(30, 90)
             self.live.append((time.monotonic() + life, pod))
         lost, gap = fp.wait()
-        block = str(ipaddress.ip_network(f"{pod.ip}/26", strict=False))
+        block = block_of(pod.ip)
+        kind = (
+            "ip_request" if args else "ordinary" if block in self.own[host] else "borrowed_by_limit"
+        )
         with self.stats.lock:
-            self.stats.pods.append({"pod": pod.name, "ip": pod.ip, "requested": bool(args),
+            self.stats.kinds[kind].append(lost)
+            self.stats.pods.append({"pod": pod.name, "ip": pod.ip, "kind": kind,
                                     "new_block": block not in self.stats.blocks,
                                     "started": round(fp.started, 3), "lost": lost,
                                     "worst_gap_ms": gap})  # fmt: skip
-            if args:
-                self.stats.requested.append(lost)
             if block not in self.stats.blocks:  # its block was claimed (and announced) just now
                 self.stats.blocks.add(block)
                 self.stats.new_block.append(lost)
@@ -229,9 +243,24 @@ class Soak:
 
     def run(self) -> dict[str, Any]:
         lab = self.lab
+        soak_limit.set_limit(lab)  # before any block is claimed: every host gets one
+        limit_at = time.monotonic()
         longs = {h: pods.add(lab, h, f"ll-{h}") for h in self.hosts}
-        self.stats.blocks = {str(ipaddress.ip_network(f"{p.ip}/26", strict=False))
-                             for p in longs.values()}  # fmt: skip
+        # the IP= block is node1's from the start (its last address held all along)
+        longs["req"] = pods.add(lab, "node1", "ll-req", args=f";IP={REQUESTED[-1]}")
+        self.own = {h: {block_of(longs[h].ip)} for h in self.hosts}
+        self.own["node1"].add(str(REQUESTED))
+        self.stats.blocks = {b for bs in self.own.values() for b in bs}
+        time.sleep(max(0.0, limit_at + 6.0 - time.monotonic()))  # fabricd's settings TTL
+        fillers = soak_limit.fill(lab, LIMITED, block_of(longs[LIMITED].ip))
+        held = [p.ip for p in [*longs.values(), *fillers]]
+        self.dup_ips = sorted({ip for ip in held if held.count(ip) > 1})  # IPAM must never
+        (self.out / "limit.json").write_text(json.dumps({  # what the limit run started from
+            "own_blocks": {h: sorted(b) for h, b in self.own.items()},
+            "long_lived": {k: p.ip for k, p in longs.items()},
+            "fillers": {p.name: p.ip for p in fillers},
+            "blocks": json.loads(lab.fabricctl(["ipam", "show", "--show-blocks", "-o", "json"]).stdout),
+        }, indent=1))  # fmt: skip
         self.anchor = {1: longs["node1"], 2: longs["node3"]}
         pairs = [(longs["node1"], longs["node3"]), (longs["node3"], longs["node1"]),
                  (longs["node1"], longs["node2"]), (longs["node4"], longs["node3"])]  # fmt: skip
@@ -264,6 +293,12 @@ class Soak:
         for t in fault_threads:
             t.join(300)
         concurrent.futures.wait(work)
+        # IPAM's view must match the pods': LIMITED's live churn pods outside its block
+        mine = [p for _, p in self.live if p.node == LIMITED]
+        want = {p.ip for p in mine if block_of(p.ip) not in self.own[LIMITED]}
+        seen = {b["ip"] for b in soak_limit.borrowed(lab) if b["borrowingNode"] == LIMITED}
+        self.ipam_agrees = seen & {p.ip for p in mine} == want
+        self.ipam_borrowed = len(want)
         with self.stats.lock:
             rest, self.live = [p for _, p in self.live], []
         concurrent.futures.wait([self._pool.submit(self._del, p) for p in rest])
@@ -278,8 +313,10 @@ class Soak:
         for h in self.hosts:
             (rss, fds), (rss0, fds0) = rss_fds(lab.fabricd_pid(h)), self.base[h]
             growth[h] = (rss - rss0, float(fds - fds0))
-        for p in longs.values():
-            self._del(p)
+        concurrent.futures.wait([self._pool.submit(self._del, p)
+                                 for p in [*longs.values(), *fillers]])  # fmt: skip
+        own = self.own[LIMITED]
+        self.fillers = (sum(block_of(p.ip) in own for p in fillers), len(fillers))
         return self._result(losses, lost_at, growth)
 
     def _result(self, losses: dict[str, pods.Loss], lost_at: list[float],
@@ -300,6 +337,13 @@ class Soak:
         (self.out / "first-pings.jsonl").write_text("".join(json.dumps(x) + "\n" for x in s.pods))
         (self.out / "errors.txt").write_text("\n".join(s.errors + leaks))
         first = _pct(s.lossy, s.created)
+        # the run is valid only if ordinary pods really borrowed because of the limit (and
+        # IPAM, asked at the end of the churn, agreed that the live ones are borrowed)
+        valid = bool(s.kinds["borrowed_by_limit"]) and self.ipam_agrees and not self.dup_ips
+        if not valid:
+            s.errors.append(f"invalid run: {len(s.kinds['borrowed_by_limit'])} ordinary pods "
+                            f"borrowed because of maxBlocksPerHost; IPAM agrees: {self.ipam_agrees}; "
+                            f"addresses given twice: {self.dup_ips}")  # fmt: skip
         settled = _pct(s.settled_lossy, s.settled)
         return {
             "bench": "soak",
@@ -308,8 +352,22 @@ class Soak:
             "first_ping_loss_pct": first,
             "first_ping_worst_gap_ms": round(s.worst_gap_ms, 1),
             "first_ping_loss_pct_outside_faults": _pct(sum(1 for n in calm if n), len(calm)),
-            "ip_request_pods": len(s.requested),
-            "ip_request_pods_lossy": sum(1 for n in s.requested if n),
+            "kinds": {
+                k: {"created": len(v), "lossy": sum(1 for n in v if n)} for k, v in s.kinds.items()
+            },
+            "borrowed_by_limit_pods": len(s.kinds["borrowed_by_limit"]),
+            "limit": {
+                "maxBlocksPerHost": soak_limit.MAX_BLOCKS,
+                "host": LIMITED,
+                "fillers_in_block": self.fillers[0],
+                "fillers_borrowed": self.fillers[1] - self.fillers[0],
+                "duplicate_ips": self.dup_ips,
+                "live_borrowed_at_end": self.ipam_borrowed,
+                "ipam_agrees": self.ipam_agrees,
+            },
+            "valid": valid,
+            "ip_request_pods": len(s.kinds["ip_request"]),
+            "ip_request_pods_lossy": sum(1 for n in s.kinds["ip_request"] if n),
             "ip_request_taken": s.ip_taken,
             "new_block_pods": len(s.new_block),
             "new_block_pods_lossy": sum(1 for n in s.new_block if n),
@@ -414,8 +472,9 @@ def main() -> int:
     p.add_argument("--minutes", type=float)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
-    print(json.dumps(run(args.quick, args.minutes)))
-    return 0
+    result = run(args.quick, args.minutes)
+    print(json.dumps(result))
+    return 0 if result["valid"] else 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import subprocess
 from pathlib import Path
@@ -148,3 +149,18 @@ def test_run_root_is_on_a_memory_filesystem(
     assert state.fs_type(root) in {"tmpfs", "ramfs"} or root == state.DEFAULT_RUN_ROOT
     monkeypatch.setenv(state.RUN_ROOT_ENV, str(tmp_path))
     assert state.run_root() == tmp_path
+
+
+def test_state_saved_from_many_threads_at_once(tmp_path: Path) -> None:
+    """Pods added from several threads save the state at once (the soak's filler pods): no
+    save fails on another's temporary file, and the file holds every namespace."""
+    st = state.LabState(name="t", prefix="tx-", dir=tmp_path)
+
+    def add(i: int) -> None:
+        st.namespaces.append(f"tx-p{i}")
+        st.save()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        list(ex.map(add, range(64)))
+    assert sorted(state.LabState.load(tmp_path).namespaces) == sorted(f"tx-p{i}" for i in range(64))
+    assert [p.name for p in tmp_path.iterdir()] == [state.STATE_FILE]
