@@ -105,22 +105,34 @@ class LabControl(LabView):
                 raise LabError(f"fabricd in {node} did not exit within {timeout:.0f} s of {sig}")
             time.sleep(0.05)
 
-    def restart_router(self, node: str) -> None:
-        """Stop a router's processes (by recorded PID) and start them again."""
+    def restart_router(self, node: str, tries: int = 3) -> None:
+        """Stop a router's processes (by recorded PID) and start them again. A router
+        daemon started right after its predecessor stopped was seen to exit at once, with
+        no output (FRR's bgpd, BIRD; rare): then stop what is left and start again, up to
+        ``tries`` times."""
         n = self.node(node)
         if not n.role.is_router:
             raise LabError(f"{node} is not a router")
-        mine = [r for r in self.state.procs if r.node == node]
-        procs.terminate([r.pid for r in mine if procs.matches(r)], 10)
-        self.state.procs = [r for r in self.state.procs if r.node != node]
-        self.state.save()
-        d = self._node_dir(node)
-        if n.role == Role.FRR:
-            for what, argv in routers.frr_commands(d):
-                self._spawn(n, what, argv)
-        else:
-            self._spawn(n, "bird", routers.bird_command(d))
-        self.wait_for(functools.partial(self._router_ready, n), 30, what=f"{node} to answer")
+        for attempt in range(1, tries + 1):
+            mine = [r for r in self.state.procs if r.node == node]
+            procs.terminate([r.pid for r in mine if procs.matches(r)], 10)
+            self.state.procs = [r for r in self.state.procs if r.node != node]
+            self.state.save()
+            d = self._node_dir(node)
+            if n.role == Role.FRR:
+                for what, argv in routers.frr_commands(d):
+                    self._spawn(n, what, argv)
+            else:
+                self._spawn(n, "bird", routers.bird_command(d))
+            try:
+                self.wait_for(functools.partial(self._router_ready, n), 30,
+                              what=f"{node} to answer")  # fmt: skip
+                return
+            except LabError as e:
+                if attempt == tries:
+                    raise
+                self.progress(f"{node}: {e}; starting it again ({attempt + 1}/{tries})")
+                time.sleep(1.0)
 
     def start_fabric(self, timeout: float = 60.0) -> None:
         """Configure the datastore, start fabricd on every host, wait until all are ready."""

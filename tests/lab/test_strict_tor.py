@@ -25,7 +25,6 @@ import yaml
 from fabric_helpers import allocate, status
 
 from lab.runner import Lab
-from lab.view import LabError
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 HOSTS = ("node1", "node2", "node3", "node4")
@@ -61,7 +60,7 @@ def strict(make_lab: Callable[[str], Lab]) -> Iterator[Strict]:
             st.TOR1_BGPD.format(dir=lab._node_dir("tor1"), pool=st.POOL, **st.KEYS)
         )
         for router in ("tor2", "tor1"):
-            restart_router(lab, router)
+            lab.restart_router(router)  # tries again if it exits at once
         st.apply(lab, st.resources(keys), lab.dir / "strict.yaml")
         for h in HOSTS:
             lab.start_fabricd(h)
@@ -78,19 +77,6 @@ def strict(make_lab: Callable[[str], Lab]) -> Iterator[Strict]:
             os.environ.pop("CREDENTIALS_DIRECTORY", None)
         else:
             os.environ["CREDENTIALS_DIRECTORY"] = old
-
-
-def restart_router(lab: Lab, router: str, tries: int = 3) -> None:
-    """Restart a ToR on its new configuration. FRR's bgpd sometimes exits at once when
-    started right after the old one was stopped (seen once, with no output): try again."""
-    for attempt in range(tries):
-        try:
-            lab.restart_router(router)
-            return
-        except LabError:
-            if attempt == tries - 1:
-                raise
-            time.sleep(2.0)
 
 
 def run_dir(lab: Lab, node: str) -> Path:
