@@ -6,11 +6,15 @@ plugin, a deny-all on ``db`` (node3), probes and a SYN scan from ``web`` (node1)
 - 10,000 denied SYNs leave a bounded log (counted lines) while nft counts every one;
 - ``fabric_policy_packets_total`` counts what nft counted.
 
-Known open problem: run in one pytest session right after test_policy_dataplane.py, both
-tests failed in 3 of 11 runs because node3's fabricd never received a single nflog record
-(no ``denied/node3`` document at all, no error logged, the deny-all programmed); alone or
-first they passed every time. The cause is not found yet; this module sorts before
-test_policy_dataplane.py so the suite runs it first.
+Both tests failed together now and then (3 of 11 runs after test_policy_dataplane.py, then
+in CI and 2 of 5 runs alone): node3's fabricd received no nflog record. Diagnosed: the
+group was bound (/proc/net/netfilter/nfnetlink_log) and the log rule in place, but db's
+default-deny counter was 0: the probe's single SYN never reached node3, so nothing was
+denied. The probe is now sent again until nft counts it (the log's latency is timed from
+the probe that was denied), and the scan test no longer needs an earlier document.
+Why a fresh pod's first cross-rack SYN is sometimes lost right after the lab comes up is
+not known (the demo's first cross-rack ping showed the same, with every hop's route in
+place a second later).
 """
 
 from __future__ import annotations
@@ -133,8 +137,18 @@ def test_denied_probe_shows_within_2s(
     time.sleep(3.0)  # fabricctl up and watching (its start is not what is measured)
     while not follow.empty():
         follow.get()
-    sent = time.monotonic()
-    connect(web, db.ip, 81)
+    # the probe whose log is timed is one nft denied: its SYN reached node3's default-deny.
+    # A fresh pod's first SYN across the racks was lost a few times right after the lab came
+    # up (the counter stayed 0, the nflog group was bound): such a probe is sent again
+    for _attempt in range(5):
+        before = rule_packets(table(lab, "node3"), "default-deny ingress")
+        sent = time.monotonic()
+        connect(web, db.ip, 81)
+        if rule_packets(table(lab, "node3"), "default-deny ingress") > before:
+            break
+        print("the probe's SYN did not reach node3's default-deny; sending it again")
+    else:
+        pytest.fail("5 probes from web to db:81: none reached node3's default-deny")
     want = (f"default/{web.name} -> default/{db.name} 81/TCP denied at ingress of "
             f"default/{db.name}: selected by [deny-all], no rule allows it")  # fmt: skip
     while True:
@@ -167,7 +181,7 @@ def test_scan_stays_bounded_and_metric_counts_what_nft_counted(
     counted = rule_packets(table(lab, "node3"), "default-deny ingress") - before
     lines = [d for d in after_doc["denials"] if d["port"] == 9]
     (node,) = after_doc["nodes"]
-    logged = node["logged"] - before_doc["nodes"][0]["logged"]
+    logged = node["logged"] - sum(n["logged"] for n in before_doc["nodes"])  # none: no doc yet
     bound = BURST + RATE * elapsed
     print(f"10,000 SYNs sent in {float(r.stdout):.2f} s: nft counted {counted}, {logged} "
           f"logged ({len(lines)} shown) in {elapsed:.1f} s, bound {bound:.0f}")  # fmt: skip
