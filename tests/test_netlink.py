@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from scratch_netns import VETH_PAIR, scratch_netns
 
 from fabric.dataplane import netlink
 from fabric.dataplane.netlink import (
@@ -41,29 +41,10 @@ N = ip_network
 A = ip_address
 
 
-def make_ns() -> str:
-    name = f"trt{secrets.token_hex(2)}"
-    labns.add(name)
-    labns.batch(name, [
-        "link set lo up",
-        "link add v0 type veth peer name v1",
-        "link set v0 up",
-        "link set v1 up",
-        "addr add 10.78.0.1/24 dev v0",
-        "addr add fd78::1/112 dev v0 nodad",
-    ])  # fmt: skip
-    return name
-
-
 @pytest.fixture
 def ns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    name = make_ns()
-    try:
+    with scratch_netns("tnk", VETH_PAIR) as name:
         yield name
-    finally:
-        labns.delete(name)
 
 
 def ip_json(ns: str, *args: str) -> list[dict[str, Any]]:

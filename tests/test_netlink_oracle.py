@@ -15,8 +15,6 @@ rename fields, the parsing is pyroute2's.
 
 from __future__ import annotations
 
-import os
-import secrets
 import socket
 from collections.abc import Iterator, Mapping
 from contextlib import closing
@@ -39,6 +37,7 @@ from hypothesis import strategies as st
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
+from scratch_netns import scratch_netns
 
 from fabric.dataplane.netlink import links
 from fabric.dataplane.netlink.core import (
@@ -62,7 +61,6 @@ from fabric.dataplane.netlink.routes import (
     decode_route,
     encode_route,
 )
-from lab import netns as labns
 
 PROTO = 201
 
@@ -269,15 +267,8 @@ def ip_route_args(r: KernelRoute) -> str:
 
 @pytest.fixture(scope="module")
 def ns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    name = f"tor{secrets.token_hex(2)}"
-    labns.add(name)
-    try:
-        labns.batch(name, [*LINKS, *(ip_route_args(r) for r in ROUTES)])
+    with scratch_netns("tor", [*LINKS, *(ip_route_args(r) for r in ROUTES)]) as name:  # fmt: skip
         yield name
-    finally:
-        labns.delete(name)
 
 
 def raw_dump(ns: str, kind: int, body: bytes) -> list[bytes]:

@@ -6,15 +6,14 @@ failure fails the gate and readiness with the reason, the resync repairs."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from ipaddress import ip_interface, ip_network
 
 import pytest
+from scratch_netns import scratch_netns
 
 from fabric.agent.policy import Inputs, PolicyAgent
 from fabric.dataplane.attachment import host_ifname
@@ -24,7 +23,6 @@ from fabric.resources.policy_codec import decode
 from fabric.resources.policy_model import Namespace, NetworkPolicy, Pod
 from fabric.workloads.state import Phase, Record
 from ipam.block import Attribute, Block
-from lab import netns as labns
 
 DENY_DB = decode({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                   "metadata": {"namespace": "default", "name": "deny-db"},
@@ -47,14 +45,8 @@ def pod(i: int, role: str) -> Pod:
 
 @pytest.fixture
 def node() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    ns = f"tna{secrets.token_hex(2)}"
-    labns.add(ns)
-    try:
+    with scratch_netns("tna") as ns:
         yield ns
-    finally:
-        labns.delete(ns)
 
 
 def to_pod(ns: str) -> str:

@@ -7,31 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 import subprocess
 from collections.abc import Iterator
 
 import pytest
+from scratch_netns import scratch_netns
 
 from fabric.dataplane import libnft
 from fabric.dataplane import nft as nftmod
 from fabric.dataplane.nft import Nft, NftError, SetDef, Transaction
-from lab import netns as labns
 
 TABLE = "tlib"
 
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    name = f"tnl{secrets.token_hex(2)}"
-    labns.add(name)
-    try:
+    with scratch_netns("tnl") as name:
         yield name
-    finally:
-        labns.delete(name)
 
 
 def nft(ns: str, *args: str) -> str:

@@ -6,40 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from functools import partial
 
 import pytest
+from scratch_netns import scratch_netns
 
 from fabric.agent.health import Check, HealthServer
 from fabric.agent.metrics import Metrics
 from fabric.dataplane.netlink.lookup import route_get
-from lab import netns as labns
 
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    name = f"trl{secrets.token_hex(2)}"
-    labns.add(name)
-    try:
-        labns.batch(name, [
-            "link set lo up",
-            "link add v0 type veth peer name v1",
-            "link set v0 up", "link set v1 up",
-            "addr add 10.79.0.1/24 dev v0",
-            "route add 10.244.3.0/26 proto 201 nexthop via 10.79.0.2 nexthop via 10.79.0.3",
-            "route add blackhole 10.244.1.0/26 proto 201",
-            "route add 10.244.1.5/32 dev v1 proto 201 scope link",
-        ])  # fmt: skip
+    with scratch_netns("trl", [
+        "link set lo up",
+        "link add v0 type veth peer name v1",
+        "link set v0 up", "link set v1 up",
+        "addr add 10.79.0.1/24 dev v0",
+        "route add 10.244.3.0/26 proto 201 nexthop via 10.79.0.2 nexthop via 10.79.0.3",
+        "route add blackhole 10.244.1.0/26 proto 201",
+        "route add 10.244.1.5/32 dev v1 proto 201 scope link",
+    ]) as name:  # fmt: skip
         yield name
-    finally:
-        labns.delete(name)
 
 
 def path(ns: str) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
-import secrets
 import subprocess
 import threading
 import time
@@ -20,6 +18,7 @@ from ipaddress import IPv4Network, ip_address, ip_network
 from typing import Any, TypeVar
 
 import pytest
+from scratch_netns import VETH_PAIR, scratch_netns
 
 from fabric.agent.status import RouteList
 from fabric.dataplane.netlink import IPAddress, IPNetwork, KernelRoute, dump_routes
@@ -51,22 +50,8 @@ async def until(cond: Callable[[], bool]) -> None:
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
-    name = f"trt{secrets.token_hex(2)}"
-    labns.add(name)
-    try:
-        labns.batch(name, [
-            "link set lo up",
-            "link add v0 type veth peer name v1",
-            "link set v0 up",
-            "link set v1 up",
-            "addr add 10.78.0.1/24 dev v0",
-            "addr add fd78::1/112 dev v0 nodad",
-        ])  # fmt: skip
+    with scratch_netns("trt", VETH_PAIR) as name:
         yield name
-    finally:
-        labns.delete(name)
 
 
 class Monitor:
