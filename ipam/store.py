@@ -55,6 +55,19 @@ _UNAVAILABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
 }
+# etcd's words for a request a leader change cut short, sent as UNKNOWN (seen while the
+# leader of a 3-member cluster was killed: "context deadline exceeded"): its outcome is as
+# unknown as after DEADLINE_EXCEEDED, and the same retry on the next endpoint applies
+_TRANSIENT_UNKNOWN = ("context deadline exceeded", "request timed out", "leader changed",
+                      "no leader")  # fmt: skip
+
+
+def transient(e: grpc.aio.AioRpcError) -> bool:
+    """True for an RPC failure worth retrying on the next endpoint."""
+    if e.code() in _UNAVAILABLE:
+        return True
+    details = e.details() or ""
+    return e.code() == grpc.StatusCode.UNKNOWN and any(w in details for w in _TRANSIENT_UNKNOWN)
 
 
 def _cancelling() -> bool:
@@ -250,7 +263,7 @@ class Store:
             except TimeoutError as e:  # keep what the previous attempt said (a TLS refusal)
                 why, detail = e, detail or f"no answer within {self.rpc_timeout:g} s"
             except grpc.aio.AioRpcError as e:
-                if e.code() not in _UNAVAILABLE:
+                if not transient(e):
                     raise IPAMError(
                         f"failed to {what}: etcd said {e.code().name}: {e.details()}"
                     ) from e

@@ -104,3 +104,22 @@ def test_prefix_compare_and_txn_gets(etcd_endpoints: list[str], prefix: str) -> 
             assert [kv.key for kv in r.gets[0]] == ["p/a", "p/b"]
 
     asyncio.run(main())
+
+
+def test_etcd_leader_change_words_are_retried_other_failures_are_not() -> None:
+    """The classification alone (the leader-kill test drives it against real etcd):
+    etcd's UNKNOWN for a request a leader change cut short is retried like UNAVAILABLE."""
+    import grpc
+
+    from ipam.store import transient
+
+    def err(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+    assert transient(err(grpc.StatusCode.UNAVAILABLE, "connection refused"))
+    assert transient(err(grpc.StatusCode.UNKNOWN, "context deadline exceeded"))
+    assert transient(err(grpc.StatusCode.UNKNOWN, "etcdserver: leader changed"))
+    assert transient(err(grpc.StatusCode.UNKNOWN, "etcdserver: request timed out"))
+    assert not transient(err(grpc.StatusCode.UNKNOWN, "something else"))
+    assert not transient(err(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided"))
+    assert not transient(err(grpc.StatusCode.PERMISSION_DENIED, "no leader"))
