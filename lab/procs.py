@@ -48,13 +48,23 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
-def matches(rec: ProcRecord) -> bool:
-    """True while ``rec.pid`` is still the process the lab started (and not a zombie)."""
-    if starttime(rec.pid) != rec.starttime or not alive(rec.pid):
-        return False
-    argv = cmdline(rec.pid)
+def matches(rec: ProcRecord, tries: int = 5) -> bool:
+    """True while ``rec.pid`` is still the process the lab started (and not a zombie).
+
+    While the process is inside ``execve`` (``ip netns exec`` becoming the daemon) the
+    kernel shows an empty command line for a moment (the new memory map has no argument
+    area yet), so a command line that matches neither form is read again a few times
+    (10 ms apart) before the process counts as someone else: reading it once made a
+    freshly started fabricd look dead ("exited" with an empty log)."""
     wrapped = ["ip", "netns", "exec", rec.netns, *rec.argv]
-    return argv in (rec.argv, wrapped)
+    for attempt in range(tries):
+        if starttime(rec.pid) != rec.starttime or not alive(rec.pid):
+            return False
+        if cmdline(rec.pid) in (rec.argv, wrapped):
+            return True
+        if attempt + 1 < tries:
+            time.sleep(0.01)
+    return False
 
 
 def spawn(

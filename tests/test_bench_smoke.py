@@ -14,7 +14,7 @@ def quick(name: str, timeout: float) -> list[dict]:  # type: ignore[type-arg]
     """``python -m lab.bench NAME --quick``: its JSON lines, after it exited 0."""
     r = subprocess.run([sys.executable, "-m", "lab.bench", name, "--quick"],
                        capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, f"{r.stderr[-2000:]}\nlast line: {r.stdout.strip()[-3000:]}"
     return [json.loads(x) for x in r.stdout.strip().splitlines()]
 
 
