@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 from ipam import keys
 from ipam.block import Attribute, Block, Excluded, IPAddr, IPNetwork, no_exclusions
@@ -44,6 +44,13 @@ from ipam.store import Op, Store
 # Settings are re-read at most this often; every commit compares their revisions anyway, so a
 # stale cache costs one retry, never a wrong allocation.
 SETTINGS_TTL = 5.0
+
+# Blocks a caller has changed in memory but not committed yet (a batch planning request after
+# request on its own result), by CIDR with the revision they were read at. Planning reads a
+# block from here before the cache, and never lets a fresh read of etcd replace it: etcd's
+# copy does not hold the staged assignments, so planning on it hands out their addresses
+# again.
+Staged = MutableMapping[IPNetwork, tuple[int, Block]]
 
 
 def within(inner: IPNetwork, outer: IPNetwork) -> bool:
@@ -171,11 +178,11 @@ class Allocator:
         self._affine[node] = confirmed
 
     def _pick_affine(self, s: Settings, node: str, pools: list[Pool], count: int,
-                     taken: set[IPNetwork]) -> Choice | None:  # fmt: skip
+                     taken: set[IPNetwork], staged: Staged) -> Choice | None:  # fmt: skip
         for cidr in self._affine.get(node, ()):
             if cidr in taken:
                 continue
-            cached = self._cache.get(cidr)
+            cached = staged.get(cidr) or self._cache.get(cidr)
             if cached is None:
                 continue
             rev, blk = cached
@@ -210,10 +217,11 @@ class Allocator:
         return None
 
     async def _borrow(self, s: Settings, node: str, pools: list[Pool], count: int,
-                      taken: set[IPNetwork]) -> Choice | None:  # fmt: skip
+                      taken: set[IPNetwork], staged: Staged) -> Choice | None:  # fmt: skip
         all_blocks, _ = await self.blocks.list_blocks()
         self._cache.update(all_blocks)
-        for cidr, (rev, blk) in sorted(all_blocks.items(), key=lambda kv: -kv[1][1].free_count()):
+        seen = {cidr: staged.get(cidr) or got for cidr, got in all_blocks.items()}
+        for cidr, (rev, blk) in sorted(seen.items(), key=lambda kv: -kv[1][1].free_count()):
             if cidr in taken or blk.deleted:
                 continue
             pool = next((p for p in pools if within(cidr, p.cidr)), None)
@@ -224,21 +232,22 @@ class Allocator:
         return None
 
     async def _choose(self, s: Settings, req: AssignRequest, version: int, count: int,
-                      labels: Mapping[str, str], taken: set[IPNetwork]) -> Choice:  # fmt: skip
+                      labels: Mapping[str, str], taken: set[IPNetwork],
+                      staged: Staged) -> Choice:  # fmt: skip
         wanted = req.pools_v4 if version == 4 else req.pools_v6
         pools = self._eligible(s, version, wanted, labels)
         if not pools:
             raise ExhaustedError(f"no enabled IPv{version} pool can serve node {req.node}")
         if req.node not in self._affine:
             await self.resume_claims(req.node)
-        choice = self._pick_affine(s, req.node, pools, count, taken)
+        choice = self._pick_affine(s, req.node, pools, count, taken, staged)
         if choice is None:
             await self.resume_claims(req.node)
-            choice = self._pick_affine(s, req.node, pools, count, taken)
+            choice = self._pick_affine(s, req.node, pools, count, taken, staged)
         if choice is None:
             choice = await self._claim(s, req.node, pools)
         if choice is None and not s.config.strict_affinity:
-            choice = await self._borrow(s, req.node, pools, count, taken)
+            choice = await self._borrow(s, req.node, pools, count, taken, staged)
         if choice is None:
             why = " (strictAffinity forbids borrowing)" if s.config.strict_affinity else ""
             limit = s.config.max_blocks_per_host
@@ -259,18 +268,23 @@ class Allocator:
 
         return await cas_retry(f"assign addresses to {req.handle}", attempt, self.retries)
 
-    async def plan(self, s: Settings, req: AssignRequest) -> list[Choice]:
-        """Choose blocks for ``req`` and assign in memory (nothing written yet).
+    async def plan(
+        self, s: Settings, req: AssignRequest, staged: Staged | None = None
+    ) -> list[Choice]:
+        """Choose blocks for ``req`` and assign in memory (nothing written yet), on top of
+        ``staged`` (blocks the caller changed and will commit together with this result).
 
-        The cache is not changed: the caller commits (or, batching, stages) the result.
+        The cache of committed blocks is not changed by the assignment: the caller commits
+        (or, batching, stages) the result.
         """
+        on = {} if staged is None else staged
         attr = Attribute(req.handle, {"node": req.node, **req.attrs})
         labels = await self._node_labels(req)
         choices: list[Choice] = []
         taken: set[IPNetwork] = set()
         for version, count in ((4, req.num_v4), (6, req.num_v6)):
             if count:
-                c = await self._choose(s, req, version, count, labels, taken)
+                c = await self._choose(s, req, version, count, labels, taken, on)
                 c.block, c.ordinals = c.block.assign(count, attr, self._excluded(s, c.block.cidr))
                 choices.append(c)
                 taken.add(c.block.cidr)

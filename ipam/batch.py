@@ -4,7 +4,11 @@ A node starting many pods at once sends many CNI ADDs in parallel. Committed one
 would all pick the node's current block and lose compare-and-swaps against each other;
 coalesced, they cost one block write for the whole group. Requests for a node queue up while
 a commit is in flight; the next commit takes everything queued (up to MAX_BATCH, one request
-per handle) and plans each request on the in-memory result of the previous ones.
+per handle) and plans each request on the in-memory result of the previous ones: the batch's
+own staged blocks, which the allocator reads before its cache and which no fresh read of etcd
+replaces (a re-read of the node's blocks, or of every block to borrow, once the staged block
+is full, used to put etcd's older copy back and hand the staged addresses out again). The
+allocator's cache is written only after the commit succeeded.
 
 Any failure of a combined commit (a lost compare, an exhausted pool for one of the requests)
 falls back to committing the requests one by one through the allocator, so every request gets
@@ -17,8 +21,7 @@ import asyncio
 from dataclasses import dataclass
 
 from ipam import keys
-from ipam.allocator import Allocator
-from ipam.block import Block, IPNetwork
+from ipam.allocator import Allocator, Staged
 from ipam.blocks import Handle
 from ipam.commit import AssignedIP, Choice, addresses, settings_compares
 from ipam.errors import IPAMError
@@ -102,28 +105,22 @@ class BatchingAllocator:
     async def _commit_together(self, reqs: list[AssignRequest]) -> list[list[AssignedIP]] | None:
         a = self.alloc
         s = await a.settings()
-        originals: dict[IPNetwork, tuple[int, Block] | None] = {}
-        base_rev: dict[IPNetwork, int] = {}
+        blocks: Staged = {}  # cidr -> (revision read, block with the batch's assignments)
         staged: list[_Staged] = []
-        try:
-            for req in reqs:
-                choices = await a.plan(s, req)
-                for c in choices:
-                    cidr = c.block.cidr
-                    originals.setdefault(cidr, a._cache.get(cidr))
-                    base_rev.setdefault(cidr, c.rev)
-                    a._cache[cidr] = (c.rev, c.block)  # later requests plan on top of this one
-                staged.append(_Staged(req, choices, [c.block.seq for c in choices]))
-            r = await a.store.txn(*self._txn(s, staged, base_rev))
-        except BaseException:
-            self._restore(originals)
-            raise
+        for req in reqs:
+            choices = await a.plan(s, req, blocks)
+            for c in choices:
+                cidr = c.block.cidr
+                if cidr in blocks and blocks[cidr][0] != c.rev:
+                    return None  # planned on another revision of a staged block: one by one
+                blocks[cidr] = (c.rev, c.block)  # later requests plan on top of this one
+            staged.append(_Staged(req, choices, [c.block.seq for c in choices]))
+        r = await a.store.txn(*self._txn(s, staged, blocks))
         if not r.succeeded:
             a.conflicts += 1
-            self._restore(originals)
             return None
-        for cidr in base_rev:
-            a._cache[cidr] = (r.revision, a._cache[cidr][1])
+        for cidr, (_, blk) in blocks.items():
+            a._cache[cidr] = (r.revision, blk)
         return [
             [ip for c, seq in zip(st.choices, st.seqs, strict=True)
              for ip in addresses(c, seq, st.req.handle)]
@@ -131,15 +128,14 @@ class BatchingAllocator:
         ]  # fmt: skip
 
     def _txn(
-        self, settings: Settings, staged: list[_Staged], base_rev: dict[IPNetwork, int]
+        self, settings: Settings, staged: list[_Staged], blocks: Staged
     ) -> tuple[list[Cmp], list[Op]]:
-        a = self.alloc
         cmps: list[Cmp] = []
         ops = []
         pools = set()
-        for cidr, rev in base_rev.items():
+        for cidr, (rev, blk) in blocks.items():
             cmps.append(Cmp.mod(keys.block(cidr), rev))
-            ops.append(Op.put(keys.block(cidr), a._cache[cidr][1].dumps()))
+            ops.append(Op.put(keys.block(cidr), blk.dumps()))
         for st in staged:
             handle = Handle(st.req.handle)
             for c in st.choices:
@@ -149,10 +145,3 @@ class BatchingAllocator:
             ops.append(Op.put(keys.handle(st.req.handle), dumps(handle.to_json())))
         cmps += settings_compares(settings, pools)
         return cmps, ops
-
-    def _restore(self, originals: dict[IPNetwork, tuple[int, Block] | None]) -> None:
-        for cidr, orig in originals.items():
-            if orig is None:
-                self.alloc._cache.pop(cidr, None)
-            else:
-                self.alloc._cache[cidr] = orig

@@ -108,8 +108,9 @@ class LabControl(LabView):
     def restart_router(self, node: str, tries: int = 3) -> None:
         """Stop a router's processes (by recorded PID) and start them again. A router
         daemon started right after its predecessor stopped was seen to exit at once, with
-        no output (FRR's bgpd, BIRD; rare): then stop what is left and start again, up to
-        ``tries`` times."""
+        no output (FRR's bgpd, BIRD; rare; most likely the empty command line of a process
+        in its exec, which procs.matches now reads again): then stop what is left and start
+        again, up to ``tries`` times."""
         n = self.node(node)
         if not n.role.is_router:
             raise LabError(f"{node} is not a router")

@@ -96,6 +96,7 @@ class Soak:
         self.anchor: dict[int, Pod] = {}  # rack -> a long-lived pod there
         self.own: dict[str, set[str]] = {}  # host -> its blocks (the limit allows no more)
         self.ipam_borrowed, self.ipam_agrees = 0, False  # LIMITED's, at the churn's end
+        self.ipam_disagree: dict[str, list[str]] = {}  # what IPAM and the pods disagree on
         self.fillers = (0, 0)  # LIMITED's filler pods: in its block, in all
         self.dup_ips: list[str] = []  # an address two long-lived or filler pods were given
         self.base: dict[str, tuple[float, int]] = {}
@@ -297,7 +298,10 @@ class Soak:
         mine = [p for _, p in self.live if p.node == LIMITED]
         want = {p.ip for p in mine if block_of(p.ip) not in self.own[LIMITED]}
         seen = {b["ip"] for b in soak_limit.borrowed(lab) if b["borrowingNode"] == LIMITED}
-        self.ipam_agrees = seen & {p.ip for p in mine} == want
+        got = seen & {p.ip for p in mine}
+        self.ipam_agrees = got == want
+        self.ipam_disagree = {"borrowed_not_in_ipam": sorted(want - got),
+                              "ipam_borrowed_not_outside": sorted(got - want)}  # fmt: skip
         self.ipam_borrowed = len(want)
         with self.stats.lock:
             rest, self.live = [p for _, p in self.live], []
@@ -335,15 +339,17 @@ class Soak:
         check = lab.fabricctl(["ipam", "check"])
         (self.out / "faults.json").write_text(json.dumps(self.faults, indent=2))
         (self.out / "first-pings.jsonl").write_text("".join(json.dumps(x) + "\n" for x in s.pods))
-        (self.out / "errors.txt").write_text("\n".join(s.errors + leaks))
         first = _pct(s.lossy, s.created)
         # the run is valid only if ordinary pods really borrowed because of the limit (and
         # IPAM, asked at the end of the churn, agreed that the live ones are borrowed)
         valid = bool(s.kinds["borrowed_by_limit"]) and self.ipam_agrees and not self.dup_ips
-        if not valid:
-            s.errors.append(f"invalid run: {len(s.kinds['borrowed_by_limit'])} ordinary pods "
-                            f"borrowed because of maxBlocksPerHost; IPAM agrees: {self.ipam_agrees}; "
-                            f"addresses given twice: {self.dup_ips}")  # fmt: skip
+        invalid = "" if valid else (
+            f"invalid run: {len(s.kinds['borrowed_by_limit'])} ordinary pods borrowed because "
+            f"of maxBlocksPerHost; IPAM agrees: {self.ipam_agrees} ({self.ipam_disagree}); "
+            f"addresses given twice: {self.dup_ips}")  # fmt: skip
+        if invalid:
+            s.errors.append(invalid)
+        (self.out / "errors.txt").write_text("\n".join(s.errors + leaks))
         settled = _pct(s.settled_lossy, s.settled)
         return {
             "bench": "soak",
@@ -366,6 +372,7 @@ class Soak:
                 "ipam_agrees": self.ipam_agrees,
             },
             "valid": valid,
+            "invalid_reason": invalid,
             "ip_request_pods": len(s.kinds["ip_request"]),
             "ip_request_pods_lossy": sum(1 for n in s.kinds["ip_request"] if n),
             "ip_request_taken": s.ip_taken,
