@@ -268,7 +268,7 @@ def test_cache_reader_reads_again_only_what_changed() -> None:
     at once), the policy objects kept when only blocks changed, re-read when they changed."""
     from fabric.agent.intent import BlockIndex
     from fabric.agent.policy import CacheReader
-    from fabric.resources.policy_store import PODS
+    from fabric.resources.policy_store import NETWORKPOLICIES, PODS
     from ipam import keys
     from ipam.store import KV
 
@@ -291,6 +291,8 @@ def test_cache_reader_reads_again_only_what_changed() -> None:
     second = reader()
     assert second is not first and second.pods is first.pods
     assert len(list(second.blocks[0].allocated())) == 2
+    reader.changed(NETWORKPOLICIES)  # a policy change: the Pods are not collected again
+    assert reader().pods is second.pods
     del data[PODS][PODS + "default/p0"]
     reader.changed(PODS)
     third = reader()

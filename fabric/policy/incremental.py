@@ -24,6 +24,7 @@ endpoints, or any failure, falls back to the full compile.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
@@ -53,6 +54,8 @@ class _State:
     by_ip: dict[IPAddress, set[str]]  # address -> keys of the endpoints holding it
     compiled: Compiled
     index: EndpointIndex | None  # every endpoint by namespace and label (built on first use)
+    listed: list[Endpoint]  # the last call's endpoints as given (unchanged: the same objects)
+    pols_by_ns: dict[str, list[NetworkPolicy]]
 
 
 def _address(x: SetElement) -> IPAddress | None:
@@ -73,6 +76,7 @@ class IncrementalCompiler:
         self.deltas = 0
         self.fallbacks = 0  # deltas that raised (a bug): redone in full
         self._state: _State | None = None
+        self._sorted: tuple[tuple[NetworkPolicy, ...], tuple[NetworkPolicy, ...]] | None = None
 
     def compile(
         self,
@@ -80,7 +84,12 @@ class IncrementalCompiler:
         namespaces: Iterable[Namespace],
         endpoints: Iterable[Endpoint],
     ) -> Compiled:
-        pols = tuple(sorted(policies, key=lambda p: p.key))
+        if isinstance(policies, tuple) and self._sorted and self._sorted[0] is policies:
+            pols = self._sorted[1]  # the same (immutable) input as last time: sorted already
+        else:
+            pols = tuple(sorted(policies, key=lambda p: p.key))
+            if isinstance(policies, tuple):
+                self._sorted = (policies, pols)
         ns_labels = {n.name: n.labels for n in namespaces}
         listed = list(endpoints)
         st = self._state
@@ -91,11 +100,14 @@ class IncrementalCompiler:
             return self._full(pols, namespaces, listed, ns_labels)
         # what changed, found by object identity (EndpointCache returns unchanged endpoints
         # as the same objects): only new objects' keys are looked at
-        ids = {id(e): e for e in listed}
-        if len(ids) != len(listed):
-            return self._full(pols, namespaces, listed, ns_labels)
-        added = [e for i, e in ids.items() if i not in st.ids]
-        removed = [e for i, e in st.ids.items() if i not in ids]
+        if len(listed) == len(st.listed) and all(map(operator.is_, listed, st.listed)):
+            ids, added, removed = st.ids, [], []  # the same objects in the same order
+        else:
+            ids = {id(e): e for e in listed}
+            if len(ids) != len(listed):
+                return self._full(pols, namespaces, listed, ns_labels)
+            added = [e for i, e in ids.items() if i not in st.ids]
+            removed = [e for i, e in st.ids.items() if i not in ids]
         eps = dict(st.endpoints)
         for e in removed:
             if eps.get(k := e.key) is e:
@@ -108,14 +120,14 @@ class IncrementalCompiler:
         changed = [k for k in {e.key for e in (*added, *removed)}
                    if not ((a := old.get(k)) is (b := eps.get(k)) or a == b)]  # fmt: skip
         if not changed and not touched:
-            st.endpoints, st.ids = eps, ids
+            st.endpoints, st.ids, st.listed = eps, ids, listed
             if st.policies != pols:  # equal, other objects: keep the new ones
                 st.policies, st.by_key = pols, {p.key: p for p in pols}
             return st.compiled
         if len(changed) > MAX_DELTA + len(eps) // 8:
             return self._full(pols, namespaces, listed, ns_labels)
         try:
-            return self._delta(st, pols, ns_labels, eps, ids, sorted(changed), touched)
+            return self._delta(st, pols, ns_labels, eps, ids, listed, sorted(changed), touched)
         except Exception:
             self.fallbacks += 1
             self._state = None  # half-updated indexes: the next call compiles in full
@@ -134,12 +146,12 @@ class IncrementalCompiler:
                     by_ip.setdefault(ip, set()).add(e.key)
             self._state = _State(pols, {p.key: p for p in pols}, ns_labels, by_key,
                                  {id(e): e for e in eps}, b.contributions, by_ip, compiled,
-                                 b.index)  # fmt: skip
+                                 b.index, eps, policies_by_namespace(pols))  # fmt: skip
         return compiled
 
     def _delta(self, st: _State, pols: tuple[NetworkPolicy, ...],
                ns_labels: dict[str, Mapping[str, str]], eps: dict[str, Endpoint],
-               ids: dict[int, Endpoint], changed: list[str],
+               ids: dict[int, Endpoint], listed: list[Endpoint], changed: list[str],
                touched: set[str]) -> Compiled:  # fmt: skip
         old = st.endpoints
         for k in changed:  # the address and label indexes follow the endpoints
@@ -173,7 +185,10 @@ class IncrementalCompiler:
             if gone or not added <= spec.elements:
                 sets[name] = SetSpec(name, spec.kind, (spec.elements - gone) | added, spec.origin)
         b = _Builder(list(eps.values()), ns_labels, sets, {}, index=st.index)
-        pols_by_ns = policies_by_namespace(pols)
+        pols_by_ns = st.pols_by_ns
+        if touched:  # the other namespaces' lists stay as they are
+            pols_by_ns = {ns: ps for ns, ps in pols_by_ns.items() if ns not in touched}
+            pols_by_ns.update(policies_by_namespace(p for p in pols if p.namespace in touched))
         rules: dict[str, EndpointRules] = dict(st.compiled.endpoints)
         again = set(changed)  # local endpoints whose rules are compiled again
         if touched:
@@ -192,7 +207,7 @@ class IncrementalCompiler:
         contributions = {**st.contributions, **b.contributions}
         self._state = _State(pols, {p.key: p for p in pols}, ns_labels, eps, ids,
                              {n: contributions[n] for n in named if n in contributions},
-                             st.by_ip, compiled, b.index)  # fmt: skip
+                             st.by_ip, compiled, b.index, listed, pols_by_ns)  # fmt: skip
         self.deltas += 1
         return compiled
 
