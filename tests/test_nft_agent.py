@@ -297,3 +297,21 @@ def test_cache_reader_reads_again_only_what_changed() -> None:
     reader.changed(PODS)
     third = reader()
     assert third.pods == () and third.blocks is second.blocks
+
+
+def test_denied_names_are_computed_again_only_when_the_blocks_change() -> None:
+    """The denied log's address -> pod names: walked again after a block change, not after
+    every batch (a policy change leaves the blocks as they are)."""
+    from fabric.agent.config import PolicyConfig
+    from fabric.agent.denied import DeniedTraffic
+    from fabric.agent.policy import Inputs, PolicyAgent
+
+    current = [Inputs((), (), (), (block_with(real(0)),))]
+    agent = PolicyAgent("me", PolicyTable(), lambda: current[0], lambda: [])
+    denied = DeniedTraffic("me", PolicyConfig(False, 60.0, -1), agent, lambda _k, _v: None)
+    first = denied.names()
+    assert list(first.values()) == [f"{real(0).namespace}/{real(0).pod}"]
+    current[0] = Inputs((), (), (), current[0].blocks)  # a policy change: the same blocks
+    assert denied.names() is first
+    current[0] = Inputs((), (), (), (block_with(real(0), real(1)),))
+    assert len(denied.names()) == 2
