@@ -102,12 +102,17 @@ class IncrementalCompiler:
         # as the same objects): only new objects' keys are looked at
         if len(listed) == len(st.listed) and all(map(operator.is_, listed, st.listed)):
             ids, added, removed = st.ids, [], []  # the same objects in the same order
-        else:
-            ids = {id(e): e for e in listed}
-            if len(ids) != len(listed):
+        else:  # set algebra on ids (C loops), objects looked up for the few that differ
+            now = set(map(id, listed))
+            if len(now) != len(listed):
                 return self._full(pols, namespaces, listed, ns_labels)
-            added = [e for i, e in ids.items() if i not in st.ids]
-            removed = [e for i, e in st.ids.items() if i not in ids]
+            new_ids, gone_ids = now - st.ids.keys(), st.ids.keys() - now
+            added = [e for e in listed if id(e) in new_ids] if new_ids else []
+            removed = [st.ids[i] for i in gone_ids]
+            ids = dict(st.ids)
+            for i in gone_ids:
+                del ids[i]
+            ids.update((id(e), e) for e in added)
         eps = dict(st.endpoints)
         for e in removed:
             if eps.get(k := e.key) is e:
@@ -205,7 +210,8 @@ class IncrementalCompiler:
         compiled = Compiled(dict(sorted(rules.items())),
                             {name: b.sets[name] for name in sorted(named)})  # fmt: skip
         contributions = {**st.contributions, **b.contributions}
-        self._state = _State(pols, {p.key: p for p in pols}, ns_labels, eps, ids,
+        by_key = {p.key: p for p in pols} if touched else st.by_key
+        self._state = _State(pols, by_key, ns_labels, eps, ids,
                              {n: contributions[n] for n in named if n in contributions},
                              st.by_ip, compiled, b.index, listed, pols_by_ns)  # fmt: skip
         self.deltas += 1
