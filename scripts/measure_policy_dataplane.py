@@ -7,7 +7,8 @@ and 250 local pods, in a scratch network namespace this script creates and delet
 
 Prints one JSON object: compile/render seconds; cold write of the whole table through
 PolicyTable.sync against ``nft -f`` of the same script alone (floor); the size and time of
-the incremental batches a pod ADD and a label change make (median of --repeat runs).
+the incremental batches a pod ADD, a label change and a policy change (one policy applied
+to and deleted from bn-01, like the benchmark's apply samples) make (median of --repeat runs).
 CPU seconds of this process are reported next to wall time (the machine may be shared).
 """
 
