@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import time
@@ -42,6 +43,8 @@ from aetcd import rpc
 
 from ipam.errors import DatastoreUnavailable, IPAMError
 from ipam.tls import TLSConfig, diagnose
+
+log = logging.getLogger("ipam.store")
 
 DEFAULT_PREFIX = "/fabric/v1"
 # One RPC may take this long before the endpoint is considered unavailable: an etcd leader
@@ -212,7 +215,13 @@ class Store:
         if self._channel is not None:
             return
         target = self.endpoint
-        opts = [("grpc.keepalive_time_ms", 10000), ("grpc.keepalive_timeout_ms", 5000)]
+        # No limit on a response's size (etcd's own client sets math.MaxInt32): gRPC's default
+        # 4 MiB refused a watch catching up on the IPAM blocks (one response carries every
+        # event since the watcher's revision, ~5 MB at 5,000 pods), and the stream's error
+        # closed the channel with every other watch on it, again and again (a policy change
+        # reached fabricd 0.1-1 s late: docs/bench.md, policy).
+        opts = [("grpc.keepalive_time_ms", 10000), ("grpc.keepalive_timeout_ms", 5000),
+                ("grpc.max_receive_message_length", -1)]  # fmt: skip
         if self.tls is not None:
             creds = grpc.ssl_channel_credentials(*self.tls.read())
             self._channel = grpc.aio.secure_channel(target, creds, options=opts)
@@ -474,8 +483,9 @@ class Store:
                         t = EventType.DELETE if ev.type == rpc.Event.DELETE else EventType.PUT
                         next_rev = kv.mod + 1
                         yield Event(t, kv)
-            except grpc.aio.AioRpcError:
-                pass
+            except grpc.aio.AioRpcError as e:  # re-created below; said, so a loop shows
+                log.warning("watch of %s failed (%s: %s); watching again from revision %d",
+                            prefix, e.code().name, e.details(), next_rev)  # fmt: skip
             except asyncio.CancelledError:
                 if _cancelling():
                     raise

@@ -7,7 +7,8 @@ and 250 local pods, in a scratch network namespace this script creates and delet
 
 Prints one JSON object: compile/render seconds; cold write of the whole table through
 PolicyTable.sync against ``nft -f`` of the same script alone (floor); the size and time of
-the incremental batches a pod ADD and a label change make (median of --repeat runs).
+the incremental batches a pod ADD, a label change and a policy change (one policy applied
+to and deleted from bn-01, like the benchmark's apply samples) make (median of --repeat runs).
 CPU seconds of this process are reported next to wall time (the machine may be shared).
 """
 
@@ -112,6 +113,33 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             lab_s.append(time.perf_counter() - t0)
             nft_s.append(time.perf_counter() - t1)
             lab_b.append(len(change.script))
+        # a policy change: one policy of a local pod's namespace applied, then deleted (what
+        # `lab.bench policy`'s apply samples make the remote node do)
+        flip = load.decode_all([{
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"namespace": load.ns_name(1), "name": "flip"},
+            "spec": {"podSelector": {"matchLabels": {"tier": "web"}}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {
+                         "kubernetes.io/metadata.name": load.CLIENT_NS}},
+                         "podSelector": {"matchLabels": {"role": "idle"}}}],
+                         "ports": [{"protocol": "TCP", "port": 80}]}]}}])[0]  # fmt: skip
+        assert isinstance(flip, NetworkPolicy)
+        pol_s, pol_cmp, pol_nft, pol_b = [], [], [], []
+        for i in range(2 * args.repeat):
+            now = [*pols, flip] if i % 2 == 0 else pols
+            t0, c0 = time.perf_counter(), time.process_time()
+            compiled = inc.compile(now, nss, eps)
+            pol_cmp.append(time.process_time() - c0)
+            want = render(compiled)
+            t1 = time.perf_counter()
+            change = await table.apply(want)
+            pol_s.append(time.perf_counter() - t0)
+            pol_nft.append(time.perf_counter() - t1)
+            pol_b.append(len(change.script))
+        out["policy_batch_ms_p50"] = round(statistics.median(pol_s) * 1000, 1)
+        out["policy_compile_cpu_ms_p50"] = round(statistics.median(pol_cmp) * 1000, 1)
+        out["policy_nft_ms_p50"] = round(statistics.median(pol_nft) * 1000, 1)
+        out["policy_batch_bytes_p50"] = statistics.median(pol_b)
         out["add_batch_ms_p50"] = round(statistics.median(add_s) * 1000, 1)
         out["batch_nft_ms_p50"] = round(statistics.median(nft_s) * 1000, 1)  # table.apply alone
         out["batches_full_delta"] = [inc.full, inc.deltas]

@@ -268,7 +268,7 @@ def test_cache_reader_reads_again_only_what_changed() -> None:
     at once), the policy objects kept when only blocks changed, re-read when they changed."""
     from fabric.agent.intent import BlockIndex
     from fabric.agent.policy import CacheReader
-    from fabric.resources.policy_store import PODS
+    from fabric.resources.policy_store import NETWORKPOLICIES, PODS
     from ipam import keys
     from ipam.store import KV
 
@@ -291,7 +291,27 @@ def test_cache_reader_reads_again_only_what_changed() -> None:
     second = reader()
     assert second is not first and second.pods is first.pods
     assert len(list(second.blocks[0].allocated())) == 2
+    reader.changed(NETWORKPOLICIES)  # a policy change: the Pods are not collected again
+    assert reader().pods is second.pods
     del data[PODS][PODS + "default/p0"]
     reader.changed(PODS)
     third = reader()
     assert third.pods == () and third.blocks is second.blocks
+
+
+def test_denied_names_are_computed_again_only_when_the_blocks_change() -> None:
+    """The denied log's address -> pod names: walked again after a block change, not after
+    every batch (a policy change leaves the blocks as they are)."""
+    from fabric.agent.config import PolicyConfig
+    from fabric.agent.denied import DeniedTraffic
+    from fabric.agent.policy import Inputs, PolicyAgent
+
+    current = [Inputs((), (), (), (block_with(real(0)),))]
+    agent = PolicyAgent("me", PolicyTable(), lambda: current[0], lambda: [])
+    denied = DeniedTraffic("me", PolicyConfig(False, 60.0, -1), agent, lambda _k, _v: None)
+    first = denied.names()
+    assert list(first.values()) == [f"{real(0).namespace}/{real(0).pod}"]
+    current[0] = Inputs((), (), (), current[0].blocks)  # a policy change: the same blocks
+    assert denied.names() is first
+    current[0] = Inputs((), (), (), (block_with(real(0), real(1)),))
+    assert len(denied.names()) == 2

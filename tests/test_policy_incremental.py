@@ -1,6 +1,7 @@
 """The incremental compile (fabricd's batches) equals the full compile after every change of
-endpoints: pods added, removed, relabelled, moved between nodes, given other named ports or
-another pod's address; policy and namespace changes go through the full path."""
+endpoints (pods added, removed, relabelled, moved between nodes, given other named ports or
+another pod's address) and of policies (added, removed, replaced: a delta too), alone or in
+one batch; namespace label changes go through the full path."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from fabric.policy.endpoints import EndpointCache, allocations, build_endpoints
 from fabric.policy.incremental import IncrementalCompiler
 from fabric.policy.model import Endpoint, NamedPort, Protocol
 from fabric.resources.policy_codec import decode
-from fabric.resources.policy_model import Pod
+from fabric.resources.policy_model import NetworkPolicy, Pod
 from ipam.block import Attribute, Block
 
 LOCAL = "n0"
@@ -74,18 +75,58 @@ def test_incremental_equals_full_compile_after_every_change(
     eps = {e.key: e for e in (endpoint(p, node=f"n{i % 2}") for i, p in enumerate(pods))}
     inc = IncrementalCompiler(LOCAL)
     assert inc.compile(pols, nss, eps.values()) == compile_policies(pols, nss, eps.values(), LOCAL)
-    for step in range(6):
-        if data.draw(st.integers(0, 9)) == 0:  # now and then a policy change: full compile
-            policies = [*policies, data.draw(policy_st(10 + step))]
-            pols, nss = objects(ns_labels, policies)
-        else:
+    by_name = dict(zip((d["metadata"]["name"] for d in policies), pols, strict=True))
+    for step in range(8):
+        kind = data.draw(st.sampled_from(["endpoints", "policy", "both", "namespace"]))
+        if kind in ("policy", "both"):  # unchanged policies stay the same objects
+            what = data.draw(st.sampled_from(["add", "remove", "replace"]))
+            doc = data.draw(policy_st(10 + step))
+            if what != "add" and by_name:
+                name = data.draw(st.sampled_from(sorted(by_name)))
+                old = by_name.pop(name)
+                doc["metadata"] = {"name": name, "namespace": old.namespace}
+            if what != "remove":
+                new = decode(doc)
+                assert isinstance(new, NetworkPolicy)
+                by_name[doc["metadata"]["name"]] = new
+            pols = list(by_name.values())
+        if kind in ("endpoints", "both"):
             eps = data.draw(change_st(eps, step))
+        if kind == "namespace":  # a namespace's labels: the full path
+            ns_labels = {**ns_labels, NAMESPACES[0]: {**ns_labels[NAMESPACES[0]],
+                                                      **data.draw(labels_st)}}  # fmt: skip
+            nss = objects(ns_labels, [])[1]
         got = inc.compile(pols, nss, eps.values())
         want = compile_policies(pols, nss, eps.values(), LOCAL)
         assert got.endpoints == want.endpoints
         assert got.sets == want.sets, set(got.sets) ^ set(want.sets)
     assert inc.fallbacks == 0
-    assert inc.deltas > 0 or inc.full == 7
+
+
+def test_a_policy_change_is_a_delta_touching_only_its_namespace() -> None:
+    ns_labels = {n: {"kubernetes.io/metadata.name": n} for n in ("x", "y")}
+    doc = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"namespace": "x", "name": "web"},
+           "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {
+               "matchLabels": {"app": "a"}}}]}]}}  # fmt: skip
+    pols, nss = objects(ns_labels, [doc])
+    a = Endpoint("x", "a", (ipaddress.ip_address("10.0.0.1"),), {"app": "a"}, (), LOCAL, "fa")
+    b = Endpoint("y", "b", (ipaddress.ip_address("10.0.0.2"),), {"app": "b"}, (), LOCAL, "fb")
+    c = Endpoint("y", "c", (ipaddress.ip_address("10.0.0.3"),), {"app": "b"}, (), "n1", None)
+    inc = IncrementalCompiler(LOCAL)
+    first = inc.compile(pols, nss, [a, b, c])
+    # a policy in y: b's rules are compiled again, a's stay the same objects
+    more, _ = objects(ns_labels, [{**doc, "metadata": {"namespace": "y", "name": "deny"},
+                                   "spec": {"podSelector": {}}}])  # fmt: skip
+    second = inc.compile([*pols, *more], nss, [a, b, c])
+    assert (inc.full, inc.deltas) == (1, 1)
+    assert second == compile_policies([*pols, *more], nss, [a, b, c], LOCAL)
+    assert second.endpoints["x/a"] is first.endpoints["x/a"]
+    assert second.endpoints["y/b"].ingress is not None
+    assert second.sets == first.sets  # no set is rebuilt
+    # and removed again: the same model as at first
+    assert inc.compile(pols, nss, [a, b, c]) == first
+    assert (inc.full, inc.deltas) == (1, 2)
 
 
 def test_a_pod_add_is_a_delta_and_unchanged_inputs_return_the_same_model() -> None:

@@ -123,3 +123,24 @@ def test_etcd_leader_change_words_are_retried_other_failures_are_not() -> None:
     assert not transient(err(grpc.StatusCode.UNKNOWN, "something else"))
     assert not transient(err(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided"))
     assert not transient(err(grpc.StatusCode.PERMISSION_DENIED, "no leader"))
+
+
+def test_a_watch_catching_up_on_more_than_4_mib_gets_every_event(prefix: str) -> None:
+    """etcd sends a watcher that starts in the past every event since its revision in one
+    response; over gRPC's default 4 MiB limit the stream failed and was re-created forever."""
+    with EtcdCluster(size=1) as etcd:
+
+        async def main() -> int:
+            async with Store(etcd.endpoints, prefix) as s:
+                first = await s.put("big/0", b"x" * 1_000_000)
+                for i in range(1, 6):  # ~6 MB of history after ``first``
+                    await s.put(f"big/{i}", b"x" * 1_000_000)
+                seen = 0
+                async for ev in s.watch("big/", first):
+                    assert len(ev.kv.value) == 1_000_000
+                    seen += 1
+                    if seen == 6:
+                        break
+                return seen
+
+        assert asyncio.run(asyncio.wait_for(main(), 30)) == 6

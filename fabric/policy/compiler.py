@@ -97,6 +97,37 @@ def _member_addrs(member: Callable[[Endpoint], bool], fam: int) -> Contribution:
 
 
 @dataclass(slots=True)
+class EndpointIndex:
+    """Endpoints by namespace and by label (key, value), each keyed by the object's id (so
+    one endpoint object goes in and out in O(1); equal endpoints stay distinct, as in a
+    list). The incremental compiler keeps one across batches and moves changed endpoints."""
+
+    by_namespace: dict[str, dict[int, Endpoint]] = field(default_factory=dict)
+    by_label: dict[tuple[str, str], dict[int, Endpoint]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, endpoints: Iterable[Endpoint]) -> EndpointIndex:
+        out = cls()
+        for e in endpoints:
+            out.add(e)
+        return out
+
+    def add(self, e: Endpoint) -> None:
+        self.by_namespace.setdefault(e.namespace, {})[id(e)] = e
+        for kv in e.labels.items():
+            self.by_label.setdefault(kv, {})[id(e)] = e
+
+    def remove(self, e: Endpoint) -> None:
+        self.by_namespace.get(e.namespace, {}).pop(id(e), None)
+        for kv in e.labels.items():
+            posting = self.by_label.get(kv)
+            if posting is not None:
+                posting.pop(id(e), None)
+                if not posting:
+                    del self.by_label[kv]
+
+
+@dataclass(slots=True)
 class _Builder:
     """One compile: the inputs indexed, and the sets named so far. ``contributions`` says,
     for each set whose elements come from endpoints, what one endpoint puts in it: the
@@ -107,16 +138,19 @@ class _Builder:
     sets: dict[str, SetSpec]
     rules: dict[tuple[str, int, Direction], Rule]  # rules that do not depend on the target
     contributions: dict[str, Contribution] = field(default_factory=dict)
-    label_index: dict[tuple[str, str], list[Endpoint]] | None = None  # built on first use
-    _by_namespace: dict[str, list[Endpoint]] | None = None  # built on first use
+    index: EndpointIndex | None = None  # built on first use (or handed in: incremental)
 
     @property
-    def by_namespace(self) -> dict[str, list[Endpoint]]:
-        if self._by_namespace is None:
-            self._by_namespace = {}
-            for e in self.endpoints:
-                self._by_namespace.setdefault(e.namespace, []).append(e)
-        return self._by_namespace
+    def by_namespace(self) -> dict[str, dict[int, Endpoint]]:
+        if self.index is None:
+            self.index = EndpointIndex.of(self.endpoints)
+        return self.index.by_namespace
+
+    @property
+    def label_index(self) -> dict[tuple[str, str], dict[int, Endpoint]]:
+        if self.index is None:
+            self.index = EndpointIndex.of(self.endpoints)
+        return self.index.by_label
 
     def namespace_labels(self, ns: str) -> Mapping[str, str]:
         return self.ns_labels.get(ns) or {NAMESPACE_NAME_LABEL: ns}
@@ -180,18 +214,15 @@ class _Builder:
     def members(self, namespaces: set[str], sel: LabelSelector | None) -> list[Endpoint]:
         """Endpoints of ``namespaces`` matched by ``sel`` (None/empty: all of them). With
         matchLabels, only the shortest posting list of the label index is scanned."""
+        by_ns = self.by_namespace
         if sel is None or sel.empty:
-            return [e for ns in sorted(namespaces) for e in self.by_namespace[ns]]
+            return [e for ns in sorted(namespaces) for e in by_ns.get(ns, {}).values()]
         if sel.match_labels:
-            if self.label_index is None:
-                self.label_index = {}
-                for e in self.endpoints:
-                    for kv in e.labels.items():
-                        self.label_index.setdefault(kv, []).append(e)
-            candidates = min((self.label_index.get(kv, []) for kv in sel.match_labels), key=len)
-            return [e for e in candidates
+            index = self.label_index
+            candidates = min((index.get(kv, {}) for kv in sel.match_labels), key=len)
+            return [e for e in candidates.values()
                     if e.namespace in namespaces and _pod_matches(sel, e.labels)]  # fmt: skip
-        return [e for ns in sorted(namespaces) for e in self.by_namespace[ns]
+        return [e for ns in sorted(namespaces) for e in by_ns.get(ns, {}).values()
                 if _pod_matches(sel, e.labels)]  # fmt: skip
 
     def named_port_sets(self, name: str, protocol: Protocol) -> list[str]:

@@ -93,6 +93,30 @@ def build_endpoints(allocs: Iterable[Allocation], pods: Iterable[Pod], local_nod
             for (ns, name), group in sorted(_group(allocs).items())]  # fmt: skip
 
 
+def _pods_changed(pod_of: dict[tuple[str, str], Pod], old: tuple[Pod, ...],
+                  pods: tuple[Pod, ...], affected: set[tuple[str, str]]) -> dict[tuple[str, str], Pod]:  # fmt: skip
+    """``{(ns, name): pod for pod in pods}``, from ``pod_of`` (that of ``old``) moving only
+    the Pods that are new or gone objects (ids compared in C, not every key in Python); their
+    keys go into ``affected``. Duplicate keys on either side: built again as a whole."""
+    if len(pod_of) == len(old):
+        old_ids, new_ids = set(map(id, old)), set(map(id, pods))
+        out = dict(pod_of)
+        for p in (p for p in old if id(p) not in new_ids):
+            k = (p.namespace, p.name)
+            if out.get(k) is p:
+                del out[k]
+            affected.add(k)
+        for p in (p for p in pods if id(p) not in old_ids):
+            k = (p.namespace, p.name)
+            out[k] = p
+            affected.add(k)
+        if len(out) == len(pods):
+            return out
+    out = {(p.namespace, p.name): p for p in pods}
+    affected.update(k for k in out.keys() | pod_of.keys() if out.get(k) is not pod_of.get(k))
+    return out
+
+
 class EndpointCache:
     """``build_endpoints(allocations(blocks), pods, ...)`` with memory, for fabricd's batches:
     only the allocations of Block objects that are new or gone since the last call are
@@ -120,9 +144,7 @@ class EndpointCache:
         pods = tuple(pods)
         affected: set[tuple[str, str]] = set()
         if len(pods) != len(self._pods) or any(map(operator.is_not, pods, self._pods)):
-            pod_of = {(p.namespace, p.name): p for p in pods}
-            affected = {k for k in pod_of.keys() | self.pod_of.keys()
-                        if pod_of.get(k) is not self.pod_of.get(k)}  # fmt: skip
+            pod_of = _pods_changed(self.pod_of, self._pods, pods, affected)
             self.pod_of, self._pods = pod_of, pods
         pod_of = self.pod_of
         for al in gone:
@@ -142,15 +164,20 @@ class EndpointCache:
         self._blocks = {k: self._blocks.get(k) or new[k] for k in now}
         if not affected:
             return list(self._sorted)
-        for key in affected:
+        for key in affected:  # _order and _sorted change in place (no walk of every key)
             members = self._groups.get(key)
             if members:
-                if key not in self._eps:
-                    bisect.insort(self._order, key)
-                self._eps[key] = _endpoint(*key, members, pod_of.get(key), self.local_node,
-                                           self.host_ifname)  # fmt: skip
+                e = _endpoint(*key, members, pod_of.get(key), self.local_node, self.host_ifname)
+                i = bisect.bisect_left(self._order, key)
+                if key in self._eps:
+                    self._sorted[i] = e
+                else:
+                    self._order.insert(i, key)
+                    self._sorted.insert(i, e)
+                    self.keys.add(key)
+                self._eps[key] = e
             elif self._eps.pop(key, None) is not None:
-                del self._order[bisect.bisect_left(self._order, key)]
-        self.keys = set(self._eps)
-        self._sorted = [self._eps[k] for k in self._order]
+                i = bisect.bisect_left(self._order, key)
+                del self._order[i], self._sorted[i]
+                self.keys.discard(key)
         return list(self._sorted)

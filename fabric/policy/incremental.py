@@ -1,7 +1,6 @@
-"""compile() with memory, for fabricd's batches: when only endpoints changed since the last
-call (the same policies, the same namespace labels), only what the changed endpoints touch
-is recomputed; anything else is a full compile (fabric.policy.compiler, the one definition of
-the semantics).
+"""compile() with memory, for fabricd's batches: when endpoints or policies changed since the
+last call (the same namespace labels), only what the changes touch is recomputed; anything
+else is a full compile (fabric.policy.compiler, the one definition of the semantics).
 
 The delta path, for changed endpoints C (added, removed, or different in any field):
 - each set held: the elements C's old versions contributed are taken out and those of their
@@ -11,6 +10,11 @@ The delta path, for changed endpoints C (added, removed, or different in any fie
 - the local endpoints in C get their rules compiled (a set none held before is built over
   every endpoint, as compile() does); other local endpoints keep theirs (their rules depend
   only on the policies and the endpoint itself);
+- a policy added, removed or changed (P): a policy selects pods of its own namespace only,
+  so the local endpoints of P's namespaces get their rules compiled again, and no held set
+  changes (a set's elements depend on endpoints and namespace labels, never on the policy
+  naming it); a set P names that none held is built over every endpoint through an index
+  by namespace and label kept across calls (``EndpointIndex``), not rebuilt per call;
 - the sets are those the local endpoints' rules name, as in compile().
 
 The result equals compile() of the same inputs (tests/test_policy_incremental.py checks it
@@ -20,12 +24,14 @@ endpoints, or any failure, falls back to the full compile.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from fabric.policy.compiler import (
     Contribution,
+    EndpointIndex,
     _Builder,
     compile_with,
     endpoint_rules,
@@ -40,12 +46,16 @@ MAX_DELTA = 64  # changed endpoints handled incrementally (plus 1/8 of all endpo
 @dataclass(slots=True)
 class _State:
     policies: tuple[NetworkPolicy, ...]
+    by_key: dict[str, NetworkPolicy]
     ns_labels: dict[str, Mapping[str, str]]
     endpoints: dict[str, Endpoint]
     ids: dict[int, Endpoint]  # the last call's endpoint objects (held: their ids stay theirs)
     contributions: dict[str, Contribution]
     by_ip: dict[IPAddress, set[str]]  # address -> keys of the endpoints holding it
     compiled: Compiled
+    index: EndpointIndex | None  # every endpoint by namespace and label (built on first use)
+    listed: list[Endpoint]  # the last call's endpoints as given (unchanged: the same objects)
+    pols_by_ns: dict[str, list[NetworkPolicy]]
 
 
 def _address(x: SetElement) -> IPAddress | None:
@@ -66,6 +76,7 @@ class IncrementalCompiler:
         self.deltas = 0
         self.fallbacks = 0  # deltas that raised (a bug): redone in full
         self._state: _State | None = None
+        self._sorted: tuple[tuple[NetworkPolicy, ...], tuple[NetworkPolicy, ...]] | None = None
 
     def compile(
         self,
@@ -73,19 +84,35 @@ class IncrementalCompiler:
         namespaces: Iterable[Namespace],
         endpoints: Iterable[Endpoint],
     ) -> Compiled:
-        pols = tuple(sorted(policies, key=lambda p: p.key))
+        if isinstance(policies, tuple) and self._sorted and self._sorted[0] is policies:
+            pols = self._sorted[1]  # the same (immutable) input as last time: sorted already
+        else:
+            pols = tuple(sorted(policies, key=lambda p: p.key))
+            if isinstance(policies, tuple):
+                self._sorted = (policies, pols)
         ns_labels = {n.name: n.labels for n in namespaces}
         listed = list(endpoints)
         st = self._state
-        if st is None or st.policies != pols or st.ns_labels != ns_labels:
+        if st is None or st.ns_labels != ns_labels:
+            return self._full(pols, namespaces, listed, ns_labels)
+        touched = _touched_namespaces(st, pols)
+        if touched is None:  # duplicate policy keys: only compile() defines that
             return self._full(pols, namespaces, listed, ns_labels)
         # what changed, found by object identity (EndpointCache returns unchanged endpoints
         # as the same objects): only new objects' keys are looked at
-        ids = {id(e): e for e in listed}
-        if len(ids) != len(listed):
-            return self._full(pols, namespaces, listed, ns_labels)
-        added = [e for i, e in ids.items() if i not in st.ids]
-        removed = [e for i, e in st.ids.items() if i not in ids]
+        if len(listed) == len(st.listed) and all(map(operator.is_, listed, st.listed)):
+            ids, added, removed = st.ids, [], []  # the same objects in the same order
+        else:  # set algebra on ids (C loops), objects looked up for the few that differ
+            now = set(map(id, listed))
+            if len(now) != len(listed):
+                return self._full(pols, namespaces, listed, ns_labels)
+            new_ids, gone_ids = now - st.ids.keys(), st.ids.keys() - now
+            added = [e for e in listed if id(e) in new_ids] if new_ids else []
+            removed = [st.ids[i] for i in gone_ids]
+            ids = dict(st.ids)
+            for i in gone_ids:
+                del ids[i]
+            ids.update((id(e), e) for e in added)
         eps = dict(st.endpoints)
         for e in removed:
             if eps.get(k := e.key) is e:
@@ -97,13 +124,15 @@ class IncrementalCompiler:
         old = st.endpoints
         changed = [k for k in {e.key for e in (*added, *removed)}
                    if not ((a := old.get(k)) is (b := eps.get(k)) or a == b)]  # fmt: skip
-        if not changed:
-            st.endpoints, st.ids = eps, ids
+        if not changed and not touched:
+            st.endpoints, st.ids, st.listed = eps, ids, listed
+            if st.policies != pols:  # equal, other objects: keep the new ones
+                st.policies, st.by_key = pols, {p.key: p for p in pols}
             return st.compiled
         if len(changed) > MAX_DELTA + len(eps) // 8:
             return self._full(pols, namespaces, listed, ns_labels)
         try:
-            return self._delta(st, pols, ns_labels, eps, ids, sorted(changed))
+            return self._delta(st, pols, ns_labels, eps, ids, listed, sorted(changed), touched)
         except Exception:
             self.fallbacks += 1
             self._state = None  # half-updated indexes: the next call compiles in full
@@ -120,21 +149,27 @@ class IncrementalCompiler:
             for e in eps:
                 for ip in e.ips:
                     by_ip.setdefault(ip, set()).add(e.key)
-            self._state = _State(pols, ns_labels, by_key, {id(e): e for e in eps},
-                                 b.contributions, by_ip, compiled)  # fmt: skip
+            self._state = _State(pols, {p.key: p for p in pols}, ns_labels, by_key,
+                                 {id(e): e for e in eps}, b.contributions, by_ip, compiled,
+                                 b.index, eps, policies_by_namespace(pols))  # fmt: skip
         return compiled
 
     def _delta(self, st: _State, pols: tuple[NetworkPolicy, ...],
                ns_labels: dict[str, Mapping[str, str]], eps: dict[str, Endpoint],
-               ids: dict[int, Endpoint], changed: list[str]) -> Compiled:  # fmt: skip
+               ids: dict[int, Endpoint], listed: list[Endpoint], changed: list[str],
+               touched: set[str]) -> Compiled:  # fmt: skip
         old = st.endpoints
-        for k in changed:  # the address index follows the endpoints
+        for k in changed:  # the address and label indexes follow the endpoints
             if (o := old.get(k)) is not None:
                 for ip in o.ips:
                     st.by_ip.get(ip, set()).discard(k)
+                if st.index is not None:
+                    st.index.remove(o)
             if (n := eps.get(k)) is not None:
                 for ip in n.ips:
                     st.by_ip.setdefault(ip, set()).add(k)
+                if st.index is not None:
+                    st.index.add(n)
         moved = set(changed)
         sets = dict(st.compiled.sets)
         for name, spec in st.compiled.sets.items():
@@ -154,10 +189,18 @@ class IncrementalCompiler:
                 if k not in moved)}  # fmt: skip
             if gone or not added <= spec.elements:
                 sets[name] = SetSpec(name, spec.kind, (spec.elements - gone) | added, spec.origin)
-        b = _Builder(list(eps.values()), ns_labels, sets, {})
-        pols_by_ns = policies_by_namespace(pols)
+        b = _Builder(list(eps.values()), ns_labels, sets, {}, index=st.index)
+        pols_by_ns = st.pols_by_ns
+        if touched:  # the other namespaces' lists stay as they are
+            pols_by_ns = {ns: ps for ns, ps in pols_by_ns.items() if ns not in touched}
+            pols_by_ns.update(policies_by_namespace(p for p in pols if p.namespace in touched))
         rules: dict[str, EndpointRules] = dict(st.compiled.endpoints)
-        for k in changed:
+        again = set(changed)  # local endpoints whose rules are compiled again
+        if touched:
+            again.update(
+                k for k in rules if (e := eps.get(k)) is not None and e.namespace in touched
+            )
+        for k in sorted(again):
             rules.pop(k, None)
             n = eps.get(k)
             if n is not None and (self.local_node is None or n.node == self.local_node):
@@ -167,8 +210,22 @@ class IncrementalCompiler:
         compiled = Compiled(dict(sorted(rules.items())),
                             {name: b.sets[name] for name in sorted(named)})  # fmt: skip
         contributions = {**st.contributions, **b.contributions}
-        self._state = _State(pols, ns_labels, eps, ids, {n: contributions[n] for n in named
-                                                    if n in contributions},
-                             st.by_ip, compiled)  # fmt: skip
+        by_key = {p.key: p for p in pols} if touched else st.by_key
+        self._state = _State(pols, by_key, ns_labels, eps, ids,
+                             {n: contributions[n] for n in named if n in contributions},
+                             st.by_ip, compiled, b.index, listed, pols_by_ns)  # fmt: skip
         self.deltas += 1
         return compiled
+
+
+def _touched_namespaces(st: _State, pols: tuple[NetworkPolicy, ...]) -> set[str] | None:
+    """The namespaces of the policies added, removed or changed since ``st`` (None when two
+    policies share a key)."""
+    if st.policies == pols:  # the same objects mostly: compared by identity first
+        return set()
+    by_key = {p.key: p for p in pols}
+    if len(by_key) != len(pols):
+        return None
+    old = st.by_key
+    return {(a or b).namespace for k in old.keys() | by_key.keys()  # type: ignore[union-attr]
+            if not ((a := old.get(k)) is (b := by_key.get(k)) or a == b)}  # fmt: skip
