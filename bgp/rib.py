@@ -20,8 +20,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
+from bgp.bestpath import Paths as _Paths
+from bgp.bestpath import select as _select
+from bgp.bestpath import with_path as _with
+from bgp.bestpath import without as _without
 from bgp.import_policy import ImportPolicy
 from bgp.model import (
     DEFAULT_RESTART_TIME,
@@ -39,11 +42,6 @@ from bgp.model import (
 )
 
 Changes = dict[IPNetwork, frozenset[IPAddress] | None]
-# The candidate routes of one prefix, per peer in arrival order, flattened: (peer, announce,
-# peer, announce, ...). One flat tuple costs ~56 bytes, a tuple of pairs ~104 and a
-# {peer: announce} dict ~280 (100k prefixes: 5 and 18 MB of fabricd's peak). Replaced, never
-# mutated; () means "no route".
-_Paths = tuple[Any, ...]
 # Prefixes whose candidate routes changed during one call -> their candidates now (() once
 # the last one went: the prefix is dropped from Rib._paths, and this means "no route").
 _Touched = dict[IPNetwork, _Paths]
@@ -297,9 +295,12 @@ class Rib:
                 return {}
             t = self._tables[peer] = _Table(self._limits.get(peer))
         touched: _Touched = {}
-        # Withdrawals first: RFC 4271 treats a prefix in both lists as announced.
+        out: Changes = {}
+        # Withdrawals first: RFC 4271 treats a prefix in both lists as announced. An UPDATE
+        # that only withdraws (a burst's) puts a prefix whose last path went straight into
+        # the result: nothing later in the call can touch that prefix again.
         if event.withdrawn:
-            self._withdraw(peer, t, event.withdrawn, touched)
+            self._withdraw(peer, t, event.withdrawn, touched, None if event.announced else out)
         policy = self._policy
         attrs = hop = path_reason = None
         for ann in event.announced:
@@ -328,7 +329,7 @@ class Rib:
             t.deadline = None
         if not t.routes:
             del self._tables[peer]
-        return self._commit(touched)
+        return self._commit(touched, out)
 
     def _sweep(self, peer: IPAddress, version: int | None, touched: _Touched) -> None:
         t = self._tables.get(peer)
@@ -352,13 +353,13 @@ class Rib:
             t.overflow[prefix] = None
             self._reject(peer, prefix, MAX_PREFIXES)
 
-    def _withdraw(
-        self, peer: IPAddress, t: _Table, prefixes: Iterable[IPNetwork], touched: _Touched
-    ) -> None:
+    def _withdraw(self, peer: IPAddress, t: _Table, prefixes: Iterable[IPNetwork],
+                  touched: _Touched, out: Changes | None) -> None:  # fmt: skip
         """``_drop`` for each of ``prefixes`` that ``peer`` sent, inlined: withdrawing 100k
         routes runs this loop 100k times, and each dict operation on a table that size is a
-        likely cache miss."""
-        routes, accepted, paths_of = t.routes, t.accepted, self._paths
+        likely cache miss. ``out``: where a prefix whose last path went is booked at once
+        (None: in ``touched``, for ``_commit``)."""
+        routes, accepted, paths_of, best = t.routes, t.accepted, self._paths, self._best
         for prefix in prefixes:
             if routes.pop(prefix, None) is None:
                 continue
@@ -374,7 +375,10 @@ class Rib:
                 continue
             if len(paths) == 2 and paths[0] is peer:  # its only path: no _without call
                 del paths_of[prefix]
-                touched[prefix] = ()
+                if out is None:
+                    touched[prefix] = ()
+                elif best.pop(prefix, None) is not None:
+                    out[prefix] = None
             elif (rest := _without(paths, peer)) is not None:
                 if rest:
                     paths_of[prefix] = rest
@@ -436,8 +440,8 @@ class Rib:
                 del self._paths[prefix]
             touched[prefix] = rest
 
-    def _commit(self, touched: _Touched) -> Changes:
-        out: Changes = {}
+    def _commit(self, touched: _Touched, out: Changes | None = None) -> Changes:
+        out = {} if out is None else out
         best = self._best
         for prefix, paths in touched.items():
             if not paths:  # the last path went: the common case of a withdrawal
@@ -452,48 +456,3 @@ class Rib:
                     best[prefix] = new
                 out[prefix] = new
         return out
-
-
-# Next-hop sets are few (one per peer or ECMP combination) but referenced by every prefix:
-# share one object per distinct set (100,000 routes via one router keep one frozenset).
-_HOPSETS: dict[frozenset[IPAddress], frozenset[IPAddress]] = {}
-_SINGLE: dict[IPAddress, frozenset[IPAddress]] = {}  # next hop -> its set of one, shared
-
-
-def _with(paths: _Paths, peer: IPAddress, ann: Announce) -> _Paths:
-    """``paths`` with ``peer``'s route replaced (in its place) or added (last)."""
-    for i in range(0, len(paths), 2):
-        if (p := paths[i]) is peer or p == peer:
-            return (*paths[:i], peer, ann, *paths[i + 2 :])
-    return (*paths, peer, ann)
-
-
-def _without(paths: _Paths, peer: IPAddress) -> _Paths | None:
-    """``paths`` without ``peer``'s route; None if it had none."""
-    for i in range(0, len(paths), 2):
-        if (p := paths[i]) is peer or p == peer:
-            return paths[:i] + paths[i + 2 :]
-    return None
-
-
-def _select(paths: _Paths) -> frozenset[IPAddress] | None:
-    """The ECMP set: next hops of the routes with the shortest AS path."""
-    if not paths:
-        return None
-    if len(paths) == 2:  # the common case: one set per next hop, found without building one
-        hop = paths[1].next_hop
-        single = _SINGLE.get(hop)
-        if single is None:
-            if len(_SINGLE) > 4096:
-                _SINGLE.clear()
-            single = _SINGLE[hop] = _shared(frozenset((hop,)))
-        return single
-    anns: tuple[Announce, ...] = paths[1::2]
-    shortest = min(len(a.attrs.as_path) for a in anns)
-    return _shared(frozenset(a.next_hop for a in anns if len(a.attrs.as_path) == shortest))
-
-
-def _shared(hops: frozenset[IPAddress]) -> frozenset[IPAddress]:
-    if len(_HOPSETS) > 4096:
-        _HOPSETS.clear()
-    return _HOPSETS.setdefault(hops, hops)
