@@ -17,12 +17,10 @@ Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
-from bgp.bestpath import Paths as _Paths
-from bgp.bestpath import select as _select
+from bgp.bestpath import Entry as _Entry
 from bgp.bestpath import with_path as _with
 from bgp.bestpath import without as _without
 from bgp.import_policy import ImportPolicy
@@ -42,9 +40,10 @@ from bgp.model import (
 )
 
 Changes = dict[IPNetwork, frozenset[IPAddress] | None]
-# Prefixes whose candidate routes changed during one call -> their candidates now (() once
-# the last one went: the prefix is dropped from Rib._paths, and this means "no route").
-_Touched = dict[IPNetwork, _Paths]
+Best = frozenset[IPAddress]
+# Prefixes whose candidate routes changed during one call -> their best path before it (None:
+# no route), recorded at the first change; _commit compares it with the entry's now.
+_Touched = dict[IPNetwork, Best | None]
 RejectHook = Callable[[IPAddress, IPNetwork, str], None]
 MAX_PREFIXES = "max prefixes"
 _NOT_THERE = object()
@@ -125,8 +124,9 @@ class Rib:
         # From each peer's last OPEN: its restart time and the families it preserves
         # forwarding for (absent: no OPEN seen, treated as preserving everything).
         self._peer_gr: dict[IPAddress, tuple[int | None, frozenset[str]]] = {}
-        self._paths: dict[IPNetwork, _Paths] = {}
-        self._best: dict[IPNetwork, frozenset[IPAddress]] = {}
+        # prefix -> its best path and candidates (bgp.bestpath), for every prefix with an
+        # accepted route: best() is read from it, there is no second table
+        self._paths: dict[IPNetwork, _Entry] = {}
 
     # ------------------------------------------------------------------ reading
 
@@ -134,12 +134,12 @@ class Rib:
     def policy(self) -> ImportPolicy:
         return self._policy
 
-    def best(self) -> dict[IPNetwork, frozenset[IPAddress]]:
-        return dict(self._best)
+    def best(self) -> dict[IPNetwork, Best]:
+        return {prefix: entry[0] for prefix, entry in self._paths.items()}
 
-    def best_view(self) -> Mapping[IPNetwork, frozenset[IPAddress]]:
+    def best_view(self) -> Mapping[IPNetwork, Best]:
         """``best()`` read-only and live, without copying it: read it in one go."""
-        return MappingProxyType(self._best)
+        return _BestView(self._paths)
 
     def peers(self) -> list[IPAddress]:
         """Peers with an Adj-RIB-In (routes received and not yet removed)."""
@@ -359,7 +359,7 @@ class Rib:
         routes runs this loop 100k times, and each dict operation on a table that size is a
         likely cache miss. ``out``: where a prefix whose last path went is booked at once
         (None: in ``touched``, for ``_commit``)."""
-        routes, accepted, paths_of, best = t.routes, t.accepted, self._paths, self._best
+        routes, accepted, paths_of = t.routes, t.accepted, self._paths
         for prefix in prefixes:
             if routes.pop(prefix, None) is None:
                 continue
@@ -370,21 +370,21 @@ class Rib:
             if accepted.pop(prefix, _NOT_THERE) is _NOT_THERE:
                 t.overflow.pop(prefix, None)
                 continue
-            paths = paths_of.get(prefix)
-            if paths is None:
+            entry = paths_of.get(prefix)
+            if entry is None:
                 continue
-            if len(paths) == 2 and paths[0] is peer:  # its only path: no _without call
+            if len(entry) == 3 and entry[1] is peer:  # its only path: no _without call
                 del paths_of[prefix]
                 if out is None:
-                    touched[prefix] = ()
-                elif best.pop(prefix, None) is not None:
+                    touched.setdefault(prefix, entry[0])
+                else:
                     out[prefix] = None
-            elif (rest := _without(paths, peer)) is not None:
+            elif (rest := _without(entry, peer)) is not None:
+                touched.setdefault(prefix, entry[0])
                 if rest:
                     paths_of[prefix] = rest
                 else:
                     del paths_of[prefix]
-                touched[prefix] = rest
         if t.overflow:
             self._refill(peer, t, touched)
 
@@ -424,35 +424,49 @@ class Rib:
     def _add_path(
         self, prefix: IPNetwork, peer: IPAddress, ann: Announce, touched: _Touched
     ) -> None:
-        paths = self._paths.get(prefix)
-        if paths is None:
-            new: _Paths = (peer, ann)
-        else:
-            new = _with(paths, peer, ann)
-        self._paths[prefix] = touched[prefix] = new
+        entry = self._paths.get(prefix)
+        touched.setdefault(prefix, entry[0] if entry is not None else None)
+        self._paths[prefix] = _with(entry, peer, ann)
 
     def _del_path(self, prefix: IPNetwork, peer: IPAddress, touched: _Touched) -> None:
-        paths = self._paths.get(prefix)
-        if paths is not None and (rest := _without(paths, peer)) is not None:
+        entry = self._paths.get(prefix)
+        if entry is not None and (rest := _without(entry, peer)) is not None:
+            touched.setdefault(prefix, entry[0])
             if rest:
                 self._paths[prefix] = rest
             else:
                 del self._paths[prefix]
-            touched[prefix] = rest
 
     def _commit(self, touched: _Touched, out: Changes | None = None) -> Changes:
+        """The changes of best paths: each touched prefix's best before the call against
+        its entry's now (``out``: changes booked already, added to)."""
         out = {} if out is None else out
-        best = self._best
-        for prefix, paths in touched.items():
-            if not paths:  # the last path went: the common case of a withdrawal
-                if best.pop(prefix, None) is not None:
-                    out[prefix] = None
-                continue
-            new, old = _select(paths), best.get(prefix)
+        paths = self._paths
+        for prefix, old in touched.items():
+            entry = paths.get(prefix)
+            new = entry[0] if entry is not None else None
             if new is not old and new != old:
-                if new is None:
-                    del best[prefix]
-                else:
-                    best[prefix] = new
                 out[prefix] = new
         return out
+
+
+class _BestView(Mapping[IPNetwork, Best]):
+    """``Rib.best()`` read-only and live, over the RIB's own table (nothing copied)."""
+
+    __slots__ = ("_paths",)
+
+    def __init__(self, paths: dict[IPNetwork, _Entry]) -> None:
+        self._paths = paths
+
+    def __getitem__(self, prefix: IPNetwork) -> Best:
+        entry: Best = self._paths[prefix][0]
+        return entry
+
+    def __iter__(self) -> Iterator[IPNetwork]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __contains__(self, prefix: object) -> bool:
+        return prefix in self._paths
