@@ -17,10 +17,17 @@ tested in tests/test_bgp_exabgp_main.py.
 - **Idle reactor** (``idle_reactor``): ExaBGP's loop polls every 10 ms (``reactor.speed``
   1.0), 100 wake-ups a second with nothing to do: 1.5% of a core per node. Once no turn
   has asked to run again at once (a peer or an API command with more to do) for
-  ``IDLE_AFTER`` s and no API command is half done, it polls every ``IDLE_POLL`` s instead. Sockets of established peers and the API pipe are in the poll
-  set, so a message or a command still wakes it at once; only its timers (keepalives, hold
-  time, connection retries, a listening socket) run up to ``IDLE_POLL`` s late, and BGP's
-  are whole seconds.
+  ``IDLE_AFTER`` s and no API command is half done, it polls every ``IDLE_POLL`` s instead.
+  While every peer is established, ``ESTABLISHED_AFTER`` and ``ESTABLISHED_POLL`` apply:
+  each received keepalive is such a turn (a message read: ExaBGP asks to read again), and
+  0.1 s of 10 ms polls after each one was most of an established node's idle CPU. Sockets
+  of established peers and the API pipe are in the poll set, so a message or a command
+  still wakes it at once; only its timers (keepalives, hold time, connection retries, a
+  listening socket) run up to a poll interval late, and BGP's are whole seconds (a hold
+  time of at least 3 s: a keepalive at least every second, which wakes the peer anyway).
+  A peer that is connecting or opening relies on the 10 ms poll (ExaBGP asks to come back
+  "later" while its connect is in flight), so the short window and the long poll wait for
+  every peer to be established.
 
 It also exits at once, before ExaBGP starts, when the supervisor that spawned it is already
 gone (``orphaned``: see bgp/supervisor.py). Run by path, so it needs nothing but ExaBGP
@@ -39,6 +46,8 @@ RAW_ENV = "FABRIC_EXABGP_RAW_UPDATES"
 PARENT_ENV = "FABRIC_SUPERVISOR_PID"  # bgp.supervisor.PARENT_ENV (run by path: no import)
 IDLE_AFTER = 0.1  # s without a turn that asked to run again before the loop polls slowly
 IDLE_POLL = 0.5  # s between polls when idle: BGP timers are whole seconds
+ESTABLISHED_AFTER = 0.02  # the same while every peer is established: two 10 ms polls
+ESTABLISHED_POLL = 1.0
 
 
 def quiet_debug(level: str | None) -> bool:
@@ -88,22 +97,35 @@ def fast_hex() -> bool:
     return True
 
 
-def idle_reactor(after: float = IDLE_AFTER, poll: float = IDLE_POLL) -> bool:
-    """ExaBGP's loop polls every ``poll`` s once idle for ``after`` s (see the module
-    docstring); whether it did."""
+def idle_reactor(
+    after: float = IDLE_AFTER,
+    poll: float = IDLE_POLL,
+    established_after: float = ESTABLISHED_AFTER,
+    established_poll: float = ESTABLISHED_POLL,
+) -> bool:
+    """ExaBGP's loop polls every ``poll`` s once idle for ``after`` s, and every
+    ``established_poll`` s once idle for ``established_after`` s while every peer is
+    established (see the module docstring); whether it did."""
+    from exabgp.bgp.fsm import FSM
     from exabgp.reactor.loop import Reactor
 
     wait = getattr(Reactor, "_wait_for_io", None)
     if wait is None:
         return False
     busy_at = [time.monotonic()]
+    up = FSM.ESTABLISHED
 
     def _wait_for_io(self: Any, sleeptime: int) -> Iterator[int]:
         now = time.monotonic()
         if sleeptime == 0 or not self.asynchronous.ready():
             busy_at[0] = now
-        elif now - busy_at[0] >= after:
-            sleeptime = int(poll * 1000)
+        else:
+            peers = getattr(self, "_peers", None) or {}
+            steady = bool(peers) and all(
+                getattr(getattr(p, "fsm", None), "state", None) == up for p in peers.values()
+            )
+            if now - busy_at[0] >= (established_after if steady else after):
+                sleeptime = int((established_poll if steady else poll) * 1000)
         # A socket that became readable is not work in itself (a peer's keepalive every
         # few seconds would keep the 10 ms tick forever): the next turn reads it, and a peer
         # or command with more to do asks for sleeptime 0, which is.

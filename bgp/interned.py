@@ -4,14 +4,14 @@ anything holds it. Pure: no I/O. Used by ``bgp.codec`` (JSON text) and ``bgp.wir
 A received prefix is hashed about 15 times on its way to the kernel (Adj-RIB-In, best
 paths, agent, route table) and looked up again when it is withdrawn. Interned values with
 a cached hash make each of those lookups match by identity, without ipaddress's
-``__hash__`` and ``__eq__`` in Python.
+``__eq__`` in Python.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-import weakref
+import sys
 from collections.abc import Iterator
 
 from bgp.model import IPAddress, IPNetwork
@@ -93,46 +93,47 @@ _MASKS = [
 ]
 
 
-# Received prefixes by their text, while anything else holds them (the RIB does until they
-# are withdrawn). A withdrawal or a re-announcement then yields the very object the RIB and
-# the route table hold: no parsing, and every dict lookup on the way matches by identity
-# instead of ipaddress's __eq__ (~0.5 us each). Halves the CPU of withdrawing 100k prefixes.
-# A plain dict of weak references rather than a WeakValueDictionary: its Python-level get()
-# was a third of parsing a withdrawal.
-PREFIXES: dict[str | bytes, _TextRef] = {}
+# Received prefixes by their text (JSON) or wire bytes. A withdrawal or a re-announcement
+# then yields the very object the RIB and the route table hold: no parsing, and every dict
+# lookup on the way matches by identity instead of ipaddress's __eq__ (~0.5 us each).
+#
+# Strong references, swept: when the table has doubled since the last sweep (and holds at
+# least SWEEP_MIN), the prefixes nothing else holds any more are dropped. It held weak
+# references before, whose callback removed an entry as its prefix died: a withdrawal of
+# 100k routes then freed each prefix (its address, its weak reference, the callback's
+# Python call and dict operation) in a random order across ~30 MB, 10-15% of fabricd's CPU
+# for the withdrawal (docs/bench.md, routes). Now a withdrawal frees none; the next
+# announcement of the same prefix finds it, and a sweep frees in table order. Interning is
+# only a speed-up: a prefix dropped while something still holds it (no sweep does that, by
+# its reference count) would just compare by value.
+PREFIXES: dict[str | bytes, IPNetwork] = {}
+SWEEP_MIN = 65536
+_sweep_at = SWEEP_MIN
 
 
-class _TextRef(weakref.ref[IPNetwork]):
-    """A weak reference to an interned prefix that knows its text: one shared callback
-    removes the entry (a closure per prefix cost ~100 bytes each)."""
-
-    __slots__ = ("text",)
-    text: str | bytes
-
-    def __new__(cls, net: IPNetwork, text: str | bytes) -> _TextRef:
-        ref = _new_ref(cls, net, _forget)
-        ref.text = text
-        return ref
-
-    # No __init__: weakref.ref's own (C) accepts the two arguments and does nothing with
-    # them. A Python one (and super() in __new__) was ~15% of interning a new prefix.
+def _intern(key: str | bytes, net: IPNetwork) -> None:
+    global _sweep_at
+    if len(PREFIXES) >= _sweep_at:
+        sweep()
+        _sweep_at = max(SWEEP_MIN, 2 * len(PREFIXES))
+    PREFIXES[key] = net
 
 
-_new_ref = weakref.ref.__new__
-
-
-def _forget(ref: _TextRef) -> None:
-    # one dict operation in the common case (runs for each prefix a withdrawal frees)
-    other = PREFIXES.pop(ref.text, None)
-    if other is not None and other is not ref:  # a newer object's reference: put it back
-        PREFIXES[ref.text] = other
+def sweep() -> int:
+    """Drop the interned prefixes that nothing but this table holds; how many went."""
+    table, count = PREFIXES, sys.getrefcount
+    # count(table[key]): the table's reference and the argument's, and no other
+    dead = [key for key in list(table) if count(table[key]) <= 2]
+    for key in dead:
+        del table[key]
+    return len(dead)
 
 
 def prefix(text: str) -> IPNetwork:
     """``a.b.c.d/n`` or an IPv6 CIDR, interned (see ``PREFIXES``); the IPv4 path avoids
     ipaddress's string parser (2x)."""
-    ref = PREFIXES.get(text)
-    if ref is not None and (net := ref()) is not None:
+    net = PREFIXES.get(text)
+    if net is not None:
         return net
     if ":" in text:
         net = ipaddress.IPv6Network(text)
@@ -140,28 +141,28 @@ def prefix(text: str) -> IPNetwork:
         addr, _, plen = text.partition("/")
         packed = socket.inet_pton(socket.AF_INET, addr)
         net = Prefix4((int.from_bytes(packed, "big"), int(plen) if plen else 32))
-    PREFIXES[text] = _TextRef(net, text)
+    _intern(text, net)
     return net
 
 
 def nlri4(key: bytes) -> IPNetwork:
     """An IPv4 NLRI as it is on the wire (length octet, then the significant bytes),
     interned by those bytes (see ``PREFIXES``); host bits are cleared."""
-    ref = PREFIXES.get(key)
-    if ref is not None and (net := ref()) is not None:
+    net = PREFIXES.get(key)
+    if net is not None:
         return net
     net = Prefix4.of(int.from_bytes(key[1:5].ljust(4, b"\0"), "big"), key[0])
-    PREFIXES[key] = _TextRef(net, key)
+    _intern(key, net)
     return net
 
 
 def nlri6(key: bytes) -> IPNetwork:
     """An IPv6 NLRI from the wire (see ``nlri4``), interned by its bytes."""
-    ref = PREFIXES.get(key)
-    if ref is not None and (net := ref()) is not None:
+    net = PREFIXES.get(key)
+    if net is not None:
         return net
     plen = key[0]
     bits = int.from_bytes(key[1:17].ljust(16, b"\0"), "big")
     net = ipaddress.IPv6Network((bits >> (128 - plen) << (128 - plen), plen))
-    PREFIXES[key] = _TextRef(net, key)
+    _intern(key, net)
     return net

@@ -211,7 +211,8 @@ def exabgp_env(log_file: str | Path) -> dict[str, str]:
     ExaBGP could not exec the relay), no CLI pipes, no per-route process logging (it
     halved ingestion speed), log to ``log_file`` (ExaBGP rotates it: 1 MiB x 3), no PID
     file (a stale one makes ExaBGP exit silently), acks on, API process respawned, compact
-    NLRI lists.
+    NLRI lists, no message statistics (ExaBGP logs its counters at INFO whenever they change:
+    a line, a file write and a rotation check for every keepalive sent or received).
     """
     return {
         "exabgp.daemon.user": "root",
@@ -227,6 +228,7 @@ def exabgp_env(log_file: str | Path) -> dict[str, str]:
         # and for fabricd to decode per received prefix (bgp/codec.py reads both forms)
         "exabgp.api.compact": "true",
         "exabgp.log.processes": "false",
+        "exabgp.log.statistics": "false",
         "exabgp.log.level": "INFO",  # above DEBUG: bgp/exabgp_main.py makes debug calls free
         RAW_ENV: "1",  # bgp/exabgp_main.py: received UPDATEs are passed on, not parsed
         "exabgp.log.destination": str(log_file),

@@ -17,11 +17,12 @@ Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any
 
+from bgp.bestpath import Entry as _Entry
+from bgp.bestpath import with_path as _with
+from bgp.bestpath import without as _without
 from bgp.import_policy import ImportPolicy
 from bgp.model import (
     DEFAULT_RESTART_TIME,
@@ -39,14 +40,10 @@ from bgp.model import (
 )
 
 Changes = dict[IPNetwork, frozenset[IPAddress] | None]
-# The candidate routes of one prefix, per peer in arrival order, flattened: (peer, announce,
-# peer, announce, ...). One flat tuple costs ~56 bytes, a tuple of pairs ~104 and a
-# {peer: announce} dict ~280 (100k prefixes: 5 and 18 MB of fabricd's peak). Replaced, never
-# mutated; () means "no route".
-_Paths = tuple[Any, ...]
-# Prefixes whose candidate routes changed during one call -> their candidates now (() once
-# the last one went: the prefix is dropped from Rib._paths, and this means "no route").
-_Touched = dict[IPNetwork, _Paths]
+Best = frozenset[IPAddress]
+# Prefixes whose candidate routes changed during one call -> their best path before it (None:
+# no route), recorded at the first change; _commit compares it with the entry's now.
+_Touched = dict[IPNetwork, Best | None]
 RejectHook = Callable[[IPAddress, IPNetwork, str], None]
 MAX_PREFIXES = "max prefixes"
 _NOT_THERE = object()
@@ -127,8 +124,9 @@ class Rib:
         # From each peer's last OPEN: its restart time and the families it preserves
         # forwarding for (absent: no OPEN seen, treated as preserving everything).
         self._peer_gr: dict[IPAddress, tuple[int | None, frozenset[str]]] = {}
-        self._paths: dict[IPNetwork, _Paths] = {}
-        self._best: dict[IPNetwork, frozenset[IPAddress]] = {}
+        # prefix -> its best path and candidates (bgp.bestpath), for every prefix with an
+        # accepted route: best() is read from it, there is no second table
+        self._paths: dict[IPNetwork, _Entry] = {}
 
     # ------------------------------------------------------------------ reading
 
@@ -136,12 +134,12 @@ class Rib:
     def policy(self) -> ImportPolicy:
         return self._policy
 
-    def best(self) -> dict[IPNetwork, frozenset[IPAddress]]:
-        return dict(self._best)
+    def best(self) -> dict[IPNetwork, Best]:
+        return {prefix: entry[0] for prefix, entry in self._paths.items()}
 
-    def best_view(self) -> Mapping[IPNetwork, frozenset[IPAddress]]:
+    def best_view(self) -> Mapping[IPNetwork, Best]:
         """``best()`` read-only and live, without copying it: read it in one go."""
-        return MappingProxyType(self._best)
+        return _BestView(self._paths)
 
     def peers(self) -> list[IPAddress]:
         """Peers with an Adj-RIB-In (routes received and not yet removed)."""
@@ -297,9 +295,12 @@ class Rib:
                 return {}
             t = self._tables[peer] = _Table(self._limits.get(peer))
         touched: _Touched = {}
-        # Withdrawals first: RFC 4271 treats a prefix in both lists as announced.
+        out: Changes = {}
+        # Withdrawals first: RFC 4271 treats a prefix in both lists as announced. An UPDATE
+        # that only withdraws (a burst's) puts a prefix whose last path went straight into
+        # the result: nothing later in the call can touch that prefix again.
         if event.withdrawn:
-            self._withdraw(peer, t, event.withdrawn, touched)
+            self._withdraw(peer, t, event.withdrawn, touched, None if event.announced else out)
         policy = self._policy
         attrs = hop = path_reason = None
         for ann in event.announced:
@@ -328,7 +329,7 @@ class Rib:
             t.deadline = None
         if not t.routes:
             del self._tables[peer]
-        return self._commit(touched)
+        return self._commit(touched, out)
 
     def _sweep(self, peer: IPAddress, version: int | None, touched: _Touched) -> None:
         t = self._tables.get(peer)
@@ -352,12 +353,12 @@ class Rib:
             t.overflow[prefix] = None
             self._reject(peer, prefix, MAX_PREFIXES)
 
-    def _withdraw(
-        self, peer: IPAddress, t: _Table, prefixes: Iterable[IPNetwork], touched: _Touched
-    ) -> None:
+    def _withdraw(self, peer: IPAddress, t: _Table, prefixes: Iterable[IPNetwork],
+                  touched: _Touched, out: Changes | None) -> None:  # fmt: skip
         """``_drop`` for each of ``prefixes`` that ``peer`` sent, inlined: withdrawing 100k
         routes runs this loop 100k times, and each dict operation on a table that size is a
-        likely cache miss."""
+        likely cache miss. ``out``: where a prefix whose last path went is booked at once
+        (None: in ``touched``, for ``_commit``)."""
         routes, accepted, paths_of = t.routes, t.accepted, self._paths
         for prefix in prefixes:
             if routes.pop(prefix, None) is None:
@@ -369,18 +370,21 @@ class Rib:
             if accepted.pop(prefix, _NOT_THERE) is _NOT_THERE:
                 t.overflow.pop(prefix, None)
                 continue
-            paths = paths_of.get(prefix)
-            if paths is None:
+            entry = paths_of.get(prefix)
+            if entry is None:
                 continue
-            if len(paths) == 2 and paths[0] is peer:  # its only path: no _without call
+            if len(entry) == 3 and entry[1] is peer:  # its only path: no _without call
                 del paths_of[prefix]
-                touched[prefix] = ()
-            elif (rest := _without(paths, peer)) is not None:
+                if out is None:
+                    touched.setdefault(prefix, entry[0])
+                else:
+                    out[prefix] = None
+            elif (rest := _without(entry, peer)) is not None:
+                touched.setdefault(prefix, entry[0])
                 if rest:
                     paths_of[prefix] = rest
                 else:
                     del paths_of[prefix]
-                touched[prefix] = rest
         if t.overflow:
             self._refill(peer, t, touched)
 
@@ -420,80 +424,49 @@ class Rib:
     def _add_path(
         self, prefix: IPNetwork, peer: IPAddress, ann: Announce, touched: _Touched
     ) -> None:
-        paths = self._paths.get(prefix)
-        if paths is None:
-            new: _Paths = (peer, ann)
-        else:
-            new = _with(paths, peer, ann)
-        self._paths[prefix] = touched[prefix] = new
+        entry = self._paths.get(prefix)
+        touched.setdefault(prefix, entry[0] if entry is not None else None)
+        self._paths[prefix] = _with(entry, peer, ann)
 
     def _del_path(self, prefix: IPNetwork, peer: IPAddress, touched: _Touched) -> None:
-        paths = self._paths.get(prefix)
-        if paths is not None and (rest := _without(paths, peer)) is not None:
+        entry = self._paths.get(prefix)
+        if entry is not None and (rest := _without(entry, peer)) is not None:
+            touched.setdefault(prefix, entry[0])
             if rest:
                 self._paths[prefix] = rest
             else:
                 del self._paths[prefix]
-            touched[prefix] = rest
 
-    def _commit(self, touched: _Touched) -> Changes:
-        out: Changes = {}
-        best = self._best
-        for prefix, paths in touched.items():
-            if not paths:  # the last path went: the common case of a withdrawal
-                if best.pop(prefix, None) is not None:
-                    out[prefix] = None
-                continue
-            new, old = _select(paths), best.get(prefix)
+    def _commit(self, touched: _Touched, out: Changes | None = None) -> Changes:
+        """The changes of best paths: each touched prefix's best before the call against
+        its entry's now (``out``: changes booked already, added to)."""
+        out = {} if out is None else out
+        paths = self._paths
+        for prefix, old in touched.items():
+            entry = paths.get(prefix)
+            new = entry[0] if entry is not None else None
             if new is not old and new != old:
-                if new is None:
-                    del best[prefix]
-                else:
-                    best[prefix] = new
                 out[prefix] = new
         return out
 
 
-# Next-hop sets are few (one per peer or ECMP combination) but referenced by every prefix:
-# share one object per distinct set (100,000 routes via one router keep one frozenset).
-_HOPSETS: dict[frozenset[IPAddress], frozenset[IPAddress]] = {}
-_SINGLE: dict[IPAddress, frozenset[IPAddress]] = {}  # next hop -> its set of one, shared
+class _BestView(Mapping[IPNetwork, Best]):
+    """``Rib.best()`` read-only and live, over the RIB's own table (nothing copied)."""
 
+    __slots__ = ("_paths",)
 
-def _with(paths: _Paths, peer: IPAddress, ann: Announce) -> _Paths:
-    """``paths`` with ``peer``'s route replaced (in its place) or added (last)."""
-    for i in range(0, len(paths), 2):
-        if (p := paths[i]) is peer or p == peer:
-            return (*paths[:i], peer, ann, *paths[i + 2 :])
-    return (*paths, peer, ann)
+    def __init__(self, paths: dict[IPNetwork, _Entry]) -> None:
+        self._paths = paths
 
+    def __getitem__(self, prefix: IPNetwork) -> Best:
+        entry: Best = self._paths[prefix][0]
+        return entry
 
-def _without(paths: _Paths, peer: IPAddress) -> _Paths | None:
-    """``paths`` without ``peer``'s route; None if it had none."""
-    for i in range(0, len(paths), 2):
-        if (p := paths[i]) is peer or p == peer:
-            return paths[:i] + paths[i + 2 :]
-    return None
+    def __iter__(self) -> Iterator[IPNetwork]:
+        return iter(self._paths)
 
+    def __len__(self) -> int:
+        return len(self._paths)
 
-def _select(paths: _Paths) -> frozenset[IPAddress] | None:
-    """The ECMP set: next hops of the routes with the shortest AS path."""
-    if not paths:
-        return None
-    if len(paths) == 2:  # the common case: one set per next hop, found without building one
-        hop = paths[1].next_hop
-        single = _SINGLE.get(hop)
-        if single is None:
-            if len(_SINGLE) > 4096:
-                _SINGLE.clear()
-            single = _SINGLE[hop] = _shared(frozenset((hop,)))
-        return single
-    anns: tuple[Announce, ...] = paths[1::2]
-    shortest = min(len(a.attrs.as_path) for a in anns)
-    return _shared(frozenset(a.next_hop for a in anns if len(a.attrs.as_path) == shortest))
-
-
-def _shared(hops: frozenset[IPAddress]) -> frozenset[IPAddress]:
-    if len(_HOPSETS) > 4096:
-        _HOPSETS.clear()
-    return _HOPSETS.setdefault(hops, hops)
+    def __contains__(self, prefix: object) -> bool:
+        return prefix in self._paths

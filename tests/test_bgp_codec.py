@@ -297,26 +297,40 @@ def test_received_open_gives_the_peers_graceful_restart_capability() -> None:
     assert parse_line(sent.encode()) == []
 
 
-def test_received_prefixes_are_interned_while_held() -> None:
-    """A withdrawal yields the very object the RIB holds; the table forgets it with it."""
-    text = "10.98.7.0/26"
-    first = interned.prefix(text)
+def test_received_prefixes_are_interned_until_a_sweep_finds_them_unused() -> None:
+    """A withdrawal yields the very object the RIB holds; a sweep drops only prefixes that
+    nothing but the table holds (a withdrawal itself frees none)."""
+    text, key = "10.98.7.0/26", bytes([32, 10, 98, 7, 9])
+    first, wire = interned.prefix(text), interned.nlri4(key)
     assert interned.prefix(text) is first and first == net(text) and hash(first) == hash(net(text))
+    assert interned.nlri4(key) is wire and wire == net("10.98.7.9/32")
+    interned.sweep()
+    assert interned.PREFIXES[text] is first and interned.PREFIXES[key] is wire  # still held
     del first
     gc.collect()
-    assert text not in interned.PREFIXES
+    assert text in interned.PREFIXES  # kept until a sweep
+    interned.sweep()
+    assert text not in interned.PREFIXES and interned.PREFIXES[key] is wire
     again = interned.prefix(text)
-    assert interned.PREFIXES[text]() is again
+    assert interned.PREFIXES[text] is again
 
 
-def test_a_dying_prefix_leaves_a_newer_interned_one_alone() -> None:
-    """The weak reference's callback removes only its own entry: if a newer object of the
-    same prefix was interned meanwhile, that one stays."""
-    key = bytes([32, 10, 98, 7, 9])
-    old = interned.nlri4(key)
-    newer = interned.Prefix4.of(0x0A620709, 32)
-    interned.PREFIXES[key] = interned._TextRef(newer, key)
-    del old  # its callback runs now: it must not drop the newer entry
-    assert interned.nlri4(key) is newer
-    del newer
-    assert key not in interned.PREFIXES
+def test_the_table_is_swept_when_it_doubled() -> None:
+    """Interning into a table that reached the mark sweeps it first; the next mark is twice
+    what the sweep left (at least SWEEP_MIN)."""
+    interned.sweep()
+    held = [interned.nlri4(bytes([32, 10, 97, i >> 8, i & 255])) for i in range(300)]
+    dropped = [interned.nlri4(bytes([32, 10, 96, i >> 8, i & 255])) for i in range(300)]
+    del dropped
+    saved = interned.SWEEP_MIN, interned._sweep_at
+    try:
+        interned.SWEEP_MIN = 10
+        interned._sweep_at = len(interned.PREFIXES)
+        interned.nlri4(bytes([32, 10, 95, 0, 1]))  # at the mark: sweeps, then interns
+        assert all(interned.PREFIXES[bytes([32, 10, 97, i >> 8, i & 255])] is held[i]
+                   for i in range(300))  # fmt: skip
+        assert not any(bytes([32, 10, 96, i >> 8, i & 255]) in interned.PREFIXES
+                       for i in range(300))  # fmt: skip
+        assert interned._sweep_at == 2 * (len(interned.PREFIXES) - 1)
+    finally:
+        interned.SWEEP_MIN, interned._sweep_at = saved

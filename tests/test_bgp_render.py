@@ -132,6 +132,7 @@ def test_env() -> None:
     assert env["exabgp.daemon.drop"] == "false"
     assert env["exabgp.api.cli"] == "false"
     assert env["exabgp.log.processes"] == "false"
+    assert env["exabgp.log.statistics"] == "false"  # a log line per keepalive otherwise
     assert env["exabgp.log.destination"] == "/var/log/x.log"
     assert env["exabgp.api.ack"] == "true" and env["exabgp.api.respawn"] == "true"
     assert env["exabgp.daemon.pid"] == ""

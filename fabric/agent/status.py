@@ -252,18 +252,32 @@ class StatusPublisher:
         self.store, self.registration = store, registration
         self.route_list = RouteList(routes, best)  # settle: run()'s interval
         self._last = b""
+        # what the last written document was built from: the same again (an idle node,
+        # every interval) needs no document, JSON or gauges built to find out
+        self._inputs: tuple[Any, ...] = ()
 
     async def publish(self) -> None:
         view = self.view()
-        items = self.route_list.items()
-        doc = build(view, self.routes.stats(), items, self.route_list.learned())
+        items, counts = self.route_list.items(), self.routes.stats()
+        learned = self.route_list.learned()
+        inputs = (view, counts, items, learned)
+        last = self._inputs
+        if (
+            last
+            and last[0] == view
+            and last[1] == counts
+            and last[2] is items
+            and last[3] is learned
+        ):
+            return
+        doc = build(view, counts, items, learned)
         update_metrics(self.metrics, doc, view.own_blocks, view.local_ips)
         body = json.dumps(doc, sort_keys=True).encode()
-        if body == self._last:
-            return
-        doc["updated"] = time.time()
-        await self.store.put(keys.status(view.node), dumps(doc), self.registration.lease)
-        self._last = body
+        if body != self._last:
+            doc["updated"] = time.time()
+            await self.store.put(keys.status(view.node), dumps(doc), self.registration.lease)
+            self._last = body
+        self._inputs = inputs
 
     async def run(self, interval: float) -> None:
         self.route_list.settle = interval  # a whole interval without route changes
@@ -277,4 +291,4 @@ class StatusPublisher:
                 await asyncio.wait_for(self.registration.renewed.wait(), interval)
             if self.registration.renewed.is_set():
                 self.registration.renewed.clear()
-                self._last = b""  # re-register: write again under the new lease
+                self._last, self._inputs = b"", ()  # re-register: write again under the new lease

@@ -50,6 +50,9 @@ RETRY_MIN, RETRY_MAX = 0.5, 30.0
 # arrives in reads with short gaps), but never longer than BURST_GC_MAX s, so steady churn
 # still gets collected.
 BURST_LINGER, BURST_GC_MAX = 0.25, 10.0
+# RouteOp(route, delete, exclusive) without its Python-level __new__ (0.26 -> 0.14 us; a
+# flush of 100k builds one per route)
+_op = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +396,7 @@ class RouteTable:
             want, have = desired.get(dst), installed.get(dst)
             if want is None:  # first, and by identity: KernelRoute's == is a Python call
                 if have is not None:
-                    ops.append(RouteOp(have, True))
+                    ops.append(_op(RouteOp, (have, True, False)))
                     kinds.append("remove")
                 continue
             if want is have or (have is not None and want == have):
@@ -404,12 +407,12 @@ class RouteTable:
                 self._dirty.add(dst)
                 continue
             if have is None or have.metric != want.metric:
-                plan.ops.append(RouteOp(want, exclusive=True))
+                ops.append(_op(RouteOp, (want, False, True)))
                 plan.kinds.append("add" if have is None else "replace")
                 if have is not None:
                     plan.old[dst] = have
             else:
-                plan.ops.append(RouteOp(want))
+                ops.append(_op(RouteOp, (want, False, False)))
                 plan.kinds.append("replace")
         if self._authoritative:
             plan.ops += [RouteOp(r, delete=True) for r in self._strays]
