@@ -141,15 +141,28 @@ class StateDir:
         return out
 
     def save(self, rec: Record) -> None:
-        path = self.path / file_name(rec.handle)
-        tmp = self.path / f".{path.name}.tmp"
+        name = file_name(rec.handle)
+        data = json.dumps(rec.to_json()).encode()
         try:
-            tmp.write_bytes(json.dumps(rec.to_json()).encode())
-            os.replace(tmp, path)
+            self._replace(name, data)
         except FileNotFoundError:  # the directory was removed under us: recreate it once
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp.write_bytes(json.dumps(rec.to_json()).encode())
-            os.replace(tmp, path)
+            self._replace(name, data)
+
+    def _replace(self, name: str, data: bytes) -> None:
+        """Write ``data`` to a temporary file and rename it to ``name``. Plain os calls: an
+        ADD saves twice on its critical path, and pathlib's write_bytes (an io stack per
+        call) cost twice as much."""
+        d = os.fspath(self.path)
+        tmp = f"{d}/.{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, f"{d}/{name}")
 
     def remove(self, handle: str) -> None:
         """Idempotent."""
