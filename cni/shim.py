@@ -194,6 +194,10 @@ def write(data: bytes) -> None:
 def main() -> int:
     command = getenv("CNI_COMMAND")
     stdin, too_large = read_stdin()
+    # the compiled front (cni/front.c) sent the request and got no answer: it hands over
+    # stdin and why, and this answers as for an unreachable fabricd without sending again
+    failed = getenv("FABRIC_CNI_FRONT_FAILED")
+    too_large = too_large or getenv("FABRIC_CNI_FRONT_TOO_LARGE") == "1"
     if command == "VERSION":
         versions = ", ".join(f'"{v}"' for v in VERSIONS)
         write(f'{{"cniVersion": "{LATEST}", "supportedVersions": [{versions}]}}'.encode())
@@ -207,6 +211,8 @@ def main() -> int:
     path = getenv("FABRIC_CNI_SOCKET") or SOCKET
     data = request(stdin, too_large)
     try:
+        if failed:
+            raise ConnectionResetError(failed)
         code, out = exchange(path, data)
     except OSError as e:
         why = e.strerror or str(e) or type(e).__name__

@@ -15,7 +15,8 @@ cd "$here"
 
 PKGS=(etcd-server etcd-client iproute2 iputils-ping frr bird2 containernetworking-plugins
       iptables nftables procps psmisc python3-venv python3-pip graphviz
-      podman runc busybox-static iperf3)
+      podman runc busybox-static iperf3 gcc libc6-dev)
+# gcc, libc6-dev: `fabricctl cni install` builds the CNI plugins' compiled front (cni/front.c)
 # podman, runc, busybox-static: tests/lab/test_podman.py (a real CNI runtime; runc because
 # crun fails on hybrid cgroups). iperf3: the policy benchmark's pod-to-pod throughput (its
 # package ships iperf3.service, disabled below like the others). Sockets and timers first:

@@ -1,9 +1,12 @@
 """The installed plugin, executed as a runtime does it (env + stdin, exec), with and without a
-fabricd; fabricd's side of the socket is the real CNIServer with stand-in verbs."""
+fabricd; fabricd's side of the socket is the real CNIServer with stand-in verbs. The plugin
+tests run on both builds: the compiled front (cni/front.c, exec'ing the Python plugin for
+what it does not do itself) and the Python plugin alone."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -36,10 +39,26 @@ ENV = {
 CONF = json.dumps({"cniVersion": "1.0.0", "name": "fabric", "type": "fabric"}).encode()
 
 
-@pytest.fixture
-def plugin(tmp_path: Path) -> Path:
-    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"))
+BUILDS = ["compiled", "python"]
+
+
+def _compiled(build: str) -> bool:
+    if build == "compiled" and inst.find_cc() is None:
+        pytest.skip("no C compiler: the compiled front cannot be built")
+    return build == "compiled"
+
+
+@pytest.fixture(params=BUILDS)
+def plugin(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"),
+                        compiled=_compiled(request.param))  # fmt: skip
+    assert done.build == request.param
     return done.plugins[0]
+
+
+def python_part(exe: Path) -> Path:
+    """The Python plugin of an installed plugin: itself, or the compiled front's fallback."""
+    return exe if exe.read_bytes()[:2] == b"#!" else exe.parent / inst.SHIM_DIR / exe.name
 
 
 def run(
@@ -105,12 +124,46 @@ def test_no_fabricd_is_try_again_later_quickly(plugin: Path, verb: str) -> None:
     assert took < 1.0
 
 
-@pytest.fixture
-def recording(tmp_path: Path) -> Path:
+@pytest.fixture(params=BUILDS)
+def recording(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     """A plugin installed with a state dir: it records a DEL while fabricd is down."""
     done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"),
-                        state_dir=tmp_path / "state" / "deep")  # fmt: skip
+                        state_dir=tmp_path / "state" / "deep",
+                        compiled=_compiled(request.param))  # fmt: skip
     return done.plugins[0]
+
+
+def test_a_del_whose_answer_is_lost_is_recorded_once_not_sent_again(
+    recording: Path, tmp_path: Path
+) -> None:
+    """fabricd takes the request and goes away without answering: the DEL is recorded (the
+    compiled front hands it to the Python plugin with why) and not sent a second time."""
+    from fabric.workloads.pending import PendingDir
+
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(tmp_path / "cni.sock"))
+    s.listen(4)
+    got: list[bytes] = []
+
+    def serve() -> None:
+        s.settimeout(5)
+        with contextlib.suppress(OSError):
+            while True:
+                c, _ = s.accept()
+                got.append(c.recv(1 << 16))
+                c.close()  # no answer
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        code, doc, _ = run(recording, {**ENV, "CNI_COMMAND": "DEL"})
+    finally:
+        s.close()
+        t.join(6)
+    assert (code, doc) == (0, None)
+    assert len(got) == 1 and got[0][:4] == protocol.MAGIC
+    (f,) = PendingDir(tmp_path / "state" / "deep").files()
+    assert f.read_bytes() == got[0]  # the request as it was framed, recorded
 
 
 def test_del_without_fabricd_is_recorded_and_answered_success(
@@ -231,11 +284,18 @@ def test_status_and_version_through_fabricd(plugin: Path, server: _Recorder) -> 
     assert (code, doc) == (0, None)
 
 
-def test_a_hung_fabricd_times_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("build", BUILDS)
+def test_a_hung_fabricd_times_out(tmp_path: Path, build: str) -> None:
     text = inst.plugin_source(str(tmp_path / "hung.sock"), "fabric")
     text = text.replace("REPLY_TIMEOUT = 60.0", "REPLY_TIMEOUT = 1.0")
     exe = tmp_path / "fabric-fast"
     inst.write_atomic(exe, text.encode(), 0o755)
+    if _compiled(build):  # a front with a 1 s timeout, the script above as its fallback
+        cc = inst.find_cc()
+        assert cc is not None
+        inst.build_front(tmp_path / "fabric", str(tmp_path / "hung.sock"), "fabric", exe, cc,
+                         reply_timeout_ms=1000)  # fmt: skip
+        exe = tmp_path / "fabric"
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(tmp_path / "hung.sock"))
     s.listen(1)  # accepts (in the backlog), never answers
@@ -270,7 +330,7 @@ def test_a_foreign_answer_is_try_again_later(tmp_path: Path, plugin: Path) -> No
 def test_the_plugin_imports_only_c_modules(plugin: Path) -> None:
     """os, socket and json cost 0.8, 5 and 20 ms at every exec: the shim does without."""
     env = {"CNI_COMMAND": "ADD", "PATH": "/usr/bin"}  # no fabricd: error 11, all code run
-    p = subprocess.run(["/usr/bin/python3", "-IS", "-X", "importtime", str(plugin)],
+    p = subprocess.run(["/usr/bin/python3", "-IS", "-X", "importtime", str(python_part(plugin))],
                        input=CONF, env=env, capture_output=True, timeout=30, check=False)  # fmt: skip
     imported = {line.rsplit("|", 1)[1].strip() for line in p.stderr.decode().splitlines()
                 if line.startswith("import time:") and "|" in line}  # fmt: skip
@@ -352,8 +412,15 @@ def test_fabricctl_cni_install(tmp_path: Path) -> None:
     for fmt in ("json", "yaml", "table"):
         r = CliRunner().invoke(main, [*args, "-o", fmt])
         assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, [*args, "-o", "json"])
+    if inst.find_cc() is not None:  # by default the plugins are the compiled front
+        data = json.loads(CliRunner().invoke(main, [*args, "-o", "json"]).output)
+        assert data["build"] == "compiled"
+        for p in data["plugins"]:
+            assert Path(p).read_bytes()[:4] == b"\x7fELF"
+            assert stat.S_IMODE(os.stat(p).st_mode) == 0o755
+    r = CliRunner().invoke(main, [*args, "--build", "python", "-o", "json"])
     data = json.loads(r.output)
+    assert data["build"] == "python"
     for p in data["plugins"]:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o755
         text = Path(p).read_text()
@@ -403,7 +470,8 @@ def test_link_reference(tmp_path: Path) -> None:
 
 
 def test_installed_stub_runs_the_shim_from_its_install_time_pyc(tmp_path: Path) -> None:
-    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"))
+    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"),
+                        compiled=False)  # fmt: skip
     shim_dir = tmp_path / "bin" / inst.SHIM_DIR
     pycs = list((shim_dir / "__pycache__").glob(f"{inst.SHIM_MODULE}.*.pyc"))
     assert len(pycs) == 1  # written by the plugins' interpreter at install time
@@ -415,8 +483,10 @@ def test_installed_stub_runs_the_shim_from_its_install_time_pyc(tmp_path: Path) 
     assert len(done.plugins[0].read_text().splitlines()) < 12
 
 
-def test_a_stub_without_its_module_answers_a_cni_error(tmp_path: Path) -> None:
-    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"))
+@pytest.mark.parametrize("build", BUILDS)
+def test_a_stub_without_its_module_answers_a_cni_error(tmp_path: Path, build: str) -> None:
+    done = inst.install(tmp_path / "bin", tmp_path / "net.d", str(tmp_path / "cni.sock"),
+                        compiled=_compiled(build))  # fmt: skip
     shutil.rmtree(tmp_path / "bin" / inst.SHIM_DIR)
     for exe in done.plugins:
         code, doc, _ = run(exe, ENV)  # run() also asserts nothing went to stderr
