@@ -18,6 +18,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,8 +111,11 @@ int main(void) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof addr.sun_path) fallback();
     strcpy(addr.sun_path, path);
-    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    /* non-blocking: a fabricd whose backlog is full refuses at once (EAGAIN) instead of
+     * holding the runtime, and the Python plugin's own connect (1 s timeout) answers */
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (s < 0 || connect(s, (struct sockaddr *)&addr, sizeof addr) != 0) fallback();
+    signal(SIGPIPE, SIG_IGN); /* a closed stdout is an error return, as in Python */
 
     /* stdin, up to MAX_STDIN (beyond: not read to its end, sent empty with flag 1) */
     size_t cap = 1 << 16, n = 0;
