@@ -212,6 +212,19 @@ def test_lowering_the_limit_keeps_admission_order_for_the_next_raise() -> None:
     assert rib.set_limits({A: 3}) == {net(p3): frozenset({A})}
 
 
+def test_a_limit_given_to_a_peer_without_one_admits_in_arrival_order() -> None:
+    rib = Rib(POLICY)
+    p1, p2, p3 = (f"10.244.{i}.0/26" for i in (2, 3, 4))
+    rib.apply(upd(A, ann(p3, A), ann("10.245.0.0/26", A), ann(p1, A), ann(p2, A)), 0)
+    assert rib.stats(A) == PeerStats(received=4, accepted=3, rejected=1, rejected_total=1)
+    assert rib.apply(upd(A, ann(p3, C)), 0) == {net(p3): frozenset({C})}  # keeps its place
+    assert rib.set_limits({A: 2}) == {net(p2): None}
+    assert rib.set_limits({}) == {net(p2): frozenset({A})}
+    assert rib.stats(A) == PeerStats(received=4, accepted=3, rejected=1, rejected_total=2)
+    assert rib.apply(upd(A, withdraw=(p2, "10.245.0.0/26")), 0) == {net(p2): None}
+    assert rib.peer_down(A, False, 0, 0) == {net(p3): None, net(p1): None}
+
+
 def test_limit_applies_per_peer() -> None:
     rib = Rib(POLICY)
     rib.set_limits({A: 1})

@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scratch_netns import VETH_PAIR, scratch_netns
 
+from bgp.interned import Prefix4
 from fabric.dataplane import netlink
 from fabric.dataplane.netlink import (
     IPAddress,
@@ -33,7 +34,12 @@ from fabric.dataplane.netlink import (
     write_routes,
 )
 from fabric.dataplane.netlink.core import _Interrupted
-from fabric.dataplane.netlink.routes import _wanted, encode_route, encode_route_general
+from fabric.dataplane.netlink.routes import (
+    _wanted,
+    encode_route,
+    encode_route_general,
+    encode_v4_deletes,
+)
 from lab import netns as labns
 
 PROTO = 201
@@ -359,6 +365,27 @@ def test_fast_encoding_is_byte_for_byte_the_general_one(route: KernelRoute, tabl
         for ack in (True, False):
             want = encode_route_general(op, 7, 201, table, {"eth0": 3}, ack)
             assert encode_route(op, 7, 201, table, {"eth0": 3}, ack) == want
+
+
+@pytest.mark.parametrize("table", [254, 1000])
+def test_v4_deletes_in_one_go_are_byte_for_byte_one_by_one(table: int) -> None:
+    """A batch of IPv4 deletes (any shape, metric, plain or interned prefix) encoded at
+    once gives the messages of encode_route, an ack asked only on the last; anything else
+    in the batch, or sequence numbers that would wrap, leave it to encode_route."""
+    v4 = [r for r in ROUTE_SHAPES if r.dst.version == 4]
+    v4.append(KernelRoute(Prefix4.of(0x0A64_0102, 32), (ip_address("10.0.0.1"),), metric=2**32 - 1))
+    v4.append(KernelRoute(ip_network("0.0.0.0/0"), blackhole=True))
+    ops = [RouteOp(r, delete=True) for r in v4]
+    for seq in (1, 7, 0x7FFFFFFF - len(ops) + 1):
+        want = b"".join(
+            encode_route(op, seq + i, 201, table, {}, i == len(ops) - 1) for i, op in enumerate(ops)
+        )
+        assert encode_v4_deletes(ops, seq, 201, table) == want
+    assert encode_v4_deletes(ops, 0x7FFFFFFF - len(ops) + 2, 201, table) is None  # would wrap
+    assert encode_v4_deletes([*ops, RouteOp(v4[0])], 7, 201, table) is None  # an add
+    v6 = RouteOp(ROUTE_SHAPES[-1], delete=True)
+    assert encode_v4_deletes([*ops, v6], 7, 201, table) is None
+    assert encode_v4_deletes([], 7, 201, table) is None
 
 
 @pytest.mark.parametrize("route", ROUTE_SHAPES, ids=str)

@@ -14,6 +14,8 @@ import os
 import re
 import socket
 import struct
+import sys
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, suppress
 from dataclasses import dataclass, replace
@@ -125,6 +127,13 @@ class KernelRoute:
 _set = object.__setattr__
 _DEV = operator.attrgetter("route.dev")
 _htonl = socket.htonl
+# what encode_v4_deletes reads of each op, in C (no Python call per route)
+_DELETE = operator.attrgetter("delete")
+_VERSION = operator.attrgetter("route.dst._version")
+_ADDR = operator.attrgetter("route.dst.network_address._ip")
+_PLEN = operator.attrgetter("route.dst._prefixlen")
+_METRIC = operator.attrgetter("route.metric")
+_SEQ_MAX = 0x7FFFFFFF  # sequence numbers run 1.._SEQ_MAX (0 is the kernel's own)
 
 
 class DumpedRoute(NamedTuple):
@@ -183,6 +192,37 @@ def encode_route(
             8, RTA_GATEWAY, r.gateways[0].packed,
         )  # fmt: skip
     return encode_route_general(op, seq, proto, table, ifindexes, ack)
+
+
+def encode_v4_deletes(ops: Sequence[RouteOp], seq: int, proto: int, table: int) -> bytes | None:
+    """The messages of ``ops`` when every one is an IPv4 delete (None otherwise): the same
+    bytes as ``encode_route`` of each with sequence numbers ``seq``, ``seq + 1``, ... and an
+    acknowledgement asked only on the last. A withdrawal of 100k learned routes is that: one
+    message template repeated, then each field written for all messages at once (strided
+    views of the buffer), the values read with ``attrgetter`` in C: ~0.4 us per route where
+    a call of ``encode_route`` per route and its bookkeeping took ~1.2 us. None too when the numbers would wrap."""
+    n = len(ops)
+    if not n or seq + n - 1 > _SEQ_MAX or not all(map(_DELETE, ops)):
+        return None
+    if set(map(_VERSION, ops)) != {4}:
+        return None
+    t8 = table if table < 256 else 252
+    one = _V4_DEL.pack(
+        52, RTM_DELROUTE, NLM_F_REQUEST, 0, 0,
+        socket.AF_INET, 0, 0, 0, t8, proto, RT_SCOPE_NOWHERE, 0, 0,
+        8, RTA_TABLE, table, 8, RTA_DST, 0, 8, RTA_PRIORITY, 0,
+    )  # fmt: skip
+    buf = bytearray(one * n)
+    words = memoryview(buf).cast("I")  # 13 words a message: seq 2, RTA_DST 10, metric 12
+    words[2::13] = array("I", range(seq, seq + n))
+    addrs = array("I", map(_ADDR, ops))
+    if sys.byteorder == "little":
+        addrs.byteswap()  # network byte order, as socket.htonl in encode_route
+    words[10::13] = addrs
+    words[12::13] = array("I", map(_METRIC, ops))
+    memoryview(buf)[17::52] = array("B", map(_PLEN, ops))  # rtm_dst_len
+    struct.pack_into("=H", buf, 52 * (n - 1) + 6, NLM_F_REQUEST | NLM_F_ACK)
+    return bytes(buf)
 
 
 def encode_route_general(
@@ -293,6 +333,13 @@ class RouteSocket(NetlinkSocket):
             parts = []
             last = 0  # seq of the last message in this batch
             end = min(start + batch, len(ops))
+            first = self._seq % _SEQ_MAX + 1
+            if (data := encode_v4_deletes(ops[start:end], first, proto, table)) is not None:
+                last = self._seq = first + end - start - 1  # a burst of withdrawals
+                pending = dict(zip(range(first, last + 1), range(start, end), strict=True))
+                self._send(data, "write routes")
+                self._drain_acks(pending, last, ops, errors)
+                continue
             for i in range(start, end):
                 seq = self._seq = self._seq % 0x7FFFFFFF + 1  # _next_seq, inlined: per route
                 try:
