@@ -178,8 +178,15 @@ def test_desired_routes_precedence() -> None:
 def test_kernel_changes_skip_own_and_local_and_keep_adopted() -> None:
     changes = {OWN: frozenset({A}), POD: frozenset({A}), LEARNED: frozenset({A}), KEPT: None,
                GONE: None}  # fmt: skip
-    got = dict(kernel_changes(changes, {OWN}, {POD}, {KEPT}, Gateways()))
-    assert got == {LEARNED: KernelRoute(dst=LEARNED, gateways=(A,)), GONE: None}
+    want = {LEARNED: KernelRoute(dst=LEARNED, gateways=(A,)), GONE: None}
+    assert kernel_changes(changes, {OWN}, {POD}, {KEPT}, Gateways()) == want
+    # containers that are not sets (the adopted routes, a dict), or empty
+    kept = {KEPT: ADOPTED[KEPT], LEARNED: ADOPTED[KEPT]}  # a learned route is not "kept"
+    assert kernel_changes(changes, frozenset({OWN}), [POD], kept, Gateways()) == want
+    everything = {**want, OWN: KernelRoute(dst=OWN, gateways=(A,)), KEPT: None}
+    assert kernel_changes(changes, (), set(), (), Gateways()) == everything | {
+        POD: KernelRoute(dst=POD, gateways=(A,))
+    }
 
 
 def test_announce_gate_waits_only_for_addresses_not_announced_yet() -> None:

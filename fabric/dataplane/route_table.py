@@ -50,6 +50,7 @@ RETRY_MIN, RETRY_MAX = 0.5, 30.0
 # arrives in reads with short gaps), but never longer than BURST_GC_MAX s, so steady churn
 # still gets collected.
 BURST_LINGER, BURST_GC_MAX = 0.25, 10.0
+
 # RouteOp(route, delete, exclusive) without its Python-level __new__ (0.26 -> 0.14 us; a
 # flush of 100k builds one per route)
 _op = tuple.__new__
@@ -145,15 +146,23 @@ class RouteTable:
         """Want ``route`` at ``dst`` (None: no route of ours there). Cheap; the last call per
         prefix before a flush wins.
         """
-        self.update(((dst, route),))
+        self.update({dst: route})
 
-    def update(self, changes: Iterable[tuple[IPNetwork, KernelRoute | None]]) -> None:
+    def update(
+        self,
+        changes: Mapping[IPNetwork, KernelRoute | None]
+        | Iterable[tuple[IPNetwork, KernelRoute | None]],
+    ) -> None:
         """``set`` for each (dst, route) of ``changes``, in one call: a burst of 100k
-        learned or withdrawn routes pays the bookkeeping (clock, wake-up, GC pause) once."""
-        desired, dirty = self._desired, self._dirty
-        seen = False
-        for dst, route in changes:
-            seen = True
+        learned or withdrawn routes pays the bookkeeping (clock, wake-up, GC pause) once.
+        A dict's prefixes join the pending set with the hashes it holds (no Python hash
+        call, ``Prefix4.__hash__``, per prefix): ``kernel_changes`` gives one."""
+        wanted = changes if isinstance(changes, dict) else dict(changes)  # the last one wins
+        if not wanted:
+            return
+        self._dirty.update(wanted)
+        desired = self._desired
+        for dst, route in wanted.items():
             if route is None:
                 desired.pop(dst, None)
             else:
@@ -161,9 +170,7 @@ class RouteTable:
                 if route.dst is not dst and route.dst != dst:
                     raise ValueError(f"route for {route.dst} set at {dst}")
                 desired[dst] = route
-            dirty.add(dst)
-        if seen:
-            self._touched()
+        self._touched()
 
     def _touched(self) -> None:
         if self._running:
