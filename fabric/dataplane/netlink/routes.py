@@ -200,7 +200,7 @@ def encode_v4_deletes(ops: Sequence[RouteOp], seq: int, proto: int, table: int) 
     acknowledgement asked only on the last. A withdrawal of 100k learned routes is that: one
     message template repeated, then each field written for all messages at once (strided
     views of the buffer), the values read with ``attrgetter`` in C: ~0.4 us per route where
-    a call of ``encode_route`` per route and its bookkeeping took ~1.2 us. None too when the numbers would wrap."""
+    ``encode_route`` and its bookkeeping took ~1.2 us. None too when the numbers would wrap."""
     n = len(ops)
     if not n or seq + n - 1 > _SEQ_MAX or not all(map(_DELETE, ops)):
         return None
