@@ -57,6 +57,7 @@ class _State:
     listed: list[Endpoint]  # the last call's endpoints as given (unchanged: the same objects)
     pols_by_ns: dict[str, list[NetworkPolicy]]
     names: dict[str, frozenset[str]]  # local endpoint key -> the sets its rules name
+    refs: dict[str, int]  # set name -> how many of ``names`` hold it
 
 
 def _address(x: SetElement) -> IPAddress | None:
@@ -148,7 +149,7 @@ class IncrementalCompiler:
             self._state = _State(pols, {p.key: p for p in pols}, ns_labels, by_key,
                                  {id(e): e for e in eps}, b.contributions, by_ip, compiled,
                                  b.index, eps, policies_by_namespace(pols),
-                                 {k: _names(er) for k, er in compiled.endpoints.items()})  # fmt: skip
+                                 *_refs({k: _names(er) for k, er in compiled.endpoints.items()}))  # fmt: skip
         return compiled
 
     def _delta(self, st: _State, pols: tuple[NetworkPolicy, ...],
@@ -197,22 +198,27 @@ class IncrementalCompiler:
             again.update(
                 k for k in rules if (e := eps.get(k)) is not None and e.namespace in touched
             )
-        names = dict(st.names)
+        names, refs = dict(st.names), dict(st.refs)
         for k in sorted(again):
             rules.pop(k, None)
-            names.pop(k, None)
+            for name in names.pop(k, ()):
+                refs[name] -= 1
+                if not refs[name]:
+                    del refs[name]
             n = eps.get(k)
             if n is not None and (self.local_node is None or n.node == self.local_node):
                 rules[k] = endpoint_rules(b, pols_by_ns, n)
                 names[k] = _names(rules[k])
-        named: set[str] = set().union(*names.values())
+                for name in names[k]:
+                    refs[name] = refs.get(name, 0) + 1
+        named = refs.keys()
         compiled = Compiled(dict(sorted(rules.items())),
                             {name: b.sets[name] for name in sorted(named)})  # fmt: skip
         contributions = {**st.contributions, **b.contributions}
         by_key = {p.key: p for p in pols} if touched else st.by_key
         self._state = _State(pols, by_key, ns_labels, eps, ids,
                              {n: contributions[n] for n in named if n in contributions},
-                             st.by_ip, compiled, b.index, listed, pols_by_ns, names)  # fmt: skip
+                             st.by_ip, compiled, b.index, listed, pols_by_ns, names, refs)  # fmt: skip
         self.deltas += 1
         return compiled
 
@@ -221,6 +227,14 @@ def _names(er: EndpointRules) -> frozenset[str]:
     """The sets ``er``'s rules name."""
     return frozenset(name for d in (er.ingress, er.egress) if d is not None for r in d.rules
                      for name in (*(r.peer_sets or ()), *r.named_port_sets))  # fmt: skip
+
+
+def _refs(names: dict[str, frozenset[str]]) -> tuple[dict[str, frozenset[str]], dict[str, int]]:
+    refs: dict[str, int] = {}
+    for ns in names.values():
+        for name in ns:
+            refs[name] = refs.get(name, 0) + 1
+    return names, refs
 
 
 def _touched_namespaces(st: _State, pols: tuple[NetworkPolicy, ...]) -> set[str] | None:
