@@ -275,8 +275,23 @@ def _set(spec: SetSpec) -> SetDef:
     """Memoised: the incremental compiler hands unchanged sets back as the same objects, and
     the same SetDef lets ``diff`` see an unchanged set without comparing its elements."""
     types, flags = _TYPES[spec.kind]
-    return SetDef(set_name(spec.name), types, flags,
-                  elements=frozenset(_element(e) for e in spec.elements))  # fmt: skip
+    last = _last_set.get(spec.name)
+    if last is not None and last[0].kind == spec.kind and spec.kind.startswith("addr"):
+        # a set one endpoint joined or left: only the elements that differ are rendered
+        # (addresses and address . proto . port: one text per element and back)
+        old, had = last
+        gone = {_element(e) for e in old.elements - spec.elements}
+        elements = (had.elements - gone) | {_element(e) for e in spec.elements - old.elements}
+    else:
+        elements = frozenset(_element(e) for e in spec.elements)
+    if len(_last_set) >= 1 << 13:
+        _last_set.clear()
+    out = SetDef(set_name(spec.name), types, flags, elements=elements)
+    _last_set[spec.name] = (spec, out)
+    return out
+
+
+_last_set: dict[str, tuple[SetSpec, SetDef]] = {}  # the last rendering of each set name
 
 
 @functools.lru_cache(maxsize=1 << 17)
