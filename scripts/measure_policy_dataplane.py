@@ -83,6 +83,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         out["floor_cold_s"] = round(time.perf_counter() - t0, 3)
         out["cold_ratio"] = round(out["program_cold_s"] / out["floor_cold_s"], 2)  # type: ignore[operator]
         add_s, add_b, lab_s, lab_b, cmp_s, nft_s = [], [], [], [], [], []
+        add_cpu: list[tuple[float, float]] = []  # a pod ADD's batch: compile, render CPU
         inc = IncrementalCompiler("me")  # as fabricd's batches compile
 
         async def batch(now: list[NetworkPolicy]) -> tuple[float, float, float, float, int]:
@@ -107,9 +108,12 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             new = Endpoint(pod.namespace, pod.name, (IPv4Address(0x0A500000 + k),), dict(pod.labels),
                            (), "me", f"fab{k:011x}")  # fmt: skip
             eps.append(new)
-            t0 = time.perf_counter()
-            want = render(inc.compile(pols, nss, eps))
+            t0, c0 = time.perf_counter(), time.process_time()
+            compiled = inc.compile(pols, nss, eps)
+            c1 = time.process_time()
+            want = render(compiled)
             t1 = time.perf_counter()
+            add_cpu.append((c1 - c0, time.process_time() - c1))
             change = await table.apply(want)
             add_s.append(time.perf_counter() - t0)
             nft_s.append(time.perf_counter() - t1)
@@ -145,6 +149,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         out["policy_nft_ms_p50"] = round(statistics.median(pol_nft) * 1000, 1)
         out["policy_batch_bytes_p50"] = statistics.median(pol_b)
         out["add_batch_ms_p50"] = round(statistics.median(add_s) * 1000, 1)
+        out["add_compile_cpu_ms_p50"] = round(statistics.median(c for c, _ in add_cpu) * 1000, 2)
+        out["add_render_cpu_ms_p50"] = round(statistics.median(r for _, r in add_cpu) * 1000, 2)
         out["batch_nft_ms_p50"] = round(statistics.median(nft_s) * 1000, 1)  # table.apply alone
         out["batches_full_delta"] = [inc.full, inc.deltas]
         out["add_batch_bytes_p50"] = statistics.median(add_b)

@@ -129,6 +129,8 @@ FORBIDDEN: list[tuple[str, tuple[str, ...]]] = [
 ALLOWED: dict[tuple[str, str], str] = {
     ("fabric.dataplane.policy_table", "fabric.policy.model"):
         "the compiled NetworkPolicy is pure data: the contract the policy table renders",
+    ("fabric.dataplane.policy_counters", "fabric.policy.model"):
+        "the policy table's per-rule counters name the same contract's Direction",
 }  # fmt: skip
 
 

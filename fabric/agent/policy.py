@@ -48,7 +48,8 @@ from ipam.store import KV
 log = logging.getLogger("fabric.agent.policy")
 
 PREFIXES = (NETWORKPOLICIES, NAMESPACES, PODS)
-DEBOUNCE = 0.005  # a batch right after another waits this long to coalesce a burst
+DEBOUNCE = 0.005  # a batch right after another waits this long to coalesce a burst (of
+# watch events; not when a CNI ADD waits for it: ADDs arriving while it runs share the next)
 ADMIT_TIMEOUT = 30.0  # below the CNI request timeout (50 s)
 RETRY_MIN, RETRY_MAX = 0.5, 10.0  # seconds before a failed batch is retried (doubling)
 
@@ -238,8 +239,8 @@ class PolicyAgent:
             while True:
                 await self._dirty.wait()
                 idle = time.monotonic() - self._last
-                if idle < DEBOUNCE:
-                    await asyncio.sleep(DEBOUNCE - idle)
+                if idle < DEBOUNCE and not self._waiters:  # a waiting ADD is not kept waiting:
+                    await asyncio.sleep(DEBOUNCE - idle)  # ADDs meanwhile join the next batch
                 self._dirty.clear()
                 waiters, self._waiters = self._waiters, []
                 self._joining = waiters  # an admit whose endpoint this batch holds joins them

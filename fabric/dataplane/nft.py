@@ -55,6 +55,7 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def quote(text: str) -> str:
     """``text`` as an nft string literal; ValueError for what nft cannot hold in one."""
     if not _STRING.fullmatch(text):
@@ -110,9 +111,13 @@ class ChainDef:
     name: str
     rules: tuple[RuleDef, ...] = ()
     hook: Hook | None = None
+    _ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
-    def ids(self) -> tuple[str, ...]:
-        return tuple(r.id for r in self.rules)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_ids", tuple(r.id for r in self.rules))
+
+    def ids(self) -> tuple[str, ...]:  # computed once: every policy batch compares them
+        return self._ids
 
 
 @dataclass(frozen=True, slots=True)

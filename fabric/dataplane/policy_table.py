@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -48,9 +47,9 @@ from fabric.dataplane.nft import (
     check_name,
     quote,
 )
+from fabric.dataplane.policy_counters import RuleCounter, counters
 from fabric.policy.model import (
     Compiled,
-    Direction,
     DirectionRules,
     PortMatch,
     Protocol,
@@ -71,7 +70,6 @@ _TYPES = {
     "addrport4": (("ipv4_addr", "inet_proto", "inet_service"), ()),
     "addrport6": (("ipv6_addr", "inet_proto", "inet_service"), ()),
 }
-_LABEL = re.compile(r"(?P<policy>\S+/\S+) (?P<direction>ingress|egress)\[(?P<index>\d+)\]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,13 +106,14 @@ def render(
     from_pod: set[str] = set()
     pods: set[str] = set()
     hairpin: set[str] = set()
+    checked: set[int] = set()  # the (interned) set kinds already checked in this call
     for ep in compiled.endpoints.values():
         ifnames = [*([ep.ifname] if ep.ifname else []), *(aliases or {}).get(ep.key, ())]
         for rules, ingress, elements in ((ep.ingress, True, to_pod), (ep.egress, False, from_pod)):
             if rules is None:
                 verdict = "accept" if ingress else "continue"
             else:
-                chain = endpoint_chain(rules, ingress, compiled.sets)
+                chain = endpoint_chain(rules, ingress, compiled.sets, checked)
                 chains.setdefault(chain.name, chain)
                 verdict = f"jump {chain.name}"
             elements.update(f"{quote(i)} : {verdict}" for i in ifnames)
@@ -147,14 +146,27 @@ def _base(cut_established: bool) -> ChainDef:
     ), Hook("forward"))  # fmt: skip
 
 
-def endpoint_chain(rules: DirectionRules, ingress: bool, sets: Mapping[str, SetSpec]) -> ChainDef:
+def endpoint_chain(
+    rules: DirectionRules,
+    ingress: bool,
+    sets: Mapping[str, SetSpec],
+    checked: set[int] | None = None,
+) -> ChainDef:
     """The chain of one isolated direction: allowed packets ``accept`` (ingress, the last
     check) or ``return`` (egress: the destination's ingress is checked next); the rest drop.
     Memoised: every batch renders every endpoint, most of them unchanged (the same
-    ``DirectionRules`` objects, found by identity before anything is hashed)."""
+    ``DirectionRules`` objects, found by identity before anything is hashed). ``checked``:
+    the ids of the (interned) name -> kind tuples already found in ``sets`` by this caller
+    with these ``sets``, so that endpoints naming the same sets are checked once."""
     seen = _by_identity.get((id(rules), ingress))
-    if seen and seen[0] is rules and all(n in sets and sets[n].kind == k for n, k in seen[1]):
-        return seen[2]
+    if seen and seen[0] is rules:
+        held = seen[1]
+        if checked is not None and id(held) in checked:
+            return seen[2]
+        if all(n in sets and sets[n].kind == k for n, k in held):
+            if checked is not None:
+                checked.add(id(held))
+            return seen[2]
     kinds: dict[str, str] = {}
     for rule in rules.rules:
         for name in (*(rule.peer_sets or ()), *rule.named_port_sets):
@@ -162,16 +174,21 @@ def endpoint_chain(rules: DirectionRules, ingress: bool, sets: Mapping[str, SetS
             if spec is None:
                 raise ValueError(f"policy rule names set {name!r}, which the compiled model lacks")
             kinds[name] = spec.kind
-    kinds_t = tuple(sorted(kinds.items()))
-    chain = _endpoint_chain(rules, ingress, kinds_t)
     if len(_by_identity) >= 8192:
         _by_identity.clear()
+        _kinds.clear()
+    kinds_t = tuple(sorted(kinds.items()))
+    kinds_t = _kinds.setdefault(kinds_t, kinds_t)  # interned: equal tuples, one id
+    chain = _endpoint_chain(rules, ingress, kinds_t)
     _by_identity[(id(rules), ingress)] = (rules, kinds_t, chain)  # pins ``rules``: id unique
+    if checked is not None:
+        checked.add(id(kinds_t))  # found in ``sets`` just above
     return chain
 
 
 _Kinds = tuple[tuple[str, str], ...]
 _by_identity: dict[tuple[int, bool], tuple[DirectionRules, _Kinds, ChainDef]] = {}
+_kinds: dict[_Kinds, _Kinds] = {}
 
 
 @functools.lru_cache(maxsize=8192)
@@ -258,8 +275,23 @@ def _set(spec: SetSpec) -> SetDef:
     """Memoised: the incremental compiler hands unchanged sets back as the same objects, and
     the same SetDef lets ``diff`` see an unchanged set without comparing its elements."""
     types, flags = _TYPES[spec.kind]
-    return SetDef(set_name(spec.name), types, flags,
-                  elements=frozenset(_element(e) for e in spec.elements))  # fmt: skip
+    last = _last_set.get(spec.name)
+    if last is not None and last[0].kind == spec.kind and spec.kind.startswith("addr"):
+        # a set one endpoint joined or left: only the elements that differ are rendered
+        # (addresses and address . proto . port: one text per element and back)
+        old, had = last
+        gone = {_element(e) for e in old.elements - spec.elements}
+        elements = (had.elements - gone) | {_element(e) for e in spec.elements - old.elements}
+    else:
+        elements = frozenset(_element(e) for e in spec.elements)
+    if len(_last_set) >= 1 << 13:
+        _last_set.clear()
+    out = SetDef(set_name(spec.name), types, flags, elements=elements)
+    _last_set[spec.name] = (spec, out)
+    return out
+
+
+_last_set: dict[str, tuple[SetSpec, SetDef]] = {}  # the last rendering of each set name
 
 
 @functools.lru_cache(maxsize=1 << 17)
@@ -357,7 +389,8 @@ def diff(have: Held | None, want: Desired, table: str = TABLE) -> Change:
 
 
 def _incompatible(have: Held, want: Desired) -> bool:
-    shapes = any(n in have.sets and have.sets[n].shape() != s.shape()
+    hs = have.sets
+    shapes = any((h := hs.get(n)) is not None and h is not s and h.shape() != s.shape()
                  for n, s in want.sets.items())  # fmt: skip
     hooks = any(n in have.chains and have.chains[n][0] != c.hook for n, c in want.chains.items())
     return shapes or hooks
@@ -392,20 +425,6 @@ def held_from(listing: Listing, known: Mapping[tuple[str, str], str]) -> Held:
 
 
 # ---------------------------------------------------------------------- the table
-
-
-@dataclass(frozen=True, slots=True)
-class RuleCounter:
-    """Packets and bytes of the rules of one policy rule (``policy`` "ns/name", direction,
-    index), summed over the chains holding it; policy None for the table's own rules
-    (``label``: "default-deny ingress", "unknown pod interface egress", ...)."""
-
-    label: str
-    policy: str | None
-    direction: Direction | None
-    index: int | None
-    packets: int
-    bytes: int
 
 
 class PolicyTable:
@@ -476,23 +495,3 @@ class PolicyTable:
         """Per-rule counters, summed per label over every chain; empty without the table."""
         listing = await self.nft.list_table(self.table)
         return counters(listing) if listing is not None else []
-
-
-def counters(listing: Listing) -> list[RuleCounter]:
-    """Per-label counters of a listing. Pure."""
-    sums: dict[str, tuple[int, int]] = {}
-    for chain in listing.chains.values():
-        for r in chain.rules:
-            if r.id is None:
-                continue
-            p, b = sums.get(r.label, (0, 0))
-            sums[r.label] = (p + r.packets, b + r.bytes)
-    out = []
-    for label, (p, b) in sorted(sums.items()):
-        m = _LABEL.fullmatch(label)
-        if m:
-            direction = Direction.INGRESS if m["direction"] == "ingress" else Direction.EGRESS
-            out.append(RuleCounter(label, m["policy"], direction, int(m["index"]), p, b))
-        else:
-            out.append(RuleCounter(label, None, None, None, p, b))
-    return out

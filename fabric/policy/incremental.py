@@ -56,6 +56,8 @@ class _State:
     index: EndpointIndex | None  # every endpoint by namespace and label (built on first use)
     listed: list[Endpoint]  # the last call's endpoints as given (unchanged: the same objects)
     pols_by_ns: dict[str, list[NetworkPolicy]]
+    names: dict[str, frozenset[str]]  # local endpoint key -> the sets its rules name
+    refs: dict[str, int]  # set name -> how many of ``names`` hold it
 
 
 def _address(x: SetElement) -> IPAddress | None:
@@ -103,16 +105,11 @@ class IncrementalCompiler:
         if len(listed) == len(st.listed) and all(map(operator.is_, listed, st.listed)):
             ids, added, removed = st.ids, [], []  # the same objects in the same order
         else:  # set algebra on ids (C loops), objects looked up for the few that differ
-            now = set(map(id, listed))
-            if len(now) != len(listed):
+            ids = dict(zip(map(id, listed), listed, strict=True))
+            if len(ids) != len(listed):
                 return self._full(pols, namespaces, listed, ns_labels)
-            new_ids, gone_ids = now - st.ids.keys(), st.ids.keys() - now
-            added = [e for e in listed if id(e) in new_ids] if new_ids else []
-            removed = [st.ids[i] for i in gone_ids]
-            ids = dict(st.ids)
-            for i in gone_ids:
-                del ids[i]
-            ids.update((id(e), e) for e in added)
+            added = [ids[i] for i in ids.keys() - st.ids.keys()]
+            removed = [st.ids[i] for i in st.ids.keys() - ids.keys()]
         eps = dict(st.endpoints)
         for e in removed:
             if eps.get(k := e.key) is e:
@@ -151,7 +148,8 @@ class IncrementalCompiler:
                     by_ip.setdefault(ip, set()).add(e.key)
             self._state = _State(pols, {p.key: p for p in pols}, ns_labels, by_key,
                                  {id(e): e for e in eps}, b.contributions, by_ip, compiled,
-                                 b.index, eps, policies_by_namespace(pols))  # fmt: skip
+                                 b.index, eps, policies_by_namespace(pols),
+                                 *_refs({k: _names(er) for k, er in compiled.endpoints.items()}))  # fmt: skip
         return compiled
 
     def _delta(self, st: _State, pols: tuple[NetworkPolicy, ...],
@@ -200,22 +198,43 @@ class IncrementalCompiler:
             again.update(
                 k for k in rules if (e := eps.get(k)) is not None and e.namespace in touched
             )
+        names, refs = dict(st.names), dict(st.refs)
         for k in sorted(again):
             rules.pop(k, None)
+            for name in names.pop(k, ()):
+                refs[name] -= 1
+                if not refs[name]:
+                    del refs[name]
             n = eps.get(k)
             if n is not None and (self.local_node is None or n.node == self.local_node):
                 rules[k] = endpoint_rules(b, pols_by_ns, n)
-        named = {name for er in rules.values() for d in (er.ingress, er.egress) if d is not None
-                 for r in d.rules for name in (*(r.peer_sets or ()), *r.named_port_sets)}  # fmt: skip
+                names[k] = _names(rules[k])
+                for name in names[k]:
+                    refs[name] = refs.get(name, 0) + 1
+        named = refs.keys()
         compiled = Compiled(dict(sorted(rules.items())),
                             {name: b.sets[name] for name in sorted(named)})  # fmt: skip
         contributions = {**st.contributions, **b.contributions}
         by_key = {p.key: p for p in pols} if touched else st.by_key
         self._state = _State(pols, by_key, ns_labels, eps, ids,
                              {n: contributions[n] for n in named if n in contributions},
-                             st.by_ip, compiled, b.index, listed, pols_by_ns)  # fmt: skip
+                             st.by_ip, compiled, b.index, listed, pols_by_ns, names, refs)  # fmt: skip
         self.deltas += 1
         return compiled
+
+
+def _names(er: EndpointRules) -> frozenset[str]:
+    """The sets ``er``'s rules name."""
+    return frozenset(name for d in (er.ingress, er.egress) if d is not None for r in d.rules
+                     for name in (*(r.peer_sets or ()), *r.named_port_sets))  # fmt: skip
+
+
+def _refs(names: dict[str, frozenset[str]]) -> tuple[dict[str, frozenset[str]], dict[str, int]]:
+    refs: dict[str, int] = {}
+    for ns in names.values():
+        for name in ns:
+            refs[name] = refs.get(name, 0) + 1
+    return names, refs
 
 
 def _touched_namespaces(st: _State, pols: tuple[NetworkPolicy, ...]) -> set[str] | None:
