@@ -30,11 +30,12 @@
 
 #include "fabric_front_config.h"
 
-#define MAGIC "FCN1"
-#define MAX_STDIN (4u << 20) /* larger: fabricd is told (flag 1), as the shim does */
-#define MAX_REPLY (16u << 20)
-#ifndef REPLY_TIMEOUT_MS
-#define REPLY_TIMEOUT_MS 60000 /* the shim's REPLY_TIMEOUT (tests build a shorter one) */
+/* fabric_front_config.h, written by cni/install.py build_front(), defines the socket, the
+ * plugin's name, the Python fallback and, from cni/protocol.py and cni/shim.py (one source):
+ * MAGIC, MAX_STDIN (larger: fabricd is told with flag 1, as the shim does), MAX_REPLY and
+ * REPLY_TIMEOUT_MS (the shim's REPLY_TIMEOUT; tests build a shorter one). */
+#if !defined(MAGIC) || !defined(MAX_STDIN) || !defined(MAX_REPLY) || !defined(REPLY_TIMEOUT_MS)
+#error "fabric_front_config.h is incomplete: build the front with `fabricctl cni install`"
 #endif
 
 extern char **environ;
@@ -122,12 +123,11 @@ int main(void) {
     char *in = malloc(cap);
     int too_large = 0;
     for (;;) {
-        if (!in) fallback_failed("out of memory", "", 0, 0);
         if (n == cap) {
             cap *= 2;
             in = realloc(in, cap);
-            continue;
         }
+        if (!in) fallback_failed("out of memory", "", 0, 0);
         ssize_t r = read(0, in + n, cap - n);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) break;

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cni import protocol, shim
+
 SHIM = Path(__file__).with_name("shim.py")
 FRONT = Path(__file__).with_name("front.c")
 CC_FLAGS = ("-O2", "-s", "-Wall", "-Werror")
@@ -117,14 +119,18 @@ def find_cc() -> str | None:
 
 
 def build_front(out: Path, socket_path: str, plugin: str, fallback: Path, cc: str,
-                reply_timeout_ms: int = 60_000) -> None:  # fmt: skip
+                reply_timeout_ms: int = int(shim.REPLY_TIMEOUT * 1000)) -> None:  # fmt: skip
     """Compile cni/front.c into ``out`` (0755, atomically) for ``plugin`` talking to
-    ``socket_path``, exec'ing ``fallback`` for everything it does not do itself."""
+    ``socket_path``, exec'ing ``fallback`` for everything it does not do itself. The framing's
+    constants come from cni/protocol.py, so the C front and the Python sides share them."""
     check_socket_path(socket_path)
     config = (f"#define FABRIC_SOCKET {c_string(socket_path)}\n"
               f"#define FABRIC_PLUGIN {c_string(plugin)}\n"
               f"#define FABRIC_FALLBACK {c_string(str(fallback))}\n"
               f"#define FABRIC_BROKEN {c_string(_broken(plugin, fallback.parent))}\n"
+              f"#define MAGIC {c_string(protocol.MAGIC.decode())}\n"
+              f"#define MAX_STDIN {protocol.MAX_STDIN}u\n"
+              f"#define MAX_REPLY {protocol.MAX_STDOUT}u\n"
               f"#define REPLY_TIMEOUT_MS {int(reply_timeout_ms)}\n")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix=".fabric-cc.", dir=out.parent) as d:
         Path(d, "fabric_front_config.h").write_text(config)

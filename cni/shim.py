@@ -194,14 +194,14 @@ def write(data: bytes) -> None:
 def main() -> int:
     command = getenv("CNI_COMMAND")
     stdin, too_large = read_stdin()
-    # the compiled front (cni/front.c) sent the request and got no answer: it hands over
-    # stdin and why, and this answers as for an unreachable fabricd without sending again
-    failed = getenv("FABRIC_CNI_FRONT_FAILED")
-    too_large = too_large or getenv("FABRIC_CNI_FRONT_TOO_LARGE") == "1"
     if command == "VERSION":
         versions = ", ".join(f'"{v}"' for v in VERSIONS)
         write(f'{{"cniVersion": "{LATEST}", "supportedVersions": [{versions}]}}'.encode())
         return 0
+    # the compiled front (cni/front.c) sent the request and got no answer: it hands over
+    # stdin and why, and this answers as for an unreachable fabricd without sending again
+    failed = getenv("FABRIC_CNI_FRONT_FAILED")
+    too_large = too_large or getenv("FABRIC_CNI_FRONT_TOO_LARGE") == "1"
     version = version_of(stdin)
     if command not in VERBS:
         known = ", ".join((*VERBS, "VERSION"))

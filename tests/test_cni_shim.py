@@ -278,6 +278,19 @@ def test_ten_megabytes_of_stdin_with_fabricd(plugin: Path, server: _Recorder) ->
     assert server.requests == [] and took < 5
 
 
+def test_stdin_of_exactly_the_limit_is_sent_and_one_byte_more_is_not(
+    plugin: Path, server: _Recorder
+) -> None:
+    # both builds take the limit from cni/protocol.py (the front through its generated header)
+    body = CONF[:-1] + b" " * (protocol.MAX_STDIN - len(CONF)) + b"}"
+    assert len(body) == protocol.MAX_STDIN
+    code, doc, _ = run(plugin, ENV, body)
+    assert code == 0 and doc == {"cniVersion": "1.0.0", "ips": []}
+    assert len(server.requests) == 1
+    code, doc, _ = run(plugin, ENV, body + b" ")
+    assert code == 1 and doc["code"] == Code.IO_FAILURE and len(server.requests) == 1
+
+
 def test_status_and_version_through_fabricd(plugin: Path, server: _Recorder) -> None:
     conf = json.dumps({"cniVersion": "1.1.0", "name": "fabric", "type": "fabric"}).encode()
     code, doc, _ = run(plugin, {"CNI_COMMAND": "STATUS", "CNI_PATH": "/x"}, conf)
