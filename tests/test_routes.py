@@ -228,6 +228,35 @@ def test_status_route_list_waits_for_the_table_to_hold_still(ns: str) -> None:
     run(go())
 
 
+def test_status_learned_list_follows_routes_the_kernel_already_had(ns: str) -> None:
+    """fabricd restarted over its routes (SIGTERM leaves them): the new RouteTable adopts
+    them at its first dump, and the RIB learning them again changes nothing in the kernel.
+    The learned list must still show them (``fabricctl explain`` reads it)."""
+
+    async def go() -> None:
+        routes = many(3)
+        with closing(RouteTable(PROTO, netns=ns)) as before:
+            before.update(routes.items())
+            await before.flush()
+        with closing(RouteTable(PROTO, netns=ns)) as t:
+            best: dict[IPNetwork, frozenset[Any]] = {}
+            pub = RouteList(t, best=lambda: best)
+            t.replace_all({})  # the start-up resync: dump, adopt what is ours
+            t.update(routes.items())
+            await t.flush()
+            assert pub.items() and pub.learned()["count"] == 0
+            generation = t.generation
+            best.update((d, frozenset(r.gateways)) for d, r in routes.items())
+            t.update(routes.items())  # the RIB learned them: the same routes again
+            await t.flush()
+            assert t.generation == generation  # nothing written to the kernel
+            pub.items()  # as the publisher reads them: the list, then the learned section
+            assert pub.learned()["count"] == 3
+            assert [i["dst"] for i in pub.learned()["items"]] == sorted(str(d) for d in routes)
+
+    run(go())
+
+
 def test_status_route_list_order_is_family_address_length() -> None:
     """IPv4 before IPv6, then by address, then by prefix length, as the document always
     listed them (the key reads ipaddress's slots, for plain and interned prefixes)."""

@@ -215,16 +215,17 @@ class RouteList:
         self.settle = settle
         self._items: list[dict[str, Any]] | None = None
         self._learned: dict[str, Any] = learned_section({})
-        self._items_generation = -1
+        self._items_generation = (-1, -1)
         self._items_at = 0.0
 
     def items(self) -> list[dict[str, Any]]:
         """The route list, rebuilt when the table changed and then held still for
         ``settle`` with nothing pending, or when it is ITEMS_MAX_AGE old. Counts are always
         current (``RouteTable.stats``). The learned list (``learned()``) is rebuilt with it:
-        a change of the RIB's best routes changes the kernel table too."""
+        every change of the RIB's best routes reaches ``RouteTable.update``, but not always
+        the kernel (a route fabricd restarted over is adopted as it was), so both count."""
         routes = self.routes
-        generation = routes.generation
+        generation = (routes.generation, routes.updates)
         if self._items is not None and generation == self._items_generation:
             return self._items
         now = time.monotonic()

@@ -130,6 +130,7 @@ class RouteTable:
         self._wake = asyncio.Event()
         self._flushes = 0
         self._generation = 0
+        self._updates = 0  # update() calls with changes, kernel changed or not
         self._changed_at = 0.0  # time.monotonic() of the last generation change
         self._last_flush = 0.0
         self._totals = {"add": 0, "replace": 0, "remove": 0, "failed": 0}
@@ -160,6 +161,7 @@ class RouteTable:
         wanted = changes if isinstance(changes, dict) else dict(changes)  # the last one wins
         if not wanted:
             return
+        self._updates += 1
         self._dirty.update(wanted)
         desired = self._desired
         for dst, route in wanted.items():
@@ -205,6 +207,11 @@ class RouteTable:
     def generation(self) -> int:
         """Changes each time a flush changes what is installed."""
         return self._generation
+
+    @property
+    def updates(self) -> int:
+        """Changes with each ``update`` given changes, even if none reaches the kernel."""
+        return self._updates
 
     @property
     def changed_at(self) -> float:
