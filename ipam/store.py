@@ -448,10 +448,10 @@ class Store:
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Event]:
         """Every change under ``prefix`` from ``start_revision`` on, surviving etcd restarts.
 
-        On any stream error the watch is re-created from the last delivered revision + 1,
-        on the next endpoint, so no event is lost or repeated. If etcd compacted the history
-        the caller needs, raises IPAMError: the caller must resync with a full list.
-        """
+        On a stream error the watch is re-created from the last revision delivered + 1 (no
+        event lost or repeated), on the next endpoint only if this one looks gone: moving
+        closes the channel and cancels every call on it. If etcd compacted the history the
+        caller needs, raises IPAMError: the caller must resync with a full list."""
         next_rev = start_revision
         k = self._k(prefix)
         while True:
@@ -462,7 +462,7 @@ class Store:
                     key=k, range_end=_range_end(k), start_revision=next_rev
                 )
             )
-            stop = asyncio.Event()
+            stop, rotate = asyncio.Event(), True  # a stream closed without a word: rotate
 
             async def requests(
                 create: Any = create, stop: asyncio.Event = stop
@@ -477,6 +477,9 @@ class Store:
                             f"failed to watch {prefix}: history compacted at {resp.compact_revision}"
                         )
                     if resp.canceled:
+                        rotate = any(w in resp.cancel_reason for w in _TRANSIENT_UNKNOWN)
+                        log.warning("etcd cancelled the watch of %s: %s", prefix,
+                                    resp.cancel_reason or "no reason given")  # fmt: skip
                         break
                     for ev in resp.events:
                         kv = self._kv_of(ev.kv)
@@ -484,6 +487,7 @@ class Store:
                         next_rev = kv.mod + 1
                         yield Event(t, kv)
             except grpc.aio.AioRpcError as e:  # re-created below; said, so a loop shows
+                rotate = transient(e)
                 log.warning("watch of %s failed (%s: %s); watching again from revision %d",
                             prefix, e.code().name, e.details(), next_rev)  # fmt: skip
             except asyncio.CancelledError:
@@ -491,5 +495,6 @@ class Store:
                     raise
             finally:
                 stop.set()
-            await self._rotate(ch)
+            if rotate:
+                await self._rotate(ch)
             await asyncio.sleep(0.2 * (0.5 + random.random()))
