@@ -325,6 +325,21 @@ def test_deny_policy_is_blocked_at_policy(whole: Path) -> None:
         assert 0 < before <= got <= after
 
 
+def test_a_fabricd_restarted_over_its_routes_still_shows_them_learned(whole: Path) -> None:
+    """SIGTERM leaves node1's routes in the kernel; the new fabricd adopts them, and the RIB
+    learning them again writes nothing. Its status must still list them as learned (it said
+    ``learned: []`` for good, and explain "node1 has not learned" on a healthy fabric)."""
+    p = whole
+    pid = p.lab.fabricd_pid("node1")
+    p.lab.stop_fabricd("node1")
+    p.lab.start_fabricd("node1")
+    assert p.lab.fabricd_pid("node1") != pid
+    p.lab.wait_for(p.reachable, 30, 0.5, "explain: reachable after node1's fabricd restarted")
+    doc = p.explain("80/TCP")
+    learned = next(h for h in doc["hops"] if h["hop"].startswith("node1 learned"))
+    assert learned["evidence"]["learned"]["via"] == [str(p.lab.node("node1").neighbors[0].address)]
+
+
 def test_node_powered_off_is_blocked_at_node(whole: Path) -> None:
     """node3's links go down (fabricd keeps running, cut off): the source loses the route
     at once (announcement), and once node3's lease expires explain names the node."""
