@@ -328,13 +328,28 @@ def test_deny_policy_is_blocked_at_policy(whole: Path) -> None:
 def test_a_fabricd_restarted_over_its_routes_still_shows_them_learned(whole: Path) -> None:
     """SIGTERM leaves node1's routes in the kernel; the new fabricd adopts them, and the RIB
     learning them again writes nothing. Its status must still list them as learned (it said
-    ``learned: []`` for good, and explain "node1 has not learned" on a healthy fabric)."""
+    ``learned: []`` for good, and explain "node1 has not learned" on a healthy fabric, when
+    its first status went out before its session came up: BGP is held back here until then)."""
     p = whole
+    hold = ("table inet t_explain_bgp {\n chain out {\n type filter hook output priority 0;\n"
+            " tcp dport 179 drop\n tcp sport 179 drop\n }\n}\n")  # fmt: skip
     pid = p.lab.fabricd_pid("node1")
     p.lab.stop_fabricd("node1")
-    p.lab.start_fabricd("node1")
-    assert p.lab.fabricd_pid("node1") != pid
-    p.lab.wait_for(p.reachable, 30, 0.5, "explain: reachable after node1's fabricd restarted")
+    p.lab.exec("node1", ["nft", "-f", "-"], check=True, input=hold)
+    try:
+        started = time.time()
+        p.lab.start_fabricd("node1")
+        assert p.lab.fabricd_pid("node1") != pid
+
+        def published() -> bool:
+            node1 = next(h for h in p.explain()["hops"] if h["hop"] == "node node1")
+            return bool(node1["evidence"].get("updated", 0) > started)
+
+        p.lab.wait_for(published, 30, 0.5, "node1's first status after its restart")
+    finally:
+        p.lab.exec("node1", ["nft", "delete", "table", "inet", "t_explain_bgp"], check=True)
+    # within 20 s: the route resync (routes.resyncInterval, 60 s) rebuilt the list anyway
+    p.lab.wait_for(p.reachable, 20, 0.5, "explain: reachable after node1's fabricd restarted")
     doc = p.explain("80/TCP")
     learned = next(h for h in doc["hops"] if h["hop"].startswith("node1 learned"))
     assert learned["evidence"]["learned"]["via"] == [str(p.lab.node("node1").neighbors[0].address)]
