@@ -229,9 +229,9 @@ class Bench:
         cores, which both sides need: the poll must cost little. Sides already done are not
         read again, and the next read is due at half of the soonest expected finish (the
         rest of the way at each side's average rate so far), between POLL_NEAR and POLL
-        apart; before either side moved, at half the time since ``t0``. About 35 reads per
-        side and phase at 100k, most of them cheap (was a read every 4-50 ms: ~100 per side,
-        0.25-0.3 s of CPU per phase taken from the two sides it measures)."""
+        apart; before either side moved, at half the time since ``t0``. 0.09-0.15 s of CPU
+        per 100k phase (was a read every 4-50 ms: 0.25-0.29 s per phase, taken from the two
+        cores both measured sides run on)."""
         pids, at = (self.host_pid, self.ref_pid), [0.0, 0.0]
         adding = want[0] > self.base[0]
         start = self.base if adding else (self.base[0] + n, self.base[1] + n)
