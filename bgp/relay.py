@@ -41,9 +41,10 @@ READ_SIZE = 256 * 1024
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 1.0
 EOF_GRACE = 1.0
-# s the sender waits for lines: every line, EOF and a broken socket wake it, so this only
-# bounds a missed wake-up (0.5 s was two idle wake-ups a second)
-PUMP_WAIT = 5.0
+# s the sender waits for lines: None, no limit. Every line, EOF and a broken socket notify
+# it under the condition's lock, so no wake-up can be missed; a limit only woke an idle
+# relay for nothing (5 s: 12 wake-ups a minute, 0.5 s before that: 120)
+PUMP_WAIT: float | None = None
 
 
 class Relay:
@@ -95,8 +96,9 @@ class Relay:
                     self.dropped += old.count(b"\n")
                 self.cond.notify_all()
 
-    def _take(self, timeout: float) -> bytes:
-        """Everything buffered (possibly b""), waiting up to ``timeout`` for something."""
+    def _take(self, timeout: float | None) -> bytes:
+        """Everything buffered (possibly b""), waiting up to ``timeout`` (None: until
+        notified) for something."""
         with self.cond:
             if not self.chunks and self.eof_at is None and not self.broken:
                 self.cond.wait(timeout)

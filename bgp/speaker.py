@@ -29,8 +29,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
-import struct
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -46,7 +44,7 @@ from bgp.reload import ReloadCheck
 from bgp.render import exabgp_env, render_config
 from bgp.sessions import SessionBook, SessionStatus
 from bgp.supervisor import Supervisor
-from bgp.tcpstate import read_connections, read_drops
+from bgp.tcpstate import peer_parent, read_connections, read_drops
 
 WINDOW = 4  # commands awaiting an ack: the probe's best (3k prefixes/s on 5.0.15)
 PROBE_INTERVAL = 1.0  # s: kernel socket probe while a session is not up
@@ -154,7 +152,6 @@ class Speaker:
             self.sock_path.unlink()
         self._server = await asyncio.start_unix_server(self._on_connect, path=str(self.sock_path))
         os.chmod(self.sock_path, 0o600)
-        self._probe_timer = asyncio.get_running_loop().call_later(PROBE_INTERVAL, self._probe)
         try:
             await self._child.start()
         except OSError as e:
@@ -272,6 +269,7 @@ class Speaker:
     def _set_sessions(self, sessions: Sequence[Session]) -> None:
         self._sessions = {s.peer_ip: s for s in sessions}
         self._book.configure(self._sessions)
+        self._probe_soon()
         self._rib.keep_peers(set(self._sessions))
 
     def _exited(self, status: int | None) -> None:
@@ -280,6 +278,7 @@ class Speaker:
             self._writer = None
         self._reset_process_state()
         self._book.restarting()
+        self._probe_soon()
         self._emit(SpeakerRestarted(self.restarts))
 
     def _reset_process_state(self) -> None:
@@ -301,7 +300,7 @@ class Speaker:
     # ------------------------------------------------------------------ relay socket
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parent = _peer_parent(writer)
+        parent = peer_parent(writer.get_extra_info("socket"))
         if parent is not None and parent != self.pid:
             self.stale_relays += 1
             if self.stale_relays == 1 or self.stale_relays % 100 == 0:
@@ -435,16 +434,25 @@ class Speaker:
             self._schedule_pump()
         else:
             self._rib.session_down(ev.peer)
+            self._probe_soon()
+
+    def _probe_soon(self) -> None:
+        """Probe every PROBE_INTERVAL while a session is not up; armed wherever one may have
+        left Established (configured, ExaBGP restarted, a state event), so an idle node
+        whose sessions are all up has no timer here."""
+        if self._probe_timer is None and not self._stopping:
+            self._probe_timer = asyncio.get_running_loop().call_later(PROBE_INTERVAL, self._probe)
 
     def _probe(self) -> None:
         """While a session is not up, give the session book the kernel's view of ExaBGP's
         sockets: an attempt the peer never answers produces no ExaBGP event at all."""
-        pid = self.pid
-        if pid is not None and self._book.pending():
+        self._probe_timer = None
+        if not self._book.pending():
+            return
+        if (pid := self.pid) is not None:
             targets = {ip: (s.peer_port, s.passive) for ip, s in self._sessions.items()}
             self._book.probe(read_connections(pid), read_drops(pid), targets)
-        if not self._stopping:
-            self._probe_timer = asyncio.get_running_loop().call_later(PROBE_INTERVAL, self._probe)
+        self._probe_soon()
 
     # ------------------------------------------------------------------ sending
 
@@ -485,16 +493,3 @@ async def _wait(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-def _peer_parent(writer: asyncio.StreamWriter) -> int | None:
-    """The parent pid of the process at the other end of a relay connection (the ExaBGP
-    that runs it), or None when the kernel does not say."""
-    sock = writer.get_extra_info("socket")
-    size = struct.calcsize("3i")
-    try:
-        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))[0]
-        stat = Path(f"/proc/{pid}/stat").read_text()  # "pid (comm) state ppid ..."
-        return int(stat.rsplit(")", 1)[1].split()[1])
-    except (AttributeError, OSError, ValueError, IndexError, struct.error):
-        return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import itertools
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,3 +99,17 @@ def read_drops(pid: int) -> dict[str, int]:
     out = {k: counters.get(k, 0) for k in DROP_COUNTERS}
     out["AttemptFails"] = snmp.get("AttemptFails", 0)
     return out
+
+
+def peer_parent(sock: socket.socket | None) -> int | None:
+    """The parent pid of the process at the other end of a unix socket (the ExaBGP that runs
+    a relay), or None when the kernel does not say."""
+    if sock is None:
+        return None
+    size = struct.calcsize("3i")
+    try:
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))[0]
+        stat = Path(f"/proc/{pid}/stat").read_text()  # "pid (comm) state ppid ..."
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (AttributeError, OSError, ValueError, IndexError, struct.error):
+        return None

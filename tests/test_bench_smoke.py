@@ -47,6 +47,8 @@ def test_routes_bench_smoke() -> None:
     assert per_n["fabric_routes"] == 1000 and per_n["bird_routes"] == 1000
     for side in ("fabricd", "exabgp", "relay"):  # CPU seconds per side, both phases
         assert per_n[f"{side}_install_cpu_s"] >= 0 and per_n[f"{side}_withdraw_cpu_s"] >= 0
+    # the FIB poll's own CPU per phase (it shares the cores with both sides)
+    assert 0 <= per_n["probe_install_cpu_s"] < 1 and 0 <= per_n["probe_withdraw_cpu_s"] < 1
     idle = lines[-3]  # sessions up, nothing changing: CPU of each side, % of a core
     assert idle["idle_s"] >= 5 and idle["idle_pct"] == last["idle_pct"] >= 0
     assert idle["fabricd_idle_rss_mb"] > 0 and idle["exabgp_idle_rss_mb"] > 0

@@ -95,6 +95,8 @@ def test_announce_receive_withdraw(topo: Topo) -> None:
             status = sp.sessions_status()[ip(topo.r1.addr)]
             assert status.info == "Established" and status.since <= time.time()
             assert sp.errors == 0 and sp.decode_errors == 0
+            # every session up: the kernel probe's timer is not re-armed (no idle wake-up)
+            await until(lambda: sp._probe_timer is None, within=3, what="probe timer dropped")
         finally:
             await sp.stop()
         assert sp.pid is None
