@@ -65,3 +65,15 @@ def pod_set_size(lab: Lab, host: str) -> int:
         if "set" in item:
             return len(item["set"].get("elem", []))
     return 0
+
+
+def start_phases(lab: Lab, host: str) -> dict[str, float] | None:
+    """fabricd's ``fabric_start_phase_seconds`` (phase -> seconds from its process start),
+    None until it is ready (its health server answers with them)."""
+    status, text = lab.health(host, "/metrics")
+    out = {}
+    for line in text.splitlines() if status == 200 else ():
+        if line.startswith('fabric_start_phase_seconds{phase="'):
+            phase = line.split('"', 2)[1]
+            out[phase] = round(float(line.rsplit(None, 1)[1]), 3)
+    return out if "ready" in out else None
