@@ -50,6 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fabric.dataplane.nft import Nft
 from fabric.resources.policy_codec import POD, decode
 from fabric.resources.policy_store import NETWORKPOLICIES as NETPOLS
 from fabric.resources.policy_store import PolicyStore
@@ -57,7 +58,7 @@ from ipam.store import Store
 from lab import netns, netpol, pods
 from lab.bench import policy_load as load
 from lab.bench.cni import Worker, libcni_conf
-from lab.bench.policy_node import Monitor, batches, pod_set_size, rss_mb, start_phases
+from lab.bench.policy_node import Monitor, batches, pod_set_size_here, rss_mb, start_phases
 from lab.ipam_load import percentile
 from lab.runner import Lab
 from lab.view import LabError
@@ -400,6 +401,7 @@ class Bench:
         self.row["fabricd_rss_mb"] = rss_mb(self.lab.fabricd_pid(CLIENT_HOST))
         snapshot = pods.state_dir(self.lab, CLIENT_HOST) / "policy-table.nft"
         out = self.lab.dir / CLIENT_HOST / "fabricd.out"  # "restored the snapshot": counted
+        nft = Nft()  # this worker runs in CLIENT_HOST's namespace: polled in process
         for key, keep in (("", True), ("_nosnap", False)):  # with fabricd's snapshot, without
             self.lab.stop_fabricd(CLIENT_HOST)  # (a clean stop writes the snapshot)
             self.lab.exec(CLIENT_HOST, ["nft", "delete", "table", "inet", "fabric_filter"],
@@ -409,7 +411,7 @@ class Bench:
             before = out.read_text(errors="replace").count("restored the snapshot")
             t0 = time.monotonic()
             self.lab.start_fabricd(CLIENT_HOST)
-            self.lab.wait_for(lambda: pod_set_size(self.lab, CLIENT_HOST) >= want, 300, 0.005,
+            self.lab.wait_for(lambda: pod_set_size_here(nft, self.run) >= want, 300, 0.002,
                               what=f"{want} pods in fabric_filter on {CLIENT_HOST}")  # fmt: skip
             self.row[f"program_cold{key}_s"] = round(time.monotonic() - t0, 3)
             phases = self.lab.wait_for(lambda: start_phases(self.lab, CLIENT_HOST), 120, 0.05,
