@@ -178,3 +178,15 @@ def test_the_writer_writes_after_a_pause_and_never_an_older_table(
         assert not list(path.parent.glob(".*.tmp"))
 
     asyncio.run(go())
+
+
+def test_config_arg_and_start_clock() -> None:
+    from fabric.agent.daemon import DEFAULT_CONFIG, config_arg
+    from fabric.agent.startup import StartClock
+
+    assert config_arg([]) == DEFAULT_CONFIG
+    assert config_arg(["--config", "/a.yaml"]) == "/a.yaml"
+    assert config_arg(["--config=/b.yaml"]) == "/b.yaml"
+    clock = StartClock({"process": 10.0, "interpreter": 10.04, "snapshot": 10.09})
+    assert clock.since_start() == {"interpreter": 0.04, "snapshot": 0.09}
+    assert clock.summary() == "interpreter 0.040 s (+0.040), snapshot 0.090 s (+0.050)"
