@@ -241,7 +241,7 @@ class Agent:
             await self.policy.program()
         except Exception:
             log.error("%s; /readyz fails until a batch works", self.policy.problem)
-        self.clock.mark("policy")
+        self.clock.mark("policy" if self.policy.problem is None else "policy failed")
         # the adverts go in with the start: ExaBGP may bring a session up before start()
         # returns, and its End-of-RIB must follow our routes (the ToR drops what it kept)
         await self.speaker.start(

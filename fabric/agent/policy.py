@@ -85,7 +85,6 @@ class PolicyAgent:
         self.resync_interval = resync_interval
         self.observe = observe or (lambda _kind, _s: None)
         self.written = written or (lambda _want: None)
-        self.computed_at: float | None = None  # monotonic time the first batch succeeded
         self.problem: str | None = "not programmed yet"
         self.compiled: Compiled | None = None
         self.batches = 0
@@ -227,8 +226,6 @@ class PolicyAgent:
         self.problem = None
         self.batches += 1
         self.written(want)
-        if self.computed_at is None:
-            self.computed_at = time.monotonic()
         self.observe("policy_resync" if resync else "policy", time.monotonic() - started)
         if self.batches == 1:
             log.info("policy table adopted: %s", _summary(change) if not change.empty else

@@ -4,8 +4,8 @@ Phases, in order (fabric.agent.daemon, then Agent.start): ``interpreter`` (Pytho
 daemon module running), ``snapshot`` (the policy snapshot restored or not), ``config``,
 ``imports`` (the agent's modules), ``kernel routes`` (adopted), ``etcd`` (registered, every
 watched prefix listed), ``policy`` (the first table computed from etcd is in the kernel),
-``bgp`` (ExaBGP started), ``ready``. Logged with "fabricd ready" and exported as
-``fabric_start_phase_seconds``.
+``bgp`` (ExaBGP started), ``ready``; ``policy failed`` instead of ``policy`` when that
+batch failed. Logged with "fabricd ready" and exported as ``fabric_start_phase_seconds``.
 """
 
 from __future__ import annotations
