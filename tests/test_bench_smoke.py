@@ -123,7 +123,7 @@ def test_policy_bench_smoke() -> None:
     assert list(last) == ["bench", "policies", "remote_endpoints", "local_pods", "samples",
                           "apply_p50_ms", "apply_p99_ms", "floor_p50_ms", "apply_ratio",
                           "add_ratio_policy", "program_cold_s", "floor_cold_s", "cold_ratio",
-                          "update_p99_ms", "update_bytes_p50", "tput_ratio", "conn_rate_ratio",
+                          "compile_cold_s", "program_cold_nosnap_s", "update_p99_ms", "update_bytes_p50", "tput_ratio", "conn_rate_ratio",
                           "fabricd_rss_mb"]  # fmt: skip
     assert last["bench"] == "policy" and last["policies"] == 20 and last["samples"] == 5
     assert all(v > 0 for k, v in last.items() if k != "bench"), last
@@ -132,6 +132,8 @@ def test_policy_bench_smoke() -> None:
     # the label change is written as set elements, not a table (nft monitor on the node)
     assert last["update_bytes_p50"] < detail["table_bytes"]
     assert detail["apply_batches"] >= 5 and detail["update_batches"] >= 5  # node3 programmed each
+    # the cold start restored fabricd's snapshot, the run without it did not
+    assert detail["snapshot_restored"] and not detail["snapshot_restored_nosnap"], detail
 
 
 @pytest.mark.root

@@ -56,8 +56,11 @@ from fabric.agent.policy import CacheReader, PolicyAgent
 from fabric.agent.probes import Probes
 from fabric.agent.registration import Registration
 from fabric.agent.sessions import Convergence, required_peers_up
+from fabric.agent.snapshots import SnapshotWriter
+from fabric.agent.startup import StartClock
 from fabric.agent.status import NodeView, StatusPublisher, node_view
 from fabric.agent.watch import Cache
+from fabric.dataplane import policy_snapshot
 from fabric.dataplane.nat import NatTable
 from fabric.dataplane.netlink import KernelRoute, NetlinkError, ensure_rt_proto_name
 from fabric.dataplane.netlink.sysctls import write_sysctls
@@ -95,20 +98,17 @@ def _check_selector(selector: str) -> None:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, phases: dict[str, float] | None = None) -> None:
+        """``phases``: start-up marks so far (fabric.agent.daemon), continued by ``start``."""
         self.cfg = cfg
+        self.clock = StartClock(phases)
         self.metrics = Metrics()
         e = cfg.etcd
         tls = TLSConfig(e.ca_file, e.cert_file, e.key_file) if e.use_tls else None
         self.store = Store(cfg.etcd.endpoints, cfg.etcd.prefix, tls, deadline=cfg.etcd.timeout)
-        self.local = NodeInfo(
-            name=cfg.node_name,
-            ipv4=cfg.addresses.ipv4,
-            ipv6=cfg.addresses.ipv6,
-            as_number=cfg.as_number,
-            labels=dict(cfg.labels),
-            rr_cluster_id=cfg.route_reflector_cluster_id,
-        )
+        self.local = NodeInfo(name=cfg.node_name, ipv4=cfg.addresses.ipv4, ipv6=cfg.addresses.ipv6,
+                              as_number=cfg.as_number, labels=dict(cfg.labels),
+                              rr_cluster_id=cfg.route_reflector_cluster_id)  # fmt: skip
         self.interfaces = tuple(
             i for i in (cfg.addresses.ipv4, cfg.addresses.ipv6, *cfg.interfaces) if i is not None
         )
@@ -122,21 +122,10 @@ class Agent:
         self.registration = Registration(
             self.store, self.node, cfg.lease_ttl, self.metrics.etcd_error
         )
-        self.cache = Cache(
-            self.store,
-            [
-                keys.POOLS,
-                keys.CONFIG_BGP,
-                keys.PEERS,
-                keys.NODES,
-                keys.node_affinities(cfg.node_name),
-                keys.BLOCKS,
-                *POLICY_PREFIXES,
-            ],
-            self._changed,
-            cfg.resync_interval,
-            self.metrics.etcd_error,
-        )
+        self.cache = Cache(self.store, [keys.POOLS, keys.CONFIG_BGP, keys.PEERS, keys.NODES,
+                                        keys.node_affinities(cfg.node_name), keys.BLOCKS,
+                                        *POLICY_PREFIXES],
+                           self._changed, cfg.resync_interval, self.metrics.etcd_error)  # fmt: skip
         self.blocks = BlockIndex()
         self.rib = Rib(
             ImportPolicy(
@@ -156,6 +145,8 @@ class Agent:
             Path(cfg.run_dir) / "bgp", self._on_bgp_event, cfg.bgp.exabgp, log.getChild("speaker")
         )
         self.policy_inputs = CacheReader(lambda: self.cache.data, self.blocks.blocks)
+        self.snapshots = SnapshotWriter(policy_snapshot.path_in(cfg.cni.state_dir),
+                                        policy_snapshot.TABLE, cfg.node_name)  # fmt: skip
         self.policy = PolicyAgent(
             cfg.node_name,
             PolicyTable(),
@@ -164,6 +155,7 @@ class Agent:
             cfg.policy.cut_established,
             cfg.policy.resync_interval,
             self.metrics.observe_reconcile,
+            self.snapshots.wrote,
         )
         self.denied = DeniedTraffic(
             cfg.node_name,
@@ -232,8 +224,10 @@ class Agent:
             if not r.blackhole and r.dev is None
         }
         log.info("adopted %d kernel routes with protocol %d", n, cfg.routes.protocol)
+        self.clock.mark("kernel routes")
         await self.registration.register()
         await self.cache.load()
+        self.clock.mark("etcd")
         await self.workloads.recover()  # local pods' host routes, before the first resync
         # DELs recorded while fabricd was down: before the first resync and the first ADD
         left = await self.workloads.pending.finish()
@@ -247,11 +241,13 @@ class Agent:
             await self.policy.program()
         except Exception:
             log.error("%s; /readyz fails until a batch works", self.policy.problem)
+        self.clock.mark("policy" if self.policy.problem is None else "policy failed")
         # the adverts go in with the start: ExaBGP may bring a session up before start()
         # returns, and its End-of-RIB must follow our routes (the ToR drops what it kept)
         await self.speaker.start(
             list(intent.sessions), self.local.router_id, adverts=intent.adverts
         )
+        self.clock.mark("bgp")
         await self.health.start()
         await self.cni.start()
         self._tasks = [
@@ -263,6 +259,7 @@ class Agent:
             asyncio.create_task(self.routes.run(), name="routes"),
             asyncio.create_task(self.policy.run(), name="policy"),
             asyncio.create_task(self.denied.run(), name="denied log"),
+            asyncio.create_task(self.snapshots.run(), name="policy snapshot"),
             asyncio.create_task(self.status.run(STATUS_INTERVAL), name="status"),
             asyncio.create_task(self.workloads.pending.loop(), name="recorded DELs"),
         ]
@@ -272,8 +269,10 @@ class Agent:
                 asyncio.create_task(systemd.watchdog_loop(interval), name="watchdog")
             )
         systemd.ready()
-        log.info("fabricd ready: %d sessions, %d announcements", len(intent.sessions),
-                 len(intent.adverts))  # fmt: skip
+        self.clock.mark("ready")
+        self.metrics.set_start_phases(self.clock.since_start())
+        log.info("fabricd ready: %d sessions, %d announcements; start-up %s", len(intent.sessions),
+                 len(intent.adverts), self.clock.summary())  # fmt: skip
 
     async def run(self) -> None:
         """Start, then run until ``stop()``; a failing background task stops the agent."""
@@ -306,6 +305,7 @@ class Agent:
                 await t
         with contextlib.suppress(Exception):
             await self.routes.flush()
+        self.snapshots.flush()  # the table as it is now, for a start that finds none
         await self.speaker.stop()
         await self.health.stop()
         await self.dataplane.close()

@@ -186,6 +186,13 @@ class Metrics:
         for result in ("announced", "timeout"):
             self.announce_waits.labels(result)
         self.policy_packets = PolicyPackets()
+        self.start_phase = Gauge(
+            "fabric_start_phase_seconds",
+            "Seconds from the process start to the end of each start-up phase "
+            "(fabric/agent/startup.py; 'policy': the first table computed from etcd written)",
+            ["phase"],
+            registry=r,
+        )
         r.register(self.policy_packets)
         ProcessCollector(namespace="fabric", registry=r)  # fabric_process_* (CPU, memory, fds)
         # The label sets present, so series of sessions that went away can be removed.
@@ -268,6 +275,10 @@ class Metrics:
             yield
         finally:
             self.observe_reconcile(reconciler, time.monotonic() - started)
+
+    def set_start_phases(self, phases: dict[str, float]) -> None:
+        for phase, seconds in phases.items():
+            self.start_phase.labels(phase).set(seconds)
 
     def etcd_error(self, op: str) -> None:
         self.etcd_errors.labels(op).inc()

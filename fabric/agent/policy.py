@@ -74,13 +74,17 @@ class PolicyAgent:
         cut_established: bool = False,
         resync_interval: float = 60.0,
         observe: Callable[[str, float], None] | None = None,
+        written: Callable[[Desired], None] | None = None,
     ) -> None:
         """``read()`` gives the inputs; returning the same ``Inputs`` object while nothing
-        changed (``CacheReader``) lets a batch with nothing to do be skipped at once."""
+        changed (``CacheReader``) lets a batch with nothing to do be skipped at once.
+        ``written(want)``: the kernel holds ``want`` (after every batch that wrote or
+        verified it; the snapshot writer, fabric.agent.snapshots)."""
         self.node, self.table, self.read, self.records = node, table, read, records
         self.cut_established = cut_established
         self.resync_interval = resync_interval
         self.observe = observe or (lambda _kind, _s: None)
+        self.written = written or (lambda _want: None)
         self.problem: str | None = "not programmed yet"
         self.compiled: Compiled | None = None
         self.batches = 0
@@ -221,6 +225,7 @@ class PolicyAgent:
             (self._last_inputs, self._last_eps, self._last_aliases) = self._pending_last
         self.problem = None
         self.batches += 1
+        self.written(want)
         self.observe("policy_resync" if resync else "policy", time.monotonic() - started)
         if self.batches == 1:
             log.info("policy table adopted: %s", _summary(change) if not change.empty else

@@ -52,9 +52,9 @@ class Cache:
         return self.data[prefix]
 
     async def load(self) -> None:
-        """List every prefix (the initial full resync)."""
-        for p in self.prefixes:
-            await self._list(p)
+        """List every prefix (the initial full resync), all at once: a start waits for the
+        slowest listing, not for the sum of them."""
+        await asyncio.gather(*(self._list(p) for p in self.prefixes))
 
     async def _list(self, prefix: str) -> bool:
         """Replace the copy of ``prefix`` with a fresh listing; True if anything differed."""

@@ -26,8 +26,10 @@ Phases, in order (one run, so every ratio compares measurements of the same mach
    change as the kernel reports it: a set element, not a table).
 7. with the load and the client allowed by the last policy: ``tput_pol``, ``conn_pol``.
 8. cold start: 250 local pods on node1; fabricd stopped, its table deleted, started again:
-   ``program_cold_s`` until its pod set holds every local pod; ``floor_cold_s``: ``nft -f``
-   of the table it wrote; ``fabricd_rss_mb`` before that.
+   ``program_cold_s`` until its pod set holds every local pod (its snapshot restored, see
+   docs/design/policy.md), ``compile_cold_s`` until the first table computed from etcd is
+   written (fabricd's start-up phases); ``_nosnap``: the same without the snapshot file;
+   ``floor_cold_s``: ``nft -f`` of the table it wrote; ``fabricd_rss_mb`` before that.
 
 Targets (issue 11): apply p99 <= 250 ms, apply_ratio <= 3, add_ratio_policy <= 1.25,
 cold_ratio <= 3, tput_ratio >= 0.9, conn_rate_ratio >= 0.8.
@@ -48,6 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fabric.dataplane.nft import Nft
 from fabric.resources.policy_codec import POD, decode
 from fabric.resources.policy_store import NETWORKPOLICIES as NETPOLS
 from fabric.resources.policy_store import PolicyStore
@@ -55,7 +58,7 @@ from ipam.store import Store
 from lab import netns, netpol, pods
 from lab.bench import policy_load as load
 from lab.bench.cni import Worker, libcni_conf
-from lab.bench.policy_node import Monitor, batches, pod_set_size, rss_mb
+from lab.bench.policy_node import Monitor, batches, pod_set_size_here, rss_mb, start_phases
 from lab.ipam_load import percentile
 from lab.runner import Lab
 from lab.view import LabError
@@ -70,7 +73,7 @@ QUICK = {"policies": 20, "namespaces": 2, "remote": 100, "local": 5, "samples": 
          "adds": 10, "tput_s": 1.0, "conn_s": 1.0, "runs": 1}  # fmt: skip
 KEYS = ("bench", "policies", "remote_endpoints", "local_pods", "samples", "apply_p50_ms",
         "apply_p99_ms", "floor_p50_ms", "apply_ratio", "add_ratio_policy", "program_cold_s",
-        "floor_cold_s", "cold_ratio", "update_p99_ms", "update_bytes_p50", "tput_ratio",
+        "floor_cold_s", "cold_ratio", "compile_cold_s", "program_cold_nosnap_s", "update_p99_ms", "update_bytes_p50", "tput_ratio",
         "conn_rate_ratio", "fabricd_rss_mb")  # fmt: skip
 CONN_RATE = """
 import json, socket, sys, time
@@ -396,14 +399,28 @@ class Bench:
         want = n + 1  # and the client
         self.settle(CLIENT_HOST)
         self.row["fabricd_rss_mb"] = rss_mb(self.lab.fabricd_pid(CLIENT_HOST))
-        self.lab.stop_fabricd(CLIENT_HOST)
-        self.lab.exec(CLIENT_HOST, ["nft", "delete", "table", "inet", "fabric_filter"], check=True)
-        t0 = time.monotonic()
-        self.lab.start_fabricd(CLIENT_HOST)
-        self.lab.wait_for(lambda: pod_set_size(self.lab, CLIENT_HOST) >= want, 300, 0.05,
-                          what=f"{want} pods in fabric_filter on {CLIENT_HOST}")  # fmt: skip
-        self.row["program_cold_s"] = round(time.monotonic() - t0, 3)
-        self.settle(CLIENT_HOST)
+        snapshot = pods.state_dir(self.lab, CLIENT_HOST) / "policy-table.nft"
+        out = self.lab.dir / CLIENT_HOST / "fabricd.out"  # "restored the snapshot": counted
+        nft = Nft()  # this worker runs in CLIENT_HOST's namespace: polled in process
+        for key, keep in (("", True), ("_nosnap", False)):  # with fabricd's snapshot, without
+            self.lab.stop_fabricd(CLIENT_HOST)  # (a clean stop writes the snapshot)
+            self.lab.exec(CLIENT_HOST, ["nft", "delete", "table", "inet", "fabric_filter"],
+                          check=True)  # fmt: skip
+            if not keep:
+                snapshot.unlink(missing_ok=True)
+            before = out.read_text(errors="replace").count("restored the snapshot")
+            t0 = time.monotonic()
+            self.lab.start_fabricd(CLIENT_HOST)
+            self.lab.wait_for(lambda: pod_set_size_here(nft, self.run) >= want, 300, 0.002,
+                              what=f"{want} pods in fabric_filter on {CLIENT_HOST}")  # fmt: skip
+            self.row[f"program_cold{key}_s"] = round(time.monotonic() - t0, 3)
+            phases = self.lab.wait_for(lambda: start_phases(self.lab, CLIENT_HOST), 120, 0.05,
+                                       what=f"fabricd ready on {CLIENT_HOST}")  # fmt: skip
+            self.row[f"compile_cold{key}_s"] = phases and phases["policy"]  # from its start
+            self.row[f"start_phases{key}"] = phases
+            after = out.read_text(errors="replace").count("restored the snapshot")
+            self.row[f"snapshot_restored{key}"] = after > before
+            self.settle(CLIENT_HOST)
         text = self.lab.exec(CLIENT_HOST, ["nft", "list", "table", "inet", "fabric_filter"],
                              check=True).stdout  # fmt: skip
         self.row["table_bytes"] = len(text)

@@ -9,6 +9,7 @@ Pods (namespace ``default``, labelled through Pod objects): ``web`` and ``other`
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -290,6 +291,31 @@ def test_table_deleted_behind_our_back_fails_readiness_and_is_rebuilt(
     until(lambda: lab.health("node3")[0] == 200, what="readiness back after the rebuild")
     assert not http(web, db.ip), "the rebuilt table must enforce the deny-all again"
     assert http(lab.netns("node3"), db.ip)
+
+
+def test_absent_table_restored_from_snapshot_then_repaired_from_etcd(
+    lab: Lab, world: dict[str, Pod], clean: None
+) -> None:
+    """fabricd stopped, its table deleted and the deny-all deleted from etcd meanwhile: at
+    start the snapshot (written at the stop) is restored first, the deny with it, and the
+    first compile from etcd repairs it: the deleted policy stops denying."""
+    web, db = world["web"], world["db"]
+    store(lab, "apply", [policy("db-deny")])
+    until(lambda: not http(web, db.ip), what="the deny-all")
+    lab.stop_fabricd("node3", signal.SIGTERM)
+    lab.exec("node3", ["nft", "delete", "table", "inet", "fabric_filter"], check=True)
+    store(lab, "delete", [["NetworkPolicy", "default", "db-deny"]])
+    log = lab.dir / "node3" / "fabricd.out"
+    before = log.read_text().count("restored the snapshot")
+    lab.start_fabricd("node3")
+    lab.wait_for(lambda: lab.health("node3")[0] == 200, 60, what="fabricd in node3 ready")
+    text = log.read_text()
+    assert text.count("restored the snapshot") == before + 1, text[-2000:]
+    adopted = [line for line in text.splitlines() if "policy table adopted" in line][-1]
+    m = re.search(r"(\d+) elements added, (\d+) deleted", adopted)
+    assert m and int(m.group(2)) > 0, adopted  # the snapshot's deny, repaired
+    until(lambda: http(web, db.ip), what="the deleted policy to stop denying")
+    assert "fabric_start_phase_seconds" in lab.health("node3", "/metrics")[1]
 
 
 def test_rejected_policy_changes_nothing(lab: Lab, world: dict[str, Pod], clean: None) -> None:

@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager, suppress
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute
-
 T = TypeVar("T")
 
 # rtnetlink constants (linux/netlink.h, linux/rtnetlink.h); NLM_F_ACK_TLVS is on NLMSG_ERROR
@@ -145,8 +143,11 @@ def netlink_socket(netns: str | None = None, kind: int = socket.SOCK_RAW) -> soc
 @contextmanager
 def iproute(netns: str | None = None) -> Iterator[Any]:
     """A pyroute2 ``IPRoute`` in ``netns``, closed on exit. Blocking, and refused in a thread
-    running an asyncio loop: call it under ``asyncio.to_thread``.
+    running an asyncio loop: call it under ``asyncio.to_thread``. pyroute2 is imported here,
+    at the first call (diagnostics only): ~0.1 s of fabricd's start otherwise.
     """
+    from pyroute2 import IPRoute
+
     with closing(IPRoute(fileno=netlink_socket(netns, socket.SOCK_DGRAM).detach())) as ipr:
         yield ipr
 
