@@ -31,23 +31,26 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
+import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from fabric.dataplane import policy_log
+from fabric.dataplane.netlink.core import NetlinkError
+from fabric.dataplane.netlink.nft_elements import ElementSocket, element_ops
 from fabric.dataplane.nft import (
     ChainDef,
     Hook,
-    Listing,
     Nft,
+    NftError,
     RuleDef,
     SetDef,
-    Transaction,
     check_name,
     quote,
 )
 from fabric.dataplane.policy_counters import RuleCounter, counters
+from fabric.dataplane.policy_diff import BASE, TABLE, Change, Desired, Held, diff, held_from
 from fabric.policy.model import (
     Compiled,
     DirectionRules,
@@ -57,8 +60,12 @@ from fabric.policy.model import (
     SetSpec,
 )
 
-TABLE = "fabric_filter"
-BASE = "forward"
+__all__ = [  # the diff (fabric.dataplane.policy_diff) is re-exported: one API, as before
+    "BASE", "FROM_POD", "HAIRPIN", "OWN_NAMES", "PODS", "POD_IFACES", "TABLE", "TO_POD",
+    "Change", "Desired", "Held", "PolicyTable", "RuleCounter", "counters", "diff",
+    "endpoint_chain", "held_from", "render", "set_name",
+]  # fmt: skip
+log = logging.getLogger("fabric.dataplane.policy_table")
 TO_POD, FROM_POD, PODS, HAIRPIN = "to_pod", "from_pod", "pods", "hairpin"
 OWN_NAMES = frozenset({BASE, TO_POD, FROM_POD, PODS, HAIRPIN}) | policy_log.OWN_NAMES
 POD_IFACES = "fab*"  # fabric.dataplane.pods.host_ifname: every host-side pod veth
@@ -70,14 +77,6 @@ _TYPES = {
     "addrport4": (("ipv4_addr", "inet_proto", "inet_service"), ()),
     "addrport6": (("ipv6_addr", "inet_proto", "inet_service"), ()),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Desired:
-    """The whole table: every set and map with its elements, every chain with its rules."""
-
-    sets: Mapping[str, SetDef]
-    chains: Mapping[str, ChainDef]
 
 
 # ---------------------------------------------------------------------- rendering
@@ -306,124 +305,6 @@ def _element(e: object) -> str:
     raise ValueError(f"set element {e!r} is not an address, network or (address, proto, port)")
 
 
-# ---------------------------------------------------------------------- diffing
-
-
-@dataclass(frozen=True, slots=True)
-class Held:
-    """What the kernel holds (or what we last wrote): sets and, per chain, hook and rule ids."""
-
-    sets: Mapping[str, SetDef]
-    chains: Mapping[str, tuple[Hook | None, tuple[str | None, ...]]]
-
-    @classmethod
-    def of(cls, d: Desired) -> Held:
-        return cls(d.sets, {n: (c.hook, c.ids()) for n, c in d.chains.items()})
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One call's transaction: ``full`` when the table was (re)created."""
-
-    full: bool = False
-    elements_added: int = 0
-    elements_deleted: int = 0
-    chains_written: int = 0
-    chains_deleted: int = 0
-    sets_added: int = 0
-    sets_deleted: int = 0
-    script: str = field(default="", repr=False)
-
-    @property
-    def empty(self) -> bool:
-        return not self.script
-
-
-def diff(have: Held | None, want: Desired, table: str = TABLE) -> Change:
-    """The transaction making ``have`` into ``want`` (None: no table). Pure.
-
-    Order inside it: new sets and chains are declared, set elements added and deleted,
-    chains filled (new) or flushed and refilled (rule ids differ), map elements swapped,
-    then stale chains and sets deleted (nothing references them by then). A set of another
-    shape, or a base chain on another hook, makes it a full rewrite, still one transaction."""
-    tx = Transaction(table)
-    full = have is None or _incompatible(have, want)
-    if full:
-        tx.add_table()
-        if have is not None:
-            tx.delete_table()
-            tx.add_table()
-        have = Held({}, {})
-    assert have is not None
-    hs, hc = have.sets, have.chains
-    n = dict.fromkeys(("ea", "ed", "cw", "cd", "sa", "sd"), 0)
-    for name, s in sorted(want.sets.items()):
-        if name not in hs:
-            tx.add_set(s)
-            n["sa"] += 1
-    for name, c in sorted(want.chains.items()):
-        if name not in hc:
-            tx.add_chain(c)
-    maps = {k: s for k, s in want.sets.items() if s.map_to}
-    for name, s in sorted(want.sets.items()):
-        if name not in maps:
-            _elements(tx, name, hs.get(name), s, n)
-    for name, c in sorted(want.chains.items(), key=lambda kv: kv[0] == BASE):
-        held = hc.get(name)
-        if held is not None and held[1] == c.ids():
-            continue
-        if held is not None:
-            tx.flush_chain(name)
-        tx.add_rules(name, c.rules)
-        n["cw"] += 1
-    for name, s in sorted(maps.items()):
-        _elements(tx, name, hs.get(name), s, n)
-    for name in sorted(set(hc) - set(want.chains)):
-        tx.flush_chain(name)
-        tx.delete_chain(name)
-        n["cd"] += 1
-    for name in sorted(set(hs) - set(want.sets)):
-        tx.delete_set(hs[name])
-        n["sd"] += 1
-    return Change(full, n["ea"], n["ed"], n["cw"], n["cd"], n["sa"], n["sd"], tx.render())
-
-
-def _incompatible(have: Held, want: Desired) -> bool:
-    hs = have.sets
-    shapes = any((h := hs.get(n)) is not None and h is not s and h.shape() != s.shape()
-                 for n, s in want.sets.items())  # fmt: skip
-    hooks = any(n in have.chains and have.chains[n][0] != c.hook for n, c in want.chains.items())
-    return shapes or hooks
-
-
-def _elements(
-    tx: Transaction, name: str, old: SetDef | None, new: SetDef, n: dict[str, int]
-) -> None:
-    if old is not None and old.elements is new.elements:
-        return
-    before = old.elements if old is not None else frozenset()
-    gone, added = before - new.elements, new.elements - before
-    if gone:
-        tx.delete_elements(name, gone)
-        n["ed"] += len(gone)
-    if added:
-        tx.add_elements(name, added)
-        n["ea"] += len(added)
-
-
-def held_from(listing: Listing, known: Mapping[tuple[str, str], str]) -> Held:
-    """The kernel's table as ``Held``. A rule whose expressions differ from those ``known``
-    for its id (recorded when last verified) counts as foreign: its chain is rewritten."""
-    chains: dict[str, tuple[Hook | None, tuple[str | None, ...]]] = {}
-    for name, c in listing.chains.items():
-        ids = tuple(
-            None if r.id is not None and known.get((name, r.id), r.expr) != r.expr else r.id
-            for r in c.rules
-        )
-        chains[name] = (c.hook, ids)
-    return Held(policy_log.without_kernel_elements(listing.sets), chains)
-
-
 # ---------------------------------------------------------------------- the table
 
 
@@ -431,9 +312,16 @@ class PolicyTable:
     """The table in the kernel. Calls are serialised; ``apply`` diffs against what it last
     wrote (reading the kernel only after a failure), ``sync`` against the kernel."""
 
-    def __init__(self, nft: Nft | None = None, table: str = TABLE) -> None:
+    def __init__(
+        self, nft: Nft | None = None, table: str = TABLE, netlink: bool | None = None
+    ) -> None:
+        """``netlink``: element-only changes as raw nfnetlink batches (None: when nft runs
+        in process; fabric.dataplane.netlink.nft_elements), the rest through ``nft``."""
         self.nft = nft or Nft()
         self.table = check_name(table, "table")
+        self._netlink = self.nft.backend == "lib" if netlink is None else netlink
+        self._sock: ElementSocket | None = None
+        self.netlink_writes = 0  # transactions written as raw element batches
         self._held: Held | None = None  # what the kernel holds as far as we know
         self._known: dict[tuple[str, str], str] = {}  # (chain, rule id) -> verified exprs
         self._lock = asyncio.Lock()
@@ -450,7 +338,7 @@ class PolicyTable:
         async with self._lock:
             if self._held is None:
                 return await self._sync(want)
-            return await self._write(diff(self._held, want, self.table), want)
+            return await self._write(diff(self._held, want, self.table), want, self._held)
 
     async def sync(self, want: Desired) -> Change:
         """Read the kernel's table and repair only what differs from ``want`` (all of it
@@ -468,11 +356,19 @@ class PolicyTable:
             for r in chain.rules:
                 if r.id is not None:
                     self._known.setdefault((name, r.id), r.expr)
-        return await self._write(diff(held_from(listing, self._known), want, self.table), want)
+        held = held_from(listing, self._known)
+        return await self._write(diff(held, want, self.table), want, held)
 
-    async def _write(self, change: Change, want: Desired) -> Change:
+    async def _write(self, change: Change, want: Desired, have: Held | None = None) -> Change:
         self._held = None
-        if not change.empty:
+        ops = element_ops(have.sets, want.sets) if have and change.elements_only else None
+        if ops is not None and self._netlink and (sock := self._socket()) is not None:
+            try:  # the kernel runs it inside send(): sub-millisecond, on the event loop
+                sock.write(self.table, ops)
+            except NetlinkError as e:
+                raise NftError(f"failed to program nft table {self.table}: {e}", str(e)) from e
+            self.netlink_writes += 1
+        elif not change.empty:
             await self.nft.run(["-f", "-"], change.script, what="program", table=self.table)
         self._held = Held.of(want)
         live = set(want.chains)
@@ -490,6 +386,16 @@ class PolicyTable:
             await self.nft.run(["delete", "table", "inet", self.table], what="remove",
                                table=self.table)  # fmt: skip
             return True
+
+    def _socket(self) -> ElementSocket | None:
+        if self._sock is None:
+            try:
+                self._sock = ElementSocket(self.nft.netns)
+                weakref.finalize(self, self._sock.close)  # closed with the table
+            except NetlinkError as e:
+                log.warning("policy table: writing elements with nft (%s)", e)
+                self._netlink = False
+        return self._sock
 
     async def counters(self) -> list[RuleCounter]:
         """Per-rule counters, summed per label over every chain; empty without the table."""
