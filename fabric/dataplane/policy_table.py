@@ -361,8 +361,9 @@ class PolicyTable:
 
     async def _write(self, change: Change, want: Desired, have: Held | None = None) -> Change:
         self._held = None
-        ops = element_ops(have.sets, want.sets) if have and change.elements_only else None
-        if ops is not None and self._netlink and (sock := self._socket()) is not None:
+        raw = self._netlink and have is not None and not change.empty and change.elements_only
+        ops = element_ops(have.sets, want.sets) if raw and have is not None else None
+        if ops and (sock := self._socket()) is not None:
             try:  # the kernel runs it inside send(): sub-millisecond, on the event loop
                 sock.write(self.table, ops)
             except NetlinkError as e:
