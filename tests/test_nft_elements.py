@@ -23,7 +23,7 @@ from fabric.dataplane.netlink.nft_elements import (
     encode_batch,
 )
 from fabric.dataplane.nft import Nft, NftError, SetDef, parse_listing
-from fabric.dataplane.policy_table import PolicyTable, render
+from fabric.dataplane.policy_table import PolicyTable, diff, held_from, render
 from fabric.policy.model import Compiled, DirectionRules, EndpointRules, SetSpec
 
 SHAPES = """
@@ -172,10 +172,15 @@ def test_policy_table_writes_pod_changes_as_netlink_batches(ns: str) -> None:
         s4 = frozenset({IPv4Address("10.80.0.1"), *map(IPv4Address, extra)})
         return Compiled(eps, {**sets, "sel-a4": SetSpec("sel-a4", "addr4", s4)})
 
-    steps = [model({"a": ()}), model({"a": (), "b": ()}),  # ADD: elements only
-             model({"a": (), "b": ()}, ("10.80.0.7",)),  # label change: one set element
-             model({"a": (), "b": (), "e": ()}),  # ADD with a new (egress) chain: nft
-             model({"a": (), "e": ()}), model({"a": (), "o": ()})]  # DEL (elements); DEL + ADD: a chain goes (nft)  # fmt: skip
+    steps = [
+        model({"a": ()}),
+        model({"a": (), "b": ()}),  # 1: ADD: elements only
+        model({"a": (), "b": ()}, ("10.80.0.7",)),  # 2: label change: one set element
+        model({"a": (), "b": (), "e": ()}),  # 3: ADD with a new (egress) chain: nft
+        model({"a": (), "e": ()}),  # 4: DEL: elements
+        model({"a": (), "o": ()}),  # 5: DEL of the last "e" and ADD: out_ stays, idle
+        model({"a": (), "o": (), "e": ()}),  # 6: ADD like "e" again: elements only
+    ]
 
     async def go() -> None:
         nl = Nft(ns, backend="exec")
@@ -186,14 +191,64 @@ def test_policy_table_writes_pod_changes_as_netlink_batches(ns: str) -> None:
             (await raw.sync(want)) if i == 0 else (await raw.apply(want))
             (await ref.sync(want)) if i == 0 else (await ref.apply(want))
             assert table_text(ns, "fraw") == table_text(ns, "fref"), f"step {i}"
-        assert raw.netlink_writes == 3 and ref.netlink_writes == 0  # steps 1, 2, 4
+        assert raw.netlink_writes == 5 and ref.netlink_writes == 0  # all but step 3
+        assert ref.last.chains_written == 0 and ref.last.elements_only  # 6: the idle chain
+        # a resync keeps the idle chain (what was last written, and the kernel holds it)
+        assert (await raw.sync(render(steps[-2]))).empty is False  # "e" goes: elements
+        assert (await raw.sync(render(steps[-2]))).empty
+        assert any(n.startswith("out_") for n in parse_listing(json.loads(
+            nft(ns, "-j", "list", "table", "inet", "fraw"))).chains)  # fmt: skip
         # a refused element batch fails the call as nft's would, and the next call resyncs
         nft(ns, "delete", "table", "inet", "fraw")  # behind its back
         with pytest.raises(NftError, match="failed to program nft table fraw"):
             await raw.apply(render(model({"a": (), "o": (), "b": ()})))
         assert not raw.programmed
-        await raw.apply(render(model({"a": (), "o": (), "b": ()})))
-        await ref.apply(render(model({"a": (), "o": (), "b": ()})))
-        assert table_text(ns, "fraw") == table_text(ns, "fref")
+        want = render(model({"a": (), "o": (), "b": ()}))
+        await raw.apply(want)  # the table rebuilt (no idle chain: the kernel lost it)
+        kernel = parse_listing(json.loads(nft(ns, "-j", "list", "table", "inet", "fraw")))
+        assert diff(held_from(kernel, {}), want, "fraw").empty
+
+    asyncio.run(go())
+
+
+@pytest.mark.root
+def test_idle_chains_keep_their_sets_up_to_the_bound(ns: str) -> None:
+    """An idle chain keeps the sets it names when the model no longer has them (as they
+    were last written); beyond IDLE_CHAINS idle chains, the least recently used go."""
+    from fabric.dataplane import policy_table
+    from fabric.policy.model import Direction, PortMatch, Protocol, Rule
+
+    peers = SetSpec("sel-p4", "addr4", frozenset({IPv4Address("10.81.0.1")}))
+
+    def with_rule(port: int) -> DirectionRules:
+        return DirectionRules((f"x/p{port}",), (
+            Rule(f"x/p{port}", 0, Direction.INGRESS, ("sel-p4",),
+                 (PortMatch(Protocol.TCP, port),)),))  # fmt: skip
+
+    def model(ports: list[int], sets: bool = True) -> Compiled:
+        eps = {f"x/{p}": EndpointRules(f"x/{p}", f"fab{p}", (), with_rule(p), None)
+               for p in ports}  # fmt: skip
+        return Compiled(eps, {"sel-p4": peers} if sets else {})
+
+    def chains() -> set[str]:
+        got = parse_listing(json.loads(nft(ns, "-j", "list", "table", "inet", "fidle")))
+        return {n for n in got.chains if n.startswith("in_")}
+
+    async def go() -> None:
+        table = PolicyTable(Nft(ns, backend="exec"), "fidle", netlink=True)
+        await table.sync(render(model([80, 81])))
+        await table.apply(render(model([80])))  # 81's chain idle, its set still wanted
+        assert len(chains()) == 2
+        await table.apply(render(model([], sets=False)))  # the set is kept for them
+        assert len(chains()) == 2
+        got = parse_listing(json.loads(nft(ns, "-j", "list", "table", "inet", "fidle")))
+        assert got.sets["sel_p4"].elements == {"10.81.0.1"}
+        policy_table.IDLE_CHAINS, bound = 3, policy_table.IDLE_CHAINS
+        try:
+            for p in range(90, 96):  # one pod after the other, each with its own chain
+                await table.apply(render(model([p])))
+            assert len(chains()) == 1 + 3
+        finally:
+            policy_table.IDLE_CHAINS = bound
 
     asyncio.run(go())

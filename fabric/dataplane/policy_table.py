@@ -32,6 +32,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import re
 import weakref
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -66,6 +67,16 @@ __all__ = [  # the diff (fabric.dataplane.policy_diff) is re-exported: one API, 
     "endpoint_chain", "held_from", "render", "set_name",
 ]  # fmt: skip
 log = logging.getLogger("fabric.dataplane.policy_table")
+IDLE_CHAINS = 64  # unused endpoint chains kept for pods coming back (PolicyTable._with_idle)
+_SET_REF = re.compile(r"@(\w+)")
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _set_refs(chain: ChainDef) -> frozenset[str]:
+    """The sets a chain's rules name (``@name``). Memoised: endpoint chains are built once."""
+    return frozenset(m for r in chain.rules for m in _SET_REF.findall(r.text))
+
+
 TO_POD, FROM_POD, PODS, HAIRPIN = "to_pod", "from_pod", "pods", "hairpin"
 OWN_NAMES = frozenset({BASE, TO_POD, FROM_POD, PODS, HAIRPIN}) | policy_log.OWN_NAMES
 POD_IFACES = "fab*"  # fabric.dataplane.pods.host_ifname: every host-side pod veth
@@ -324,6 +335,8 @@ class PolicyTable:
         self.netlink_writes = 0  # transactions written as raw element batches
         self._held: Held | None = None  # what the kernel holds as far as we know
         self._known: dict[tuple[str, str], str] = {}  # (chain, rule id) -> verified exprs
+        self._chains: Mapping[str, ChainDef] = {}  # the chains of the last write ...
+        self._idle: dict[str, ChainDef] = {}  # ... those no endpoint used (oldest first)
         self._lock = asyncio.Lock()
         self.last = Change()
 
@@ -338,7 +351,9 @@ class PolicyTable:
         async with self._lock:
             if self._held is None:
                 return await self._sync(want)
-            return await self._write(diff(self._held, want, self.table), want, self._held)
+            have = self._held
+            written = self._with_idle(want, have)
+            return await self._write(diff(have, written, self.table), written, have, want)
 
     async def sync(self, want: Desired) -> Change:
         """Read the kernel's table and repair only what differs from ``want`` (all of it
@@ -357,9 +372,33 @@ class PolicyTable:
                 if r.id is not None:
                     self._known.setdefault((name, r.id), r.expr)
         held = held_from(listing, self._known)
-        return await self._write(diff(held, want, self.table), want, held)
+        written = self._with_idle(want, held)
+        return await self._write(diff(held, written, self.table), written, held, want)
 
-    async def _write(self, change: Change, want: Desired, have: Held | None = None) -> Change:
+    def _with_idle(self, want: Desired, have: Held) -> Desired:
+        """``want`` and the endpoint chains written before that it no longer uses (with the
+        sets they name, as ``have`` holds them) while ``have`` holds them, the IDLE_CHAINS
+        most recently used: an ADD after the DEL of the last pod with those rules then
+        writes elements only. Unused, they match nothing: no map element jumps to them. A
+        resync keeps them too; they go when the bound is passed or fabricd restarts."""
+        older = {n: c for n, c in self._chains.items() if n not in self._idle}
+        idle = {n: c for n, c in {**self._idle, **older}.items()
+                if n not in want.chains and n in have.chains and n.startswith(("in_", "out_"))}  # fmt: skip
+        if not idle:
+            return want
+        kept: dict[str, ChainDef] = {}
+        extra: dict[str, SetDef] = {}
+        for name, chain in reversed(idle.items()):  # the most recently used first
+            names = _set_refs(chain)
+            if len(kept) < IDLE_CHAINS and all(m in want.sets or m in have.sets for m in names):
+                kept[name] = chain  # else deleted: too many, or a set it names is not held
+                extra.update((m, have.sets[m]) for m in names if m not in want.sets)
+        return Desired({**want.sets, **extra}, {**want.chains, **dict(reversed(kept.items()))})
+
+    async def _write(
+        self, change: Change, want: Desired, have: Held | None = None, asked: Desired | None = None
+    ) -> Change:
+        """Write ``change`` (``have`` -> ``want``: what was ``asked`` and idle chains)."""
         self._held = None
         raw = self._netlink and have is not None and not change.empty and change.elements_only
         ops = element_ops(have.sets, want.sets) if raw and have is not None else None
@@ -372,6 +411,8 @@ class PolicyTable:
         elif not change.empty:
             await self.nft.run(["-f", "-"], change.script, what="program", table=self.table)
         self._held = Held.of(want)
+        self._chains = want.chains
+        self._idle = {n: c for n, c in want.chains.items() if n not in (asked or want).chains}
         live = set(want.chains)
         self._known = {k: v for k, v in self._known.items() if k[0] in live}
         self.last = change
@@ -382,6 +423,7 @@ class PolicyTable:
         async with self._lock:
             self._held = None
             self._known.clear()
+            self._chains, self._idle = {}, {}
             if not await self.nft.exists(self.table):
                 return False
             await self.nft.run(["delete", "table", "inet", self.table], what="remove",
