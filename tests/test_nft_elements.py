@@ -243,6 +243,10 @@ def test_idle_chains_keep_their_sets_up_to_the_bound(ns: str) -> None:
         assert len(chains()) == 2
         got = parse_listing(json.loads(nft(ns, "-j", "list", "table", "inet", "fidle")))
         assert got.sets["sel_p4"].elements == {"10.81.0.1"}
+        # a restarted fabricd (a new table object) adopts them as they are: nothing written
+        again = PolicyTable(Nft(ns, backend="exec"), "fidle", netlink=True)
+        assert (await again.sync(render(model([], sets=False)))).empty
+        assert len(chains()) == 2
         policy_table.IDLE_CHAINS, bound = 3, policy_table.IDLE_CHAINS
         try:
             for p in range(90, 96):  # one pod after the other, each with its own chain

@@ -18,10 +18,13 @@ BASE = "forward"
 
 @dataclass(frozen=True, slots=True)
 class Desired:
-    """The whole table: every set and map with its elements, every chain with its rules."""
+    """The whole table: every set and map with its elements, every chain with its rules;
+    ``keep``: chains the kernel may hold as they are, neither written nor deleted (idle
+    endpoint chains, fabric.dataplane.policy_table.PolicyTable)."""
 
     sets: Mapping[str, SetDef]
     chains: Mapping[str, ChainDef]
+    keep: tuple[str, ...] = ()  # the most recently used first
 
 
 # ---------------------------------------------------------------------- diffing
@@ -35,8 +38,14 @@ class Held:
     chains: Mapping[str, tuple[Hook | None, tuple[str | None, ...]]]
 
     @classmethod
-    def of(cls, d: Desired) -> Held:
-        return cls(d.sets, {n: (c.hook, c.ids()) for n, c in d.chains.items()})
+    def of(cls, d: Desired, have: Held | None = None) -> Held:
+        """What the kernel holds once ``d`` is written over ``have`` (its ``keep`` chains)."""
+        chains: dict[str, tuple[Hook | None, tuple[str | None, ...]]] = {
+            n: (c.hook, c.ids()) for n, c in d.chains.items()
+        }
+        if have is not None:
+            chains.update((n, have.chains[n]) for n in d.keep if n in have.chains)
+        return cls(d.sets, chains)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +110,7 @@ def diff(have: Held | None, want: Desired, table: str = TABLE) -> Change:
         n["cw"] += 1
     for name, s in sorted(maps.items()):
         _elements(tx, name, hs.get(name), s, n)
-    for name in sorted(set(hc) - set(want.chains)):
+    for name in sorted(set(hc) - set(want.chains) - set(want.keep)):
         tx.flush_chain(name)
         tx.delete_chain(name)
         n["cd"] += 1

@@ -69,6 +69,7 @@ __all__ = [  # the diff (fabric.dataplane.policy_diff) is re-exported: one API, 
 log = logging.getLogger("fabric.dataplane.policy_table")
 IDLE_CHAINS = 64  # unused endpoint chains kept for pods coming back (PolicyTable._with_idle)
 _SET_REF = re.compile(r"@(\w+)")
+_EXPR_SET_REF = re.compile(r'"@(\w+)"')  # a set lookup in nft -j's expressions
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -335,8 +336,8 @@ class PolicyTable:
         self.netlink_writes = 0  # transactions written as raw element batches
         self._held: Held | None = None  # what the kernel holds as far as we know
         self._known: dict[tuple[str, str], str] = {}  # (chain, rule id) -> verified exprs
-        self._chains: Mapping[str, ChainDef] = {}  # the chains of the last write ...
-        self._idle: dict[str, ChainDef] = {}  # ... those no endpoint used (oldest first)
+        self._chains: dict[str, ChainDef] = {}  # the chains written (and idle ones)
+        self._idle: dict[str, None] = {}  # the idle chains, the least recently used first
         self._lock = asyncio.Lock()
         self.last = Change()
 
@@ -353,7 +354,7 @@ class PolicyTable:
                 return await self._sync(want)
             have = self._held
             written = self._with_idle(want, have)
-            return await self._write(diff(have, written, self.table), written, have, want)
+            return await self._write(diff(have, written, self.table), written, have)
 
     async def sync(self, want: Desired) -> Change:
         """Read the kernel's table and repair only what differs from ``want`` (all of it
@@ -373,32 +374,44 @@ class PolicyTable:
                     self._known.setdefault((name, r.id), r.expr)
         held = held_from(listing, self._known)
         written = self._with_idle(want, held)
-        return await self._write(diff(held, written, self.table), written, held, want)
+        return await self._write(diff(held, written, self.table), written, held)
 
     def _with_idle(self, want: Desired, have: Held) -> Desired:
-        """``want`` and the endpoint chains written before that it no longer uses (with the
-        sets they name, as ``have`` holds them) while ``have`` holds them, the IDLE_CHAINS
-        most recently used: an ADD after the DEL of the last pod with those rules then
-        writes elements only. Unused, they match nothing: no map element jumps to them. A
-        resync keeps them too; they go when the bound is passed or fabricd restarts."""
-        older = {n: c for n, c in self._chains.items() if n not in self._idle}
-        idle = {n: c for n, c in {**self._idle, **older}.items()
-                if n not in want.chains and n in have.chains and n.startswith(("in_", "out_"))}  # fmt: skip
-        if not idle:
-            return want
-        kept: dict[str, ChainDef] = {}
+        """``want`` keeping the endpoint chains ``have`` holds that it no longer uses (with
+        the sets they name, as ``have`` holds them), the IDLE_CHAINS most recently used: an
+        ADD after the DEL of the last pod with those rules then writes elements only.
+        Unused, they match nothing: no map element jumps to them. After a restart (or a
+        failure) the kernel's unused endpoint chains are taken as idle: adoption keeps them."""
+        fresh = [n for n in self._chains if n not in want.chains and n not in self._idle]
+        older = [n for n in have.chains if n not in self._chains and n not in self._idle]
+        keep: list[str] = []
         extra: dict[str, SetDef] = {}
-        for name, chain in reversed(idle.items()):  # the most recently used first
-            names = _set_refs(chain)
-            if len(kept) < IDLE_CHAINS and all(m in want.sets or m in have.sets for m in names):
-                kept[name] = chain  # else deleted: too many, or a set it names is not held
+        for name in (*fresh, *reversed(self._idle), *sorted(older)):  # most recent first
+            held = have.chains.get(name)
+            if (len(keep) >= IDLE_CHAINS or held is None or name in want.chains
+                    or not name.startswith(("in_", "out_")) or None in held[1]):  # fmt: skip
+                continue  # deleted: too many, not held, not an endpoint chain, or edited
+            names = self._refs(name, held[1])
+            if names is not None and all(m in want.sets or m in have.sets for m in names):
+                keep.append(name)
                 extra.update((m, have.sets[m]) for m in names if m not in want.sets)
-        return Desired({**want.sets, **extra}, {**want.chains, **dict(reversed(kept.items()))})
+        if not keep:
+            return want
+        return Desired({**want.sets, **extra}, want.chains, tuple(keep))
 
-    async def _write(
-        self, change: Change, want: Desired, have: Held | None = None, asked: Desired | None = None
-    ) -> Change:
-        """Write ``change`` (``have`` -> ``want``: what was ``asked`` and idle chains)."""
+    def _refs(self, chain: str, ids: tuple[str | None, ...]) -> frozenset[str] | None:
+        """The sets chain ``chain`` names, from what was written or read of it; None when
+        that is not known."""
+        written = self._chains.get(chain)
+        if written is not None and written.ids() == ids:
+            return _set_refs(written)
+        exprs = [self._known.get((chain, i)) for i in ids if i is not None]
+        if any(e is None for e in exprs):
+            return None
+        return frozenset(m for e in exprs if e for m in _EXPR_SET_REF.findall(e))
+
+    async def _write(self, change: Change, want: Desired, have: Held | None = None) -> Change:
+        """Write ``change`` (``have`` -> ``want``)."""
         self._held = None
         raw = self._netlink and have is not None and not change.empty and change.elements_only
         ops = element_ops(have.sets, want.sets) if raw and have is not None else None
@@ -410,10 +423,11 @@ class PolicyTable:
             self.netlink_writes += 1
         elif not change.empty:
             await self.nft.run(["-f", "-"], change.script, what="program", table=self.table)
-        self._held = Held.of(want)
-        self._chains = want.chains
-        self._idle = {n: c for n, c in want.chains.items() if n not in (asked or want).chains}
-        live = set(want.chains)
+        self._held = Held.of(want, have)
+        self._chains = {**{n: c for n, c in self._chains.items() if n in want.keep},
+                        **want.chains}  # fmt: skip
+        self._idle = dict.fromkeys(reversed(want.keep))  # the oldest first
+        live = set(want.chains) | set(want.keep)
         self._known = {k: v for k, v in self._known.items() if k[0] in live}
         self.last = change
         return change
