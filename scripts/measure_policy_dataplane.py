@@ -3,7 +3,7 @@ policy benchmark's load (lab/bench/policy_load.py: 1,000 policies, 5,000 remote 
 and 250 local pods, in a scratch network namespace this script creates and deletes.
 
     sudo .venv/bin/python scripts/measure_policy_dataplane.py [--policies N] [--remote N]
-        [--local N] [--repeat N] [--backend exec|lib]
+        [--local N] [--repeat N] [--backend exec|lib] [--elements netlink|nft]
 
 Prints one JSON object: compile/render seconds; cold write of the whole table through
 PolicyTable.sync against ``nft -f`` of the same script alone (floor); the size and time of
@@ -72,7 +72,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     try:
         labns.add(ns)
         labns.add(floor_ns)
-        table = PolicyTable(Nft(ns, backend=args.backend))
+        table = PolicyTable(Nft(ns, backend=args.backend), netlink=args.elements == "netlink")
         t0 = time.perf_counter()
         cold = await table.sync(desired)
         out["program_cold_s"] = round(time.perf_counter() - t0, 3)
@@ -176,4 +176,6 @@ if __name__ == "__main__":
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--backend", choices=("exec", "lib"), default="exec",
                     help="how nft runs (fabric.dataplane.nft); fabricd uses lib")  # fmt: skip
+    ap.add_argument("--elements", choices=("netlink", "nft"), default="netlink",
+                    help="element-only changes as nfnetlink batches (fabricd) or with nft")  # fmt: skip
     print(json.dumps(asyncio.run(main(ap.parse_args()))))

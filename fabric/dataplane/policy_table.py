@@ -31,23 +31,27 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
+import re
+import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from fabric.dataplane import policy_log
+from fabric.dataplane.netlink.core import NetlinkError
+from fabric.dataplane.netlink.nft_elements import ElementSocket, element_ops
 from fabric.dataplane.nft import (
     ChainDef,
     Hook,
-    Listing,
     Nft,
+    NftError,
     RuleDef,
     SetDef,
-    Transaction,
     check_name,
     quote,
 )
 from fabric.dataplane.policy_counters import RuleCounter, counters
+from fabric.dataplane.policy_diff import BASE, TABLE, Change, Desired, Held, diff, held_from
 from fabric.policy.model import (
     Compiled,
     DirectionRules,
@@ -57,8 +61,23 @@ from fabric.policy.model import (
     SetSpec,
 )
 
-TABLE = "fabric_filter"
-BASE = "forward"
+__all__ = [  # the diff (fabric.dataplane.policy_diff) is re-exported: one API, as before
+    "BASE", "FROM_POD", "HAIRPIN", "OWN_NAMES", "PODS", "POD_IFACES", "TABLE", "TO_POD",
+    "Change", "Desired", "Held", "PolicyTable", "RuleCounter", "counters", "diff",
+    "endpoint_chain", "held_from", "render", "set_name",
+]  # fmt: skip
+log = logging.getLogger("fabric.dataplane.policy_table")
+IDLE_CHAINS = 64  # unused endpoint chains kept for pods coming back (PolicyTable._with_idle)
+_SET_REF = re.compile(r"@(\w+)")
+_EXPR_SET_REF = re.compile(r'"@(\w+)"')  # a set lookup in nft -j's expressions
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _set_refs(chain: ChainDef) -> frozenset[str]:
+    """The sets a chain's rules name (``@name``). Memoised: endpoint chains are built once."""
+    return frozenset(m for r in chain.rules for m in _SET_REF.findall(r.text))
+
+
 TO_POD, FROM_POD, PODS, HAIRPIN = "to_pod", "from_pod", "pods", "hairpin"
 OWN_NAMES = frozenset({BASE, TO_POD, FROM_POD, PODS, HAIRPIN}) | policy_log.OWN_NAMES
 POD_IFACES = "fab*"  # fabric.dataplane.pods.host_ifname: every host-side pod veth
@@ -70,14 +89,6 @@ _TYPES = {
     "addrport4": (("ipv4_addr", "inet_proto", "inet_service"), ()),
     "addrport6": (("ipv6_addr", "inet_proto", "inet_service"), ()),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Desired:
-    """The whole table: every set and map with its elements, every chain with its rules."""
-
-    sets: Mapping[str, SetDef]
-    chains: Mapping[str, ChainDef]
 
 
 # ---------------------------------------------------------------------- rendering
@@ -306,124 +317,6 @@ def _element(e: object) -> str:
     raise ValueError(f"set element {e!r} is not an address, network or (address, proto, port)")
 
 
-# ---------------------------------------------------------------------- diffing
-
-
-@dataclass(frozen=True, slots=True)
-class Held:
-    """What the kernel holds (or what we last wrote): sets and, per chain, hook and rule ids."""
-
-    sets: Mapping[str, SetDef]
-    chains: Mapping[str, tuple[Hook | None, tuple[str | None, ...]]]
-
-    @classmethod
-    def of(cls, d: Desired) -> Held:
-        return cls(d.sets, {n: (c.hook, c.ids()) for n, c in d.chains.items()})
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One call's transaction: ``full`` when the table was (re)created."""
-
-    full: bool = False
-    elements_added: int = 0
-    elements_deleted: int = 0
-    chains_written: int = 0
-    chains_deleted: int = 0
-    sets_added: int = 0
-    sets_deleted: int = 0
-    script: str = field(default="", repr=False)
-
-    @property
-    def empty(self) -> bool:
-        return not self.script
-
-
-def diff(have: Held | None, want: Desired, table: str = TABLE) -> Change:
-    """The transaction making ``have`` into ``want`` (None: no table). Pure.
-
-    Order inside it: new sets and chains are declared, set elements added and deleted,
-    chains filled (new) or flushed and refilled (rule ids differ), map elements swapped,
-    then stale chains and sets deleted (nothing references them by then). A set of another
-    shape, or a base chain on another hook, makes it a full rewrite, still one transaction."""
-    tx = Transaction(table)
-    full = have is None or _incompatible(have, want)
-    if full:
-        tx.add_table()
-        if have is not None:
-            tx.delete_table()
-            tx.add_table()
-        have = Held({}, {})
-    assert have is not None
-    hs, hc = have.sets, have.chains
-    n = dict.fromkeys(("ea", "ed", "cw", "cd", "sa", "sd"), 0)
-    for name, s in sorted(want.sets.items()):
-        if name not in hs:
-            tx.add_set(s)
-            n["sa"] += 1
-    for name, c in sorted(want.chains.items()):
-        if name not in hc:
-            tx.add_chain(c)
-    maps = {k: s for k, s in want.sets.items() if s.map_to}
-    for name, s in sorted(want.sets.items()):
-        if name not in maps:
-            _elements(tx, name, hs.get(name), s, n)
-    for name, c in sorted(want.chains.items(), key=lambda kv: kv[0] == BASE):
-        held = hc.get(name)
-        if held is not None and held[1] == c.ids():
-            continue
-        if held is not None:
-            tx.flush_chain(name)
-        tx.add_rules(name, c.rules)
-        n["cw"] += 1
-    for name, s in sorted(maps.items()):
-        _elements(tx, name, hs.get(name), s, n)
-    for name in sorted(set(hc) - set(want.chains)):
-        tx.flush_chain(name)
-        tx.delete_chain(name)
-        n["cd"] += 1
-    for name in sorted(set(hs) - set(want.sets)):
-        tx.delete_set(hs[name])
-        n["sd"] += 1
-    return Change(full, n["ea"], n["ed"], n["cw"], n["cd"], n["sa"], n["sd"], tx.render())
-
-
-def _incompatible(have: Held, want: Desired) -> bool:
-    hs = have.sets
-    shapes = any((h := hs.get(n)) is not None and h is not s and h.shape() != s.shape()
-                 for n, s in want.sets.items())  # fmt: skip
-    hooks = any(n in have.chains and have.chains[n][0] != c.hook for n, c in want.chains.items())
-    return shapes or hooks
-
-
-def _elements(
-    tx: Transaction, name: str, old: SetDef | None, new: SetDef, n: dict[str, int]
-) -> None:
-    if old is not None and old.elements is new.elements:
-        return
-    before = old.elements if old is not None else frozenset()
-    gone, added = before - new.elements, new.elements - before
-    if gone:
-        tx.delete_elements(name, gone)
-        n["ed"] += len(gone)
-    if added:
-        tx.add_elements(name, added)
-        n["ea"] += len(added)
-
-
-def held_from(listing: Listing, known: Mapping[tuple[str, str], str]) -> Held:
-    """The kernel's table as ``Held``. A rule whose expressions differ from those ``known``
-    for its id (recorded when last verified) counts as foreign: its chain is rewritten."""
-    chains: dict[str, tuple[Hook | None, tuple[str | None, ...]]] = {}
-    for name, c in listing.chains.items():
-        ids = tuple(
-            None if r.id is not None and known.get((name, r.id), r.expr) != r.expr else r.id
-            for r in c.rules
-        )
-        chains[name] = (c.hook, ids)
-    return Held(policy_log.without_kernel_elements(listing.sets), chains)
-
-
 # ---------------------------------------------------------------------- the table
 
 
@@ -431,11 +324,20 @@ class PolicyTable:
     """The table in the kernel. Calls are serialised; ``apply`` diffs against what it last
     wrote (reading the kernel only after a failure), ``sync`` against the kernel."""
 
-    def __init__(self, nft: Nft | None = None, table: str = TABLE) -> None:
+    def __init__(
+        self, nft: Nft | None = None, table: str = TABLE, netlink: bool | None = None
+    ) -> None:
+        """``netlink``: element-only changes as raw nfnetlink batches (None: when nft runs
+        in process; fabric.dataplane.netlink.nft_elements), the rest through ``nft``."""
         self.nft = nft or Nft()
         self.table = check_name(table, "table")
+        self._netlink = self.nft.backend == "lib" if netlink is None else netlink
+        self._sock: ElementSocket | None = None
+        self.netlink_writes = 0  # transactions written as raw element batches
         self._held: Held | None = None  # what the kernel holds as far as we know
         self._known: dict[tuple[str, str], str] = {}  # (chain, rule id) -> verified exprs
+        self._chains: dict[str, ChainDef] = {}  # the chains written (and idle ones)
+        self._idle: dict[str, None] = {}  # the idle chains, the least recently used first
         self._lock = asyncio.Lock()
         self.last = Change()
 
@@ -450,7 +352,9 @@ class PolicyTable:
         async with self._lock:
             if self._held is None:
                 return await self._sync(want)
-            return await self._write(diff(self._held, want, self.table), want)
+            have = self._held
+            written = self._with_idle(want, have)
+            return await self._write(diff(have, written, self.table), written, have)
 
     async def sync(self, want: Desired) -> Change:
         """Read the kernel's table and repair only what differs from ``want`` (all of it
@@ -468,14 +372,62 @@ class PolicyTable:
             for r in chain.rules:
                 if r.id is not None:
                     self._known.setdefault((name, r.id), r.expr)
-        return await self._write(diff(held_from(listing, self._known), want, self.table), want)
+        held = held_from(listing, self._known)
+        written = self._with_idle(want, held)
+        return await self._write(diff(held, written, self.table), written, held)
 
-    async def _write(self, change: Change, want: Desired) -> Change:
+    def _with_idle(self, want: Desired, have: Held) -> Desired:
+        """``want`` keeping the endpoint chains ``have`` holds that it no longer uses (with
+        the sets they name, as ``have`` holds them), the IDLE_CHAINS most recently used: an
+        ADD after the DEL of the last pod with those rules then writes elements only.
+        Unused, they match nothing: no map element jumps to them. After a restart (or a
+        failure) the kernel's unused endpoint chains are taken as idle: adoption keeps them."""
+        fresh = [n for n in self._chains if n not in want.chains and n not in self._idle]
+        older = [n for n in have.chains if n not in self._chains and n not in self._idle]
+        keep: list[str] = []
+        extra: dict[str, SetDef] = {}
+        for name in (*fresh, *reversed(self._idle), *sorted(older)):  # most recent first
+            held = have.chains.get(name)
+            if (len(keep) >= IDLE_CHAINS or held is None or name in want.chains
+                    or not name.startswith(("in_", "out_")) or None in held[1]):  # fmt: skip
+                continue  # deleted: too many, not held, not an endpoint chain, or edited
+            names = self._refs(name, held[1])
+            if names is not None and all(m in want.sets or m in have.sets for m in names):
+                keep.append(name)
+                extra.update((m, have.sets[m]) for m in names if m not in want.sets)
+        if not keep:
+            return want
+        return Desired({**want.sets, **extra}, want.chains, tuple(keep))
+
+    def _refs(self, chain: str, ids: tuple[str | None, ...]) -> frozenset[str] | None:
+        """The sets chain ``chain`` names, from what was written or read of it; None when
+        that is not known."""
+        written = self._chains.get(chain)
+        if written is not None and written.ids() == ids:
+            return _set_refs(written)
+        exprs = [self._known.get((chain, i)) for i in ids if i is not None]
+        if any(e is None for e in exprs):
+            return None
+        return frozenset(m for e in exprs if e for m in _EXPR_SET_REF.findall(e))
+
+    async def _write(self, change: Change, want: Desired, have: Held | None = None) -> Change:
+        """Write ``change`` (``have`` -> ``want``)."""
         self._held = None
-        if not change.empty:
+        raw = self._netlink and have is not None and not change.empty and change.elements_only
+        ops = element_ops(have.sets, want.sets) if raw and have is not None else None
+        if ops and (sock := self._socket()) is not None:
+            try:  # the kernel runs it inside send(): sub-millisecond, on the event loop
+                sock.write(self.table, ops)
+            except NetlinkError as e:
+                raise NftError(f"failed to program nft table {self.table}: {e}", str(e)) from e
+            self.netlink_writes += 1
+        elif not change.empty:
             await self.nft.run(["-f", "-"], change.script, what="program", table=self.table)
-        self._held = Held.of(want)
-        live = set(want.chains)
+        self._held = Held.of(want, have)
+        self._chains = {**{n: c for n, c in self._chains.items() if n in want.keep},
+                        **want.chains}  # fmt: skip
+        self._idle = dict.fromkeys(reversed(want.keep))  # the oldest first
+        live = set(want.chains) | set(want.keep)
         self._known = {k: v for k, v in self._known.items() if k[0] in live}
         self.last = change
         return change
@@ -485,11 +437,22 @@ class PolicyTable:
         async with self._lock:
             self._held = None
             self._known.clear()
+            self._chains, self._idle = {}, {}
             if not await self.nft.exists(self.table):
                 return False
             await self.nft.run(["delete", "table", "inet", self.table], what="remove",
                                table=self.table)  # fmt: skip
             return True
+
+    def _socket(self) -> ElementSocket | None:
+        if self._sock is None:
+            try:
+                self._sock = ElementSocket(self.nft.netns)
+                weakref.finalize(self, self._sock.close)  # closed with the table
+            except NetlinkError as e:
+                log.warning("policy table: writing elements with nft (%s)", e)
+                self._netlink = False
+        return self._sock
 
     async def counters(self) -> list[RuleCounter]:
         """Per-rule counters, summed per label over every chain; empty without the table."""

@@ -7,6 +7,8 @@
 * :mod:`fabric.dataplane.netlink.links`: veth pairs, link state, addresses and pod routes, batched
   (:class:`~fabric.dataplane.netlink.links.LinkSocket`); used by :mod:`fabric.dataplane.pods`.
 * :mod:`fabric.dataplane.netlink.sysctls`: ``net.*`` sysctls of the calling thread's namespace.
+* :mod:`fabric.dataplane.netlink.nft_elements`: nftables set and map elements as one
+  nfnetlink batch (``NETLINK_NETFILTER``), for the policy table's element-only changes.
 
 Everything public in core and routes is re-exported here, so ``from fabric.dataplane.netlink import
 KernelRoute`` keeps working for the code written against the single module this was.
