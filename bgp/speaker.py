@@ -3,18 +3,16 @@
 ``Speaker`` runs ``exabgp server`` (through ``bgp.supervisor``) with ``bgp.relay`` as its
 API process; the relay connects back to ``<workdir>/relay.sock``. Commands go out through
 it (``bgp.codec``), chosen by ``bgp.adjout.AdjRibOut``; events come back and are passed to
-``on_event`` in ExaBGP's order.
+``on_event`` in ExaBGP's order (a run of withdrawal-only UPDATEs merged: bgp.withdrawals).
 
 Invariants:
 - At most ``WINDOW`` commands await their ack. One whose ack may come synchronously
   (eor, route-refresh, reload, show) goes alone, so acks map to commands in order;
   ``version`` (ping, barrier) is told apart by its reply line, written just before its ack.
 - Only the relay of the ExaBGP this speaker runs is served: a connection whose peer process
-  (``SO_PEERCRED``) is not a child of that ExaBGP is closed at once. After fabricd is
-  SIGKILLed its ExaBGP takes a while to stop (seconds under load) and its relay keeps
-  reconnecting to ``relay.sock``, by then the new fabricd's: served, it replaced the new
-  relay's connection, the new speaker's commands went to the dying ExaBGP and its
-  events (sessions going down) came back as if they were the new one's.
+  (``SO_PEERCRED``) is not a child of that ExaBGP is closed at once. After a SIGKILL of
+  fabricd its dying ExaBGP's relay reconnected to the new fabricd's ``relay.sock``: served,
+  it took over, and the dying ExaBGP's events came back as the new one's.
 - Each relay connection starts with a ``version`` barrier; acks before its answer are
   stale. A second connection (respawned relay) or lost lines mean ExaBGP's state is
   unknown: everything is sent again and established peers are asked for a route refresh.
@@ -45,6 +43,7 @@ from bgp.render import exabgp_env, render_config
 from bgp.sessions import SessionBook, SessionStatus
 from bgp.supervisor import Supervisor
 from bgp.tcpstate import peer_parent, read_connections, read_drops
+from bgp.withdrawals import WithdrawalRun
 
 WINDOW = 4  # commands awaiting an ack: the probe's best (3k prefixes/s on 5.0.15)
 PROBE_INTERVAL = 1.0  # s: kernel socket probe while a session is not up
@@ -98,6 +97,7 @@ class Speaker:
         self._rib = AdjRibOut()
         self._covered = Covered(lambda: self._rib.acked)
         self._book = SessionBook()
+        self._held = WithdrawalRun(self._emit)  # withdrawal-only UPDATEs, merged
         env = {**os.environ, **exabgp_env(self.log_path), RELAY_ENV: str(self.sock_path)}
         argv = [*self.exabgp_argv, "server", str(self.conf_path)]
         self._child = Supervisor(
@@ -320,14 +320,16 @@ class Speaker:
                 for line in lines:
                     if line:
                         self._handle(line)
-                        # read() returns at once while data is buffered, and an UPDATE line
-                        # (~800 prefixes) costs ~8 ms: give the loop a turn after each, or a
-                        # burst (100k withdrawals) holds it until the relay's backlog is
-                        # drained and the route table cannot hand its writes to the kernel
-                        await asyncio.sleep(0)
+                        # read() returns at once while data is buffered and an UPDATE costs
+                        # ~8 ms: a turn after each (held withdrawals: once released)
+                        if not self._held.holding:
+                            await asyncio.sleep(0)
+                self._held.release()
+                await asyncio.sleep(0)
         except OSError as e:
             self.log.warning("relay connection failed: %s", e)
         finally:
+            self._held.release()
             if self._writer is writer:
                 self._writer = None
                 self._synced = False
@@ -353,6 +355,8 @@ class Speaker:
             return
         if isinstance(parsed, list):
             for ev in parsed:
+                if self._held.take(ev):  # a withdrawal, held; else what is held goes first
+                    continue
                 self._book.on_event(ev)
                 if isinstance(ev, PeerState):
                     self._on_state(ev)
