@@ -132,6 +132,26 @@ def open_netns(path: str) -> int:
     return fd
 
 
+def configure_socket(s: socket.socket, size: int, options: tuple[int, ...], what: str) -> None:
+    """Set up netlink socket ``s``: send and receive buffers of ``size`` bytes, extended acks
+    (``NETLINK_CAP_ACK``, ``NETLINK_EXT_ACK``) and ``options``, bound, with a timeout. On
+    failure ``s`` is closed and NetlinkError raised (``what`` names the socket)."""
+    try:
+        for force, plain in _BUFFER_OPTIONS:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, force, size)
+            except PermissionError:  # needs CAP_NET_ADMIN; plain is capped by rmem_max
+                s.setsockopt(socket.SOL_SOCKET, plain, size)
+        for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK, *options):
+            with suppress(OSError):  # older kernels: only less detail, or a wider dump
+                s.setsockopt(SOL_NETLINK, opt, 1)
+        s.bind((0, 0))
+        s.settimeout(_TIMEOUT)
+    except OSError as e:
+        s.close()
+        raise NetlinkError(f"failed to set up {what} socket: {e}", e.errno or 0) from e
+
+
 def netlink_socket(netns: str | None = None, kind: int = socket.SOCK_RAW) -> socket.socket:
     """A ``NETLINK_ROUTE`` socket living in ``netns``."""
     try:
@@ -213,20 +233,7 @@ class NetlinkSocket:
         self.netns, self._seq = netns, 0
         self._buf = bytearray(1 << 20)  # reused: a fresh 1 MiB bytes per ack costs page faults
         self._sock = s = netlink_socket(netns)
-        try:
-            for force, plain in _BUFFER_OPTIONS:
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, force, _SOCKET_BUFFER)
-                except PermissionError:  # needs CAP_NET_ADMIN; plain is capped by rmem_max
-                    s.setsockopt(socket.SOL_SOCKET, plain, _SOCKET_BUFFER)
-            for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK):
-                with suppress(OSError):  # older kernels: only less detail, or a wider dump
-                    s.setsockopt(SOL_NETLINK, opt, 1)
-            s.bind((0, 0))
-            s.settimeout(_TIMEOUT)
-        except OSError as e:
-            s.close()
-            raise NetlinkError(f"failed to set up netlink socket: {e}", e.errno or 0) from e
+        configure_socket(s, _SOCKET_BUFFER, (NETLINK_GET_STRICT_CHK,), "netlink")
 
     def close(self) -> None:
         self._sock.close()

@@ -26,26 +26,21 @@ import select
 import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address
 
 from fabric.dataplane.netlink.core import (
     _HDR,
-    NETLINK_CAP_ACK,
-    NETLINK_EXT_ACK,
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_REQUEST,
     NLMSG_ERROR,
-    SO_RCVBUFFORCE,
-    SO_SNDBUFFORCE,
-    SOL_NETLINK,
     NetlinkError,
     _attr,
     _ext_ack_message,
     _messages,
+    configure_socket,
     in_netns,
 )
 from fabric.dataplane.nft import SetDef
@@ -70,7 +65,6 @@ _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id (big endian)
 _BE32, _BE16 = struct.Struct(">i"), struct.Struct(">H")
 _ERR = struct.Struct("=i")
 _BUFFER = 8 << 20
-_TIMEOUT = 30.0
 _ENCODABLE = frozenset({"ipv4_addr", "ipv6_addr", "ifname", "inet_proto", "inet_service"})
 
 
@@ -192,21 +186,7 @@ class ElementSocket:
             raise NetlinkError(f"failed to open nfnetlink socket in {netns}: {e}",
                                e.errno or 0) from e  # fmt: skip
         self._sock = s
-        try:
-            for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF),
-                                 (SO_RCVBUFFORCE, socket.SO_RCVBUF)):  # fmt: skip
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, force, _BUFFER)
-                except PermissionError:
-                    s.setsockopt(socket.SOL_SOCKET, plain, _BUFFER)
-            for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
-                with suppress(OSError):
-                    s.setsockopt(SOL_NETLINK, opt, 1)
-            s.bind((0, 0))
-            s.settimeout(_TIMEOUT)
-        except OSError as e:
-            s.close()
-            raise NetlinkError(f"failed to set up nfnetlink socket: {e}", e.errno or 0) from e
+        configure_socket(s, _BUFFER, (), "nfnetlink")
 
     def close(self) -> None:
         self._sock.close()
